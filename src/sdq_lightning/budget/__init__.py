@@ -1,0 +1,24 @@
+"""Cost model, budget, bit plan (no Lightning)."""
+
+from sdq_lightning.budget.cost import CONVENTION, METRICS, Budget, LayerCost, cost_of
+from sdq_lightning.budget.plan import BitPlan, LayerBits
+from sdq_lightning.budget.profile import LayerProfile, profile_model, quantizers_disabled
+from sdq_lightning.budget.search import PENALTIES, CostModel, budget_penalty, project_to_budget, quantization_mse
+
+__all__ = [
+    "CONVENTION",
+    "METRICS",
+    "PENALTIES",
+    "BitPlan",
+    "Budget",
+    "CostModel",
+    "LayerBits",
+    "LayerCost",
+    "LayerProfile",
+    "budget_penalty",
+    "cost_of",
+    "profile_model",
+    "project_to_budget",
+    "quantization_mse",
+    "quantizers_disabled",
+]

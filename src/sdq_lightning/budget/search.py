@@ -1,0 +1,147 @@
+"""Differentiable expected cost of a model under search, the budget penalty, and the projection of a frozen plan
+onto the budget (never above the target, filled back up as close to it as the candidates allow)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sdq_lightning.budget.cost import Budget, LayerCost, cost_of
+from sdq_lightning.budget.profile import LayerProfile
+from sdq_lightning.surgery import quant_layers
+
+__all__ = ["PENALTIES", "CostModel", "budget_penalty", "project_to_budget", "quantization_mse"]
+
+PENALTIES = ("hinge", "squared_hinge")
+
+
+@dataclass
+class _Entry:
+    name: str
+    params: int
+    macs: int
+    layer: nn.Module | None
+
+
+class CostModel:
+    """Costs of a (partly) quantized model from its profile: expected (differentiable) or of given bits."""
+
+    def __init__(self, model: nn.Module, profile: Mapping[str, LayerProfile]) -> None:
+        q = quant_layers(model)
+        self.entries = [_Entry(n, p.params, p.macs, q.get(n)) for n, p in profile.items()]
+        weight_params = sum(p.params for p in profile.values())
+        self.other_params = sum(t.numel() for n, t in model.named_parameters()
+                                if not n.endswith(("dbp", "steps", "step"))) - weight_params
+
+    @staticmethod
+    def _abits(layer: nn.Module | None) -> int | None:
+        return None if layer is None or layer.act_quant is None else layer.act_quant.bits
+
+    def searchable(self) -> list[str]:
+        return [e.name for e in self.entries
+                if e.layer is not None and e.layer.weight_quant is not None and len(e.layer.weight_quant.candidates) > 1]
+
+    def expected(self, metric: str) -> Tensor:
+        """E[cost] under the DBPs (differentiable w.r.t. them)."""
+        costs = []
+        for e in self.entries:
+            wq = None if e.layer is None else e.layer.weight_quant
+            bits = None if wq is None else wq.expected_bits()
+            costs.append(LayerCost(e.params, e.macs, bits, self._abits(e.layer)))
+        out = cost_of(metric, costs, self.other_params)
+        return out if isinstance(out, Tensor) else torch.tensor(float(out))
+
+    def current_bits(self) -> dict[str, int | None]:
+        return {e.name: (None if e.layer is None or e.layer.weight_quant is None else e.layer.weight_quant.bits)
+                for e in self.entries}
+
+    def of_bits(self, bits: Mapping[str, int | None], metric: str) -> float:
+        costs = [LayerCost(e.params, e.macs, bits.get(e.name), self._abits(e.layer)) for e in self.entries]
+        return float(cost_of(metric, costs, self.other_params))
+
+    def lowest_bits(self) -> dict[str, int | None]:
+        bits = self.current_bits()
+        for n in self.searchable():
+            bits[n] = self._quantizer(n).candidates[0]
+        return bits
+
+    def _quantizer(self, name: str):
+        return next(e.layer.weight_quant for e in self.entries if e.name == name)
+
+    def check_feasible(self, budget: Budget) -> float:
+        """Raise ``ValueError`` if even the lowest candidates exceed the target. Returns the minimum cost."""
+        low = self.of_bits(self.lowest_bits(), budget.metric)
+        if low > budget.target * (1 + 1e-9):
+            raise ValueError(f"budget target {budget.target:g} ({budget.metric}) is below what the candidates and "
+                             f"fixed layers allow: the minimum is {low:.6g}")
+        return low
+
+
+def budget_penalty(expected: Tensor, budget: Budget, kind: str = "squared_hinge") -> Tensor:
+    """``R(E[cost])``: hinge ``relu(E/target - 1)`` or its square; zero at or under the target."""
+    if kind not in PENALTIES:
+        raise ValueError(f"penalty must be one of {PENALTIES}, got {kind!r}")
+    excess = torch.relu(expected / budget.target - 1.0)
+    return excess if kind == "hinge" else excess**2 + excess * 1e-2
+
+
+@torch.no_grad()
+def quantization_mse(layer: nn.Module) -> dict[int, float]:
+    """Sum of squared weight error ``||Q_b(w) - w||^2`` for each candidate of a layer (its sensitivity proxy)."""
+    wq, w = layer.weight_quant, layer.weight.detach()
+    return {b: float(((wq.quantize_at(w, i) - w) ** 2).sum()) for i, b in enumerate(wq.candidates)}
+
+
+def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], budget: Budget,
+                      sensitivity: Mapping[str, Mapping[int, float]] | None = None) -> dict[str, int | None]:
+    """Greedy projection of a frozen plan onto the budget.
+
+    Above the target: repeatedly lower the searchable layer with the smallest sensitivity increase per unit of cost
+    saved. Then fill: repeatedly raise the layer with the largest sensitivity decrease per unit of cost added while
+    the cost stays within the target. ``sensitivity[name][bits]`` defaults to :func:`quantization_mse`.
+    The result's cost is <= target, and no single one-level raise fits under it.
+    """
+    cost_model.check_feasible(budget)
+    bits = dict(bits)
+    names = cost_model.searchable()
+    if sensitivity is None:
+        sensitivity = {n: quantization_mse(next(e.layer for e in cost_model.entries if e.name == n)) for n in names}
+    cands = {n: cost_model._quantizer(n).candidates for n in names}
+    metric, target = budget.metric, budget.target * (1 + 1e-12)
+
+    def moved(n: str, step: int) -> int | None:
+        i = cands[n].index(bits[n]) + step
+        return cands[n][i] if 0 <= i < len(cands[n]) else None
+
+    cost = cost_model.of_bits(bits, metric)
+    while cost > target:
+        best, best_score = None, None
+        for n in names:
+            lo = moved(n, -1)
+            if lo is None:
+                continue
+            saved = cost - cost_model.of_bits({**bits, n: lo}, metric)
+            score = (sensitivity[n][lo] - sensitivity[n][bits[n]]) / max(saved, 1e-12)
+            if best_score is None or score < best_score:
+                best, best_score = (n, lo), score
+        bits[best[0]] = best[1]
+        cost = cost_model.of_bits(bits, metric)
+    while True:
+        best, best_score = None, None
+        for n in names:
+            hi = moved(n, +1)
+            if hi is None:
+                continue
+            new_cost = cost_model.of_bits({**bits, n: hi}, metric)
+            if new_cost > target:
+                continue
+            score = (sensitivity[n][bits[n]] - sensitivity[n][hi]) / max(new_cost - cost, 1e-12)
+            if best_score is None or score > best_score:
+                best, best_score = (n, hi), score
+        if best is None:
+            return bits
+        bits[best[0]] = best[1]
+        cost = cost_model.of_bits(bits, metric)

@@ -1,0 +1,5 @@
+"""Quantized layers that subclass the torch layers (no Lightning)."""
+
+from sdq_lightning.modules.layers import QuantConv2d, QuantLinear, QuantModule, is_quant_layer
+
+__all__ = ["QuantConv2d", "QuantLinear", "QuantModule", "is_quant_layer"]

@@ -1,0 +1,110 @@
+"""Pure quantization functions: straight-through rounding, LSQ gradient scaling, uniform and binary quantizers.
+
+Everything here is stateless and works on plain tensors; the modules in :mod:`sdq_lightning.quantizers` hold the
+state (step sizes, bitwidths, DBPs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MAX_BITS",
+    "MIN_BITS",
+    "binary_quantize",
+    "grad_scale",
+    "int_range",
+    "lsq_grad_factor",
+    "lsq_quantize",
+    "quantize_weight",
+    "round_ste",
+    "weight_step_init",
+]
+
+MIN_BITS = 1
+MAX_BITS = 8
+
+
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range ``(Qn, Qp)`` of a ``bits``-bit uniform quantizer.
+
+    Signed: ``[-2^(b-1), 2^(b-1) - 1]``; unsigned: ``[0, 2^b - 1]``. For ``bits == 1`` and signed, the binary grid
+    ``{-1, +1}`` is returned as ``(-1, 1)`` (see :func:`binary_quantize`).
+    """
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    if signed:
+        if bits == 1:
+            return -1, 1
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round to nearest (half to even), identity gradient."""
+    return (torch.round(x) - x).detach() + x
+
+
+def grad_scale(x: Tensor, scale: float) -> Tensor:
+    """Identity in the forward pass, gradient multiplied by ``scale`` in the backward pass."""
+    y = x * scale
+    return (x - y).detach() + y
+
+
+def lsq_grad_factor(numel: int, qp: int) -> float:
+    """LSQ step-size gradient scale ``g = 1 / sqrt(numel * Qp)`` (Esser et al., 2020)."""
+    return 1.0 / math.sqrt(max(numel, 1) * max(qp, 1))
+
+
+def lsq_quantize(x: Tensor, step: Tensor, qn: int, qp: int, grad_factor: float = 1.0) -> Tensor:
+    """LSQ fake quantization ``s * clamp(round(x / s), Qn, Qp)``.
+
+    Gradients: straight-through for ``x`` inside the range (zero outside); for ``s`` the LSQ gradient
+    ``round(x/s) - x/s`` inside, ``Qn`` / ``Qp`` outside, multiplied by ``grad_factor``. ``step`` may be a scalar or
+    broadcastable to ``x`` (per-channel).
+    """
+    s = grad_scale(step, grad_factor)
+    v = torch.clamp(x / s, qn, qp)
+    return round_ste(v) * s
+
+
+class _BinarySign(torch.autograd.Function):
+    """sign with sign(0) = +1; gradient passes where |x| <= 1 (hard-tanh STE)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype)
+
+
+def binary_quantize(x: Tensor, step: Tensor, grad_factor: float = 1.0) -> Tensor:
+    """1-bit weights: ``s * sign(x)`` with levels ``{-s, +s}`` (never the degenerate ``{-1, 0}`` grid)."""
+    s = grad_scale(step, grad_factor)
+    return _BinarySign.apply(x / s) * s
+
+
+def quantize_weight(w: Tensor, step: Tensor, bits: int, grad_factor: float = 1.0) -> Tensor:
+    """Signed symmetric weight quantizer at ``bits`` bits (binary for 1 bit)."""
+    if bits == 1:
+        return binary_quantize(w, step, grad_factor)
+    qn, qp = int_range(bits, signed=True)
+    return lsq_quantize(w, step, qn, qp, grad_factor)
+
+
+def weight_step_init(w: Tensor, bits: int, per_channel: bool = False) -> Tensor:
+    """Initial step: ``mean|w|`` for 1 bit, ``2 mean|w| / sqrt(Qp)`` otherwise (LSQ); per output channel if asked."""
+    absw = w.detach().abs()
+    mean = absw.flatten(1).mean(1) if per_channel else absw.mean()
+    if bits == 1:
+        step = mean
+    else:
+        step = 2.0 * mean / math.sqrt(2 ** (bits - 1) - 1)
+    return step.clamp_min(1e-8)

@@ -1,0 +1,56 @@
+"""LSQ activation quantizer (one fixed bitwidth, signed or unsigned decided from the data)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sdq_lightning.quantizers.functional import int_range, lsq_grad_factor, lsq_quantize
+
+__all__ = ["ActQuantizer"]
+
+
+class ActQuantizer(nn.Module):
+    """Learned-step uniform activation quantizer.
+
+    The sign mode is decided at the first training-mode forward (or the first forward at all): signed if the batch
+    has negative values, else unsigned. The step is initialised from that batch as ``2 mean|x| / sqrt(Qp)``.
+
+    Args:
+        bits: bitwidth in 1..8 (1-bit activations are ``{0, s}`` unsigned or ``{-s, 0}`` signed-ish; use >= 2).
+        signed: force the sign mode instead of deciding it from the data.
+    """
+
+    def __init__(self, bits: int, signed: bool | None = None) -> None:
+        super().__init__()
+        int_range(bits, signed=False)  # validates bits
+        self.bits = int(bits)
+        self.step = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("signed", torch.tensor(bool(signed) if signed is not None else False))
+        self._force_signed = signed
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={bool(self.signed)}"
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        if bool(self.signed):
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return int_range(self.bits, signed=False)
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Set sign mode and step from a batch (copied into the existing parameter, never re-created)."""
+        if self._force_signed is None:
+            self.signed.fill_(bool((x < 0).any()))
+        _, qp = self.qrange
+        self.step.copy_((2.0 * x.abs().mean() / qp**0.5).clamp_min(1e-8))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not bool(self.initialized):
+            self.initialize(x)
+        qn, qp = self.qrange
+        g = lsq_grad_factor(x[0].numel() if x.dim() > 1 else x.numel(), qp)
+        return lsq_quantize(x, self.step.to(x.dtype), qn, qp, g)

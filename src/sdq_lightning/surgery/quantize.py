@@ -1,0 +1,210 @@
+"""``quantize_model(model, spec)``: swap the selected Conv2d/Linear layers for quantized ones, in place.
+
+Selection precedence: a layer is quantized when it matches ``include`` (all layers when empty) and does not match
+``exclude``; the first conv and the classifier then follow ``first_last`` whatever the patterns say. Patterns are
+exact module names or regular expressions matched with ``re.fullmatch``.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from sdq_lightning.modules import QuantConv2d, QuantLinear, is_quant_layer
+from sdq_lightning.quantizers import ESTIMATORS, READINGS, ActQuantizer, SDQWeightQuantizer, validate_candidates
+
+__all__ = [
+    "FIRST_LAST_POLICIES",
+    "QuantReport",
+    "QuantSpec",
+    "dequantize_model",
+    "find_first_last",
+    "quant_layers",
+    "quantize_model",
+    "validate_activation_bits",
+]
+
+FIRST_LAST_POLICIES = ("8bit", "fp", "search")
+
+
+def validate_activation_bits(bits: int | None, name: str = "activation_bits") -> int | None:
+    if bits is None:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{name} must be an integer in [2, 8] or None (floating point), got {bits!r}")
+    return bits
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize and how.
+
+    Args:
+        weight_bits: candidate weight bitwidths of the searched layers (one value = uniform quantization).
+        activation_bits: input-activation bits of every quantized layer but the first/last, None = FP.
+        first_last: ``"8bit"`` (first conv and classifier at ``first_last_bits``, inputs too), ``"fp"`` (left in
+            floating point) or ``"search"`` (treated like every other layer).
+        first_last_bits: their bitwidth under the ``"8bit"`` policy.
+        include / exclude: module names or regexes (``re.fullmatch``).
+        first_layer / last_layer: override the automatic detection (timm ``pretrained_cfg``, else first/last).
+        reading / estimator / per_channel / seed: passed to every :class:`SDQWeightQuantizer`.
+        layer_bits: fixed per-layer weight bits (e.g. from a BitPlan); such a layer gets the single candidate.
+        layer_act_bits: per-layer input bits overriding ``activation_bits``.
+    """
+
+    weight_bits: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    activation_bits: int | None = 4
+    first_last: str = "8bit"
+    first_last_bits: int = 8
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    first_layer: str | None = None
+    last_layer: str | None = None
+    reading: str = "progressive"
+    estimator: str = "gumbel"
+    per_channel: bool = False
+    seed: int = 0
+    layer_bits: dict[str, int | None] = field(default_factory=dict)
+    layer_act_bits: dict[str, int | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight_bits", validate_candidates(self.weight_bits, "weight_bits"))
+        validate_activation_bits(self.activation_bits)
+        if self.first_last not in FIRST_LAST_POLICIES:
+            raise ValueError(f"first_last must be one of {FIRST_LAST_POLICIES}, got {self.first_last!r}")
+        validate_candidates((self.first_last_bits,), "first_last_bits")
+        if self.reading not in READINGS:
+            raise ValueError(f"reading must be one of {READINGS}, got {self.reading!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        for key in ("include", "exclude"):
+            pats = getattr(self, key)
+            pats = (pats,) if isinstance(pats, str) else tuple(pats or ())
+            for p in pats:
+                try:
+                    re.compile(p)
+                except re.error as err:
+                    raise ValueError(f"{key} pattern {p!r} is not a valid regular expression: {err}") from None
+            object.__setattr__(self, key, pats)
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize_model` did."""
+
+    quantized: list[str] = field(default_factory=list)
+    searched: list[str] = field(default_factory=list)
+    fixed: dict[str, int] = field(default_factory=dict)
+    kept_float: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+    first_layer: str | None = None
+    last_layer: str | None = None
+    changed: bool = True
+
+    def __str__(self) -> str:
+        return (f"quantized {len(self.quantized)} layers ({len(self.searched)} searched, {len(self.fixed)} fixed), "
+                f"kept {len(self.kept_float)} in FP, {len(self.unsupported)} unsupported; "
+                f"first={self.first_layer}, last={self.last_layer}")
+
+
+def _is_target(m: nn.Module) -> bool:
+    return type(m) in (nn.Conv2d, nn.Linear) or is_quant_layer(m)
+
+
+def find_first_last(model: nn.Module) -> tuple[str | None, str | None]:
+    """First conv and classifier: timm's ``pretrained_cfg`` (``first_conv``, ``classifier``), else the first and
+    last Conv2d/Linear in module order."""
+    modules = dict(model.named_modules())
+    names = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not names:
+        return None, None
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    first, last = cfg.get("first_conv"), cfg.get("classifier")
+    first = first if isinstance(first, str) and first in names else names[0]
+    last = last if isinstance(last, str) and last in names else names[-1]
+    return first, last
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
+    """All quantized layers by fully-qualified name, in module order."""
+    return {n: m for n, m in model.named_modules() if is_quant_layer(m)}
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(name == p or re.fullmatch(p, name) for p in patterns)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> QuantReport:
+    """Swap the selected layers of ``model`` for :class:`QuantConv2d` / :class:`QuantLinear`, in place.
+
+    Idempotent: a model that already holds quantized layers is left unchanged (``report.changed`` is False).
+    """
+    spec = spec or QuantSpec()
+    first, last = spec.first_layer, spec.last_layer
+    auto_first, auto_last = find_first_last(model)
+    first, last = first or auto_first, last or auto_last
+    existing = quant_layers(model)
+    if existing:
+        return QuantReport(quantized=list(existing), first_layer=first, last_layer=last, changed=False)
+    modules = dict(model.named_modules())
+    for key, name in (("layer_bits", spec.layer_bits), ("layer_act_bits", spec.layer_act_bits)):
+        unknown = sorted(set(name) - {n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))})
+        if unknown:
+            raise ValueError(f"{key} names layers that are not Conv2d/Linear layers of the model: {unknown[:5]}")
+    report = QuantReport(first_layer=first, last_layer=last)
+    for name, module in modules.items():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        if not _is_target(module):
+            report.unsupported.append(name)
+            continue
+        edge = name in (first, last)
+        selected = (not spec.include or _matches(name, spec.include)) and not _matches(name, spec.exclude)
+        if name in spec.layer_bits:
+            bits = spec.layer_bits[name]
+            if bits is None:
+                report.kept_float.append(name)
+                continue
+            cands, abits = (bits,), spec.layer_act_bits.get(name, spec.activation_bits)
+        elif edge and spec.first_last == "fp":
+            report.kept_float.append(name)
+            continue
+        elif edge and spec.first_last == "8bit":
+            cands, abits = (spec.first_last_bits,), spec.first_last_bits
+        elif not selected and not edge:
+            report.kept_float.append(name)
+            continue
+        else:
+            cands, abits = spec.weight_bits, spec.activation_bits
+        abits = spec.layer_act_bits.get(name, abits)
+        validate_activation_bits(abits, f"activation bits of {name}")
+        wq = SDQWeightQuantizer(cands, spec.reading, spec.estimator, weight=module.weight.detach(),
+                                per_channel=spec.per_channel, seed=spec.seed, layer_id=zlib.crc32(name.encode()))
+        wq.to(module.weight.device)
+        aq = ActQuantizer(abits).to(module.weight.device) if abits is not None else None
+        cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+        _set_module(model, name, cls.from_float(module, wq, aq))
+        report.quantized.append(name)
+        if len(cands) > 1:
+            report.searched.append(name)
+        else:
+            report.fixed[name] = cands[0]
+    return report
+
+
+def dequantize_model(model: nn.Module, bake: bool = False) -> list[str]:
+    """Swap quantized layers back to float ones (``bake``: keep the fake-quantized weights). Returns the names."""
+    names = list(quant_layers(model))
+    for name in names:
+        _set_module(model, name, model.get_submodule(name).to_float(bake=bake))
+    return names
