@@ -122,11 +122,16 @@ def find_first_last(model: nn.Module) -> tuple[str | None, str | None]:
     names = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not names:
         return None, None
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    first, last = cfg.get("first_conv"), cfg.get("classifier")
-    first = first if isinstance(first, str) and first in names else names[0]
-    last = last if isinstance(last, str) and last in names else names[-1]
-    return first, last
+    first = last = None
+    for prefix, m in modules.items():  # the outermost module with a timm pretrained_cfg (e.g. a wrapped backbone)
+        cfg = getattr(m, "pretrained_cfg", None)
+        if isinstance(cfg, dict):
+            pre = f"{prefix}." if prefix else ""
+            fc, cl = cfg.get("first_conv"), cfg.get("classifier")
+            first = pre + fc if isinstance(fc, str) and pre + fc in names else None
+            last = pre + cl if isinstance(cl, str) and pre + cl in names else None
+            break
+    return first or names[0], last or names[-1]
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:

@@ -1,0 +1,499 @@
+"""``SDQ``: the Lightning callback that searches per-layer bitwidths, freezes them on the budget and trains on.
+
+Phase 1 (search, ``search_epochs`` epochs): stochastic bitwidths from the DBPs, the differentiable budget penalty,
+an annealed temperature, progressive level drops while the expected cost is above the target.
+Phase boundary: freeze by the DBPs, project onto the budget (never above the target), write ``plan.yaml``.
+Phase 2: fixed bits; EBR and KD added to the training gradient.
+
+Nothing in the user's LightningModule needs to change: the callback swaps layers in ``setup`` (before checkpoint
+weights are restored and before optimizers are built), moves quantizer parameters out of the user's optimizers into
+its own (DBPs: SGD; steps: Adam; no weight decay), and adds its loss terms to the gradient through autograd hooks
+(KD enters through the classifier's output, so the network is traversed by ONE backward pass).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from sdq_lightning.budget import BitPlan, Budget, CostModel, budget_penalty, profile_model, project_to_budget
+from sdq_lightning.budget.profile import LayerProfile
+from sdq_lightning.budget.search import PENALTIES
+from sdq_lightning.callbacks.schedule import Schedule, resolve_schedule
+from sdq_lightning.callbacks.teacher import load_teacher
+from sdq_lightning.losses import EntropyBinRegularizer, kd_loss
+from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer, validate_candidates
+from sdq_lightning.surgery import QuantSpec, quant_layers, quantize_model, validate_activation_bits
+
+__all__ = ["SDQ", "Phase"]
+
+
+class Phase(str, enum.Enum):
+    SEARCH = "search"
+    TRAIN = "train"
+
+
+def _default_input_fn(batch: Any) -> Tensor:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, dict):
+        for key in ("image", "images", "input", "inputs", "x"):
+            if key in batch:
+                return batch[key]
+        raise ValueError("cannot find the model input in a dict batch; pass input_fn=lambda batch: ...")
+    return batch[0]
+
+
+class SDQ(Callback):
+    """Stochastic Differentiable Quantization with mixed precision, as one callback.
+
+    Args:
+        weight_bits: candidate weight bitwidths (sorted, in 1..8). One value = uniform quantization, no search.
+        activation_bits: input-activation bits of every quantized layer (2..8), None = floating point.
+        budget: ``{"metric": "avg_bits" | "size" | "bitops", "target": float}`` (size in bytes, bitops per sample).
+        search_epochs: length of phase 1; the phase boundary is the end of that epoch. Must be < max_epochs.
+        first_last: ``"8bit"`` (default), ``"fp"`` or ``"search"``; ``first_last_bits``: bits under ``"8bit"``.
+        include / exclude: layer names or regexes (see :class:`QuantSpec`).
+        reading: ``"progressive"`` (default) or ``"cascade"``. estimator: ``"gumbel"`` (default) or ``"ste"``.
+        temperature: Gumbel temperature: a value, ``(start, end)`` annealed geometrically over the search (default
+            ``(1.0, 0.1)``) or a function of the (fractional) epoch.
+        penalty_weight: lambda_b of the budget penalty; penalty: ``"squared_hinge"`` or ``"hinge"``.
+        dbp_lr: SGD learning rate of the DBPs (no momentum, no weight decay). step_lr: Adam learning rate of the
+            quantizer step sizes.
+        drop_threshold: a live DBP below it moves the layer one level down (progressive), only while the expected
+            cost is above the target, and at most once per ``min_steps_between_drops`` steps per layer.
+        ebr_weight: lambda_E of EBR in phase 2 (0 = off); ebr_weighting / ebr_entropy_weight: see :mod:`losses.ebr`.
+        teacher: None, an nn.Module, a timm model name or a checkpoint path (``teacher_arch`` names the timm model of
+            a plain state dict). kd_temperature, kd_weight: KD settings; ce_weight: weight of the module's own loss
+            while KD is on (default 0: pure distillation, as in the paper's phase 2). kd_in_search: KD in phase 1 too.
+        plan: a BitPlan or a plan file: skip the search and train under that plan.
+        input_fn: how to get the model input from a batch (default ``batch[0]``).
+        example_input: a tensor used to profile the model (default: the module's ``example_input_array``, else a
+            batch of the datamodule, else the first training batch).
+        seed: sampling seed (draws are a function of seed, layer and global step: identical on every rank).
+        save_dir: where ``plan.yaml`` goes (default: the trainer's log dir).
+    """
+
+    def __init__(
+        self,
+        weight_bits: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8),
+        activation_bits: int | None = 4,
+        budget: dict | Budget | None = None,
+        search_epochs: int = 3,
+        first_last: str = "8bit",
+        first_last_bits: int = 8,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        reading: str = "progressive",
+        estimator: str = "gumbel",
+        per_channel: bool = False,
+        temperature: Schedule = (1.0, 0.1),
+        penalty_weight: float = 1.0,
+        penalty: str = "squared_hinge",
+        dbp_lr: float = 0.05,
+        step_lr: float = 1e-3,
+        drop_threshold: float = 0.3,
+        reinit_dbp: float = 1.0,
+        min_steps_between_drops: int = 5,
+        ebr_weight: float = 0.1,
+        ebr_weighting: str = "uniform",
+        ebr_entropy_weight: float = 0.0,
+        teacher: nn.Module | str | None = None,
+        teacher_arch: str | None = None,
+        kd_temperature: float = 1.0,
+        kd_weight: float = 1.0,
+        ce_weight: float = 0.0,
+        kd_in_search: bool = False,
+        plan: BitPlan | str | Path | None = None,
+        input_fn: Callable[[Any], Tensor] | None = None,
+        example_input: Tensor | None = None,
+        seed: int = 0,
+        save_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = QuantSpec(weight_bits=tuple(weight_bits), activation_bits=activation_bits, first_last=first_last,
+                              first_last_bits=first_last_bits, include=tuple(include or ()),
+                              exclude=tuple(exclude or ()), reading=reading, estimator=estimator,
+                              per_channel=per_channel, seed=seed)
+        self.budget = Budget.coerce(budget)
+        if isinstance(search_epochs, bool) or not isinstance(search_epochs, int) or search_epochs < 0:
+            raise ValueError(f"search_epochs must be an integer >= 0, got {search_epochs!r}")
+        self._temperature = resolve_schedule(temperature, "temperature")
+        for name, value in (("penalty_weight", penalty_weight), ("ebr_weight", ebr_weight), ("kd_weight", kd_weight),
+                            ("ce_weight", ce_weight), ("ebr_entropy_weight", ebr_entropy_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        for name, value in (("dbp_lr", dbp_lr), ("step_lr", step_lr), ("kd_temperature", kd_temperature)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        if penalty not in PENALTIES:
+            raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
+        if not 0.0 < drop_threshold < 1.0:
+            raise ValueError(f"drop_threshold must be in (0, 1), got {drop_threshold!r}")
+        if not 0.0 < reinit_dbp <= 1.0:
+            raise ValueError(f"reinit_dbp must be in (0, 1], got {reinit_dbp!r}")
+        if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
+            raise ValueError(f"teacher must be None, an nn.Module, a timm model name or a checkpoint path, got "
+                             f"{type(teacher).__name__}")
+        if isinstance(plan, (str, Path)):
+            plan = BitPlan.load(plan)
+        if plan is not None and not isinstance(plan, BitPlan):
+            raise ValueError(f"plan must be a BitPlan or a path to a plan file, got {type(plan).__name__}")
+        self.searching_enabled = plan is None and len(self.spec.weight_bits) > 1
+        if self.searching_enabled and search_epochs == 0:
+            raise ValueError("search_epochs=0 needs plan=... or a single weight bitwidth (uniform quantization); "
+                             f"got weight_bits={self.spec.weight_bits}")
+        self.search_epochs = search_epochs if self.searching_enabled else 0
+        self.penalty_weight, self.penalty_kind = float(penalty_weight), penalty
+        self.dbp_lr, self.step_lr = float(dbp_lr), float(step_lr)
+        self.drop_threshold, self.reinit_dbp = float(drop_threshold), float(reinit_dbp)
+        self.min_steps_between_drops = int(min_steps_between_drops)
+        self.ebr_weight = float(ebr_weight)
+        self.ebr = EntropyBinRegularizer(ebr_weighting, ebr_entropy_weight)
+        self.teacher_spec, self.teacher_arch = teacher, teacher_arch
+        self.kd_temperature, self.kd_weight, self.ce_weight = float(kd_temperature), float(kd_weight), float(ce_weight)
+        self.kd_in_search = bool(kd_in_search)
+        self.input_fn = input_fn or _default_input_fn
+        self.example_input = example_input
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+
+        self.plan: BitPlan | None = plan
+        self._given_plan = plan is not None
+        self.phase = Phase.SEARCH if self.searching_enabled else Phase.TRAIN
+        self.history: list[dict[str, Any]] = []
+        self.teacher: nn.Module | None = None
+        self.profile: dict[str, LayerProfile] | None = None
+        self.cost_model: CostModel | None = None
+        self.report = None
+        self._last_drop: dict[str, int] = {}
+        self._dbp_opt: torch.optim.Optimizer | None = None
+        self._step_opt: torch.optim.Optimizer | None = None
+        self._pending_opt_states: dict[str, Any] | None = None
+        self._root: nn.Module | None = None
+        self._captured: Tensor | None = None
+        self._teacher_logits: Tensor | None = None
+        self._extra_grads: list[tuple[nn.Parameter, Tensor]] = []
+        self._hook_handle = None
+        self._terms: dict[str, float] = {}
+
+    # ================================================================ structure
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(weight_bits=self.spec.weight_bits, budget=(self.budget.metric,
+                                                                                   self.budget.target))
+
+    def _quant_params(self, root: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        dbps, steps = [], []
+        for m in root.modules():
+            if isinstance(m, SDQWeightQuantizer):
+                if len(m.candidates) > 1:
+                    dbps.append(m.dbp)
+                else:
+                    m.dbp.requires_grad_(False)
+                steps.append(m.steps)
+            elif isinstance(m, ActQuantizer):
+                steps.append(m.step)
+        return dbps, steps
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        max_epochs = trainer.max_epochs
+        if stage == "fit" and self.searching_enabled and max_epochs not in (None, -1) and \
+                self.search_epochs >= max_epochs:
+            raise ValueError(f"search_epochs ({self.search_epochs}) must be smaller than the trainer's max_epochs "
+                             f"({max_epochs}) so that phase 2 trains under the frozen plan")
+        self._root = pl_module
+        if self._given_plan:
+            self.plan.check_model(pl_module)
+            spec = QuantSpec(layer_bits={n: lb.w_bits for n, lb in self.plan.layers.items()},
+                             layer_act_bits={n: lb.a_bits for n, lb in self.plan.layers.items()}, seed=self.spec.seed)
+            self.report = quantize_model(pl_module, spec)
+            self.plan.apply(pl_module)
+        else:
+            self.report = quantize_model(pl_module, self.spec)
+        if self.report.changed:
+            rank_zero_info(f"[SDQ] {self.report}")
+        example = self._find_example_input(trainer, pl_module, stage)
+        if example is not None:
+            self._init_profile(pl_module, example)
+        if self.teacher_spec is not None and stage == "fit" and self.teacher is None:
+            self.teacher = load_teacher(self.teacher_spec, self._num_classes(pl_module), self.teacher_arch)
+            if example is not None:
+                self._check_teacher(example)
+
+    def _num_classes(self, root: nn.Module) -> int | None:
+        last = self.report.last_layer if self.report else None
+        mod = root.get_submodule(last) if last else None
+        return getattr(mod, "out_features", None)
+
+    def _check_teacher(self, example: Tensor) -> None:
+        with torch.no_grad():
+            out = self.teacher(example[:1].to(next(self.teacher.parameters()).device))
+        student = self._num_classes(self._root)
+        if student is not None and out.shape[-1] != student:
+            raise ValueError(f"teacher outputs {out.shape[-1]} classes but the student has {student}; the teacher "
+                             f"must be trained on the same classes")
+
+    def _find_example_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Tensor | None:
+        if self.example_input is not None:
+            return self.example_input
+        if isinstance(getattr(pl_module, "example_input_array", None), Tensor):
+            return pl_module.example_input_array
+        dm = trainer.datamodule if hasattr(trainer, "datamodule") else None
+        if dm is not None:
+            loader_fn = {"fit": "train_dataloader", "validate": "val_dataloader", "test": "test_dataloader",
+                         "predict": "predict_dataloader"}.get(stage)
+            try:
+                batch = next(iter(getattr(dm, loader_fn)()))
+                return self.input_fn(batch)[:1]
+            except Exception:  # noqa: BLE001 - fall back to the first training batch
+                return None
+        return None
+
+    def _init_profile(self, root: nn.Module, example: Tensor) -> None:
+        device = next(root.parameters()).device
+        self.profile = profile_model(root, example[:1].to(device))
+        self.cost_model = CostModel(root, self.profile)
+        if self.searching_enabled and self.phase is Phase.SEARCH:
+            self.cost_model.check_feasible(self.budget)
+        if self.plan is None and not self.searching_enabled:
+            self.plan = self._make_plan(root)
+
+    def _make_plan(self, root: nn.Module) -> BitPlan:
+        return BitPlan.from_model(root, profile=self.profile, candidates=list(self.spec.weight_bits),
+                                  budget={"metric": self.budget.metric, "target": self.budget.target},
+                                  first_last=self.spec.first_last, reading=self.spec.reading,
+                                  estimator=self.spec.estimator)
+
+    # ================================================================ optimizers
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dbps, steps = self._quant_params(pl_module)
+        ids = {id(p) for p in dbps + steps} | {id(m.dbp) for m in pl_module.modules()
+                                                  if isinstance(m, SDQWeightQuantizer)}
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+        self._dbp_opt = torch.optim.SGD(dbps, lr=self.dbp_lr) if dbps else None
+        self._step_opt = torch.optim.Adam(steps, lr=self.step_lr) if steps else None
+        if self._pending_opt_states:
+            if self._dbp_opt is not None and self._pending_opt_states.get("dbp"):
+                self._dbp_opt.load_state_dict(self._pending_opt_states["dbp"])
+            if self._step_opt is not None and self._pending_opt_states.get("step"):
+                self._step_opt.load_state_dict(self._pending_opt_states["step"])
+            self._pending_opt_states = None
+        if self.teacher is not None:
+            self.teacher.to(pl_module.device)
+        last = self.report.last_layer
+        if last is not None and self.teacher is not None:
+            self._hook_handle = pl_module.get_submodule(last).register_forward_hook(self._capture_logits)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
+
+    def _capture_logits(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._captured = output
+
+    @torch.no_grad()
+    def _clamp_dbps(self, root: nn.Module) -> None:
+        for m in root.modules():
+            if isinstance(m, SDQWeightQuantizer):
+                m.clamp_dbp_()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if optimizer is not trainer.optimizers[0]:
+            return
+        for opt in (self._dbp_opt if self.phase is Phase.SEARCH else None, self._step_opt):
+            if opt is not None:
+                opt.step()
+        for opt in (self._dbp_opt, self._step_opt):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+        self._clamp_dbps(pl_module)
+
+    # ================================================================ per step
+    def _searchable(self, root: nn.Module) -> list[tuple[str, SDQWeightQuantizer]]:
+        return [(n, m.weight_quant) for n, m in quant_layers(root).items()
+                if m.weight_quant is not None and len(m.weight_quant.candidates) > 1 and not m.weight_quant.frozen]
+
+    def _progress(self, trainer: pl.Trainer, batch_idx: int) -> float:
+        n = trainer.num_training_batches
+        n = n if isinstance(n, int) and n > 0 else 1
+        return trainer.current_epoch + batch_idx / n
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        x = None
+        if self.profile is None:
+            x = self.input_fn(batch)
+            self._init_profile(pl_module, x)
+            if self.teacher is not None:
+                self._check_teacher(x)
+        if self.phase is Phase.SEARCH:
+            tau = self._temperature(self._progress(trainer, batch_idx), self.search_epochs)
+            for _, q in self._searchable(pl_module):
+                q.set_draw_step(trainer.global_step)
+                q.set_temperature(tau)
+            self._terms["temperature"] = tau
+        self._captured, self._teacher_logits = None, None
+        if self.teacher is not None and (self.phase is Phase.TRAIN or self.kd_in_search):
+            x = self.input_fn(batch) if x is None else x
+            with torch.no_grad():
+                self._teacher_logits = self.teacher(x.to(pl_module.device))
+
+    def _accumulate(self, trainer: pl.Trainer) -> int:
+        return max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        scale = 1.0 / self._accumulate(trainer)
+        self._extra_grads = []
+        if self.phase is Phase.SEARCH and self.penalty_weight > 0 and self.cost_model is not None:
+            dbps = [q.dbp for _, q in self._searchable(pl_module)]
+            expected = self.cost_model.expected(self.budget.metric)
+            pen = self.penalty_weight * budget_penalty(expected, self.budget, self.penalty_kind)
+            if dbps and pen.requires_grad:
+                grads = torch.autograd.grad(pen * scale, dbps, allow_unused=True)
+                self._extra_grads += [(p, g) for p, g in zip(dbps, grads) if g is not None]
+            self._terms["penalty"] = float(pen.detach())
+        if self.phase is Phase.TRAIN and self.ebr_weight > 0:
+            layers = [m for m in quant_layers(pl_module).values() if m.weight_quant is not None]
+            ebr = self.ebr_weight * self.ebr(layers)
+            if ebr.requires_grad:
+                weights = [m.weight for m in layers]
+                grads = torch.autograd.grad(ebr * scale, weights, allow_unused=True)
+                self._extra_grads += [(p, g) for p, g in zip(weights, grads) if g is not None]
+            self._terms["ebr"] = float(ebr.detach())
+        if self._teacher_logits is not None and self._captured is not None and self._captured.requires_grad:
+            student = self._captured
+            if student.shape != self._teacher_logits.shape:
+                raise ValueError(f"KD needs the classifier output {tuple(student.shape)} to match the teacher's "
+                                 f"{tuple(self._teacher_logits.shape)}")
+            z = student.detach().float().requires_grad_()
+            kd = kd_loss(z, self._teacher_logits, self.kd_temperature)
+            (g,) = torch.autograd.grad(kd * (self.kd_weight * scale), z)
+            student.register_hook(lambda grad, g=g: grad + g.to(grad.dtype))
+            if self.ce_weight != 1.0:
+                loss.register_hook(lambda grad, w=self.ce_weight: grad * w)
+            self._terms["kd"] = float(kd.detach())
+        self._captured = None
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with torch.no_grad():
+            for p, g in self._extra_grads:
+                if p.grad is None:
+                    p.grad = g.to(p.dtype).clone()
+                else:
+                    p.grad.add_(g.to(p.grad.dtype))
+        self._extra_grads = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.phase is Phase.SEARCH and self.cost_model is not None:
+            self._maybe_drop_levels(trainer, pl_module)
+            self._terms["expected_cost"] = float(self.cost_model.expected(self.budget.metric).detach())
+        for key, value in self._terms.items():
+            pl_module.log(f"sdq/{key}", value, on_step=True, on_epoch=True, prog_bar=key in ("kd", "expected_cost"),
+                          batch_size=1)
+
+    @torch.no_grad()
+    def _maybe_drop_levels(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.spec.reading != "progressive":
+            return
+        step = trainer.global_step
+        for name, q in self._searchable(pl_module):
+            if float(self.cost_model.expected(self.budget.metric)) <= self.budget.target:
+                return
+            lvl = q.current_level
+            if lvl == 0 or float(q.dbp[lvl]) >= self.drop_threshold:
+                continue
+            if step - self._last_drop.get(name, -10**9) < self.min_steps_between_drops:
+                continue
+            q.set_level(lvl - 1, self.reinit_dbp)
+            self._last_drop[name] = step
+
+    # ================================================================ epochs
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # catch-up: a checkpoint saved before the boundary of its last epoch resumes past it
+        if self.phase is Phase.SEARCH and trainer.current_epoch >= self.search_epochs:
+            self.freeze(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        record = self._epoch_record(trainer, pl_module)
+        if self.phase is Phase.SEARCH and trainer.current_epoch + 1 >= self.search_epochs:
+            self.freeze(trainer, pl_module)
+            record.update({"frozen": True, "plan_avg_bits": self.plan.average_bits,
+                           f"plan_{self.budget.metric}": self.plan.cost(self.budget.metric)})
+        self.history.append(record)
+        for key in ("expected_avg_bits", "expected_cost"):
+            if key in record:
+                pl_module.log(f"sdq/{key}_epoch", record[key], batch_size=1)
+        pl_module.log("sdq/phase", 0.0 if self.phase is Phase.SEARCH else 1.0, batch_size=1)
+        pl_module.log("sdq/budget_target", float(self.budget.target), batch_size=1)
+        for name, bits in record["bits"].items():
+            if bits is not None:
+                pl_module.log(f"sdq/bits/{name}", float(bits), batch_size=1)
+
+    def _epoch_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        rec: dict[str, Any] = {"epoch": trainer.current_epoch, "phase": self.phase.value,
+                               "budget_target": self.budget.target, "metric": self.budget.metric}
+        if self.cost_model is not None:
+            rec["expected_avg_bits"] = float(self.cost_model.expected("avg_bits").detach())
+            rec["expected_cost"] = float(self.cost_model.expected(self.budget.metric).detach())
+            rec["bits"] = self.cost_model.current_bits()
+        else:
+            rec["bits"] = {}
+        if "temperature" in self._terms:
+            rec["temperature"] = self._terms["temperature"]
+        for key in ("val/acc", "val/loss", "train/loss", "train/acc"):
+            if key in trainer.callback_metrics:
+                rec[key] = float(trainer.callback_metrics[key])
+        return rec
+
+    def freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> BitPlan:
+        """The phase boundary: decide, project onto the budget, freeze every layer, write plan.yaml."""
+        decided = self.cost_model.current_bits()
+        bits = project_to_budget(self.cost_model, decided, self.budget)
+        for name, layer in quant_layers(pl_module).items():
+            if layer.weight_quant is not None and bits.get(name) is not None:
+                layer.weight_quant.freeze(bits[name])
+        self.phase = Phase.TRAIN
+        self.plan = self._make_plan(pl_module)
+        changed = {n: (decided[n], bits[n]) for n in bits if decided[n] != bits[n]}
+        rank_zero_info(f"[SDQ] froze the plan at epoch {trainer.current_epoch}: avg bits "
+                       f"{self.plan.average_bits:.4f}, {self.budget.metric} {self.plan.cost(self.budget.metric):.6g} "
+                       f"(target {self.budget.target:g}); projection changed {len(changed)} layers {changed}")
+        if trainer.is_global_zero:
+            self.plan.save(self._plan_path(trainer))
+        return self.plan
+
+    def _plan_path(self, trainer: pl.Trainer) -> Path:
+        root = self.save_dir or (Path(trainer.log_dir) if trainer.log_dir else Path(trainer.default_root_dir))
+        return root / "plan.yaml"
+
+    # ================================================================ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase.value,
+            "plan": self.plan.to_dict() if self.plan is not None else None,
+            "history": self.history,
+            "last_drop": dict(self._last_drop),
+            "dbp_opt": self._dbp_opt.state_dict() if self._dbp_opt is not None else None,
+            "step_opt": self._step_opt.state_dict() if self._step_opt is not None else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.phase = Phase(state_dict["phase"])
+        if state_dict.get("plan") is not None:
+            self.plan = BitPlan.from_dict(state_dict["plan"])
+        self.history = list(state_dict.get("history", []))
+        self._last_drop = dict(state_dict.get("last_drop", {}))
+        self._pending_opt_states = {"dbp": state_dict.get("dbp_opt"), "step": state_dict.get("step_opt")}

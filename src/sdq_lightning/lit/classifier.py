@@ -1,0 +1,136 @@
+"""``SDQClassifier``: a reference LightningModule around any timm backbone (losses returned as a dict)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import timm
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+__all__ = ["SDQClassifier"]
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "onecycle", "none")
+
+
+class SDQClassifier(pl.LightningModule):
+    """Image classifier over a timm backbone with top-1/top-5 accuracy from torchmetrics.
+
+    Args:
+        backbone: a timm model name (``resnet20``, ``resnet18``, ``mobilenetv2_100``, ...) or an nn.Module.
+        num_classes / in_chans: passed to timm. pretrained: timm pretrained weights (needs internet).
+        init_checkpoint: a state dict (``.pt``) or Lightning checkpoint to initialise the backbone from.
+        optimizer: ``sgd`` (momentum, nesterov) or ``adamw``; scheduler: ``cosine`` (per step, with warm-up),
+            ``onecycle`` or ``none``.
+    """
+
+    def __init__(self, backbone: str | nn.Module = "resnet20", num_classes: int = 10, in_chans: int = 3,
+                 pretrained: bool = False, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 optimizer: str = "sgd", scheduler: str = "cosine", warmup_epochs: float = 0.0,
+                 label_smoothing: float = 0.0, init_checkpoint: str | None = None) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        self.save_hyperparameters(ignore=[] if isinstance(backbone, str) else ["backbone"])
+        if isinstance(backbone, str):
+            if not timm.is_model(backbone):
+                raise ValueError(f"unknown model {backbone!r}: not in timm's registry (see timm.list_models())")
+            self.model = timm.create_model(backbone, pretrained=pretrained, num_classes=num_classes,
+                                           in_chans=in_chans)
+        else:
+            self.model = backbone
+        if init_checkpoint:
+            self.load_backbone(init_checkpoint)
+        metric = dict(num_classes=num_classes)
+        self.train_acc = MulticlassAccuracy(**metric, top_k=1)
+        self.val_acc = MulticlassAccuracy(**metric, top_k=1)
+        self.val_acc5 = MulticlassAccuracy(**metric, top_k=min(5, num_classes))
+        self.test_acc = MulticlassAccuracy(**metric, top_k=1)
+        self.test_acc5 = MulticlassAccuracy(**metric, top_k=min(5, num_classes))
+
+    def load_backbone(self, path: str) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        if any(k.startswith("model.") for k in state):
+            state = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.endswith(("dbp", "steps", "step", "level", "frozen_index", "draw_step",
+                                                     "temperature", "initialized", "signed"))]
+        if bad or unexpected:
+            raise ValueError(f"init_checkpoint {path} does not fit the backbone: missing {bad[:5]}, "
+                             f"unexpected {list(unexpected)[:5]}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _shared(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        return loss, logits, y
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        loss, logits, y = self._shared(batch)
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        return {"loss": loss}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        loss, logits, y = self._shared(batch)
+        self.val_acc(logits, y)
+        self.val_acc5(logits, y)
+        self.log("val/loss", loss, prog_bar=False, batch_size=len(y))
+        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(y))
+        self.log("val/acc_top5", self.val_acc5, batch_size=len(y))
+        return {"loss": loss}
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        loss, logits, y = self._shared(batch)
+        self.test_acc(logits, y)
+        self.test_acc5(logits, y)
+        self.log("test/loss", loss, batch_size=len(y))
+        self.log("test/acc", self.test_acc, batch_size=len(y))
+        self.log("test/acc_top5", self.test_acc5, batch_size=len(y))
+        return {"loss": loss}
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).argmax(-1)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr)
+        if hp.scheduler == "none":
+            return opt
+        total = int(self.trainer.estimated_stepping_batches)
+        if hp.scheduler == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=max(total, 1),
+                                                        pct_start=0.25)
+        else:
+            per_epoch = max(total // max(self.trainer.max_epochs or 1, 1), 1)
+            warm = int(hp.warmup_epochs * per_epoch)
+
+            def lr_lambda(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / warm
+                t = (step - warm) / max(total - warm, 1)
+                return 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(t, 1.0))).item())
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
