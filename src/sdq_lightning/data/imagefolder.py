@@ -1,0 +1,156 @@
+"""ImageNet-style folder trees: ``root/train/<class>/*`` and ``root/test/`` (or ``root/val/``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder
+
+from sdq_lightning.data._common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TensorImageDataset,
+    check_subset,
+    decode_to_tensors,
+    make_loader,
+    subset_indices,
+)
+from sdq_lightning.data.transforms import decode_transform, eval_transform, train_transform
+
+
+def find_split_dirs(root: str | Path, val_dir: str | None = None) -> tuple[Path, Path]:
+    """Returns ``(train_dir, eval_dir)`` of an ImageFolder tree or raises ``FileNotFoundError``."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset.root '{root}' does not exist; set dataset.root=/path/to/data")
+    train = root / "train"
+    if not train.is_dir():
+        raise FileNotFoundError(f"dataset.root '{root}' has no train/ folder (expected train/<class>/*.jpg)")
+    names = [val_dir] if val_dir else ["test", "val"]
+    for name in names:
+        if (root / name).is_dir():
+            return train, root / name
+    raise FileNotFoundError(f"dataset.root '{root}' has no {' or '.join(n + '/' for n in names)} folder")
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Any ImageFolder tree (ImageNet, or CIFAR-10 stored as JPEG folders).
+
+    Validation and test both read the evaluation folder (``test/`` or ``val/``). Images of side
+    <= 32 get CIFAR augmentation (4-pixel padded random crop, flip); larger ones ImageNet
+    augmentation (RandomResizedCrop, flip; eval: resize to size/0.875 and centre crop).
+
+    Args:
+        root: Folder holding ``train/`` and ``test/`` or ``val/``.
+        image_size: Training/eval side length.
+        batch_size: Samples per batch.
+        num_workers: DataLoader workers (also used to decode when ``in_memory``).
+        mean: Normalisation mean per channel.
+        std: Normalisation std per channel.
+        subset: Keep only this many (class-balanced) training samples.
+        val_subset: Keep only this many evaluation samples; ``None`` uses ``subset``.
+        in_memory: Decode every image once into a uint8 tensor and augment from memory.
+        augment: Random training augmentation on/off.
+        val_dir: Name of the evaluation folder; ``None`` picks ``test`` then ``val``.
+        num_classes: Expected class count; ``None`` takes it from the folder.
+        in_chans: Must be 3 (RGB).
+        seed: Seed of the subsets.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        mean: list[float] | tuple[float, ...] = IMAGENET_MEAN,
+        std: list[float] | tuple[float, ...] = IMAGENET_STD,
+        subset: int | None = None,
+        val_subset: int | None = None,
+        in_memory: bool = False,
+        augment: bool = True,
+        val_dir: str | None = None,
+        num_classes: int | None = None,
+        in_chans: int = 3,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if root is None or str(root) in ("", "???"):
+            raise FileNotFoundError("dataset.root is not set; pass dataset.root=/path/to/data")
+        if in_chans != 3:
+            raise ValueError(f"dataset.in_chans must be 3 for RGB image folders, got {in_chans!r}")
+        if not isinstance(image_size, int) or image_size <= 0:
+            raise ValueError(f"dataset.image_size must be a positive int, got {image_size!r}")
+        if batch_size <= 0:
+            raise ValueError(f"dataset.batch_size must be positive, got {batch_size!r}")
+        self.root = str(root)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.subset = check_subset("dataset.subset", subset)
+        self.val_subset = check_subset("dataset.val_subset", val_subset) if val_subset is not None else self.subset
+        self.in_memory = in_memory
+        self.augment = augment
+        self.val_dir = val_dir
+        self.in_chans = 3
+        self.seed = seed
+        self._expected_classes = num_classes
+        self._num_classes: int | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Class count read from ``train/`` (checked against the configured one)."""
+        if self._num_classes is None:
+            self._num_classes = self._count_classes()
+            if self._expected_classes is not None and self._expected_classes != self._num_classes:
+                raise ValueError(
+                    f"dataset.num_classes={self._expected_classes} but '{self.root}' has {self._num_classes} classes"
+                )
+        return self._num_classes
+
+    def _count_classes(self) -> int:
+        train, _ = find_split_dirs(self.root, self.val_dir)
+        return sum(1 for p in train.iterdir() if p.is_dir())
+
+    def prepare_data(self) -> None:
+        find_split_dirs(self.root, self.val_dir)
+
+    def _raw_splits(self) -> tuple[Dataset, list[int], Dataset, list[int]]:
+        """(train dataset without transform, its targets, eval dataset, its targets)."""
+        train_dir, eval_dir = find_split_dirs(self.root, self.val_dir)
+        train, test = ImageFolder(str(train_dir)), ImageFolder(str(eval_dir))
+        return train, list(train.targets), test, list(test.targets)
+
+    def _split(self, ds: Dataset, targets: list[int], limit: int | None, train: bool) -> Dataset:
+        idx = subset_indices(targets, limit, self.seed)
+        if self.in_memory:
+            ds.transform = decode_transform(self.image_size)
+            images, labels = decode_to_tensors(ds if idx is None else Subset(ds, idx), self.num_workers)
+            tf = (train_transform(self.image_size, self.mean, self.std, self.augment, decoded=True) if train
+                  else eval_transform(self.image_size, self.mean, self.std, decoded=True))
+            return TensorImageDataset(images, labels, tf)
+        ds.transform = (train_transform(self.image_size, self.mean, self.std, self.augment) if train
+                        else eval_transform(self.image_size, self.mean, self.std))
+        return ds if idx is None else Subset(ds, idx)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        _ = self.num_classes
+        train, train_targets, test, test_targets = self._raw_splits()
+        self.train_set = self._split(train, train_targets, self.subset, train=True)
+        self.val_set = self._split(test, test_targets, self.val_subset, train=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self.val_set, self.batch_size, self.num_workers, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
