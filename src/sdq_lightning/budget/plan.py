@@ -171,6 +171,29 @@ class BitPlan(Mapping[str, int | None]):
         return cls.from_dict(data)
 
     # ------------------------------------------------------------ applying
+    def rebased(self, model: nn.Module) -> BitPlan:
+        """This plan with its layer names matched to ``model``: as they are, or with the prefix of a wrapping module
+        added or removed (a plan of a bare timm model applies to ``SDQClassifier.model`` and back)."""
+        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        if set(self.layers) <= set(names) or not names or not self.layers:
+            return self
+        ours = next(iter(self.layers))
+        for candidate in names:
+            if candidate.endswith("." + ours) or ours.endswith("." + candidate):
+                if candidate.endswith("." + ours):
+                    prefix = candidate[: -len(ours)]
+
+                    def rename(n: str, prefix: str = prefix) -> str:
+                        return prefix + n
+                else:
+                    def rename(n: str, cut: int = len(ours) - len(candidate)) -> str:
+                        return n[cut:]
+                renamed = {rename(n): lb for n, lb in self.layers.items()}
+                if set(renamed) == set(names):
+                    fixed = {rename(n): b for n, b in (self.metadata.get("fixed_layers") or {}).items()}
+                    return BitPlan(renamed, self.other_params, {**self.metadata, "fixed_layers": fixed})
+        return self
+
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ValueError`` if the model's Conv2d/Linear layers are not the plan's (names and sizes)."""
         mods = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
@@ -191,6 +214,8 @@ class BitPlan(Mapping[str, int | None]):
 
         Raises ``ValueError`` for a plan of another model, or bits outside a layer's candidates.
         """
+        if self.rebased(model) is not self:
+            return self.rebased(model).apply(model, seed)
         self.check_model(model)
         qlayers = quant_layers(model)
         if not qlayers:

@@ -211,6 +211,7 @@ class SDQ(Callback):
                              f"({max_epochs}) so that phase 2 trains under the frozen plan")
         self._root = pl_module
         if self._given_plan:
+            self.plan = self.plan.rebased(pl_module)
             self.plan.check_model(pl_module)
             spec = QuantSpec(layer_bits={n: lb.w_bits for n, lb in self.plan.layers.items()},
                              layer_act_bits={n: lb.a_bits for n, lb in self.plan.layers.items()}, seed=self.spec.seed)
@@ -257,9 +258,25 @@ class SDQ(Callback):
                 return None
         return None
 
+    @staticmethod
+    def _network(root: nn.Module) -> tuple[str, nn.Module]:
+        """The innermost module holding every Conv2d/Linear (e.g. ``model`` of SDQClassifier): profiled instead of
+        the LightningModule, whose own ``forward`` may not exist."""
+        names = [n for n, m in root.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        parts = [n.split(".")[:-1] for n in names]
+        common = []
+        for level in zip(*parts) if parts else ():
+            if len(set(level)) != 1:
+                break
+            common.append(level[0])
+        prefix = ".".join(common)
+        return prefix, (root.get_submodule(prefix) if prefix else root)
+
     def _init_profile(self, root: nn.Module, example: Tensor) -> None:
         device = next(root.parameters()).device
-        self.profile = profile_model(root, example[:1].to(device))
+        prefix, net = self._network(root)
+        profile = profile_model(net, example[:1].to(device))
+        self.profile = {(f"{prefix}.{n}" if prefix else n): p for n, p in profile.items()}
         self.cost_model = CostModel(root, self.profile)
         if self.searching_enabled and self.phase is Phase.SEARCH:
             self.cost_model.check_feasible(self.budget)

@@ -42,10 +42,17 @@ class ActQuantizer(nn.Module):
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         """Set sign mode and step from a batch (copied into the existing parameter, never re-created)."""
+        negative = (x < 0).any().float()
+        mean_abs = x.detach().abs().mean().float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every data-parallel rank must start from the same sign mode and step
+            stats = torch.stack([negative, mean_abs]).to(x.device)
+            torch.distributed.all_reduce(stats)
+            negative, mean_abs = stats[0], stats[1] / torch.distributed.get_world_size()
         if self._force_signed is None:
-            self.signed.fill_(bool((x < 0).any()))
+            self.signed.fill_(bool(negative > 0))
         _, qp = self.qrange
-        self.step.copy_((2.0 * x.abs().mean() / qp**0.5).clamp_min(1e-8))
+        self.step.copy_((2.0 * mean_abs / qp**0.5).clamp_min(1e-8))
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:

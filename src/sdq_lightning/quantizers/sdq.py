@@ -127,7 +127,8 @@ class SDQWeightQuantizer(nn.Module):
         self._frozen_index = -1
         self.last_bits: int | None = None
         self.register_load_state_dict_post_hook(lambda module, keys: module._sync())
-        if n == 1:
+        if n == 1:  # a fixed bitwidth: no DBP to learn
+            self.dbp.requires_grad_(False)
             self.freeze(self.candidates[0])
         if weight is not None:
             self.reset_steps(weight)
@@ -293,10 +294,17 @@ class SDQWeightQuantizer(nn.Module):
                 soft = torch.softmax((torch.log(probs_or_beta.clamp_min(_EPS)) + gumbel) / tau, dim=0)
         return hard + soft - soft.detach()
 
+    def _touch_dbp(self, out: Tensor) -> Tensor:
+        """Keep a DBP that takes no part in this forward in the graph (zero gradient), so DDP without
+        ``find_unused_parameters`` sees every parameter used."""
+        if self.training and self.dbp.requires_grad and torch.is_grad_enabled():
+            return out + 0.0 * self.dbp.sum().to(out.dtype)
+        return out
+
     def forward(self, w: Tensor) -> Tensor:
         if self.frozen:
             self.last_bits = self.candidates[self._frozen_index]
-            return self.quantize_at(w, self._frozen_index)
+            return self._touch_dbp(self.quantize_at(w, self._frozen_index))
         if self.training:
             self.draw_step.add_(1)
         if self.reading == "progressive":
@@ -307,7 +315,7 @@ class SDQWeightQuantizer(nn.Module):
         lvl = self._level
         if lvl == 0:
             self.last_bits = self.candidates[0]
-            return self.quantize_at(w, 0)
+            return self._touch_dbp(self.quantize_at(w, 0))
         beta = self._live_beta()
         if not self.training:  # evaluation uses the current deterministic decision
             i = lvl if float(beta) >= 0.5 else lvl - 1
