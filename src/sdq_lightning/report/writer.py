@@ -1,0 +1,89 @@
+"""``report.md`` of one run: budget table, plan, plots, and (demo) the FP / SDQ / uniform comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sdq_lightning.report.plots import plot_bits_per_layer, plot_bits_vs_params, plot_training_curves
+
+METRIC_LABELS = {"avg_bits": "average weight bits", "size": "size (bytes)", "bitops": "BitOPs / sample"}
+FP_BITS = 32
+
+
+def plan_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per layer: layer, w_bits, a_bits (32 = floating point), params, macs."""
+    rows = []
+    for name, lb in plan.get("layers", {}).items():
+        rows.append({"layer": name,
+                     "w_bits": FP_BITS if lb.get("w_bits") is None else int(lb["w_bits"]),
+                     "a_bits": FP_BITS if lb.get("a_bits") is None else int(lb["a_bits"]),
+                     "params": int(lb.get("params", 0)), "macs": int(lb.get("macs", 0))})
+    return rows
+
+
+def budget_rows(plan: Mapping[str, Any], budget: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Target against achieved for every cost metric (the target only exists for the budget's metric)."""
+    costs = plan.get("costs", {})
+    rows = []
+    for metric in ("avg_bits", "size", "bitops"):
+        achieved = costs.get(metric)
+        target = budget.get("target") if budget.get("metric") == metric else None
+        within = None if target is None or achieved is None else achieved <= float(target) * (1 + 1e-9)
+        rows.append({"metric": metric, "target": target, "achieved": achieved, "within": within})
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.4e}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "(none)\n"
+    columns = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str | Path, plan: Mapping[str, Any] | None, history: Sequence[Mapping[str, Any]],
+                 metrics: Mapping[str, Any], budget: Mapping[str, Any], title: str = "SDQ run",
+                 comparison: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Path]:
+    """Write ``report.md`` and ``plots/*.png`` into ``run_dir``; returns the images by key."""
+    run_dir = Path(run_dir)
+    plots = run_dir / "plots"
+    images: dict[str, Path] = {}
+    if plan is not None:
+        images["bits_per_layer"] = plot_bits_per_layer(plan, plots / "bits_per_layer.png")
+        images["bits_vs_params"] = plot_bits_vs_params(plan, plots / "bits_vs_params.png")
+    if history:
+        images["training_curves"] = plot_training_curves(history, plots / "training_curves.png",
+                                                         budget.get("target"), budget.get("metric"))
+    out = [f"# {title}\n"]
+    scalar = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    out += ["## Final metrics\n", markdown_table([{"key": k, "value": v} for k, v in scalar.items()])]
+    if comparison:
+        out += ["\n## FP vs SDQ vs uniform\n", markdown_table(comparison)]
+    if plan is not None:
+        out += [f"\n## Budget ({METRIC_LABELS.get(budget.get('metric'), budget.get('metric'))} target "
+                f"{_fmt(budget.get('target'))})\n", markdown_table(budget_rows(plan, budget))]
+        convention = plan.get("metadata", {}).get("convention")
+        if convention:
+            out.append(f"\nCounting convention: {convention}\n")
+        out += ["\n## Bit plan\n", markdown_table(plan_rows(plan))]
+    captions = {"bits_per_layer": "Bits per layer", "bits_vs_params": "Bits against parameter count",
+                "training_curves": "Expected average bits and val accuracy over epochs"}
+    if images:
+        out.append("\n## Plots\n")
+        for key, path in images.items():
+            out.append(f"### {captions[key]}\n\n![{key}]({path.relative_to(run_dir).as_posix()})\n")
+    (run_dir / "report.md").write_text("\n".join(out))
+    return images
