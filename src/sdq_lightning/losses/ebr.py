@@ -4,7 +4,7 @@ For a frozen layer with step ``s`` and integer levels ``i``, bins ``W_i = {w : c
 stop-gradient). Per layer, averaged over non-empty bins and measured in units of the step (so layers of any scale
 weigh alike; the step itself is not trained by this term)::
 
-    L_BR = mean_i [ (mean(W_i)/s - i)^2 + Var(W_i)/s^2 ]
+    L_BR = mean_i [ (mean(W_i)/s - i)^2 + Var(W_i)/s^2 ] = mean_i mean_{w in W_i} (w/s - i)^2
 
 "Entropy-aware" is not recoverable exactly from the paper; options (see docs/method.md):
 
@@ -29,34 +29,29 @@ EBR_WEIGHTINGS = ("uniform", "inv_bits", "inv_pow2")
 
 
 def bin_regularization(w: Tensor, step: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Bin regularization of one weight tensor; returns ``(loss, occupancy)`` (occupancy as bin fractions)."""
-    w = w.flatten(1) if step.dim() and step.numel() > 1 else w.reshape(1, -1)
-    s = step.detach().reshape(-1, 1).to(w.dtype)
-    x = w / s
+    """Bin regularization of one weight tensor; returns ``(loss, occupancy)`` (occupancy as bin fractions).
+
+    Per bin, ``(mean(W_i) - c_i)^2 + Var(W_i)`` equals the mean squared distance of the bin's weights to its centre
+    ``c_i``, so the loss is ``sum_j (x_j - c_j)^2 / (K n_j)`` with ``n_j`` the size of ``x_j``'s bin and ``K`` the
+    number of non-empty bins. Bin sizes come from an integer ``bincount`` (stop-gradient), which keeps the result
+    bitwise reproducible (no floating-point scatter).
+    """
+    per_channel = step.dim() > 0 and step.numel() > 1
+    x2 = w.flatten(1) if per_channel else w.reshape(1, -1)
+    x = x2 / step.detach().reshape(-1, 1).to(w.dtype)
     if bits == 1:
-        codes = torch.where(x >= 0, 1.0, -1.0).detach()
-        idx = (codes > 0).long()
-        nbins = 2
+        codes = torch.where(x >= 0, 1.0, -1.0).to(x.dtype).detach()
+        idx, nbins = (codes > 0).long(), 2
     else:
         qn, qp = int_range(bits, signed=True)
         codes = torch.clamp(torch.round(x), qn, qp).detach()
-        idx = (codes - qn).long()
-        nbins = qp - qn + 1
-    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1) * nbins
-    flat = (idx + rows).flatten()
-    size = x.shape[0] * nbins
-    count = torch.zeros(size, dtype=x.dtype, device=x.device).index_add(0, flat, torch.ones_like(x).flatten())
-    total = torch.zeros(size, dtype=x.dtype, device=x.device).index_add(0, flat, x.flatten())
-    center = torch.zeros(size, dtype=x.dtype, device=x.device).index_add(0, flat, codes.flatten())
-    nonempty = count > 0
-    c = count.clamp_min(1)
-    mean = total / c
-    dev = x - mean[flat].view_as(x)
-    var = torch.zeros(size, dtype=x.dtype, device=x.device).index_add(0, flat, dev.flatten() ** 2) / c
-    target = center / c
-    per_bin = (mean - target) ** 2 + var
-    loss = per_bin[nonempty].mean()
-    occupancy = count.view(x.shape[0], nbins).sum(0) / x.numel()
+        idx, nbins = (codes - qn).long(), qp - qn + 1
+    flat = (idx + torch.arange(x.shape[0], device=x.device).unsqueeze(1) * nbins).flatten()
+    counts = torch.bincount(flat, minlength=x.shape[0] * nbins)
+    nonempty = int((counts > 0).sum())
+    weight = 1.0 / (counts[flat].to(x.dtype) * nonempty)
+    loss = (weight * (x.flatten() - codes.flatten()) ** 2).sum()
+    occupancy = counts.view(x.shape[0], nbins).sum(0).to(x.dtype) / x.numel()
     return loss, occupancy
 
 

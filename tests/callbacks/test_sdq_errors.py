@@ -1,0 +1,81 @@
+"""Invalid arguments raise at construction or at setup, one clear message each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdq_lightning import SDQ, BitPlan, SDQClassifier
+
+
+def test_unknown_budget_metric():
+    with pytest.raises(ValueError, match=r"budget metric must be one of \('avg_bits', 'size', 'bitops'\), got 'flops'"):
+        SDQ(budget={"metric": "flops", "target": 2.0})
+
+
+def test_unknown_budget_key():
+    with pytest.raises(ValueError, match="budget accepts the keys 'metric' and 'target'"):
+        SDQ(budget={"metric": "avg_bits", "goal": 2.0})
+
+
+def test_target_below_minimum(make_trainer, digits):
+    sdq = SDQ(weight_bits=(2, 4, 8), budget={"metric": "avg_bits", "target": 1.0}, search_epochs=1)
+    module = SDQClassifier("digits_cnn", in_chans=1)
+    with pytest.raises(ValueError, match=r"budget target 1 \(avg_bits\) is below what the candidates and fixed layers "
+                                         r"allow: the minimum is 2\.1"):
+        make_trainer(max_epochs=2, callbacks=[sdq], limit_train_batches=1).fit(module, digits.train())
+
+
+def test_search_epochs_not_below_max_epochs(make_trainer, digits):
+    sdq = SDQ(search_epochs=3)
+    with pytest.raises(ValueError, match=r"search_epochs \(3\) must be smaller than the trainer's max_epochs \(3\)"):
+        make_trainer(max_epochs=3, callbacks=[sdq]).fit(SDQClassifier("digits_cnn", in_chans=1), digits.train())
+
+
+def test_teacher_with_other_classes(make_trainer, digits):
+    teacher = SDQClassifier("digits_cnn", in_chans=1, num_classes=5).model
+    sdq = SDQ(search_epochs=1, teacher=teacher, example_input=torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="teacher outputs 5 classes but the student has 10"):
+        make_trainer(max_epochs=2, callbacks=[sdq]).fit(SDQClassifier("digits_cnn", in_chans=1), digits.train())
+
+
+def test_plan_for_other_model(make_trainer, digits, tmp_path):
+    import timm
+
+    other = timm.create_model("resnet20", num_classes=10)
+    plan = BitPlan.from_model(other, example_input=torch.zeros(1, 3, 32, 32))
+    plan.save(tmp_path / "resnet20.yaml")
+    sdq = SDQ(plan=tmp_path / "resnet20.yaml")
+    with pytest.raises(ValueError, match="plan names layers the model does not have"):
+        make_trainer(max_epochs=1, callbacks=[sdq]).fit(SDQClassifier("digits_cnn", in_chans=1), digits.train())
+
+
+def test_search_epochs_zero_without_plan():
+    with pytest.raises(ValueError, match="search_epochs=0 needs plan=... or a single weight bitwidth"):
+        SDQ(search_epochs=0)
+
+
+def test_bad_temperature():
+    with pytest.raises(ValueError, match="temperature must be a positive number, a \\(start, end\\) pair"):
+        SDQ(temperature=(1.0, -0.1))
+
+
+def test_bad_activation_bits():
+    with pytest.raises(ValueError, match=r"activation_bits must be an integer in \[2, 8\] or None"):
+        SDQ(activation_bits=12)
+
+
+def test_bad_teacher_type():
+    with pytest.raises(ValueError, match="teacher must be None, an nn.Module, a timm model name or a checkpoint path"):
+        SDQ(teacher=3.5)
+
+
+def test_unknown_teacher_name(make_trainer, digits):
+    sdq = SDQ(search_epochs=1, teacher="not_a_model_xyz")
+    with pytest.raises(ValueError, match="'not_a_model_xyz' is neither a file nor a timm model"):
+        make_trainer(max_epochs=2, callbacks=[sdq]).fit(SDQClassifier("digits_cnn", in_chans=1), digits.train())
+
+
+def test_missing_plan_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="bit plan file not found"):
+        SDQ(plan=tmp_path / "nope.yaml")
