@@ -39,9 +39,15 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     return L.Trainer(**defaults)
 
 
-@pytest.fixture(scope="session")
-def make_trainer():
-    return quiet_trainer
+@pytest.fixture
+def make_trainer(tmp_path):
+    """quiet_trainer writing into the test's tmp dir unless told otherwise (plan.yaml lands in the root dir)."""
+
+    def make(**kwargs) -> L.Trainer:
+        kwargs.setdefault("default_root_dir", tmp_path)
+        return quiet_trainer(**kwargs)
+
+    return make
 
 
 @pytest.fixture(scope="session")
