@@ -1,0 +1,1 @@
+"""Hydra entry points (train; export lives in ``cli.export``)."""

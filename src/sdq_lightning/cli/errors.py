@@ -1,0 +1,38 @@
+"""User errors: one ``error: ...`` line on stderr, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import NoReturn
+
+from hydra.errors import HydraException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf.errors import OmegaConfBaseException
+
+
+class UserError(ValueError):
+    """A configuration the app refuses, with a message meant for the user."""
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException, MisconfigurationException)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (Hydra's option lists folded in, OmegaConf's context dropped)."""
+    text = str(err).strip() or type(err).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[1].startswith("Available options in"):
+        options = []
+        for ln in lines[2:]:
+            if ln.startswith("Config search path"):
+                break
+            options.append(ln)
+        return f"{lines[0]}; available: {', '.join(options)}"
+    lines = [ln for ln in lines if not re.match(r"^(full_key|reference_type|object_type|key|value):", ln)]
+    return "; ".join(lines[:2]) if lines else type(err).__name__
+
+
+def fail(err: BaseException) -> NoReturn:
+    print(f"error: {one_line(err)}", file=sys.stderr)
+    sys.exit(2)
