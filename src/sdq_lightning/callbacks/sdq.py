@@ -415,20 +415,22 @@ class SDQ(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.phase is Phase.SEARCH and self.cost_model is not None:
-            self._maybe_drop_levels(trainer, pl_module)
-            self._terms["expected_cost"] = float(self.cost_model.expected(self.budget.metric).detach())
+            self._terms["expected_cost"] = self._maybe_drop_levels(trainer, pl_module)
         for key, value in self._terms.items():
             pl_module.log(f"sdq/{key}", value, on_step=True, on_epoch=True, prog_bar=key in ("kd", "expected_cost"),
                           batch_size=1)
 
     @torch.no_grad()
-    def _maybe_drop_levels(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _maybe_drop_levels(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """Progressive reading: move layers whose live DBP fell below the threshold one level down while the
+        expected cost is above the target. Returns the expected cost afterwards."""
         if self.spec.reading != "progressive":
-            return
+            return float(self.cost_model.expected(self.budget.metric))
         step = trainer.global_step
+        expected = float(self.cost_model.expected(self.budget.metric))
         for name, q in self._searchable(pl_module):
-            if float(self.cost_model.expected(self.budget.metric)) <= self.budget.target:
-                return
+            if expected <= self.budget.target:
+                break
             lvl = q.current_level
             if lvl == 0 or float(q.dbp[lvl]) >= self.drop_threshold:
                 continue
@@ -436,6 +438,8 @@ class SDQ(Callback):
                 continue
             q.set_level(lvl - 1, self.reinit_dbp)
             self._last_drop[name] = step
+            expected = float(self.cost_model.expected(self.budget.metric))
+        return expected
 
     # ================================================================ epochs
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -232,6 +232,13 @@ class SDQWeightQuantizer(nn.Module):
 
     def expected_bits(self) -> Tensor:
         """Differentiable expected bitwidth under the DBPs (a constant when frozen or at the lowest level)."""
+        if self.frozen:
+            return torch.tensor(float(self.candidates[self._frozen_index]), dtype=self.dbp.dtype)
+        if self.reading == "progressive":
+            if self._level == 0:
+                return torch.tensor(float(self.candidates[0]), dtype=self.dbp.dtype)
+            hi, lo = self.candidates[self._level], self.candidates[self._level - 1]
+            return lo + (hi - lo) * self._live_beta()
         c = torch.tensor(self.candidates, dtype=self.dbp.dtype, device=self.dbp.device)
         return (self.probabilities() * c).sum()
 
