@@ -27,12 +27,12 @@ def _run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train as configured in ``cfg`` into the current Hydra run dir; returns the final metrics."""
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train as configured in ``cfg`` into ``run_dir`` (default: the Hydra run dir); returns the final metrics."""
     from sdq_lightning.cli.compare import run_with_teacher
     from sdq_lightning.cli.run import fit_one, save_resolved_config
 
-    run_dir = _run_dir()
+    run_dir = Path(run_dir) if run_dir is not None else _run_dir()
     save_resolved_config(cfg, run_dir)
     if cfg.fp_teacher.enabled or cfg.compare.enabled:
         if not cfg.sdq.enabled:
