@@ -49,9 +49,9 @@ def round_ste(x: Tensor) -> Tensor:
 
 
 def grad_scale(x: Tensor, scale: float) -> Tensor:
-    """Identity in the forward pass, gradient multiplied by ``scale`` in the backward pass."""
+    """Identity in the forward pass (bit-exact), gradient multiplied by ``scale`` in the backward pass."""
     y = x * scale
-    return (x - y).detach() + y
+    return x.detach() + (y - y.detach())  # (x - y) + y would round away from x in the last bit
 
 
 def lsq_grad_factor(numel: int, qp: int) -> float:
@@ -67,7 +67,9 @@ def lsq_quantize(x: Tensor, step: Tensor, qn: int, qp: int, grad_factor: float =
     broadcastable to ``x`` (per-channel).
     """
     s = grad_scale(step, grad_factor)
-    v = torch.clamp(x / s, qn, qp)
+    # x * (1/s), not x / s: PyTorch's fake-quantize kernels multiply by the float32 reciprocal, and the two differ at
+    # exact rounding ties (e.g. x = 2.5 s), so this keeps the integer codes identical to torch's.
+    v = torch.clamp(x * (1.0 / s), qn, qp)
     return round_ste(v) * s
 
 

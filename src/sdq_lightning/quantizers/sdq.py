@@ -278,7 +278,7 @@ class SDQWeightQuantizer(nn.Module):
             codes = torch.where(w / s >= 0, 1, -1)
         else:
             qn, qp = int_range(b, signed=True)
-            codes = torch.clamp(w / s, qn, qp).round()
+            codes = torch.clamp(w * (1.0 / s), qn, qp).round()  # the arithmetic of lsq_quantize
         return codes.to(torch.int8), s.detach().clone(), b
 
     # ----------------------------------------------------------------- sampling
