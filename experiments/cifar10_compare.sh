@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 6, step 2: same-budget comparison on the real CIFAR-10 copy, every row through the Hydra app, every row
+# initialised from checkpoints/resnet20_cifar10_fp.pt (made by experiments/cifar10_fp_baseline.sh), same seed,
+# same schedule length (EPOCHS), FP activations as in the paper's CIFAR-10 row.
+#   rows: uniform2_kd | sdq | sdq_noebr | sdq_nokd   (ROWS="sdq uniform2_kd" to pick)
+#   CIFAR10_ROOT=/path/to/cifar10 EPOCHS=6 SEARCH=2 bash experiments/cifar10_compare.sh
+# Then: python experiments/summarize.py outputs/runs/c10cmp_* > the table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="${CIFAR10_ROOT:?set CIFAR10_ROOT to the CIFAR-10 ImageFolder tree (train/, test/)}"
+EPOCHS="${EPOCHS:-6}"
+SEARCH="${SEARCH:-2}"
+SEED="${SEED:-0}"
+ABITS="${ABITS:-null}"
+TARGET="${TARGET:-2.0}"
+ROWS="${ROWS:-uniform2_kd sdq sdq_noebr sdq_nokd}"
+FP="${FP_CKPT:-checkpoints/resnet20_cifar10_fp.pt}"
+PY="${PY:-.venv/bin/python}"
+test -f "$FP" || { echo "error: $FP not found; run experiments/cifar10_fp_baseline.sh first" >&2; exit 2; }
+common=(dataset=imagefolder dataset.root="$ROOT" dataset.image_size=32
+  'dataset.mean=[0.4914,0.4822,0.4465]' 'dataset.std=[0.2470,0.2435,0.2616]'
+  dataset.in_memory=true dataset.num_workers=2 dataset.batch_size=128
+  model.init_checkpoint="$FP" model.lr=0.02 model.scheduler=cosine
+  trainer.max_epochs="$EPOCHS" trainer.precision=bf16-mixed trainer.enable_progress_bar=false
+  hardware.activation_bits="$ABITS" seed="$SEED" logger=csv)
+kd=(sdq.teacher="$FP" sdq.teacher_arch=resnet20)
+tag="a${ABITS}_s${SEED}"
+for row in $ROWS; do
+  case "$row" in
+    uniform2_kd) args=(hardware.weight_bits=[2] hardware.target=2.1 phase.search_epochs=0 "${kd[@]}") ;;
+    sdq)         args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" "${kd[@]}") ;;
+    sdq_noebr)   args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.ebr_weight=0 "${kd[@]}") ;;
+    sdq_nokd)    args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.teacher=null) ;;
+    *) echo "error: unknown row '$row' (allowed: uniform2_kd sdq sdq_noebr sdq_nokd)" >&2; exit 2 ;;
+  esac
+  echo "=== $row ($tag) $(date -u +%FT%TZ)"
+  $PY -m sdq_lightning.train name="c10cmp_${row}_${tag}" "${common[@]}" "${args[@]}" "$@"
+done
