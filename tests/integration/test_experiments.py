@@ -1,0 +1,94 @@
+"""Every experiment preset runs end to end on CPU with tiny limits and real (substitute) data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from app_helpers import EXPERIMENTS, TINY, compose_cfg
+from sdq_lightning.cli.train import run
+
+CIFAR_ROOT = os.environ.get("SDQ_CIFAR10_ROOT")
+SLOW = {"imagenet_mobilenetv2", "cifar10_resnet20", "uniform_imagenet_mobilenetv2_w4a4", "bitfusion_resnet18", "resnet18_a2",
+        "uniform_imagenet_resnet18_w4a4", "uniform_cifar10_resnet20_w2"}
+
+
+@pytest.fixture(scope="module")
+def digits_tree(tmp_path_factory) -> Path:
+    """Real digits images as a tiny ImageNet-style tree (train/, val/), 2 per class, 32x32 RGB."""
+    root = tmp_path_factory.mktemp("digits_tree")
+    data = load_digits()
+    for split, offset in (("train", 0), ("val", 2)):
+        for cls in range(10):
+            folder = root / split / f"{cls:02d}"
+            folder.mkdir(parents=True)
+            for i in np.flatnonzero(data.target == cls)[offset:offset + 2]:
+                img = Image.fromarray((data.images[i] * 255 / 16).astype(np.uint8)).resize((32, 32))
+                img.convert("RGB").save(folder / f"{i}.png")
+    return root
+
+
+def substitute_data(name: str, digits_tree: Path) -> list[str]:
+    if name.startswith(("imagenet", "bitfusion", "resnet18", "uniform_imagenet")):
+        return ["trainer=cpu", f"dataset.root={digits_tree}", "dataset.image_size=64", "dataset.batch_size=8"]
+    if "cifar10" in name:
+        if CIFAR_ROOT:
+            return [f"dataset.root={CIFAR_ROOT}", "dataset.download=false", "dataset.subset=64"]
+        return ["dataset=digits32"]
+    return []
+
+
+def check_run_folder(run_dir: Path, searched: bool) -> dict:
+    for name in ("config.yaml", "metrics.json", "plan.yaml", "report.md", "checkpoints/last.ckpt",
+                 "plots/bits_per_layer.png", "plots/bits_vs_params.png", "plots/training_curves.png"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    plan = yaml.safe_load((run_dir / "plan.yaml").read_text())
+    assert metrics["avg_bits"] == pytest.approx(plan["costs"]["avg_bits"])
+    if searched:
+        assert metrics["budget_met"] is True
+    report = (run_dir / "report.md").read_text()
+    assert "## Budget" in report and "## Bit plan" in report and "plots/bits_per_layer.png" in report
+    return metrics
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in EXPERIMENTS])
+def test_experiment_runs(name, tmp_path, digits_tree):
+    cfg = compose_cfg([f"experiment={name}", *TINY, *substitute_data(name, digits_tree)])
+    metrics = run(cfg, tmp_path / "run")
+    searched = len(cfg.hardware.weight_bits) > 1
+    check_run_folder(tmp_path / "run", searched)
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    if cfg.fp_teacher.enabled:
+        assert (tmp_path / "run" / "fp" / "metrics.json").is_file()
+    if cfg.compare.enabled:
+        assert [r["run"] for r in metrics["comparison"]][0].startswith("FP")
+        assert (tmp_path / "run" / "uniform" / "metrics.json").is_file()
+        assert "FP vs SDQ vs uniform" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_phase_search_then_train(tmp_path):
+    base = ["experiment=digits_demo", "compare.enabled=false", "fp_teacher.enabled=false", *TINY]
+    run(compose_cfg([*base, "phase=search", "phase.search_epochs=1"]), tmp_path / "search")
+    plan = tmp_path / "search" / "plan.yaml"
+    assert plan.is_file()
+    metrics = run(compose_cfg([*base, "phase=train", f"phase.plan={plan}"]), tmp_path / "train")
+    trained = yaml.safe_load((tmp_path / "train" / "plan.yaml").read_text())
+    assert {n: lb["w_bits"] for n, lb in trained["layers"].items()} == \
+        {n: lb["w_bits"] for n, lb in yaml.safe_load(plan.read_text())["layers"].items()}
+    assert metrics["epochs"] >= 1
+
+
+def test_logger_none_and_fp_run(tmp_path):
+    cfg = compose_cfg(["experiment=digits_demo", "compare.enabled=false", "fp_teacher.enabled=false",
+                       "sdq.enabled=false", "logger=none", *[t for t in TINY if not t.startswith("logger")]])
+    cfg.logger.kind = "none"
+    metrics = run(cfg, tmp_path / "run")
+    assert metrics["avg_bits"] == pytest.approx(32.0)
