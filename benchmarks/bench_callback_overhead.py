@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import lightning as L
@@ -74,7 +75,8 @@ def run(arm: str, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> 
             plan.rebased(module).apply(module)
     trainer = L.Trainer(max_epochs=2 if arm == "search/callback" else 1, limit_train_batches=steps + warmup,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=callbacks, accelerator="cpu", num_sanity_val_steps=0)
+                        enable_model_summary=False, callbacks=callbacks, accelerator="cpu", num_sanity_val_steps=0,
+                        default_root_dir=tempfile.mkdtemp(prefix="sdq_bench_"))
     trainer.fit(module, data)
     times = timer.times[-steps:]  # search/callback: the second epoch is phase 2, so time the first epoch only
     if arm == "search/callback":
