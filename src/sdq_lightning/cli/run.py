@@ -22,7 +22,8 @@ from sdq_lightning.utils.wandb import finish_wandb, log_plan_and_plots
 log = get_logger(__name__)
 
 for _pattern in (".*does not have many workers.*", ".*smaller than the logging interval.*",
-                 ".*Checkpoint directory .* exists and is not empty.*", ".*`training_step` returns.*"):
+                 ".*Checkpoint directory .* exists and is not empty.*",
+                 ".*Experiment logs directory .* exists and is not empty.*", ".*`training_step` returns.*"):
     warnings.filterwarnings("ignore", _pattern)
 
 
