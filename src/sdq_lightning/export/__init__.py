@@ -1,0 +1,44 @@
+"""Deployment export: packed checkpoint (bit-packed integer weights), QDQ ONNX, capability report.
+
+>>> from sdq_lightning.export import export_model, load_packed
+>>> export_model(model, "out/", torch.randn(1, 3, 32, 32))   # model.sdqpack, model.onnx, capability.{md,json}
+>>> model2 = load_packed("out/model.sdqpack")                  # outputs equal the fake-quantized model's
+"""
+
+from sdq_lightning.export.api import FORMATS, export_from_checkpoint, export_model, export_run, load_run_model
+from sdq_lightning.export.bitpack import pack_bits, packed_nbytes, unpack_bits
+from sdq_lightning.export.onnx_export import DEFAULT_OPSET, export_float_onnx, export_onnx, onnx_int_type, run_onnx
+from sdq_lightning.export.packed import (
+    check_exportable,
+    check_plan_matches,
+    ideal_packed_bytes,
+    load_packed,
+    read_header,
+    save_packed,
+)
+from sdq_lightning.export.report import capability_report, report_markdown, write_report
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "FORMATS",
+    "capability_report",
+    "check_exportable",
+    "check_plan_matches",
+    "export_float_onnx",
+    "export_from_checkpoint",
+    "export_model",
+    "export_onnx",
+    "export_run",
+    "ideal_packed_bytes",
+    "load_packed",
+    "load_run_model",
+    "onnx_int_type",
+    "pack_bits",
+    "packed_nbytes",
+    "read_header",
+    "report_markdown",
+    "run_onnx",
+    "save_packed",
+    "unpack_bits",
+    "write_report",
+]
