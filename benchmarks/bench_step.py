@@ -1,0 +1,234 @@
+"""Cost of one SDQ training step against the float model: ResNet20, batch 128, CPU, forward + backward + SGD step.
+
+Modes (all in one process, interleaved round robin so that machine noise hits every mode alike):
+
+* ``fp``: timm ``resnet20`` as is.
+* ``search``: the same network after ``quantize_model`` with weight candidates 1..8 (progressive reading, gumbel
+  estimator, the defaults), 4-bit activations, first conv and classifier at 8 bits; train mode, every quantizer
+  drawing a bitwidth each step (both adjacent quantizers of the live level are evaluated, as the method requires).
+* ``frozen``: a search-mode model whose plan was projected onto ``avg_bits <= 2.0`` with ``project_to_budget`` and
+  applied with ``BitPlan.apply`` (one quantizer per layer, 4-bit activations): the phase-2 training step.
+* with ``--compile``, the same three under ``torch.compile`` (reported in a second table; skipped if it fails).
+
+Each repeat times ``--steps`` consecutive optimizer steps of one mode after ``--warmup`` untimed steps of every
+mode; the median over ``--repeats`` repeats of (time / steps) is reported, with the ratios to ``fp``. On a shared
+machine the minimum is the better estimate of the uncontended cost, so the ratio of minima is printed too.
+
+Memory, measured two ways and both printed, because on CPU torch's caching allocator does not keep statistics:
+
+* ``saved MiB``: bytes of the distinct tensors autograd saves for backward during one forward
+  (``torch.autograd.graph.saved_tensors_hooks``, deduplicated by storage). This is the activation memory of a
+  training step, the part that grows with the quantizers; parameters, gradients and optimizer state are the same
+  size in every mode (the quantizers add a few hundred scalars) and are listed separately.
+* ``peak RSS delta MiB``: in a fresh subprocess per mode, peak RSS (VmHWM, reset via ``/proc/self/clear_refs``
+  after building the model and the batch) over ``--steps`` steps minus the RSS before them. Honest but coarse (allocator caching, glibc arenas, page granularity).
+
+Exact command used for benchmarks/results/bench_step.md:
+
+    .venv/bin/python benchmarks/bench_step.py --repeats 15 --steps 3 --warmup 3 --compile
+
+Results are written to ``benchmarks/results/bench_step.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+import sdq_lightning as sq
+
+BATCH = 128
+MODES = ("fp", "search", "frozen")
+
+
+def build(mode: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet20", num_classes=10)
+    if mode == "fp":
+        return model.train()
+    x1 = torch.randn(1, 3, 32, 32)
+    prof = sq.profile_model(model, x1)
+    sq.quantize_model(model, sq.QuantSpec(weight_bits=tuple(range(1, 9)), activation_bits=4))
+    model.train()
+    with torch.no_grad():  # initialise the activation steps from a batch, as the first training step would
+        model(torch.randn(BATCH, 3, 32, 32))
+    if mode == "frozen":
+        cm = sq.CostModel(model, prof)
+        bits = sq.project_to_budget(cm, cm.current_bits(), sq.Budget("avg_bits", 2.0))
+        plan = sq.BitPlan.from_model(model, profile=prof).with_bits(bits)
+        plan.apply(model)
+        assert plan.average_bits <= 2.0
+    return model
+
+
+class Runner:
+    def __init__(self, model: nn.Module, compiled: bool = False) -> None:
+        self.model = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.fwd = torch.compile(model) if compiled else model
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(BATCH, 3, 32, 32, generator=g)
+        self.y = torch.randint(0, 10, (BATCH,), generator=g)
+        self.step_idx = 0
+
+    def step(self) -> None:
+        self.step_idx += 1
+        for m in self.model.modules():
+            if isinstance(m, sq.SDQWeightQuantizer):
+                m.set_draw_step(self.step_idx)
+        self.opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.fwd(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+
+
+def saved_tensor_bytes(runner: Runner) -> int:
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
+        return t
+
+    runner.opt.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(runner.model(runner.x), runner.y)
+    loss.backward()
+    runner.opt.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def _vm_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def rss_child(mode: str, steps: int) -> None:
+    """Subprocess body: print the peak-RSS growth (KiB) over ``steps`` training steps.
+
+    The import of torch/timm can leave a peak higher than a ResNet20 step needs, so the peak (VmHWM) is reset to the
+    current RSS first (``echo 5 > /proc/self/clear_refs``, Linux); the delta is VmHWM after the steps minus VmRSS
+    before them."""
+    runner = Runner(build(mode))
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    before = _vm_kib("VmRSS")
+    for _ in range(steps):
+        runner.step()
+    after = _vm_kib("VmHWM")
+    print(json.dumps({"mode": mode, "rss_delta_kib": after - before}))
+
+
+def rss_delta_mib(mode: str, steps: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--rss-child", mode, "--steps", str(steps)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["rss_delta_kib"] / 1024
+
+
+def time_modes(runners: dict[str, Runner], repeats: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for r in runners.values():
+            r.step()
+    times: dict[str, list[float]] = {m: [] for m in runners}
+    for rep in range(repeats):
+        order = list(runners) if rep % 2 == 0 else list(runners)[::-1]
+        for m in order:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                runners[m].step()
+            times[m].append((time.perf_counter() - t0) / steps * 1e3)
+    return times
+
+
+def table(title: str, times: dict[str, list[float]], extra: dict[str, dict[str, str]] | None = None) -> str:
+    fp = statistics.median(times["fp"])
+    cols = list(next(iter(extra.values())).keys()) if extra else []
+    fp_min = min(times["fp"])
+    head = "| mode | median ms/step | min ms | max ms | ratio to fp (medians) | ratio to fp (mins) |" + "".join(f" {c} |" for c in cols)
+    rows = [f"### {title}", "", head, "|---|---:|---:|---:|---:|---:|" + "---:|" * len(cols)]
+    for m, ts in times.items():
+        med = statistics.median(ts)
+        ext = "".join(f" {extra[m][c]} |" for c in cols) if extra else ""
+        rows.append(f"| {m} | {med:.1f} | {min(ts):.1f} | {max(ts):.1f} | {med / fp:.2f}x | {min(ts) / fp_min:.2f}x |"
+                    f"{ext}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per timed repeat")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile variants")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--rss-child", choices=MODES, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.rss_child:
+        rss_child(args.rss_child, args.steps)
+        return
+
+    runners = {m: Runner(build(m)) for m in MODES}
+    frozen_plan_bits = sq.BitPlan.from_model(runners["frozen"].model, torch.randn(1, 3, 32, 32)).average_bits
+    times = time_modes(runners, args.repeats, args.steps, args.warmup)
+
+    mem: dict[str, dict[str, str]] = {}
+    saved = {m: saved_tensor_bytes(r) / 2**20 for m, r in runners.items()}
+    rss = {m: rss_delta_mib(m, max(args.steps, 3)) for m in MODES}
+    params = {m: sum(p.numel() * p.element_size() for p in r.model.parameters()) / 2**20 for m, r in runners.items()}
+    for m in MODES:
+        mem[m] = {"saved MiB": f"{saved[m]:.1f} ({saved[m] / saved['fp']:.2f}x)",
+                  "peak RSS delta MiB": f"{rss[m]:.0f} ({rss[m] / max(rss['fp'], 1e-9):.2f}x)",
+                  "params MiB": f"{params[m]:.2f}"}
+
+    cmd = "python " + " ".join(sys.argv)
+    env = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+           f"{torch.get_num_threads()} threads, batch {BATCH}, {args.repeats} repeats x {args.steps} steps, "
+           f"frozen plan {frozen_plan_bits:.3f} avg bits")
+    parts = [f"Command: `{cmd}`", "", env, "", table("eager", times, mem)]
+    result = {"command": cmd, "env": env, "eager": times, "saved_mib": saved, "rss_delta_mib": rss}
+    print("\n".join(parts), flush=True)  # the eager table first: compiling takes minutes on a small CPU
+
+    if args.compile:
+        try:
+            t0 = time.perf_counter()
+            cr = {m: Runner(build(m), compiled=True) for m in MODES}
+            for r in cr.values():  # compile (and recompile after the first draws) outside the timing
+                for _ in range(2):
+                    r.step()
+            ctimes = time_modes(cr, args.repeats, args.steps, args.warmup)
+            parts += ["", table(f"torch.compile (compile+warmup {time.perf_counter() - t0:.0f} s incl. timing)",
+                                ctimes)]
+            result["compiled"] = ctimes
+        except Exception as err:  # noqa: BLE001  (report, don't hide)
+            parts += ["", f"torch.compile failed: {type(err).__name__}: {str(err)[:300]}"]
+            result["compiled_error"] = repr(err)[:1000]
+
+    text = "\n".join(parts)
+    if args.compile:
+        print("\n".join(parts[5:]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_step.md").write_text(text + "\n")
+    (out / "bench_step.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
