@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdq_lightning.report import plan_rows, write_report
 from sdq_lightning.utils import build_datamodule, build_logger, build_model, build_sdq, build_trainer, get_logger
+from sdq_lightning.utils.throughput import ThroughputRecorder
 from sdq_lightning.utils.wandb import finish_wandb, log_plan_and_plots
 
 log = get_logger(__name__)
@@ -110,8 +111,8 @@ def fit_one(cfg: DictConfig, run_dir: str | Path, *, label: str = "sdq", sdq_ena
     if teacher is not None:
         overrides["teacher"] = teacher
     sdq = build_sdq(cfg, run_dir, **overrides) if enabled else None
-    recorder = EpochRecorder()
-    callbacks: list[Callback] = [c for c in (sdq, recorder) if c is not None]
+    recorder, throughput = EpochRecorder(), ThroughputRecorder()
+    callbacks: list[Callback] = [c for c in (sdq, recorder, throughput) if c is not None]
     trainer_cfg = copy.deepcopy(cfg)
     if max_epochs is not None:
         trainer_cfg.trainer.max_epochs = max_epochs
@@ -151,6 +152,7 @@ def fit_one(cfg: DictConfig, run_dir: str | Path, *, label: str = "sdq", sdq_ena
         "activation_bits": sdq.spec.activation_bits if sdq is not None else None,
         "epochs": int(trainer.current_epoch),
         "wall_time_s": round(time.time() - start, 2),
+        "train_images_per_s": None if throughput.images_per_s is None else round(throughput.images_per_s, 1),
         "overrides": job_overrides(),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
@@ -17,7 +18,8 @@ from sdq_lightning.data._common import (
     make_loader,
     subset_indices,
 )
-from sdq_lightning.data.transforms import decode_transform, eval_transform, train_transform
+from sdq_lightning.data.device import DeviceImageLoader
+from sdq_lightning.data.transforms import SMALL_IMAGE, decode_transform, eval_transform, train_transform
 
 
 def find_split_dirs(root: str | Path, val_dir: str | None = None) -> tuple[Path, Path]:
@@ -52,11 +54,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         subset: Keep only this many (class-balanced) training samples.
         val_subset: Keep only this many evaluation samples; ``None`` uses ``subset``.
         in_memory: Decode every image once into a uint8 tensor and augment from memory.
+        on_device: Also move the decoded uint8 tensors once to the trainer's device and build every batch there
+            (batched crop/flip/normalise, see ``sdq_lightning.data.device``); implies ``in_memory``. Training
+            augmentation on the device exists for images of side <= 32 (CIFAR-style) only.
         augment: Random training augmentation on/off.
         val_dir: Name of the evaluation folder; ``None`` picks ``test`` then ``val``.
         num_classes: Expected class count; ``None`` takes it from the folder.
         in_chans: Must be 3 (RGB).
-        seed: Seed of the subsets.
+        seed: Seed of the subsets (and, with ``on_device``, of the per-epoch shuffle and augmentation).
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         val_subset: int | None = None,
         in_memory: bool = False,
         augment: bool = True,
+        on_device: bool = False,
         val_dir: str | None = None,
         num_classes: int | None = None,
         in_chans: int = 3,
@@ -92,7 +98,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.subset = check_subset("dataset.subset", subset)
         self.val_subset = check_subset("dataset.val_subset", val_subset) if val_subset is not None else self.subset
-        self.in_memory = in_memory
+        if on_device and augment and image_size > SMALL_IMAGE:
+            raise ValueError(f"dataset.on_device augments on the device only for image_size <= {SMALL_IMAGE} "
+                             f"(got {image_size}); use on_device=false or augment=false")
+        self.on_device = bool(on_device)
+        self.in_memory = bool(in_memory) or self.on_device
         self.augment = augment
         self.val_dir = val_dir
         self.in_chans = 3
@@ -101,6 +111,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._num_classes: int | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._device_loaders: dict[str, DeviceImageLoader] = {}
 
     @property
     def num_classes(self) -> int:
@@ -140,17 +151,43 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
+            if self.on_device:
+                for loader in self._device_loaders.values():
+                    loader.to(self.target_device())
             return
         _ = self.num_classes
         train, train_targets, test, test_targets = self._raw_splits()
         self.train_set = self._split(train, train_targets, self.subset, train=True)
         self.val_set = self._split(test, test_targets, self.val_subset, train=False)
 
-    def train_dataloader(self) -> DataLoader:
+    def target_device(self) -> torch.device:
+        """Where ``on_device`` keeps the data: the trainer's root device, else the CPU."""
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def device_loader(self, split: str) -> DeviceImageLoader:
+        """The on-device loader of ``split`` (``train`` or ``val``), made once and moved to ``target_device()``."""
+        if split not in self._device_loaders:
+            train = split == "train"
+            ds = self.train_set if train else self.val_set
+            trainer = self.trainer
+            self._device_loaders[split] = DeviceImageLoader(
+                ds.images, ds.targets, self.batch_size, self.mean, self.std, image_size=self.image_size,
+                shuffle=train, augment=train and self.augment, drop_last=train, seed=self.seed,
+                epoch_fn=(lambda: self.trainer.current_epoch if self.trainer is not None else None) if train else None,
+                num_replicas=trainer.world_size if trainer is not None else 1,
+                rank=trainer.global_rank if trainer is not None else 0)
+        return self._device_loaders[split].to(self.target_device())
+
+    def train_dataloader(self) -> DataLoader | DeviceImageLoader:
+        if self.on_device:
+            return self.device_loader("train")
         return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, drop_last=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceImageLoader:
+        if self.on_device:
+            return self.device_loader("val")
         return make_loader(self.val_set, self.batch_size, self.num_workers, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceImageLoader:
         return self.val_dataloader()
