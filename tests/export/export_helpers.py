@@ -1,0 +1,81 @@
+"""Helpers for the export tests: real images (scikit-learn digits at 3x32x32, CIFAR-10 when available) and
+mixed-precision models (1..8-bit weights, 2..8-bit inputs) calibrated and briefly trained on them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import sdq_lightning  # noqa: F401
+from sdq_lightning import BitPlan, LayerBits, QuantSpec, quantize_model
+
+
+def digits_images(n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn digits (8x8, 0..16) as 3x32x32 in [-1, 1] (bilinear resize), with labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images[:n], dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    return (x - 0.5) / 0.5, torch.tensor(d.target[:n], dtype=torch.long)
+
+
+def cifar_images(n: int = 256) -> tuple[torch.Tensor, torch.Tensor] | None:
+    root = os.environ.get("SDQ_CIFAR10_ROOT")
+    if not root or not (Path(root) / "test").is_dir():
+        return None
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.ToTensor(),
+                             transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))])
+    ds = datasets.ImageFolder(str(Path(root) / "test"), transform=tf)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(ds), generator=g)[:n].tolist()
+    xs, ys = zip(*(ds[i] for i in idx))
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def mixed_bits(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
+    """Weight bits cycling 1..8 and input bits cycling 8,2..7 over the Conv2d/Linear layers (every width used)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    w = {n: 1 + i % 8 for i, n in enumerate(names)}
+    a = {n: (8, 2, 3, 4, 5, 6, 7)[i % 7] for i, n in enumerate(names)}
+    return w, a
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, opt: torch.optim.Optimizer,
+           seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def build_mixed(name: str, per_channel: bool = False, fp_steps: int = 20, qat_steps: int = 3,
+                seed: int = 0) -> nn.Module:
+    """A frozen mixed-precision timm model trained a little on real digits: FP steps (so the logits have margins),
+    then the plan applied, every ActQuantizer calibrated by one train-mode forward on real images, then a few QAT
+    SGD steps (weights, steps and BN statistics move off their init)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    x, y = digits_images(768)
+    _train(model, x, y, fp_steps, torch.optim.Adam(model.parameters(), lr=2e-3), seed)
+    w, a = mixed_bits(model)
+    if per_channel:
+        quantize_model(model, QuantSpec(layer_bits=w, layer_act_bits=a, per_channel=True))
+    else:
+        BitPlan({n: LayerBits(w[n], a[n], 0, 0) for n in w}).apply(model)
+    model.train()
+    with torch.no_grad():
+        model(x[:128])  # calibrates every ActQuantizer (sign mode and step) on real images
+    _train(model, x, y, qat_steps, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), seed + 1)
+    return model.eval()
