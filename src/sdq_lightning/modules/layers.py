@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from sdq_lightning.modules.fused import quant_conv2d, quant_linear
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 
 __all__ = ["QuantConv2d", "QuantLinear", "QuantModule", "is_quant_layer"]
@@ -68,6 +69,10 @@ class QuantConv2d(QuantModule, nn.Conv2d):
         return conv
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.act_quant is not None and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            step, qn, qp, g = self.act_quant.prepare(x)
+            return quant_conv2d(x, step, self.quantized_weight(), self.bias, qn, qp, g, self.stride, self.padding,
+                                self.dilation, self.groups)
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
@@ -98,6 +103,9 @@ class QuantLinear(QuantModule, nn.Linear):
         return lin
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.act_quant is not None:
+            step, qn, qp, g = self.act_quant.prepare(x)
+            return quant_linear(x, step, self.quantized_weight(), self.bias, qn, qp, g)
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sdq_lightning.quantizers.functional import int_range, lsq_grad_factor, lsq_quantize
+from sdq_lightning.quantizers.functional import int_range, lsq_grad_factor
 
 __all__ = ["ActQuantizer"]
 
@@ -55,9 +55,15 @@ class ActQuantizer(nn.Module):
         self.step.copy_((2.0 * mean_abs / qp**0.5).clamp_min(1e-8))
         self.initialized.fill_(True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def prepare(self, x: Tensor) -> tuple[Tensor, int, int, float]:
+        """Initialise from ``x`` if needed; return ``(step, Qn, Qp, grad_factor)`` for the fused layer functions."""
         if not bool(self.initialized):
             self.initialize(x)
         qn, qp = self.qrange
-        g = lsq_grad_factor(x[0].numel() if x.dim() > 1 else x.numel(), qp)
-        return lsq_quantize(x, self.step.to(x.dtype), qn, qp, g)
+        return self.step, qn, qp, lsq_grad_factor(x[0].numel() if x.dim() > 1 else x.numel(), qp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from sdq_lightning.modules.fused import lsq_act_quantize
+
+        step, qn, qp, g = self.prepare(x)
+        return lsq_act_quantize(x, step, qn, qp, g)

@@ -1,0 +1,148 @@
+"""Memory-lean autograd functions: LSQ activation quantization fused with the conv / linear that consumes it.
+
+Forward: ``x_q = clamp(round(x * (1/s)), Qn, Qp) * s`` then the conv (or linear) on ``x_q``. Only ``x``, ``s`` and the
+(fake-quantized) weight are saved; ``x_q`` is recomputed in backward, so a quantized layer keeps what the float layer
+keeps (its input) instead of the input, three LSQ intermediates and ``x_q``. Values are bit-identical to
+:func:`sdq_lightning.quantizers.lsq_quantize` followed by the layer; the LSQ gradients are those of the paper (inside
+``Qn < x/s < Qp``: straight-through for ``x`` and ``round(x/s) - x/s`` for ``s``; outside: 0 and ``Qn`` / ``Qp``),
+the step gradient scaled by ``grad_factor``.
+
+Under autocast the quantized input, weight and bias are cast to the autocast dtype for the conv/linear, as autocast
+would do, and the backward uses the same casts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+__all__ = ["lsq_act_quantize", "quant_conv2d", "quant_linear"]
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _codes(x: Tensor, step: Tensor, qn: int, qp: int) -> tuple[Tensor, Tensor]:
+    """``(x/s, clamp(round(x/s)))`` in float32 whatever the input dtype (bf16 codes would round wrongly)."""
+    v = x.float() * (1.0 / step.float())
+    return v, torch.clamp(torch.round(v), qn, qp)
+
+
+def _lsq_grads(gxq: Tensor, v: Tensor, r: Tensor, step: Tensor, qn: int, qp: int, g: float) -> tuple[Tensor, Tensor]:
+    inside = (v > qn) & (v < qp)  # as the composite clamp gradient: boundary values count as clipped
+    gx = gxq * inside
+    gs = (gxq * torch.where(inside, r - v, r)).sum() * g
+    return gx, gs.to(step.dtype)
+
+
+class _LSQAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, qn: int, qp: int, g: float) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(x, step)
+        ctx.q = (qn, qp, g)
+        return (_codes(x, step, qn, qp)[1] * step.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # noqa: D102
+        x, step = ctx.saved_tensors
+        qn, qp, g = ctx.q
+        v, r = _codes(x, step, qn, qp)
+        gx, gs = _lsq_grads(gy.float(), v, r, step, qn, qp, g)
+        return gx.to(x.dtype), gs, None, None, None
+
+
+def lsq_act_quantize(x: Tensor, step: Tensor, qn: int, qp: int, grad_factor: float) -> Tensor:
+    """LSQ fake quantization as one autograd node that saves only ``x`` and ``step``."""
+    return _LSQAct.apply(x, step, qn, qp, grad_factor)
+
+
+class _QuantConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, w: Tensor, bias: Tensor | None, qn: int, qp: int, g: float,
+                conv: tuple) -> Tensor:  # noqa: D102
+        stride, padding, dilation, groups = conv
+        dtype = _autocast_dtype(x.device.type)
+        xq = _codes(x, step, qn, qp)[1] * step.float()
+        wc, bc = w, bias
+        if dtype is not None:
+            xq, wc = xq.to(dtype), w.to(dtype)
+            bc = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.conv2d(xq, wc, bc, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, step, w)
+        ctx.meta = (qn, qp, g, conv, dtype, None if bias is None else bias.shape, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # noqa: D102
+        x, step, w = ctx.saved_tensors
+        qn, qp, g, (stride, padding, dilation, groups), dtype, bshape, bdtype = ctx.meta
+        v, r = _codes(x, step, qn, qp)
+        xq, wc = r * step.float(), w
+        if dtype is not None:
+            xq, wc, gy = xq.to(dtype), w.to(dtype), gy.to(dtype)
+        need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        mask = [need_x, ctx.needs_input_grad[2], bshape is not None and ctx.needs_input_grad[3]]
+        gxq, gw, gb = torch.ops.aten.convolution_backward(
+            gy, xq, wc, list(bshape) if bshape is not None else None, list(stride), list(padding), list(dilation),
+            False, [0] * len(stride), groups, mask)
+        gx = gs = None
+        if need_x:
+            gx, gs = _lsq_grads(gxq.float(), v, r, step, qn, qp, g)
+            gx = gx.to(x.dtype)
+        gw = gw.to(w.dtype) if gw is not None else None
+        gb = gb.to(bdtype) if gb is not None else None
+        return gx, gs, gw, gb, None, None, None, None
+
+
+def quant_conv2d(x: Tensor, step: Tensor, w: Tensor, bias: Tensor | None, qn: int, qp: int, grad_factor: float,
+                 stride: tuple, padding: tuple, dilation: tuple, groups: int) -> Tensor:
+    """``conv2d(lsq(x), w, bias)`` saving only ``x``, ``step`` and ``w`` (zero padding, integer padding only)."""
+    return _QuantConv.apply(x, step, w, bias, qn, qp, grad_factor, (tuple(stride), tuple(padding), tuple(dilation),
+                                                                     groups))
+
+
+class _QuantLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, w: Tensor, bias: Tensor | None, qn: int, qp: int,
+                g: float) -> Tensor:  # noqa: D102
+        dtype = _autocast_dtype(x.device.type)
+        xq = _codes(x, step, qn, qp)[1] * step.float()
+        wc, bc = w, bias
+        if dtype is not None:
+            xq, wc = xq.to(dtype), w.to(dtype)
+            bc = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(xq, wc, bc)
+        ctx.save_for_backward(x, step, w)
+        ctx.meta = (qn, qp, g, dtype, bias is not None, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # noqa: D102
+        x, step, w = ctx.saved_tensors
+        qn, qp, g, dtype, has_bias, bdtype = ctx.meta
+        v, r = _codes(x, step, qn, qp)
+        xq, wc = r * step.float(), w
+        if dtype is not None:
+            xq, wc, gy = xq.to(dtype), w.to(dtype), gy.to(dtype)
+        gx = gs = gw = gb = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            gx, gs = _lsq_grads((gy @ wc).float(), v, r, step, qn, qp, g)
+            gx = gx.to(x.dtype)
+        gy2, xq2 = gy.reshape(-1, gy.shape[-1]), xq.reshape(-1, xq.shape[-1])
+        if ctx.needs_input_grad[2]:
+            gw = (gy2.t() @ xq2).to(w.dtype)
+        if has_bias and ctx.needs_input_grad[3]:
+            gb = gy2.sum(0).to(bdtype)
+        return gx, gs, gw, gb, None, None, None
+
+
+def quant_linear(x: Tensor, step: Tensor, w: Tensor, bias: Tensor | None, qn: int, qp: int,
+                 grad_factor: float) -> Tensor:
+    """``linear(lsq(x), w, bias)`` saving only ``x``, ``step`` and ``w``."""
+    return _QuantLinear.apply(x, step, w, bias, qn, qp, grad_factor)
