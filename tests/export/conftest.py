@@ -15,7 +15,7 @@ def resnet20_mixed() -> nn.Module:
 
 @pytest.fixture(scope="session")
 def mobilenetv2_mixed() -> nn.Module:
-    return build_mixed("mobilenetv2_100")
+    return build_mixed("mobilenetv2_100", fp_steps=2, qat_steps=2, batch=16)  # its CPU backward is slow
 
 
 @pytest.fixture(scope="session")

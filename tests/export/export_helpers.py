@@ -49,11 +49,11 @@ def mixed_bits(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, opt: torch.optim.Optimizer,
-           seed: int) -> None:
+           seed: int, batch: int = 64) -> None:
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,), generator=g)
+        idx = torch.randint(0, len(x), (batch,), generator=g)
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
@@ -61,14 +61,14 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, opt: 
 
 
 def build_mixed(name: str, per_channel: bool = False, fp_steps: int = 20, qat_steps: int = 3,
-                seed: int = 0) -> nn.Module:
+                seed: int = 0, batch: int = 64) -> nn.Module:
     """A frozen mixed-precision timm model trained a little on real digits: FP steps (so the logits have margins),
     then the plan applied, every ActQuantizer calibrated by one train-mode forward on real images, then a few QAT
     SGD steps (weights, steps and BN statistics move off their init)."""
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, num_classes=10)
     x, y = digits_images(768)
-    _train(model, x, y, fp_steps, torch.optim.Adam(model.parameters(), lr=2e-3), seed)
+    _train(model, x, y, fp_steps, torch.optim.Adam(model.parameters(), lr=2e-3), seed, batch)
     w, a = mixed_bits(model)
     if per_channel:
         quantize_model(model, QuantSpec(layer_bits=w, layer_act_bits=a, per_channel=True))
@@ -77,5 +77,5 @@ def build_mixed(name: str, per_channel: bool = False, fp_steps: int = 20, qat_st
     model.train()
     with torch.no_grad():
         model(x[:128])  # calibrates every ActQuantizer (sign mode and step) on real images
-    _train(model, x, y, qat_steps, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), seed + 1)
+    _train(model, x, y, qat_steps, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), seed + 1, batch)
     return model.eval()
