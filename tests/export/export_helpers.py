@@ -65,6 +65,15 @@ def build_mixed(name: str, per_channel: bool = False, fp_steps: int = 20, qat_st
     """A frozen mixed-precision timm model trained a little on real digits: FP steps (so the logits have margins),
     then the plan applied, every ActQuantizer calibrated by one train-mode forward on real images, then a few QAT
     SGD steps (weights, steps and BN statistics move off their init)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than two contending ones
+    try:
+        return _build_mixed(name, per_channel, fp_steps, qat_steps, seed, batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_mixed(name: str, per_channel: bool, fp_steps: int, qat_steps: int, seed: int, batch: int) -> nn.Module:
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, num_classes=10)
     x, y = digits_images(768)
