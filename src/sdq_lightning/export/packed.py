@@ -65,6 +65,7 @@ def check_exportable(model: nn.Module) -> dict[str, QuantModule]:
         if q.weight_quant is not None and not q.weight_quant.frozen:
             raise ValueError(f"weight quantizer of {name!r} is not frozen (search not finished); apply a BitPlan or "
                              f"call freeze() before exporting")
+    for name, q in qlayers.items():
         if q.act_quant is not None and not bool(q.act_quant.initialized):
             raise ValueError(f"activation quantizer of {name!r} was never calibrated (run one forward pass in train "
                              f"mode on real data before exporting)")
