@@ -131,3 +131,26 @@ def test_header_is_safe_json(resnet20_mixed, tmp_path) -> None:
     h = read_header(_packed(resnet20_mixed, tmp_path))
     assert h["model"] == {"name": "resnet20", "kwargs": {"num_classes": 10, "in_chans": 3}}
     assert len(h["plan"]["layers"]) == 22
+
+
+def test_size_close_to_ideal_low_bit_plan(digits_batch, tmp_path) -> None:
+    """A ~2-bit average plan (weights 1, 2, 3 bits in turn): ~70 KB ideal, where the fixed overhead weighs most."""
+    import timm
+
+    from sdq_lightning import LayerBits
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet20", num_classes=10)
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    BitPlan({n: LayerBits((1, 2, 3)[i % 3], 4, 0, 0) for i, n in enumerate(names)}).apply(model)
+    x, _ = digits_batch
+    model.train()
+    with torch.no_grad():
+        model(x[:64])
+    model.eval()
+    path = save_packed(model, tmp_path / "low.sdqpack")
+    size, ideal = path.stat().st_size, ideal_packed_bytes(model)
+    print(f"\nlow-bit plan: packed {size} B, ideal {ideal:.0f} B ({size / ideal - 1:+.2%})")
+    assert 50_000 < ideal < 90_000 and size <= 1.05 * ideal
+    with torch.no_grad():
+        assert torch.equal(load_packed(path)(x), model(x))
