@@ -38,7 +38,7 @@ def bin_regularization(w: Tensor, step: Tensor, bits: int) -> tuple[Tensor, Tens
     """
     per_channel = step.dim() > 0 and step.numel() > 1
     x2 = w.flatten(1) if per_channel else w.reshape(1, -1)
-    x = x2 / step.detach().reshape(-1, 1).to(w.dtype)
+    x = x2 * (1.0 / step.detach().reshape(-1, 1).to(w.dtype))  # as the quantizer: codes agree at exact ties
     if bits == 1:
         codes = torch.where(x >= 0, 1.0, -1.0).to(x.dtype).detach()
         idx, nbins = (codes > 0).long(), 2
