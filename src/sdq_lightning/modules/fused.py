@@ -39,6 +39,15 @@ def _lsq_grads(gxq: Tensor, v: Tensor, r: Tensor, step: Tensor, qn: int, qp: int
     return gx, gs.to(step.dtype)
 
 
+def _operands(x: Tensor, step: Tensor, w: Tensor, bias: Tensor | None, qn: int, qp: int):
+    """``x_q``, weight and bias as the layer consumes them (cast to the autocast dtype when autocast is on)."""
+    dtype = _autocast_dtype(x.device.type)
+    xq = _codes(x, step, qn, qp)[1] * step.float()
+    if dtype is None:
+        return xq, w, bias, None
+    return xq.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype), dtype
+
+
 class _LSQAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, qn: int, qp: int, g: float) -> Tensor:  # noqa: D102
@@ -65,12 +74,7 @@ class _QuantConv(torch.autograd.Function):
     def forward(ctx, x: Tensor, step: Tensor, w: Tensor, bias: Tensor | None, qn: int, qp: int, g: float,
                 conv: tuple) -> Tensor:  # noqa: D102
         stride, padding, dilation, groups = conv
-        dtype = _autocast_dtype(x.device.type)
-        xq = _codes(x, step, qn, qp)[1] * step.float()
-        wc, bc = w, bias
-        if dtype is not None:
-            xq, wc = xq.to(dtype), w.to(dtype)
-            bc = None if bias is None else bias.to(dtype)
+        xq, wc, bc, dtype = _operands(x, step, w, bias, qn, qp)
         with torch.autocast(x.device.type, enabled=False):
             y = F.conv2d(xq, wc, bc, stride, padding, dilation, groups)
         ctx.save_for_backward(x, step, w)
@@ -110,12 +114,7 @@ class _QuantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, w: Tensor, bias: Tensor | None, qn: int, qp: int,
                 g: float) -> Tensor:  # noqa: D102
-        dtype = _autocast_dtype(x.device.type)
-        xq = _codes(x, step, qn, qp)[1] * step.float()
-        wc, bc = w, bias
-        if dtype is not None:
-            xq, wc = xq.to(dtype), w.to(dtype)
-            bc = None if bias is None else bias.to(dtype)
+        xq, wc, bc, dtype = _operands(x, step, w, bias, qn, qp)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(xq, wc, bc)
         ctx.save_for_backward(x, step, w)
