@@ -5,8 +5,10 @@ Both arms train ResNet20 (weights searched in 1..8, 4-bit activations) with the 
 on CPU. Arm "plain": the model is quantized by hand (``quantize_model``) and its quantizer parameters simply sit in
 the optimizer; sampling still happens inside the quantizers. Arm "callback": the SDQ callback does the surgery, the
 private optimizers, the per-step temperature/draw setting, the budget penalty and logging. Phase-2 arms compare a
-frozen plan with and without the callback (EBR on, no teacher: KD's teacher forward is method cost, not machinery).
+frozen plan with and without the callback, once with EBR off (the machinery alone) and once with EBR on (EBR is
+a loss term of the method, reported for information; no teacher: KD's teacher forward is method cost too).
 Arms are interleaved; each repeat times ``--steps`` steps after a warm-up; medians and ratios are printed.
+``--kernels`` picks the LSQ kernels of every arm (default ``compile``, the app's default).
 
     python benchmarks/bench_callback_overhead.py [--steps 12 --repeats 5 --data-root PATH_TO_CIFAR10]
 """
@@ -69,8 +71,8 @@ def run(arm: str, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> 
         cm = sq.CostModel(plan_model, prof)
         bits = sq.project_to_budget(cm, cm.current_bits(), sq.Budget(**budget))
         plan = sq.BitPlan.from_model(plan_model, profile=prof).with_bits(bits)
-        if arm == "frozen/callback":
-            callbacks.insert(0, SDQ(activation_bits=4, plan=plan, ebr_weight=0.1))
+        if arm.startswith("frozen/callback"):
+            callbacks.insert(0, SDQ(activation_bits=4, plan=plan, ebr_weight=0.1 if arm.endswith("+ebr") else 0.0))
         else:
             plan.rebased(module).apply(module)
     trainer = L.Trainer(max_epochs=2 if arm == "search/callback" else 1, limit_train_batches=steps + warmup,
@@ -90,22 +92,26 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--kernels", choices=sq.modules.fused.KERNELS, default="compile")
     args = parser.parse_args()
+    sq.set_kernels(args.kernels)
     x, y, what = load_batch(args.data_root)
-    arms = ["search/plain", "search/callback", "frozen/plain", "frozen/callback"]
+    arms = ["search/plain", "search/callback", "frozen/plain", "frozen/callback", "frozen/callback+ebr"]
     results: dict[str, list[float]] = {a: [] for a in arms}
     for r in range(args.repeats):
         for arm in arms if r % 2 == 0 else arms[::-1]:
             results[arm].append(run(arm, x, y, args.steps, args.warmup))
             print(f"repeat {r} {arm}: {results[arm][-1] * 1e3:.1f} ms/step", flush=True)
     med = {a: statistics.median(v) for a, v in results.items()}
-    print(f"\nResNet20, batch 128, CPU threads {torch.get_num_threads()}, data: {what}, "
+    print(f"\nResNet20, batch 128, CPU threads {torch.get_num_threads()}, {args.kernels} LSQ kernels, data: {what}, "
           f"{args.repeats} interleaved repeats x {args.steps} steps (median of medians)")
     print("| arm | ms/step | callback / plain |\n|---|---:|---:|")
     for phase in ("search", "frozen"):
         p, c = med[f"{phase}/plain"], med[f"{phase}/callback"]
         print(f"| {phase}, no callback | {p * 1e3:.1f} | |")
         print(f"| {phase}, SDQ callback | {c * 1e3:.1f} | {c / p:.3f} |")
+    e = med["frozen/callback+ebr"]
+    print(f"| frozen, SDQ callback with EBR 0.1 (method cost included) | {e * 1e3:.1f} | {e / med['frozen/plain']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,13 @@ Modes (all in one process, interleaved round robin so that machine noise hits ev
   drawing a bitwidth each step (both adjacent quantizers of the live level are evaluated, as the method requires).
 * ``frozen``: a search-mode model whose plan was projected onto ``avg_bits <= 2.0`` with ``project_to_budget`` and
   applied with ``BitPlan.apply`` (one quantizer per layer, 4-bit activations): the phase-2 training step.
-* with ``--compile``, the same three under ``torch.compile`` (reported in a second table; skipped if it fails).
+* ``search+ck`` / ``frozen+ck`` (``--kernels both``, the default, or ``--kernels compile``): the same models with
+  the LSQ elementwise kernels compiled (``sdq_lightning.set_kernels("compile")``: only the fake-quantization
+  arithmetic goes through ``torch.compile``, the model stays eager). This is what ``SDQ(kernels="compile")`` and the
+  Hydra app's default ``sdq.kernels=compile`` run.
+* with ``--compile``, fp/search/frozen with the whole model under ``torch.compile`` (a second table; skipped if it
+  fails).
+* ``--bf16``: every mode under ``torch.autocast("cpu", torch.bfloat16)`` (the ``bf16-mixed`` training precision).
 
 Each repeat times ``--steps`` consecutive optimizer steps of one mode after ``--warmup`` untimed steps of every
 mode; the median over ``--repeats`` repeats of (time / steps) is reported, with the ratios to ``fp``. On a shared
@@ -25,7 +31,7 @@ Memory, measured two ways and both printed, because on CPU torch's caching alloc
 
 Exact command used for benchmarks/results/bench_step.md:
 
-    .venv/bin/python benchmarks/bench_step.py --repeats 15 --steps 3 --warmup 3 --compile
+    .venv/bin/python benchmarks/bench_step.py --repeats 15 --steps 3 --warmup 3
 
 Results are written to ``benchmarks/results/bench_step.{md,json}``.
 """
@@ -50,9 +56,18 @@ import sdq_lightning as sq
 
 BATCH = 128
 MODES = ("fp", "search", "frozen")
+CK = "+ck"  # suffix of a mode run with the compiled LSQ kernels
+
+
+def modes_for(kernels: str) -> tuple[str, ...]:
+    quant = [m for m in MODES if m != "fp"]
+    eager = quant if kernels in ("eager", "both") else []
+    ck = [m + CK for m in quant] if kernels in ("compile", "both") else []
+    return ("fp", *eager, *ck)
 
 
 def build(mode: str, seed: int = 0) -> nn.Module:
+    mode = mode.removesuffix(CK)
     torch.manual_seed(seed)
     model = timm.create_model("resnet20", num_classes=10)
     if mode == "fp":
@@ -73,8 +88,8 @@ def build(mode: str, seed: int = 0) -> nn.Module:
 
 
 class Runner:
-    def __init__(self, model: nn.Module, compiled: bool = False) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, compiled: bool = False, kernels: str = "eager", bf16: bool = False) -> None:
+        self.model, self.kernels, self.bf16 = model, kernels, bf16
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.fwd = torch.compile(model) if compiled else model
         g = torch.Generator().manual_seed(0)
@@ -87,8 +102,10 @@ class Runner:
         for m in self.model.modules():
             if isinstance(m, sq.SDQWeightQuantizer):
                 m.set_draw_step(self.step_idx)
+        sq.set_kernels(self.kernels)
         self.opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(self.fwd(self.x), self.y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            loss = nn.functional.cross_entropy(self.fwd(self.x), self.y)
         loss.backward()
         self.opt.step()
 
@@ -102,7 +119,9 @@ def saved_tensor_bytes(runner: Runner) -> int:
         return t
 
     runner.opt.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    sq.set_kernels(runner.kernels)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=runner.bf16):
         loss = nn.functional.cross_entropy(runner.model(runner.x), runner.y)
     loss.backward()
     runner.opt.zero_grad(set_to_none=True)
@@ -116,13 +135,18 @@ def _vm_kib(field: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def rss_child(mode: str, steps: int) -> None:
+def make_runner(mode: str, bf16: bool) -> Runner:
+    return Runner(build(mode), kernels="compile" if mode.endswith(CK) else "eager", bf16=bf16)
+
+
+def rss_child(mode: str, steps: int, bf16: bool) -> None:
     """Subprocess body: print the peak-RSS growth (KiB) over ``steps`` training steps.
 
     The import of torch/timm can leave a peak higher than a ResNet20 step needs, so the peak (VmHWM) is reset to the
     current RSS first (``echo 5 > /proc/self/clear_refs``, Linux); the delta is VmHWM after the steps minus VmRSS
     before them."""
-    runner = Runner(build(mode))
+    runner = make_runner(mode, bf16)
+    runner.step()  # compiles the kernels of a +ck mode before the measurement
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -134,8 +158,8 @@ def rss_child(mode: str, steps: int) -> None:
     print(json.dumps({"mode": mode, "rss_delta_kib": after - before}))
 
 
-def rss_delta_mib(mode: str, steps: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--rss-child", mode, "--steps", str(steps)],
+def rss_delta_mib(mode: str, steps: int, bf16: bool) -> float:
+    out = subprocess.run([sys.executable, __file__, "--rss-child", mode, "--steps", str(steps)] + ["--bf16"] * bf16,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["rss_delta_kib"] / 1024
 
@@ -175,32 +199,36 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per timed repeat")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile variants")
+    ap.add_argument("--kernels", choices=("eager", "compile", "both"), default="both",
+                    help="LSQ kernels of the quantized modes (compile: sdq_lightning.set_kernels('compile'))")
+    ap.add_argument("--bf16", action="store_true", help="every mode under CPU bf16 autocast")
+    ap.add_argument("--compile", action="store_true", help="also time whole-model torch.compile variants")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    ap.add_argument("--rss-child", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_child:
-        rss_child(args.rss_child, args.steps)
+        rss_child(args.rss_child, args.steps, args.bf16)
         return
 
-    runners = {m: Runner(build(m)) for m in MODES}
+    modes = modes_for(args.kernels)
+    runners = {m: make_runner(m, args.bf16) for m in modes}
     frozen_plan_bits = sq.BitPlan.from_model(runners["frozen"].model, torch.randn(1, 3, 32, 32)).average_bits
     times = time_modes(runners, args.repeats, args.steps, args.warmup)
 
     mem: dict[str, dict[str, str]] = {}
     saved = {m: saved_tensor_bytes(r) / 2**20 for m, r in runners.items()}
-    rss = {m: rss_delta_mib(m, max(args.steps, 3)) for m in MODES}
+    rss = {m: rss_delta_mib(m, max(args.steps, 3), args.bf16) for m in modes}
     params = {m: sum(p.numel() * p.element_size() for p in r.model.parameters()) / 2**20 for m, r in runners.items()}
-    for m in MODES:
+    for m in modes:
         mem[m] = {"saved MiB": f"{saved[m]:.1f} ({saved[m] / saved['fp']:.2f}x)",
                   "peak RSS delta MiB": f"{rss[m]:.0f} ({rss[m] / max(rss['fp'], 1e-9):.2f}x)",
                   "params MiB": f"{params[m]:.2f}"}
 
     cmd = "python " + " ".join(sys.argv)
     env = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-           f"{torch.get_num_threads()} threads, batch {BATCH}, {args.repeats} repeats x {args.steps} steps, "
+           f"{torch.get_num_threads()} threads, {'bf16 autocast' if args.bf16 else 'fp32'}, batch {BATCH}, {args.repeats} repeats x {args.steps} steps, "
            f"frozen plan {frozen_plan_bits:.3f} avg bits")
     parts = [f"Command: `{cmd}`", "", env, "", table("eager", times, mem)]
     result = {"command": cmd, "env": env, "eager": times, "saved_mib": saved, "rss_delta_mib": rss}
@@ -209,7 +237,7 @@ def main() -> None:
     if args.compile:
         try:
             t0 = time.perf_counter()
-            cr = {m: Runner(build(m), compiled=True) for m in MODES}
+            cr = {m: Runner(build(m), compiled=True, bf16=args.bf16) for m in MODES}
             for r in cr.values():  # compile (and recompile after the first draws) outside the timing
                 for _ in range(2):
                     r.step()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, settings
+# Eager LSQ kernels unless a test asks for compiled ones (the app's default is compile; compiling costs seconds per
+# process, and subprocess tests inherit this).
+os.environ.setdefault("SDQ_KERNELS", "eager")
 
-import sdq_lightning  # noqa: F401  (registers resnet20/32/56 and digits_cnn in timm)
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import sdq_lightning  # noqa: E402,F401  (registers resnet20/32/56 and digits_cnn in timm)
 
 # Property tests stay fast and deterministic in CI; `HYPOTHESIS_PROFILE=thorough pytest ...` explores more.
 settings.register_profile("default", max_examples=40, deadline=None, derandomize=True,

@@ -5,7 +5,7 @@ Importing the package registers resnet20/32/56 and digits_cnn in timm's model re
 
 from sdq_lightning import models  # noqa: F401  (registers timm models)
 from sdq_lightning.budget import BitPlan, Budget, CostModel, LayerBits, profile_model, project_to_budget
-from sdq_lightning.modules import QuantConv2d, QuantLinear
+from sdq_lightning.modules import QuantConv2d, QuantLinear, get_kernels, set_kernels
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.surgery import QuantReport, QuantSpec, dequantize_model, quant_layers, quantize_model
 
@@ -25,10 +25,12 @@ __all__ = [
     "SDQClassifier",
     "SDQWeightQuantizer",
     "dequantize_model",
+    "get_kernels",
     "profile_model",
     "project_to_budget",
     "quant_layers",
     "quantize_model",
+    "set_kernels",
 ]
 
 

@@ -79,3 +79,8 @@ def test_unknown_teacher_name(make_trainer, digits):
 def test_missing_plan_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="bit plan file not found"):
         SDQ(plan=tmp_path / "nope.yaml")
+
+
+def test_unknown_kernels():
+    with pytest.raises(ValueError, match=r"kernels must be one of \('eager', 'compile'\) or None, got 'cuda'"):
+        SDQ(kernels="cuda")

@@ -92,3 +92,21 @@ def test_logger_none_and_fp_run(tmp_path):
     cfg.logger.kind = "none"
     metrics = run(cfg, tmp_path / "run")
     assert metrics["avg_bits"] == pytest.approx(32.0)
+
+
+def test_app_with_compiled_kernels(tmp_path, recwarn):
+    """sdq.kernels=compile (the app's default outside the test suite) runs, and does not fall back to eager."""
+    import sdq_lightning as sq
+
+    before = sq.get_kernels()
+    try:
+        cfg = compose_cfg(["experiment=digits_demo", "compare.enabled=false", "fp_teacher.enabled=false",
+                           "sdq.kernels=compile", "hardware.activation_bits=4", *TINY])
+        metrics = run(cfg, tmp_path / "run")
+        assert sq.get_kernels() == "compile"
+        assert sq.modules.fused._compiled, "no LSQ kernel was compiled: the run never quantized an activation"
+    finally:
+        sq.set_kernels(before)
+    assert not [w for w in recwarn if "torch.compile of the LSQ kernels failed" in str(w.message)]
+    check_run_folder(tmp_path / "run", searched=True)
+    assert 0.0 <= metrics["val/acc"] <= 1.0

@@ -87,3 +87,65 @@ def test_fused_saves_less_for_backward():
     fused = saved_bytes(lambda: quant_conv2d(x, s, w, None, -8, 7, 0.01, (1, 1), (1, 1), (1, 1), 1))
     assert fused <= x.numel() * 4 + w.numel() * 4 + 64
     assert composite >= 2 * fused
+
+
+@pytest.fixture
+def compiled_kernels():
+    from sdq_lightning.modules import fused
+
+    before = fused.get_kernels()
+    fused.set_kernels("compile")
+    yield fused
+    fused.set_kernels(before)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_compiled_kernels_match_eager(compiled_kernels, autocast):
+    """torch.compile'd LSQ kernels: forward and input/weight gradients bit-identical, step gradient to rounding."""
+    fused = compiled_kernels
+    torch.manual_seed(0)
+    cases = []
+    for shape, (qn, qp) in (((4, 8, 9, 9), (0, 15)), ((2, 8, 5, 7), (-8, 7)), ((4, 8, 6, 6), (-2, 1))):
+        x = torch.randn(shape)
+        x = (x.relu() if qn == 0 else x).requires_grad_()
+        cases.append((x, torch.tensor(0.13, requires_grad=True), torch.randn(16, 8, 3, 3, requires_grad=True), qn, qp))
+    for x, s, w, qn, qp in cases:
+        gy = torch.randn(x.shape[0], 16, x.shape[2], x.shape[3])
+
+        def conv():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return quant_conv2d(x, s, w, None, qn, qp, 0.01, (1, 1), (1, 1), (1, 1), 1)
+
+        fused.set_kernels("eager")
+        e = _grads(conv, [x, s, w], gy)
+        fused.set_kernels("compile")
+        c = _grads(conv, [x, s, w], gy)
+        assert fused.get_kernels() == "compile", "compilation fell back to eager"
+        assert torch.equal(e[0], c[0]) and torch.equal(e[1], c[1]) and torch.equal(e[3], c[3])
+        torch.testing.assert_close(c[2], e[2], rtol=1e-5, atol=1e-6)
+        ea = _grads(lambda: lsq_act_quantize(x, s, qn, qp, 0.01), [x, s], torch.randn(x.shape))
+        assert torch.equal(ea[0], lsq_act_quantize(x, s, qn, qp, 0.01).detach())
+
+
+def test_compile_failure_falls_back_to_eager(compiled_kernels, monkeypatch):
+    fused = compiled_kernels
+
+    def broken(fn, **_):
+        def call(*args):
+            raise RuntimeError("no C++ compiler here")
+        return call
+
+    fused._compiled.clear()
+    monkeypatch.setattr(torch, "compile", broken)
+    x, s = torch.randn(2, 3), torch.tensor(0.1)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler here"):
+        y = lsq_act_quantize(x, s, -8, 7, 1.0)
+    assert fused.get_kernels() == "eager"
+    assert torch.equal(y, lsq_quantize(x, s, -8, 7, 1.0))
+
+
+def test_unknown_kernels_is_a_value_error():
+    from sdq_lightning.modules.fused import set_kernels
+
+    with pytest.raises(ValueError, match=r"kernels must be one of \('eager', 'compile'\), got 'triton'"):
+        set_kernels("triton")

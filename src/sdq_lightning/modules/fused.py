@@ -9,15 +9,49 @@ the step gradient scaled by ``grad_factor``.
 
 Under autocast the quantized input, weight and bias are cast to the autocast dtype for the conv/linear, as autocast
 would do, and the backward uses the same casts.
+
+Kernels: the LSQ arithmetic is about 15 elementwise passes over the activation in eager PyTorch, which costs more than
+the convolution itself on a CPU. ``set_kernels("compile")`` runs the two elementwise pieces (forward values; input and
+step gradients) through ``torch.compile`` (one fused loop each, compiled once per process for any shape and
+bitwidth, about 6 s on 2 CPU cores). Forward values and input gradients are bit-identical to eager; the step gradient
+is a sum and may differ in the last bits from eager's summation order (it is deterministic run to run). If
+compilation fails (no C++ compiler, unsupported platform) a warning is issued and eager kernels are used. The default
+is ``"eager"``, or the ``SDQ_KERNELS`` environment variable.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["lsq_act_quantize", "quant_conv2d", "quant_linear"]
+__all__ = ["KERNELS", "get_kernels", "lsq_act_quantize", "quant_conv2d", "quant_linear", "set_kernels"]
+
+KERNELS = ("eager", "compile")
+
+
+def _check_kernels(mode: object, what: str) -> str:
+    if mode not in KERNELS:
+        raise ValueError(f"{what} must be one of {KERNELS}, got {mode!r}")
+    return str(mode)
+
+
+_mode = _check_kernels(os.environ.get("SDQ_KERNELS", "eager"), "SDQ_KERNELS")
+_compiled: dict[str, object] = {}
+
+
+def set_kernels(mode: str) -> None:
+    """Select the LSQ elementwise kernels for this process: ``"eager"`` or ``"compile"`` (see the module doc)."""
+    global _mode
+    _mode = _check_kernels(mode, "kernels")
+
+
+def get_kernels() -> str:
+    """The kernels in use: ``"eager"`` or ``"compile"``."""
+    return _mode
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -32,17 +66,56 @@ def _codes(x: Tensor, step: Tensor, qn: int, qp: int) -> tuple[Tensor, Tensor]:
     return v, torch.clamp(torch.round(v), qn, qp)
 
 
-def _lsq_grads(gxq: Tensor, v: Tensor, r: Tensor, step: Tensor, qn: int, qp: int, g: float) -> tuple[Tensor, Tensor]:
+def _fq_eager(x: Tensor, step: Tensor, qn: int, qp: int) -> Tensor:
+    """Fake-quantized ``x`` in float32."""
+    return _codes(x, step, qn, qp)[1] * step.float()
+
+
+def _grads_eager(gxq: Tensor, x: Tensor, step: Tensor, qn: int, qp: int) -> tuple[Tensor, Tensor]:
+    """LSQ gradients of ``x`` and (before the grad factor) of ``step``, in float32, from the gradient of ``x_q``."""
+    v, r = _codes(x, step, qn, qp)
+    gxq = gxq.float()
     inside = (v > qn) & (v < qp)  # as the composite clamp gradient: boundary values count as clipped
-    gx = gxq * inside
-    gs = (gxq * torch.where(inside, r - v, r)).sum() * g
-    return gx, gs.to(step.dtype)
+    return gxq * inside, (gxq * torch.where(inside, r - v, r)).sum()
+
+
+def _lsq_grads(gxq: Tensor, x: Tensor, step: Tensor, qn: int, qp: int, g: float) -> tuple[Tensor, Tensor]:
+    # the grad factor stays outside the compiled kernel: a float argument would recompile it for every layer
+    gx, gs = _kernel("grads")(gxq, x, step, qn, qp)
+    return gx, (gs * g).to(step.dtype)
+
+
+_EAGER = {"fq": _fq_eager, "grads": _grads_eager}
+
+
+def _kernel(name: str):
+    """The eager function, or its compiled twin under ``set_kernels("compile")`` (falls back to eager on failure)."""
+    if _mode == "eager":
+        return _EAGER[name]
+    fn = _compiled.get(name)
+    if fn is None:
+        fn = _compiled[name] = _guarded(name, torch.compile(_EAGER[name], dynamic=True))
+    return fn
+
+
+def _guarded(name: str, compiled):
+    def call(*args):
+        global _mode
+        try:
+            return compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any backend failure: eager is always correct
+            warnings.warn(f"sdq_lightning: torch.compile of the LSQ kernels failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); using eager kernels", stacklevel=2)
+            _mode = "eager"
+            _compiled.clear()
+            return _EAGER[name](*args)
+    return call
 
 
 def _operands(x: Tensor, step: Tensor, w: Tensor, bias: Tensor | None, qn: int, qp: int):
     """``x_q``, weight and bias as the layer consumes them (cast to the autocast dtype when autocast is on)."""
     dtype = _autocast_dtype(x.device.type)
-    xq = _codes(x, step, qn, qp)[1] * step.float()
+    xq = _kernel("fq")(x, step, qn, qp)
     if dtype is None:
         return xq, w, bias, None
     return xq.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype), dtype
@@ -53,14 +126,13 @@ class _LSQAct(torch.autograd.Function):
     def forward(ctx, x: Tensor, step: Tensor, qn: int, qp: int, g: float) -> Tensor:  # noqa: D102
         ctx.save_for_backward(x, step)
         ctx.q = (qn, qp, g)
-        return (_codes(x, step, qn, qp)[1] * step.float()).to(x.dtype)
+        return _kernel("fq")(x, step, qn, qp).to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy: Tensor):  # noqa: D102
         x, step = ctx.saved_tensors
         qn, qp, g = ctx.q
-        v, r = _codes(x, step, qn, qp)
-        gx, gs = _lsq_grads(gy.float(), v, r, step, qn, qp, g)
+        gx, gs = _lsq_grads(gy, x, step, qn, qp, g)
         return gx.to(x.dtype), gs, None, None, None
 
 
@@ -85,8 +157,7 @@ class _QuantConv(torch.autograd.Function):
     def backward(ctx, gy: Tensor):  # noqa: D102
         x, step, w = ctx.saved_tensors
         qn, qp, g, (stride, padding, dilation, groups), dtype, bshape, bdtype = ctx.meta
-        v, r = _codes(x, step, qn, qp)
-        xq, wc = r * step.float(), w
+        xq, wc = _kernel("fq")(x, step, qn, qp), w
         if dtype is not None:
             xq, wc, gy = xq.to(dtype), w.to(dtype), gy.to(dtype)
         need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -96,7 +167,7 @@ class _QuantConv(torch.autograd.Function):
             False, [0] * len(stride), groups, mask)
         gx = gs = None
         if need_x:
-            gx, gs = _lsq_grads(gxq.float(), v, r, step, qn, qp, g)
+            gx, gs = _lsq_grads(gxq, x, step, qn, qp, g)
             gx = gx.to(x.dtype)
         gw = gw.to(w.dtype) if gw is not None else None
         gb = gb.to(bdtype) if gb is not None else None
@@ -125,13 +196,12 @@ class _QuantLinear(torch.autograd.Function):
     def backward(ctx, gy: Tensor):  # noqa: D102
         x, step, w = ctx.saved_tensors
         qn, qp, g, dtype, has_bias, bdtype = ctx.meta
-        v, r = _codes(x, step, qn, qp)
-        xq, wc = r * step.float(), w
+        xq, wc = _kernel("fq")(x, step, qn, qp), w
         if dtype is not None:
             xq, wc, gy = xq.to(dtype), w.to(dtype), gy.to(dtype)
         gx = gs = gw = gb = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            gx, gs = _lsq_grads((gy @ wc).float(), v, r, step, qn, qp, g)
+            gx, gs = _lsq_grads(gy @ wc, x, step, qn, qp, g)
             gx = gx.to(x.dtype)
         gy2, xq2 = gy.reshape(-1, gy.shape[-1]), xq.reshape(-1, xq.shape[-1])
         if ctx.needs_input_grad[2]:
