@@ -2,7 +2,8 @@
 # Issue 6, step 2: same-budget comparison on the real CIFAR-10 copy, every row through the Hydra app, every row
 # initialised from checkpoints/resnet20_cifar10_fp.pt (made by experiments/cifar10_fp_baseline.sh), same seed,
 # same schedule length (EPOCHS), FP activations as in the paper's CIFAR-10 row.
-#   rows: uniform2_kd | sdq | sdq_noebr | sdq_nokd   (ROWS="sdq uniform2_kd" to pick)
+#   rows: uniform2_kd | sdq | sdq_noebr | sdq_nokd | uniform2 (no KD; the control of sdq_nokd)
+#   (default: the first four; ROWS="sdq uniform2_kd" to pick)
 #   CIFAR10_ROOT=/path/to/cifar10 EPOCHS=6 SEARCH=2 bash experiments/cifar10_compare.sh
 # Then: python experiments/summarize.py outputs/runs/c10cmp_* > the table.
 set -euo pipefail
@@ -28,10 +29,11 @@ tag="a${ABITS}_s${SEED}"
 for row in $ROWS; do
   case "$row" in
     uniform2_kd) args=(hardware.weight_bits=[2] hardware.target=2.1 phase.search_epochs=0 "${kd[@]}") ;;
+    uniform2)    args=(hardware.weight_bits=[2] hardware.target=2.1 phase.search_epochs=0 sdq.teacher=null) ;;
     sdq)         args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" "${kd[@]}") ;;
     sdq_noebr)   args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.ebr_weight=0 "${kd[@]}") ;;
     sdq_nokd)    args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.teacher=null) ;;
-    *) echo "error: unknown row '$row' (allowed: uniform2_kd sdq sdq_noebr sdq_nokd)" >&2; exit 2 ;;
+    *) echo "error: unknown row '$row' (allowed: uniform2_kd sdq sdq_noebr sdq_nokd uniform2)" >&2; exit 2 ;;
   esac
   echo "=== $row ($tag) $(date -u +%FT%TZ)"
   $PY -m sdq_lightning.train name="c10cmp_${row}_${tag}" "${common[@]}" "${args[@]}" "$@"
