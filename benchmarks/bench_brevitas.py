@@ -9,6 +9,9 @@ the first conv and the classifier at 8/8 bits in both libraries:
   input_bit_width=A)`` - its default per-tensor weight and activation quantizers;
 * A = FP: no input quantizer in either library.
 
+Our LSQ arithmetic runs with ``--kernels`` (default ``compile``: ``sdq_lightning.set_kernels("compile")``, the Hydra
+app's default; ``eager`` for the plain eager ops). Brevitas runs as it ships (eager).
+
 Arms run interleaved (round robin, order reversed every other round) in one process; each round times ``--steps``
 steps after ``--warmup``; the table gives medians over rounds and the ratios ours/Brevitas and ours/FP.
 
@@ -91,7 +94,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--kernels", choices=sq.modules.fused.KERNELS, default="compile")
     args = parser.parse_args()
+    sq.set_kernels(args.kernels)
     torch.manual_seed(0)
     x, y, what = load_batch(args.data_root)
     arms: dict[str, nn.Module] = {"FP": timm.create_model("resnet20", num_classes=10)}
@@ -110,7 +115,8 @@ def main() -> None:
             results[k].append(time_steps(arms[k], opts[k], x, y, args.steps))
         print(f"round {r}: " + ", ".join(f"{k} {results[k][-1] * 1e3:.0f} ms" for k in names), flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"\nResNet20 train step, batch 128, CPU threads {torch.get_num_threads()}, {what}; median of {args.rounds} "
+    print(f"\nResNet20 train step, batch 128, CPU threads {torch.get_num_threads()}, our kernels {args.kernels}, "
+          f"{what}; median of {args.rounds} "
           f"interleaved rounds x {args.steps} steps")
     print("| arm | ms/step | ours / Brevitas | / FP |\n|---|---:|---:|---:|")
     print(f"| FP | {med['FP'] * 1e3:.1f} | | 1.00 |")

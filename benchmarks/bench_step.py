@@ -234,7 +234,7 @@ def main() -> None:
     env = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
            f"{torch.get_num_threads()} threads, {'bf16 autocast' if args.bf16 else 'fp32'}, batch {BATCH}, {args.repeats} repeats x {args.steps} steps, "
            f"frozen plan {frozen_plan_bits:.3f} avg bits")
-    parts = [f"Command: `{cmd}`", "", env, "", table("eager", times, mem)]
+    parts = [f"Command: `{cmd}`", "", env, "", table("model in eager mode (+ck: LSQ kernels compiled)", times, mem)]
     result = {"command": cmd, "env": env, "eager": times, "saved_mib": saved, "rss_delta_mib": rss}
     print("\n".join(parts), flush=True)  # the eager table first: compiling takes minutes on a small CPU
 

@@ -25,7 +25,7 @@ common=(dataset=imagefolder dataset.root="$ROOT" dataset.image_size=32
   trainer.max_epochs="$EPOCHS" trainer.precision=bf16-mixed trainer.enable_progress_bar=false
   hardware.activation_bits="$ABITS" seed="$SEED" logger=csv)
 kd=(sdq.teacher="$FP" sdq.teacher_arch=resnet20)
-tag="a${ABITS}_s${SEED}"
+tag="a${ABITS}_s${SEED}${TAG:+_$TAG}"  # TAG=e8 (say) keeps a longer schedule apart
 for row in $ROWS; do
   case "$row" in
     uniform2_kd) args=(hardware.weight_bits=[2] hardware.target=2.1 phase.search_epochs=0 "${kd[@]}") ;;
