@@ -71,17 +71,30 @@ def _fq_eager(x: Tensor, step: Tensor, qn: int, qp: int) -> Tensor:
     return _codes(x, step, qn, qp)[1] * step.float()
 
 
-def _grads_eager(gxq: Tensor, x: Tensor, step: Tensor, qn: int, qp: int) -> tuple[Tensor, Tensor]:
+def _grads_from_codes(gxq: Tensor, v: Tensor, r: Tensor, qn: int, qp: int) -> tuple[Tensor, Tensor]:
     """LSQ gradients of ``x`` and (before the grad factor) of ``step``, in float32, from the gradient of ``x_q``."""
-    v, r = _codes(x, step, qn, qp)
     gxq = gxq.float()
     inside = (v > qn) & (v < qp)  # as the composite clamp gradient: boundary values count as clipped
     return gxq * inside, (gxq * torch.where(inside, r - v, r)).sum()
 
 
-def _lsq_grads(gxq: Tensor, x: Tensor, step: Tensor, qn: int, qp: int, g: float) -> tuple[Tensor, Tensor]:
+def _grads_eager(gxq: Tensor, x: Tensor, step: Tensor, qn: int, qp: int) -> tuple[Tensor, Tensor]:
+    return _grads_from_codes(gxq, *_codes(x, step, qn, qp), qn, qp)
+
+
+def _backward_xq(x: Tensor, step: Tensor, qn: int, qp: int) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """``x_q`` recomputed for a backward, with the eager codes ``(v, r)`` to reuse for the gradients (None when the
+    kernels are compiled: the compiled gradient kernel recomputes them inside its one loop)."""
+    if _mode == "eager":
+        v, r = _codes(x, step, qn, qp)
+        return r * step.float(), (v, r)
+    return _kernel("fq")(x, step, qn, qp), None
+
+
+def _lsq_grads(gxq: Tensor, x: Tensor, step: Tensor, qn: int, qp: int, g: float,
+               codes: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     # the grad factor stays outside the compiled kernel: a float argument would recompile it for every layer
-    gx, gs = _kernel("grads")(gxq, x, step, qn, qp)
+    gx, gs = _grads_from_codes(gxq, *codes, qn, qp) if codes is not None else _kernel("grads")(gxq, x, step, qn, qp)
     return gx, (gs * g).to(step.dtype)
 
 
@@ -157,7 +170,8 @@ class _QuantConv(torch.autograd.Function):
     def backward(ctx, gy: Tensor):  # noqa: D102
         x, step, w = ctx.saved_tensors
         qn, qp, g, (stride, padding, dilation, groups), dtype, bshape, bdtype = ctx.meta
-        xq, wc = _kernel("fq")(x, step, qn, qp), w
+        xq, codes = _backward_xq(x, step, qn, qp)
+        wc = w
         if dtype is not None:
             xq, wc, gy = xq.to(dtype), w.to(dtype), gy.to(dtype)
         need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -167,7 +181,7 @@ class _QuantConv(torch.autograd.Function):
             False, [0] * len(stride), groups, mask)
         gx = gs = None
         if need_x:
-            gx, gs = _lsq_grads(gxq, x, step, qn, qp, g)
+            gx, gs = _lsq_grads(gxq, x, step, qn, qp, g, codes)
             gx = gx.to(x.dtype)
         gw = gw.to(w.dtype) if gw is not None else None
         gb = gb.to(bdtype) if gb is not None else None
@@ -196,12 +210,13 @@ class _QuantLinear(torch.autograd.Function):
     def backward(ctx, gy: Tensor):  # noqa: D102
         x, step, w = ctx.saved_tensors
         qn, qp, g, dtype, has_bias, bdtype = ctx.meta
-        xq, wc = _kernel("fq")(x, step, qn, qp), w
+        xq, codes = _backward_xq(x, step, qn, qp)
+        wc = w
         if dtype is not None:
             xq, wc, gy = xq.to(dtype), w.to(dtype), gy.to(dtype)
         gx = gs = gw = gb = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            gx, gs = _lsq_grads(gy @ wc, x, step, qn, qp, g)
+            gx, gs = _lsq_grads(gy @ wc, x, step, qn, qp, g, codes)
             gx = gx.to(x.dtype)
         gy2, xq2 = gy.reshape(-1, gy.shape[-1]), xq.reshape(-1, xq.shape[-1])
         if ctx.needs_input_grad[2]:
