@@ -8,7 +8,7 @@
 # Huffman tables), which gzip's window removes, so the tarball of the full train/ + test/ split is 18.7 MiB
 # (measured 2026-11-26, 2 s to make). With the repo (<1 MiB) and the Hydra wheels (<1 MiB) that is ~20 MiB of the
 # 64 MiB limit: the full data set travels, no subset.
-# experiments/gpu_cifar10_resnet20.sh unpacks it to /tmp/cifar10 on the device (a few seconds).
+# experiments/gpu_cifar10_resnet20.sh unpacks it to /tmp/sdq_data on the device (a few seconds).
 #   CIFAR10_ROOT=../shared/data/cifar10 bash experiments/gpu_pack_data.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
