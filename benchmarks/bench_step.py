@@ -102,12 +102,15 @@ class Runner:
         for m in self.model.modules():
             if isinstance(m, sq.SDQWeightQuantizer):
                 m.set_draw_step(self.step_idx)
-        sq.set_kernels(self.kernels)
         self.opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            loss = nn.functional.cross_entropy(self.fwd(self.x), self.y)
-        loss.backward()
+        self.loss(self.fwd).backward()
         self.opt.step()
+
+    def loss(self, fwd: nn.Module, n: int = BATCH) -> torch.Tensor:
+        """Cross entropy of ``fwd`` on the first ``n`` images, under this runner's kernels and precision."""
+        sq.set_kernels(self.kernels)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            return nn.functional.cross_entropy(fwd(self.x[:n]), self.y[:n])
 
 
 def saved_tensor_bytes(runner: Runner) -> int:
@@ -119,10 +122,8 @@ def saved_tensor_bytes(runner: Runner) -> int:
         return t
 
     runner.opt.zero_grad(set_to_none=True)
-    sq.set_kernels(runner.kernels)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=runner.bf16):
-        loss = nn.functional.cross_entropy(runner.model(runner.x), runner.y)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = runner.loss(runner.model)
     loss.backward()
     runner.opt.zero_grad(set_to_none=True)
     return sum(seen.values())
@@ -147,9 +148,7 @@ def rss_child(mode: str, steps: int, bf16: bool) -> None:
     before them."""
     runner = make_runner(mode, bf16)
     if mode.endswith(CK):  # compile the kernels before the measurement, on a 2-image batch (shapes are dynamic)
-        sq.set_kernels("compile")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            nn.functional.cross_entropy(runner.model(runner.x[:2]), runner.y[:2]).backward()
+        runner.loss(runner.model, n=2).backward()
         runner.opt.zero_grad(set_to_none=True)
     try:
         Path("/proc/self/clear_refs").write_text("5")

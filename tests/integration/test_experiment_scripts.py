@@ -29,7 +29,7 @@ print("CFG " + json.dumps({{"name": cfg.name, "bits": list(cfg.hardware.weight_b
 def _run(tmp_path: Path, rows: str, **env: str) -> subprocess.CompletedProcess:
     stand_in = tmp_path / "py.sh"
     (tmp_path / "stand_in.py").write_text(STAND_IN)
-    stand_in.write_text(f'#!/bin/sh\nshift 2\nexec {sys.executable} {tmp_path / "stand_in.py"} -m sdq_lightning.train "$@"\n')
+    stand_in.write_text(f'#!/bin/sh\nexec {sys.executable} {tmp_path / "stand_in.py"} "$@"\n')
     stand_in.chmod(0o755)
     full = dict(os.environ, CIFAR10_ROOT=str(tmp_path), PY=str(stand_in), ROWS=rows, **env)
     return subprocess.run(["bash", str(REPO / "experiments" / "cifar10_compare.sh")], env=full, capture_output=True,
