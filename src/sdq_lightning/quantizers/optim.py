@@ -13,10 +13,11 @@ optimizer does (``scaler.unscale_(opt)`` then ``scaler.step(opt)``: skipped when
   signal has unit scale whatever the loss, model or schedule (``search_signal="budget_only"`` sets it to 0);
 * budget force ``f_l = (dC/dbeta_l) / u_l / mean(u)``: the same push for every layer whatever its size (it equals
   ``b_i - b_{i-1}`` under ``avg_bits``), so the ranking between layers is the task loss per unit of cost;
-* ``beta_l <- clip(beta_l - lr (task_weight t_l + lambda f_l), 0, 1)`` with the multiplier ``lambda >= 0`` chosen
-  every step so that the linearised expected cost after the step equals the schedule's next point (the dual
-  variable of the linearised constraint ``E[C] <= T(t + 1)``, solved in closed form instead of by slow dual
-  ascent); ``lambda = 0`` when the task step alone meets it;
+* ``beta_l <- clip(beta_l - lr (task_weight t_l + lambda f_l), 0, 1)`` with the multiplier ``lambda`` chosen every
+  step so that the linearised expected cost after the step equals the schedule's next point (the Lagrange
+  multiplier of the linearised constraint ``E[C] = T(t + 1)``, solved in closed form instead of by slow dual
+  ascent; negative when the task alone would undershoot the schedule, so the search ends AT the budget, not
+  below it);
 * in the holding part of the schedule a hardening force, growing from 0 to 1, pushes each live DBP towards the
   nearer of 0 and 1, so the freeze's rounding (and the projection after it) is a small correction;
 * progressive level drops on the device: a live DBP at or below ``drop_threshold`` moves the layer one level down
@@ -179,7 +180,7 @@ class DBPOptimizer(torch.optim.Optimizer):
         d_task = torch.stack([(b * t).sum() for b, t in zip(self._budget_grads, task)]).sum()
         d_lam = torch.stack([(b * f).sum() for b, f in zip(self._budget_grads, forces)]).sum()
         excess = self._expected - self._target_next - lr * d_task
-        lam = (excess / (lr * d_lam).clamp_min(1e-30)).clamp(0.0, self.max_multiplier)
+        lam = (excess / (lr * d_lam).clamp_min(1e-30)).clamp(-self.max_multiplier, self.max_multiplier)
         lam = torch.where(d_lam > 0, lam, torch.zeros_like(lam))
         self.multiplier.copy_(lam)
         for p, t, f in zip(params, task, forces):
