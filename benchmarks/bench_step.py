@@ -194,7 +194,8 @@ def rss_child(mode: str, steps: int, bf16: bool) -> None:
 
 
 def rss_delta_mib(mode: str, steps: int, bf16: bool) -> float:
-    out = subprocess.run([sys.executable, __file__, "--rss-child", mode, "--steps", str(steps)] + ["--bf16"] * bf16,
+    out = subprocess.run([sys.executable, __file__, "--rss-child", mode, "--steps", str(steps), "--batch", str(BATCH)]
+                         + ["--bf16"] * bf16,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["rss_delta_kib"] / 1024
 

@@ -1,0 +1,37 @@
+"""benchmarks/bench_step.py runs end to end (tiny repeats) and writes its table: the benchmark cannot rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_bench_step_runs_and_writes_its_table(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--repeats", "1", "--steps", "1",
+                          "--warmup", "1", "--kernels", "eager", "--batch", "8", "--threads", "1", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = (tmp_path / "bench_step.md").read_text()
+    for mode in ("| fp |", "| search |", "| frozen |"):
+        assert mode in table
+    data = json.loads((tmp_path / "bench_step.json").read_text())
+    assert all(len(v) == 1 and v[0] > 0 for v in data["eager"].values())
+
+
+def test_bench_step_refuses_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--device", "cuda",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "no CUDA device" in out.stderr
