@@ -73,18 +73,18 @@ def check_exportable(model: nn.Module) -> dict[str, QuantModule]:
 
 
 def model_identity(model: nn.Module, name: str | None = None, kwargs: dict[str, Any] | None = None
-                   ) -> tuple[str, dict[str, Any]]:
-    """timm architecture name and the kwargs that rebuild ``model`` (``num_classes``, ``in_chans``)."""
+                   ) -> tuple[str | None, dict[str, Any]]:
+    """timm architecture name and the kwargs that rebuild ``model`` (``num_classes``, ``in_chans``); the name is
+    None for a model timm does not know (such a packed checkpoint is loaded with ``load_packed(path, model=...)``)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = name or (cfg.get("architecture") if isinstance(cfg, dict) else None)
-    if not name:
-        raise ValueError("cannot tell which timm model this is (no pretrained_cfg['architecture']); pass model_name=")
     kw: dict[str, Any] = {}
-    if isinstance(getattr(model, "num_classes", None), int):
-        kw["num_classes"] = model.num_classes
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first is not None:
-        kw["in_chans"] = first.in_channels
+    if name:
+        if isinstance(getattr(model, "num_classes", None), int):
+            kw["num_classes"] = model.num_classes
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is not None:
+            kw["in_chans"] = first.in_channels
     kw.update(kwargs or {})
     return name, kw
 
@@ -147,7 +147,9 @@ def _raw(t: torch.Tensor) -> bytes:
 def save_packed(model: nn.Module, path: str | Path, plan: BitPlan | None = None,
                 example_input: torch.Tensor | None = None, model_name: str | None = None,
                 model_kwargs: dict[str, Any] | None = None) -> Path:
-    """Write the packed checkpoint of a frozen quantized timm model (see the module docstring)."""
+    """Write the packed checkpoint of a frozen quantized model (see the module docstring). A timm model records how
+    to rebuild it (``model_name``/``model_kwargs``, read from timm's ``pretrained_cfg`` when left out); any other
+    ``nn.Module`` is stored without a name and loaded with ``load_packed(path, model=<float model>)``."""
     qlayers = check_exportable(model)
     name, kwargs = model_identity(model, model_name, model_kwargs)
     plan = check_plan_matches(plan, model) if plan is not None else plan_of(model, example_input)
@@ -181,7 +183,8 @@ def save_packed(model: nn.Module, path: str | Path, plan: BitPlan | None = None,
             raise ValueError(f"state entry {key!r} has dtype {t.dtype} that the packed format does not store")
         table.append({"k": key, "t": "raw", "d": _NAMES[t.dtype], "s": list(t.shape)})
         chunks.append(_raw(t))
-    header = {"format": FORMAT_VERSION, "model": {"name": name, "kwargs": kwargs}, "plan": plan.to_dict(),
+    header = {"format": FORMAT_VERSION, "model": {"name": name, "kwargs": kwargs, "class": type(model).__qualname__},
+              "plan": plan.to_dict(),
               "layers": layers_meta, "tensors": table}
     hbytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     body = struct.pack("<I", len(hbytes)) + hbytes + b"".join(chunks)
@@ -271,10 +274,13 @@ def _entries(header: dict[str, Any], payload: memoryview, path: Path) -> dict[st
 def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model from a packed checkpoint (eval mode): ``timm.create_model(name, pretrained=False,
     **kwargs)``, the stored plan applied, integer weights times steps, FP state. Pass ``model`` (a float model of the
-    same architecture) to skip the timm lookup."""
+    same architecture) to skip the timm lookup; a checkpoint of a non-timm model needs it."""
     path = Path(path)
     header, payload = _read(path)
     tensors = _entries(header, payload, path)
+    if model is None and not header["model"].get("name"):
+        raise ValueError(f"{path} holds a {header['model'].get('class') or 'non-timm'} model that timm cannot rebuild; "
+                         f"pass load_packed(path, model=<a float instance of it>)")
     if model is None:
         import timm
 
