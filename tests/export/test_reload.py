@@ -29,7 +29,7 @@ def trained(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor]:
     lit = LitNet()
     sdq = sq.SDQ(weight_bits=(2, 4, 8), activation_bits=4, budget={"metric": "avg_bits", "target": 3.0},
                  search_epochs=1, kernels="eager", save_dir=tmp)
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=4, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=4, callbacks=[sdq], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
     trainer.fit(lit, digits_loader())
     ckpt = tmp / "own_sdq.ckpt"
@@ -97,9 +97,14 @@ def test_reload_errors_are_one_line(trained, tmp_path):
     with pytest.raises(ValueError, match="holds no SDQ bit plan.*pass plan=") as err:
         sq.load_quantized(LitNet, tmp_path / "no_plan.ckpt")
     assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="does not fit the model") as err:
-        sq.load_quantized(LitNet(width=8), ckpt)  # another model: a plan of another size
+    with pytest.raises(ValueError, match="a plan for a different model") as err:
+        sq.load_quantized(LitNet(width=8), ckpt)  # another model: the plan's layer sizes differ
     assert "\n" not in str(err.value)
+    state = torch.load(ckpt, weights_only=True)
+    del state["state_dict"]["net.4.running_var"]
+    torch.save(state, tmp_path / "damaged.ckpt")
+    with pytest.raises(ValueError, match=r"does not fit the model quantized with its plan: missing \['net.4.running_var'\]"):
+        sq.load_quantized(LitNet, tmp_path / "damaged.ckpt")
 
 
 def test_export_a_non_timm_model(trained, tmp_path):
