@@ -16,10 +16,13 @@ import torch
 import yaml
 from torchmetrics.classification import MulticlassAccuracy
 
+import sdq_lightning
 from export_helpers import APP_TINY, app_test_batch, compose_app
 from sdq_lightning.cli.export import main
 from sdq_lightning.cli.train import run
 from sdq_lightning.export import load_packed, load_run_model, run_onnx
+
+SRC = str(Path(sdq_lightning.__file__).resolve().parents[1])  # this checkout's sources, for the subprocesses
 
 # candidate sets of the presets: cifar10_resnet20 (1..8), imagenet_* (2..8), bitfusion ({2,4,8}),
 # tensorcore_int4_int8 ({4,8}); targets feasible for digits_cnn with first/last layers at 8 bits
@@ -34,6 +37,7 @@ CASES = {
 def _check_export(run_dir: Path, out: Path, cfg, capsys) -> dict:
     """sdq-export the run, then: files written, ONNX == PyTorch on real images, packed == PyTorch, and the reloaded
     network reproduces the run's test accuracy (measured by the app on the same batch)."""
+    capsys.readouterr()  # what the run printed
     assert main([str(run_dir), "--out", str(out)]) == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
     for name in ("model.sdqpack", "model.onnx", "capability.md", "capability.json", "plan.yaml", "export.json"):
@@ -73,7 +77,7 @@ def test_cli_run_folder_with_hydra_config(tmp_path):
     """The reported failure: ``sdq-train ... save_checkpoint=true`` then ``sdq-export <run> --out x`` read the
     unresolved ``.hydra/config.yaml`` (``'${dataset.in_chans}'``). Both commands in fresh processes, as a user runs
     them; then again with only Hydra's own copy of the config left."""
-    env = {**os.environ, "SDQ_OUTPUT_DIR": str(tmp_path / "outputs"), "WANDB_MODE": "offline"}
+    env = {**os.environ, "SDQ_OUTPUT_DIR": str(tmp_path / "outputs"), "WANDB_MODE": "offline", "PYTHONPATH": SRC}
     train = subprocess.run([sys.executable, "-m", "sdq_lightning.train", *APP_TINY, *CASES["2-4-8"]], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr[-2000:]

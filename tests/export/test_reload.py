@@ -66,7 +66,7 @@ def test_reload_in_a_fresh_process_is_exact(trained, tmp_path):
               "assert not lit.training\n"
               "with torch.no_grad():\n"
               "    torch.save(lit(torch.load(sys.argv[2])), sys.argv[3])\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(Path(sq.__file__).resolve().parents[1])])}
     res = subprocess.run([sys.executable, "-c", script, str(ckpt), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

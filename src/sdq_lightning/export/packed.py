@@ -124,6 +124,17 @@ def check_plan_matches(plan: BitPlan, model: nn.Module) -> BitPlan:
 
 
 # ------------------------------------------------------------------------------------------- writing
+def _quantizer_keys(qlayers: dict[str, QuantModule]) -> set[str]:
+    """The state-dict keys of every weight/activation quantizer, as the quantizers themselves name them."""
+    keys: set[str] = set()
+    for lname, q in qlayers.items():
+        for attr in ("weight_quant", "act_quant"):
+            sub = getattr(q, attr)
+            if sub is not None:
+                keys.update(sub.state_dict(prefix=f"{lname}.{attr}.", keep_vars=True))
+    return keys
+
+
 def _weight_codes(q: QuantModule) -> tuple[np.ndarray, torch.Tensor, int, int]:
     codes, step, bits = q.weight_quant.integer_weight(q.weight.detach())
     codes = codes.to(torch.int16)
@@ -156,10 +167,9 @@ def save_packed(model: nn.Module, path: str | Path, plan: BitPlan | None = None,
     state = model.state_dict()
     table: list[dict[str, Any]] = []
     chunks: list[bytes] = []
-    skip: set[str] = set()
+    skip = _quantizer_keys(qlayers)
     layers_meta: dict[str, Any] = {}
     for lname, q in qlayers.items():
-        skip.update(k for k in state if k.startswith(f"{lname}.weight_quant.") or k.startswith(f"{lname}.act_quant."))
         meta: dict[str, Any] = {}
         if q.weight_quant is not None:
             skip.add(f"{lname}.weight")
@@ -200,10 +210,8 @@ def ideal_packed_bytes(model: nn.Module) -> float:
     own width (4 bytes for float32)."""
     qlayers = check_exportable(model)
     total = 0.0
-    skip = set()
+    skip = _quantizer_keys(qlayers)
     for lname, q in qlayers.items():
-        skip.update(k for k in model.state_dict() if k.startswith(f"{lname}.weight_quant.")
-                    or k.startswith(f"{lname}.act_quant."))
         if q.weight_quant is not None:
             skip.add(f"{lname}.weight")
             total += q.weight.numel() * q.weight_quant.bits / 8
@@ -324,11 +332,10 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                                  f"{tuple(state[key].shape)}")
             state[key] = t
         # the quantizer entries were set in place above; keep those, not the stale copies in ``state``
-        for key in list(state):
-            if ".weight_quant." in key or ".act_quant." in key:
-                del state[key]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if ".weight_quant." not in k and ".act_quant." not in k]
+        quantizer_keys = _quantizer_keys(qlayers)
+        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in quantizer_keys},
+                                                    strict=False)
+        missing = [k for k in missing if k not in quantizer_keys]
         if missing or unexpected:
             raise ValueError(f"{path}: state mismatch, missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval()
