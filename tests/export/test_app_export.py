@@ -58,7 +58,7 @@ def _check_export(run_dir: Path, out: Path, cfg, capsys) -> dict:
     return summary
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c if c == "2-4-8" else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_app_run_exports(case, tmp_path, capsys):
     cfg = compose_app([*APP_TINY, *CASES[case]])
     run(cfg, tmp_path / "run")
@@ -111,8 +111,11 @@ def test_checkpoint_file_inside_a_run(tmp_path, capsys):
     without a checkpoint says how to get one, on one line, exit 2."""
     cfg = compose_app([*APP_TINY, *CASES["4-8"]])
     run(cfg, tmp_path / "run")
-    assert main([str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "o")]) == 0
-    capsys.readouterr()
+    capsys.readouterr()  # what the run printed
+    assert main([str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "o"),
+                 "--formats", "packed,report"]) == 0
+    assert json.loads(capsys.readouterr().out)["formats"] == ["packed", "report"]
+    assert (tmp_path / "o" / "model.sdqpack").is_file() and not (tmp_path / "o" / "model.onnx").exists()
     shutil.rmtree(tmp_path / "run" / "checkpoints")
     assert main([str(tmp_path / "run"), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err.strip()
