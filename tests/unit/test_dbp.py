@@ -62,10 +62,13 @@ def test_gumbel_dbp_gradient_is_finite_nonzero_and_follows_the_relaxation(tau):
     beta = 0.4
     grad, diff, u = _gumbel_grad(tau, beta)
     assert math.isfinite(grad) and grad != 0
-    # soft = sigmoid((logit(beta) + logit(u)) / tau); d soft / d beta = soft (1 - soft) / (tau beta (1 - beta))
-    z = (math.log(beta / (1 - beta)) + math.log(u / (1 - u))) / tau
+    # b = eps + (1 - 2 eps) beta; soft = sigmoid((logit(b) + logit(u)) / tau);
+    # d soft / d beta = soft (1 - soft) (1 - 2 eps) / (tau b (1 - b))
+    eps = 0.01
+    b = eps + (1 - 2 * eps) * beta
+    z = (math.log(b / (1 - b)) + math.log(u / (1 - u))) / tau
     soft = 1 / (1 + math.exp(-z))
-    expected = diff * soft * (1 - soft) / (tau * beta * (1 - beta))
+    expected = diff * soft * (1 - soft) * (1 - 2 * eps) / (tau * b * (1 - b))
     assert grad == pytest.approx(expected, rel=1e-4)
 
 
@@ -75,7 +78,48 @@ def test_gumbel_temperature_changes_the_gradient():
     assert len({round(g, 12) for g in grads.values()}) == 3
     # high temperature: the soft sample tends to 1/2, so the gradient tends to diff / (4 tau beta (1 - beta))
     grad, diff, _ = _gumbel_grad(100.0)
-    assert grad == pytest.approx(diff / (4 * 100.0 * 0.4 * 0.6), rel=0.01)
+    b = 0.01 + 0.98 * 0.4
+    assert grad == pytest.approx(diff * 0.98 / (4 * 100.0 * b * (1 - b)), rel=0.01)
+
+
+@pytest.mark.parametrize("estimator", ["gumbel", "ste"])
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+@pytest.mark.parametrize("tau", [1.0, 0.1])
+def test_progressive_task_gradient_at_every_dbp_value(estimator, beta, tau):
+    """The start state beta = 1 (every layer, every level drop) carries task gradient, like beta = 0.5: the old
+    clamp at 1 - 1e-6 gave exactly zero there. Summed over draws so that a low temperature cannot hide it."""
+    q, w = _quantizer(estimator, numel=256)
+    q.set_level(4, reinit_dbp=beta)
+    q.set_temperature(tau)
+    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for step in range(64):
+        q.dbp.grad = None
+        q.set_draw_step(step)
+        (q(w) * g).sum().backward()
+        grads.append(q.dbp.grad[4].item())
+    assert all(math.isfinite(x) for x in grads)
+    nonzero = sum(x != 0 for x in grads)
+    assert nonzero >= (64 if estimator == "ste" or tau == 1.0 else 1), (nonzero, grads[:5])
+    with torch.no_grad():
+        diff = (g * (q.quantize_at(w, 4) - q.quantize_at(w, 3))).sum().item()
+    assert diff != 0 and sum(grads) * diff > 0  # the mean gradient has the sign of the expectation's
+
+
+@pytest.mark.parametrize("estimator", ["gumbel", "ste"])
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_cascade_task_gradient_at_every_dbp_value(estimator, beta):
+    q, w = _quantizer(estimator, "cascade", cands=(2, 4, 8), numel=256)
+    with torch.no_grad():
+        q.dbp.fill_(beta)
+    total = torch.zeros(3)
+    for step in range(64):
+        q.dbp.grad = None
+        q.set_draw_step(step)
+        q(w).square().sum().backward()
+        assert torch.isfinite(q.dbp.grad).all()
+        total += q.dbp.grad.abs()
+    assert (total[1:] > 0).all(), (estimator, beta, total)
 
 
 def test_cascade_gradient_reaches_every_live_dbp():

@@ -1,14 +1,20 @@
 """``SDQ``: the Lightning callback that searches per-layer bitwidths, freezes them on the budget and trains on.
 
-Phase 1 (search, ``search_epochs`` epochs): stochastic bitwidths from the DBPs, the differentiable budget penalty,
-an annealed temperature, progressive level drops while the expected cost is above the target.
-Phase boundary: freeze by the DBPs, project onto the budget (never above the target), write ``plan.yaml``.
+Phase 1 (search, ``search_epochs`` epochs): stochastic bitwidths from the DBPs, moved by the task gradient and a
+budget controller that drives the expected cost to the target by the end of the search (:mod:`.search`).
+Phase boundary (the last training batch of the last search epoch, so that epoch's validation already sees the frozen
+plan): decide, project onto the budget by a loss-aware ranking (never above the target), write ``plan.yaml``.
 Phase 2: fixed bits; EBR and KD added to the training gradient.
 
 Nothing in the user's LightningModule needs to change: the callback swaps layers in ``setup`` (before checkpoint
 weights are restored and before optimizers are built), moves quantizer parameters out of the user's optimizers into
-its own (DBPs: SGD; steps: Adam; no weight decay), and adds its loss terms to the gradient through autograd hooks
-(KD enters through the classifier's output, so the network is traversed by ONE backward pass).
+its own (DBPs: :class:`~sdq_lightning.quantizers.optim.DBPOptimizer`; steps:
+:class:`~sdq_lightning.quantizers.optim.LogStepAdam`; no weight decay), and adds its loss terms to the gradient
+through autograd hooks (KD enters through the classifier's output, so the network is traversed by ONE backward pass).
+
+Precision: under a gradient scaler (``precision="16-mixed"``) the added gradients are multiplied by the scaler's
+current scale like the loss, and the callback's optimizers go through the scaler exactly like the user's
+(``unscale_`` then ``step``: skipped on inf/NaN), see :func:`grad_scaler`.
 """
 
 from __future__ import annotations
@@ -24,17 +30,37 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from sdq_lightning.budget import BitPlan, Budget, CostModel, budget_penalty, profile_model, project_to_budget
+from sdq_lightning.budget import BitPlan, Budget, CostModel, profile_model
 from sdq_lightning.budget.profile import LayerProfile
 from sdq_lightning.budget.search import PENALTIES
+from sdq_lightning.callbacks.search import BUDGET_CONTROLS, PROJECTION_SENSITIVITIES, SEARCH_SIGNALS, BitSearch
 from sdq_lightning.callbacks.schedule import Schedule, resolve_schedule
 from sdq_lightning.callbacks.teacher import load_teacher
 from sdq_lightning.losses import EntropyBinRegularizer, kd_loss
 from sdq_lightning.modules.fused import KERNELS, set_kernels
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer, validate_candidates
+from sdq_lightning.quantizers.optim import LogStepAdam
 from sdq_lightning.surgery import QuantSpec, quant_layers, quantize_model, validate_activation_bits
 
-__all__ = ["SDQ", "Phase"]
+__all__ = ["COMPILE_MODES", "SDQ", "Phase", "grad_scaler"]
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def grad_scaler(trainer: pl.Trainer) -> Any:
+    """The precision plugin's enabled gradient scaler (``16-mixed``), else None."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    return scaler
+
+
+def _scale_of(scaler: Any) -> Tensor | float:
+    """The scaler's current scale as a device tensor (no host read), or 1."""
+    if scaler is None:
+        return 1.0
+    scale = getattr(scaler, "_scale", None)
+    return scale if isinstance(scale, Tensor) else float(scaler.get_scale())
 
 
 class Phase(str, enum.Enum):
@@ -66,15 +92,25 @@ class SDQ(Callback):
         reading: ``"progressive"`` (default) or ``"cascade"``. estimator: ``"gumbel"`` (default) or ``"ste"``.
         temperature: Gumbel temperature: a value, ``(start, end)`` annealed geometrically over the search (default
             ``(1.0, 0.1)``) or a function of the (fractional) epoch.
-        penalty_weight: lambda_b of the budget penalty; penalty: ``"squared_hinge"`` or ``"hinge"``.
-        dbp_lr: SGD learning rate of the DBPs (no momentum, no weight decay). step_lr: Adam learning rate of the
-            quantizer step sizes.
-        drop_threshold: a live DBP below it moves the layer one level down (progressive), only while the expected
-            cost is above the target, and at most once per ``min_steps_between_drops`` steps per layer.
+        budget_control: ``"dual"`` (default): a multiplier solved every step drives the expected cost along a
+            schedule to the target, reached after ``budget_reach`` of the search; ``"penalty"``: the fixed budget
+            penalty ``penalty_weight * R(E[cost])`` (``penalty``: ``"squared_hinge"`` or ``"hinge"``) and SGD.
+        search_signal: ``"task+budget"`` (default), or a control: ``"budget_only"``, ``"projection_only"``,
+            ``"random"`` (see :mod:`sdq_lightning.callbacks.search`).
+        task_weight: weight of the normalised task force on the DBPs (``dual``).
+        budget_reach: fraction of the search after which the schedule holds the target (0 < x <= 1).
+        projection_sensitivity: how the freeze's projection ranks layers: ``"task_grad"`` (default: accumulated
+            DBP task gradients) or ``"weight_mse"`` (data-free weight quantization error).
+        dbp_lr: DBP travel per step. None (default): ``dual`` derives it from the search length and the budget;
+            ``penalty`` uses 0.05 (SGD). step_lr: learning rate of the quantizer step sizes (Adam on log s).
+        drop_threshold: a live DBP at or below it moves the layer one level down (progressive), only while the
+            expected cost is above the schedule, and at most once per ``min_steps_between_drops`` steps per layer.
         ebr_weight: lambda_E of EBR in phase 2 (0 = off); ebr_weighting / ebr_entropy_weight: see :mod:`losses.ebr`.
         teacher: None, an nn.Module, a timm model name or a checkpoint path (``teacher_arch`` names the timm model of
-            a plain state dict). kd_temperature, kd_weight: KD settings; ce_weight: weight of the module's own loss
-            while KD is on (default 0: pure distillation, as in the paper's phase 2). kd_in_search: KD in phase 1 too.
+            a plain state dict). kd_temperature, kd_weight: KD settings. With a teacher, the gradient of
+            ``kd_weight * KD(student, teacher)`` is ADDED to that of the module's own loss, which is multiplied by
+            ``ce_weight`` (default 1: the module's loss is kept; 0 = pure distillation as in the paper's phase 2).
+            kd_in_search: KD in phase 1 too.
         plan: a BitPlan or a plan file: skip the search and train under that plan.
         input_fn: how to get the model input from a batch (default ``batch[0]``).
         example_input: a tensor used to profile the model (default: the module's ``example_input_array``, else a
@@ -84,6 +120,9 @@ class SDQ(Callback):
         kernels: ``"eager"`` or ``"compile"``: the LSQ fake-quantization arithmetic in eager PyTorch or through
             ``torch.compile`` (about 10x faster on CPU, bit-identical forward; see :mod:`sdq_lightning.modules.fused`);
             set for the process at ``setup``. None (default) keeps the process setting (``SDQ_KERNELS``, else eager).
+        compile: None (default) or a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"`` (CUDA graphs),
+            ``"max-autotune"``): the network is compiled whole, ``fullgraph=True``, at the first training batch
+            (``nn.Module.compile``: the state dict keeps its keys). It recompiles once, at the freeze.
     """
 
     def __init__(
@@ -102,9 +141,9 @@ class SDQ(Callback):
         temperature: Schedule = (1.0, 0.1),
         penalty_weight: float = 1.0,
         penalty: str = "squared_hinge",
-        dbp_lr: float = 0.05,
-        step_lr: float = 1e-3,
-        drop_threshold: float = 0.3,
+        dbp_lr: float | None = None,
+        step_lr: float = 1e-2,
+        drop_threshold: float = 0.05,
         reinit_dbp: float = 1.0,
         min_steps_between_drops: int = 5,
         ebr_weight: float = 0.1,
@@ -114,7 +153,7 @@ class SDQ(Callback):
         teacher_arch: str | None = None,
         kd_temperature: float = 1.0,
         kd_weight: float = 1.0,
-        ce_weight: float = 0.0,
+        ce_weight: float = 1.0,
         kd_in_search: bool = False,
         plan: BitPlan | str | Path | None = None,
         input_fn: Callable[[Any], Tensor] | None = None,
@@ -122,11 +161,33 @@ class SDQ(Callback):
         seed: int = 0,
         save_dir: str | Path | None = None,
         kernels: str | None = None,
+        budget_control: str = "dual",
+        search_signal: str = "task+budget",
+        task_weight: float = 1.0,
+        budget_reach: float = 0.75,
+        projection_sensitivity: str = "task_grad",
+        compile: str | None = None,
     ) -> None:
         super().__init__()
         if kernels is not None and kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS} or None, got {kernels!r}")
+        for name, value, allowed in (("budget_control", budget_control, BUDGET_CONTROLS),
+                                     ("search_signal", search_signal, SEARCH_SIGNALS),
+                                     ("projection_sensitivity", projection_sensitivity, PROJECTION_SENSITIVITIES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {compile!r}")
+        if isinstance(task_weight, bool) or not isinstance(task_weight, (int, float)) or task_weight < 0:
+            raise ValueError(f"task_weight must be a number >= 0, got {task_weight!r}")
+        if isinstance(budget_reach, bool) or not isinstance(budget_reach, (int, float)) or \
+                not 0 < budget_reach <= 1:
+            raise ValueError(f"budget_reach must be a number in (0, 1], got {budget_reach!r}")
         self.kernels = kernels
+        self.compile = compile
+        self.budget_control, self.search_signal = budget_control, search_signal
+        self.task_weight, self.budget_reach = float(task_weight), float(budget_reach)
+        self.projection_sensitivity = projection_sensitivity
         self.spec = QuantSpec(weight_bits=tuple(weight_bits), activation_bits=activation_bits, first_last=first_last,
                               first_last_bits=first_last_bits, include=tuple(include or ()),
                               exclude=tuple(exclude or ()), reading=reading, estimator=estimator,
@@ -139,13 +200,14 @@ class SDQ(Callback):
                             ("ce_weight", ce_weight), ("ebr_entropy_weight", ebr_entropy_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        for name, value in (("dbp_lr", dbp_lr), ("step_lr", step_lr), ("kd_temperature", kd_temperature)):
+        for name, value in (("dbp_lr", 1.0 if dbp_lr is None else dbp_lr), ("step_lr", step_lr),
+                            ("kd_temperature", kd_temperature)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
         if penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
-        if not 0.0 < drop_threshold < 1.0:
-            raise ValueError(f"drop_threshold must be in (0, 1), got {drop_threshold!r}")
+        if not 0.0 <= drop_threshold < 1.0:
+            raise ValueError(f"drop_threshold must be in [0, 1), got {drop_threshold!r}")
         if not 0.0 < reinit_dbp <= 1.0:
             raise ValueError(f"reinit_dbp must be in (0, 1], got {reinit_dbp!r}")
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
@@ -161,7 +223,8 @@ class SDQ(Callback):
                              f"got weight_bits={self.spec.weight_bits}")
         self.search_epochs = search_epochs if self.searching_enabled else 0
         self.penalty_weight, self.penalty_kind = float(penalty_weight), penalty
-        self.dbp_lr, self.step_lr = float(dbp_lr), float(step_lr)
+        self.dbp_lr = None if dbp_lr is None else float(dbp_lr)
+        self.step_lr = float(step_lr)
         self.drop_threshold, self.reinit_dbp = float(drop_threshold), float(reinit_dbp)
         self.min_steps_between_drops = int(min_steps_between_drops)
         self.ebr_weight = float(ebr_weight)
@@ -181,16 +244,17 @@ class SDQ(Callback):
         self.profile: dict[str, LayerProfile] | None = None
         self.cost_model: CostModel | None = None
         self.report = None
-        self._last_drop: dict[str, int] = {}
-        self._dbp_opt: torch.optim.Optimizer | None = None
+        self.search: BitSearch | None = None
+        self._pending_search: dict[str, Any] | None = None
         self._step_opt: torch.optim.Optimizer | None = None
         self._pending_opt_states: dict[str, Any] | None = None
+        self._compiled = False
         self._root: nn.Module | None = None
         self._captured: Tensor | None = None
         self._teacher_logits: Tensor | None = None
         self._extra_grads: list[tuple[nn.Parameter, Tensor]] = []
         self._hook_handle = None
-        self._terms: dict[str, float] = {}
+        self._terms: dict[str, Tensor | float] = {}
 
     # ================================================================ structure
     @property
@@ -307,11 +371,8 @@ class SDQ(Callback):
         for opt in trainer.optimizers:
             for group in opt.param_groups:
                 group["params"] = [p for p in group["params"] if id(p) not in ids]
-        self._dbp_opt = torch.optim.SGD(dbps, lr=self.dbp_lr) if dbps else None
-        self._step_opt = torch.optim.Adam(steps, lr=self.step_lr) if steps else None
+        self._step_opt = LogStepAdam(steps, lr=self.step_lr) if steps else None
         if self._pending_opt_states:
-            if self._dbp_opt is not None and self._pending_opt_states.get("dbp"):
-                self._dbp_opt.load_state_dict(self._pending_opt_states["dbp"])
             if self._step_opt is not None and self._pending_opt_states.get("step"):
                 self._step_opt.load_state_dict(self._pending_opt_states["step"])
             self._pending_opt_states = None
@@ -330,22 +391,23 @@ class SDQ(Callback):
         if module.training and torch.is_grad_enabled():
             self._captured = output
 
-    @torch.no_grad()
-    def _clamp_dbps(self, root: nn.Module) -> None:
-        for m in root.modules():
-            if isinstance(m, SDQWeightQuantizer):
-                m.clamp_dbp_()
-
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if optimizer is not trainer.optimizers[0]:
             return
-        for opt in (self._dbp_opt if self.phase is Phase.SEARCH else None, self._step_opt):
-            if opt is not None:
-                opt.step()
-        for opt in (self._dbp_opt, self._step_opt):
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-        self._clamp_dbps(pl_module)
+        scaler = grad_scaler(trainer)
+        if self.phase is Phase.SEARCH and self.search is not None and self.search.optimizer is not None:
+            self._terms.update(self.search.step(scaler))
+        else:
+            for m in pl_module.modules():  # DBPs off the search (frozen layers): no gradient to keep
+                if isinstance(m, SDQWeightQuantizer):
+                    m.dbp.grad = None
+        if self._step_opt is not None:
+            if scaler is not None:
+                scaler.unscale_(self._step_opt)
+                scaler.step(self._step_opt)
+            else:
+                self._step_opt.step()
+            self._step_opt.zero_grad(set_to_none=True)
 
     # ================================================================ per step
     def _searchable(self, root: nn.Module) -> list[tuple[str, SDQWeightQuantizer]]:
@@ -357,6 +419,11 @@ class SDQ(Callback):
         n = n if isinstance(n, int) and n > 0 else 1
         return trainer.current_epoch + batch_idx / n
 
+    def _steps_per_epoch(self, trainer: pl.Trainer) -> int:
+        n = trainer.num_training_batches
+        n = n if isinstance(n, int) and n > 0 else 100
+        return max(n // self._accumulate(trainer), 1)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         x = None
@@ -366,31 +433,45 @@ class SDQ(Callback):
             if self.teacher is not None:
                 self._check_teacher(x)
         if self.phase is Phase.SEARCH:
+            if self.search is None:
+                self.search = self._make_search()
+            if self.search.optimizer is None:
+                self.search.start(self._steps_per_epoch(trainer), self.search_epochs, self._pending_search)
+                self._pending_search = None
             tau = self._temperature(self._progress(trainer, batch_idx), self.search_epochs)
-            for _, q in self._searchable(pl_module):
-                q.set_draw_step(trainer.global_step)
-                q.set_temperature(tau)
+            self.search.begin_step(trainer.global_step, tau)
             self._terms["temperature"] = tau
+        if self.compile is not None and not self._compiled:
+            self._compile_network(pl_module)
         self._captured, self._teacher_logits = None, None
         if self.teacher is not None and (self.phase is Phase.TRAIN or self.kd_in_search):
             x = self.input_fn(batch) if x is None else x
             with torch.no_grad():
                 self._teacher_logits = self.teacher(x.to(pl_module.device))
 
+    def _make_search(self) -> BitSearch:
+        return BitSearch(self.cost_model, self.budget, control=self.budget_control, signal=self.search_signal,
+                         dbp_lr=self.dbp_lr, task_weight=self.task_weight, budget_reach=self.budget_reach,
+                         penalty_weight=self.penalty_weight, penalty=self.penalty_kind,
+                         drop_threshold=self.drop_threshold, reinit_dbp=self.reinit_dbp,
+                         min_steps_between_drops=self.min_steps_between_drops,
+                         projection_sensitivity=self.projection_sensitivity, seed=self.spec.seed)
+
+    def _compile_network(self, pl_module: pl.LightningModule) -> None:
+        """Compile the network in place, whole graph (its LSQ kernels then run eager inside the graph)."""
+        _, net = self._network(pl_module)
+        set_kernels("eager")
+        net.compile(mode=None if self.compile == "default" else self.compile, fullgraph=True)
+        self._compiled = True
+
     def _accumulate(self, trainer: pl.Trainer) -> int:
         return max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        scale = 1.0 / self._accumulate(trainer)
+        # ``loss`` arrives scaled by the gradient scaler (16-mixed): the added gradients are scaled the same way
+        scale = _scale_of(grad_scaler(trainer))
+        scale = scale / self._accumulate(trainer)
         self._extra_grads = []
-        if self.phase is Phase.SEARCH and self.penalty_weight > 0 and self.cost_model is not None:
-            dbps = [q.dbp for _, q in self._searchable(pl_module)]
-            expected = self.cost_model.expected(self.budget.metric)
-            pen = self.penalty_weight * budget_penalty(expected, self.budget, self.penalty_kind)
-            if dbps and pen.requires_grad:
-                grads = torch.autograd.grad(pen * scale, dbps, allow_unused=True)
-                self._extra_grads += [(p, g) for p, g in zip(dbps, grads) if g is not None]
-            self._terms["penalty"] = float(pen.detach())
         if self.phase is Phase.TRAIN and self.ebr_weight > 0:
             layers = [m for m in quant_layers(pl_module).values() if m.weight_quant is not None]
             ebr = self.ebr_weight * self.ebr(layers)
@@ -398,7 +479,7 @@ class SDQ(Callback):
                 weights = [m.weight for m in layers]
                 grads = torch.autograd.grad(ebr * scale, weights, allow_unused=True)
                 self._extra_grads += [(p, g) for p, g in zip(weights, grads) if g is not None]
-            self._terms["ebr"] = float(ebr.detach())
+            self._terms["ebr"] = ebr.detach()
         if self._teacher_logits is not None and self._captured is not None and self._captured.requires_grad:
             student = self._captured
             if student.shape != self._teacher_logits.shape:
@@ -406,11 +487,12 @@ class SDQ(Callback):
                                  f"{tuple(self._teacher_logits.shape)}")
             z = student.detach().float().requires_grad_()
             kd = kd_loss(z, self._teacher_logits, self.kd_temperature)
-            (g,) = torch.autograd.grad(kd * (self.kd_weight * scale), z)
+            (g,) = torch.autograd.grad(kd * self.kd_weight, z)
+            g = g * scale
             student.register_hook(lambda grad, g=g: grad + g.to(grad.dtype))
             if self.ce_weight != 1.0:
                 loss.register_hook(lambda grad, w=self.ce_weight: grad * w)
-            self._terms["kd"] = float(kd.detach())
+            self._terms["kd"] = kd.detach()
         self._captured = None
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -424,32 +506,14 @@ class SDQ(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.phase is Phase.SEARCH and self.cost_model is not None:
-            self._terms["expected_cost"] = self._maybe_drop_levels(trainer, pl_module)
         for key, value in self._terms.items():
             pl_module.log(f"sdq/{key}", value, on_step=True, on_epoch=True, prog_bar=key in ("kd", "expected_cost"),
                           batch_size=1)
-
-    @torch.no_grad()
-    def _maybe_drop_levels(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        """Progressive reading: move layers whose live DBP fell below the threshold one level down while the
-        expected cost is above the target. Returns the expected cost afterwards."""
-        if self.spec.reading != "progressive":
-            return float(self.cost_model.expected(self.budget.metric))
-        step = trainer.global_step
-        expected = float(self.cost_model.expected(self.budget.metric))
-        for name, q in self._searchable(pl_module):
-            if expected <= self.budget.target:
-                break
-            lvl = q.current_level
-            if lvl == 0 or float(q.dbp[lvl]) >= self.drop_threshold:
-                continue
-            if step - self._last_drop.get(name, -10**9) < self.min_steps_between_drops:
-                continue
-            q.set_level(lvl - 1, self.reinit_dbp)
-            self._last_drop[name] = step
-            expected = float(self.cost_model.expected(self.budget.metric))
-        return expected
+        n = trainer.num_training_batches
+        last_batch = isinstance(n, int) and batch_idx + 1 >= n
+        if self.phase is Phase.SEARCH and last_batch and trainer.current_epoch + 1 >= self.search_epochs:
+            # the boundary is here, before this epoch's validation, so that validation measures the frozen plan
+            self._freeze_record = self.freeze(trainer, pl_module)
 
     # ================================================================ epochs
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -460,9 +524,12 @@ class SDQ(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         record = self._epoch_record(trainer, pl_module)
         if self.phase is Phase.SEARCH and trainer.current_epoch + 1 >= self.search_epochs:
-            self.freeze(trainer, pl_module)
+            self.freeze(trainer, pl_module)  # the epoch ended early (max_time, limits): freeze now
+        freeze_info = getattr(self, "_freeze_record", None)
+        if freeze_info is not None:
             record.update({"frozen": True, "plan_avg_bits": self.plan.average_bits,
-                           f"plan_{self.budget.metric}": self.plan.cost(self.budget.metric)})
+                           f"plan_{self.budget.metric}": self.plan.cost(self.budget.metric), **freeze_info})
+            self._freeze_record = None
         self.history.append(record)
         for key in ("expected_avg_bits", "expected_cost"):
             if key in record:
@@ -474,7 +541,9 @@ class SDQ(Callback):
                 pl_module.log(f"sdq/bits/{name}", float(bits), batch_size=1)
 
     def _epoch_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        rec: dict[str, Any] = {"epoch": trainer.current_epoch, "phase": self.phase.value,
+        freeze_info = getattr(self, "_freeze_record", None)
+        phase = Phase.SEARCH.value if freeze_info is not None else self.phase.value  # the epoch that froze searched
+        rec: dict[str, Any] = {"epoch": trainer.current_epoch, "phase": phase,
                                "budget_target": self.budget.target, "metric": self.budget.metric}
         if self.cost_model is not None:
             rec["expected_avg_bits"] = float(self.cost_model.expected("avg_bits").detach())
@@ -482,29 +551,44 @@ class SDQ(Callback):
             rec["bits"] = self.cost_model.current_bits()
         else:
             rec["bits"] = {}
+        if freeze_info is not None:  # at the freeze epoch: the search's own figures, before the projection
+            rec["expected_avg_bits"] = freeze_info["expected_avg_bits"]
+            rec["expected_cost"] = freeze_info["expected_cost"]
         if "temperature" in self._terms:
-            rec["temperature"] = self._terms["temperature"]
+            rec["temperature"] = float(self._terms["temperature"])
+        if self.search is not None and self.search.optimizer is not None and self.budget_control == "dual":
+            rec["multiplier"] = float(self.search.optimizer.multiplier)
         for key in ("val/acc", "val/loss", "train/loss", "train/acc"):
             if key in trainer.callback_metrics:
                 rec[key] = float(trainer.callback_metrics[key])
         return rec
 
-    def freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> BitPlan:
-        """The phase boundary: decide, project onto the budget, freeze every layer, write plan.yaml."""
-        decided = self.cost_model.current_bits()
-        bits = project_to_budget(self.cost_model, decided, self.budget)
+    def freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The phase boundary: decide, project onto the budget, freeze every layer, write ``plan.yaml``.
+        Returns what the history records at the freeze epoch."""
+        if self.search is None:
+            self.search = self._make_search()
+        expected_cost = float(self.cost_model.expected(self.budget.metric).detach())
+        decided, bits, expected_avg = self.search.freeze_bits()
         for name, layer in quant_layers(pl_module).items():
             if layer.weight_quant is not None and bits.get(name) is not None:
                 layer.weight_quant.freeze(bits[name])
         self.phase = Phase.TRAIN
         self.plan = self._make_plan(pl_module)
         changed = {n: (decided[n], bits[n]) for n in bits if decided[n] != bits[n]}
+        levels = {n: abs(self.search.quantizers[self.search.names.index(n)].candidates.index(b) -
+                         self.search.quantizers[self.search.names.index(n)].candidates.index(d))
+                  for n, (d, b) in changed.items() if n in self.search.names}
         rank_zero_info(f"[SDQ] froze the plan at epoch {trainer.current_epoch}: avg bits "
                        f"{self.plan.average_bits:.4f}, {self.budget.metric} {self.plan.cost(self.budget.metric):.6g} "
-                       f"(target {self.budget.target:g}); projection changed {len(changed)} layers {changed}")
+                       f"(target {self.budget.target:g}); expected before the projection {expected_cost:.6g}; "
+                       f"projection changed {len(changed)} layers {changed}")
         if trainer.is_global_zero:
             self.plan.save(self._plan_path(trainer))
-        return self.plan
+        return {"expected_avg_bits": expected_avg, "expected_cost": expected_cost,
+                "projection_changed_layers": len(changed),
+                "projection_max_levels": max(levels.values()) if levels else 0,
+                "decided_bits": decided}
 
     def _plan_path(self, trainer: pl.Trainer) -> Path:
         root = self.save_dir or (Path(trainer.log_dir) if trainer.log_dir else Path(trainer.default_root_dir))
@@ -516,8 +600,8 @@ class SDQ(Callback):
             "phase": self.phase.value,
             "plan": self.plan.to_dict() if self.plan is not None else None,
             "history": self.history,
-            "last_drop": dict(self._last_drop),
-            "dbp_opt": self._dbp_opt.state_dict() if self._dbp_opt is not None else None,
+            "search": self.search.state_dict() if self.search is not None else self._pending_search,
+            "freeze_record": getattr(self, "_freeze_record", None),
             "step_opt": self._step_opt.state_dict() if self._step_opt is not None else None,
         }
 
@@ -526,5 +610,6 @@ class SDQ(Callback):
         if state_dict.get("plan") is not None:
             self.plan = BitPlan.from_dict(state_dict["plan"])
         self.history = list(state_dict.get("history", []))
-        self._last_drop = dict(state_dict.get("last_drop", {}))
-        self._pending_opt_states = {"dbp": state_dict.get("dbp_opt"), "step": state_dict.get("step_opt")}
+        self._pending_search = state_dict.get("search")
+        self._freeze_record = state_dict.get("freeze_record")
+        self._pending_opt_states = {"step": state_dict.get("step_opt")}

@@ -47,8 +47,10 @@ def bin_regularization(w: Tensor, step: Tensor, bits: int) -> tuple[Tensor, Tens
         codes = torch.clamp(torch.round(x), qn, qp).detach()
         idx, nbins = (codes - qn).long(), qp - qn + 1
     flat = (idx + torch.arange(x.shape[0], device=x.device).unsqueeze(1) * nbins).flatten()
-    counts = torch.bincount(flat, minlength=x.shape[0] * nbins)
-    nonempty = int((counts > 0).sum())
+    # index_add_ with a known size, not bincount: bincount sizes its output from the data (a host read on CUDA)
+    counts = torch.zeros(x.shape[0] * nbins, dtype=torch.long, device=x.device)
+    counts.index_add_(0, flat, torch.ones_like(flat))
+    nonempty = (counts > 0).sum()
     weight = 1.0 / (counts[flat].to(x.dtype) * nonempty)
     loss = (weight * (x.flatten() - codes.flatten()) ** 2).sum()
     occupancy = counts.view(x.shape[0], nbins).sum(0).to(x.dtype) / x.numel()

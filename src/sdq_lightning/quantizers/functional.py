@@ -15,6 +15,8 @@ __all__ = [
     "MAX_BITS",
     "MIN_BITS",
     "binary_quantize",
+    "counter_uniform",
+    "stream_key",
     "grad_scale",
     "int_range",
     "lsq_grad_factor",
@@ -110,3 +112,50 @@ def weight_step_init(w: Tensor, bits: int, per_channel: bool = False) -> Tensor:
     else:
         step = 2.0 * mean / math.sqrt(2 ** (bits - 1) - 1)
     return step.clamp_min(1e-8)
+
+
+# ----------------------------------------------------------------------------- device-side counter-based draws
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer finaliser (lowbias32) on int64 tensors holding values in [0, 2^32): products wrap mod 2^64 and
+    only the low 32 bits are kept, so the result is the same on every device and backend."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def stream_key(*parts: int) -> int:
+    """A 32-bit stream key from integers (seed, layer id, ...), computed on the host once."""
+    h = 0x9E3779B9
+    for p in parts:
+        h = _mix32_int(h ^ _mix32_int(int(p) & _M32) ^ ((int(p) >> 32) & _M32))
+    return h
+
+
+def counter_uniform(key: int, counter: Tensor, k: int) -> Tensor:
+    """``k`` uniforms in (0, 1) (float32) that are a pure function of ``(key, counter)``: a counter-based generator.
+
+    ``counter`` is a 0-d int64 tensor on the device where the draws are needed (for example the global training
+    step), so drawing never reads a value back to the host and a compiled graph does not depend on its value. The
+    same key and counter give the same draws on every data-parallel rank and every run.
+    """
+    idx = torch.arange(k, device=counter.device, dtype=torch.int64)
+    h = _mix32(counter.to(torch.int64) ^ key)
+    h = _mix32(h * 0x9E3779B1 + idx + 1)
+    h = _mix32(h ^ (key >> 7))
+    # 24 high bits -> a float32 in (0, 1) exactly: (h + 0.5) / 2^24
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)

@@ -29,13 +29,21 @@ class ActQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("signed", torch.tensor(bool(signed) if signed is not None else False))
         self._force_signed = signed
+        # Python mirrors of the two buffers: read in every forward, so they must not be read back from the device
+        self._initialized = False
+        self._signed = bool(signed) if signed is not None else False
+        self.register_load_state_dict_post_hook(lambda module, keys: module._sync())
+
+    def _sync(self) -> None:
+        self._initialized = bool(self.initialized)
+        self._signed = bool(self.signed)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={bool(self.signed)}"
+        return f"bits={self.bits}, signed={self._signed}"
 
     @property
     def qrange(self) -> tuple[int, int]:
-        if bool(self.signed):
+        if self._signed:
             return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         return int_range(self.bits, signed=False)
 
@@ -50,14 +58,16 @@ class ActQuantizer(nn.Module):
             torch.distributed.all_reduce(stats)
             negative, mean_abs = stats[0], stats[1] / torch.distributed.get_world_size()
         if self._force_signed is None:
-            self.signed.fill_(bool(negative > 0))
+            self._signed = bool(negative > 0)  # one host read, at initialisation only
+            self.signed.fill_(self._signed)
         _, qp = self.qrange
         self.step.copy_((2.0 * mean_abs / qp**0.5).clamp_min(1e-8))
         self.initialized.fill_(True)
+        self._initialized = True
 
     def prepare(self, x: Tensor) -> tuple[Tensor, int, int, float]:
         """Initialise from ``x`` if needed; return ``(step, Qn, Qp, grad_factor)`` for the fused layer functions."""
-        if not bool(self.initialized):
+        if not self._initialized:
             self.initialize(x)
         qn, qp = self.qrange
         return self.step, qn, qp, lsq_grad_factor(x[0].numel() if x.dim() > 1 else x.numel(), qp)

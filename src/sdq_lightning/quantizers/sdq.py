@@ -17,11 +17,26 @@ forward, expectation backward: ``dL/dbeta = sum(dL/dw_q * (Q_hi(w) - Q_lo(w)))``
 
 Sampling is one draw per layer per training step, reproducible from ``(seed, layer_id, draw step)``, so every
 data-parallel rank draws the same bitwidth when the owner sets the draw step from the global step.
+
+Device-side by construction (no host-device synchronisation in a training forward): the live level, the DBPs, the
+draw counter and the temperature are device tensors; draws come from a counter-based generator
+(:func:`~sdq_lightning.quantizers.functional.counter_uniform`); the choice between the two adjacent quantizers is
+arithmetic (``lo + mask * (hi - lo)``), never a Python branch on a sampled value. Only the frozen bitwidth is a
+Python value, set once at the phase boundary. ``torch.compile(fullgraph=True)`` traces a train-mode forward in one
+graph, and level changes do not recompile it.
+
+Gradient at every DBP value: ``gumbel`` samples the higher bitwidth with probability ``beta`` and relaxes
+``logit(b) + (the same) logistic noise`` with ``b = eps + (1 - 2 eps) beta`` (``eps`` = ``mix_eps``, default 0.01)
+for the backward pass, so the start state ``beta = 1`` carries a finite, non-zero task gradient (a clamp at
+``1 - 1e-6`` gave exactly zero). ``ste`` (progressive) needs no mix; ``cascade`` relaxes the mixed product for both.
+
+State: the candidate set, reading, estimator and frozen bitwidth travel in the state dict (``_extra_state``). A
+searched state dict (one step and DBP per candidate) loads into a quantizer built for a subset of its candidates,
+e.g. a frozen single-bitwidth model built from a plan: the matching rows are picked here, nowhere else.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -30,9 +45,13 @@ from torch import Tensor, nn
 from sdq_lightning.quantizers.functional import (
     MAX_BITS,
     MIN_BITS,
+    binary_quantize,
+    counter_uniform,
     int_range,
     lsq_grad_factor,
+    lsq_quantize,
     quantize_weight,
+    stream_key,
     weight_step_init,
 )
 
@@ -41,6 +60,7 @@ __all__ = ["ESTIMATORS", "READINGS", "SDQWeightQuantizer", "validate_candidates"
 READINGS = ("progressive", "cascade")
 ESTIMATORS = ("gumbel", "ste")
 _EPS = 1e-6
+_LEGACY_CANDIDATES = tuple(range(1, 9))  # state dicts written before the candidates were saved
 
 
 def validate_candidates(candidates: Sequence[int], name: str = "candidates") -> tuple[int, ...]:
@@ -61,14 +81,6 @@ def validate_candidates(candidates: Sequence[int], name: str = "candidates") -> 
     return cands
 
 
-def _mix_seed(*parts: int) -> int:
-    h = 0x243F6A8885A308D3
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 29
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 def _ste_clamp01(x: Tensor) -> Tensor:
     """Clamp to [0, 1] in the forward pass, identity gradient (so a DBP pushed outside can come back)."""
     return x + (x.clamp(0.0, 1.0) - x).detach()
@@ -87,6 +99,8 @@ class SDQWeightQuantizer(nn.Module):
         seed: global sampling seed.
         layer_id: per-layer sampling stream (the surgery passes a hash of the layer name).
         init_dbp: initial value of every DBP.
+        mix_eps: the mix ``b = eps + (1 - 2 eps) beta`` (0 <= eps < 0.5) of the relaxation the DBP gradient goes
+            through (``gumbel``; ``cascade`` for both estimators). Samples and the expected cost use ``beta``.
     """
 
     def __init__(
@@ -99,6 +113,7 @@ class SDQWeightQuantizer(nn.Module):
         seed: int = 0,
         layer_id: int = 0,
         init_dbp: float = 1.0,
+        mix_eps: float = 0.01,
     ) -> None:
         super().__init__()
         self.candidates = validate_candidates(candidates)
@@ -108,11 +123,15 @@ class SDQWeightQuantizer(nn.Module):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if not 0.0 <= init_dbp <= 1.0:
             raise ValueError(f"init_dbp must be in [0, 1], got {init_dbp!r}")
+        if not 0.0 <= mix_eps < 0.5:
+            raise ValueError(f"mix_eps must be in [0, 0.5), got {mix_eps!r}")
         self.reading = reading
         self.estimator = estimator
         self.per_channel = bool(per_channel)
         self.seed = int(seed)
         self.layer_id = int(layer_id)
+        self.mix_eps = float(mix_eps)
+        self._key = stream_key(self.seed, self.layer_id)
         n = len(self.candidates)
         if per_channel and weight is None:
             raise ValueError("per_channel=True needs the layer weight to know the channel count")
@@ -123,9 +142,9 @@ class SDQWeightQuantizer(nn.Module):
         self.register_buffer("frozen_index", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("draw_step", torch.tensor(0, dtype=torch.long))
         self.register_buffer("temperature", torch.tensor(1.0))
-        self._level = n - 1
+        self.register_buffer("last_index", torch.tensor(n - 1, dtype=torch.long), persistent=False)
+        self.register_buffer("bits_table", torch.tensor(self.candidates, dtype=torch.float32), persistent=False)
         self._frozen_index = -1
-        self.last_bits: int | None = None
         self.register_load_state_dict_post_hook(lambda module, keys: module._sync())
         if n == 1:  # a fixed bitwidth: no DBP to learn
             self.dbp.requires_grad_(False)
@@ -135,11 +154,71 @@ class SDQWeightQuantizer(nn.Module):
 
     # ----------------------------------------------------------------- state
     def _sync(self) -> None:
-        self._level = int(self.level)
         self._frozen_index = int(self.frozen_index)
 
+    def get_extra_state(self) -> Tensor:
+        """The quantizer's identity as a small int64 tensor (so every state-dict value stays a tensor):
+        ``[1 (format), reading index, estimator index, per_channel, n, b_1, ..., b_n]``."""
+        return torch.tensor([1, READINGS.index(self.reading), ESTIMATORS.index(self.estimator), int(self.per_channel),
+                             len(self.candidates), *self.candidates], dtype=torch.long)
+
+    @staticmethod
+    def decode_extra_state(state: Tensor) -> dict:
+        v = [int(x) for x in state.tolist()]
+        n = v[4]
+        return {"reading": READINGS[v[1]], "estimator": ESTIMATORS[v[2]], "per_channel": bool(v[3]),
+                "candidates": tuple(v[5:5 + n])}
+
+    def set_extra_state(self, state: Tensor) -> None:
+        pass  # the candidate rows were mapped in _load_from_state_dict; reading/estimator follow this module
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        extra = state_dict.get(prefix + "_extra_state")
+        steps = state_dict.get(prefix + "steps")
+        saved = self.decode_extra_state(extra)["candidates"] if isinstance(extra, Tensor) else None
+        if saved is None and steps is not None and steps.shape[0] != len(self.candidates):
+            if steps.shape[0] != len(_LEGACY_CANDIDATES):
+                error_msgs.append(f"{prefix}steps has {steps.shape[0]} rows but this quantizer has candidates "
+                                  f"{self.candidates} and the state dict names none")
+                return
+            saved = _LEGACY_CANDIDATES
+        if saved is not None and saved != self.candidates:
+            self._map_rows(state_dict, prefix, saved, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _map_rows(self, state_dict, prefix, saved: tuple[int, ...], error_msgs) -> None:
+        """Load a state saved over candidates ``saved`` into this quantizer's subset of them (e.g. a frozen model)."""
+        missing = [b for b in self.candidates if b not in saved]
+        if missing:
+            error_msgs.append(f"{prefix}: the saved quantizer has candidates {saved}, which lack {missing} of "
+                              f"this quantizer's {self.candidates}")
+            return
+        rows = torch.tensor([saved.index(b) for b in self.candidates])
+        for key in ("steps", "dbp"):
+            if prefix + key in state_dict:
+                state_dict[prefix + key] = state_dict[prefix + key].index_select(0, rows)
+        if prefix + "frozen_index" in state_dict:
+            fi = int(state_dict[prefix + "frozen_index"])
+            if fi >= 0:
+                b = saved[fi]
+                if b not in self.candidates:
+                    error_msgs.append(f"{prefix}: the saved quantizer is frozen at {b} bits, not one of "
+                                      f"{self.candidates}")
+                    return
+                new = self.candidates.index(b)
+            else:
+                new = -1 if len(self.candidates) > 1 else 0
+            state_dict[prefix + "frozen_index"] = torch.tensor(new, dtype=torch.long)
+        if prefix + "level" in state_dict:
+            lvl = saved[int(state_dict[prefix + "level"])]
+            below = [i for i, b in enumerate(self.candidates) if b <= lvl]
+            state_dict[prefix + "level"] = torch.tensor(below[-1] if below else 0, dtype=torch.long)
+        state_dict[prefix + "_extra_state"] = self.get_extra_state()
+
     def extra_repr(self) -> str:
-        state = f"frozen={self.bits}" if self.frozen else f"level={self.candidates[self._level]}"
+        state = f"frozen={self.bits}" if self.frozen else "searching"
         return f"candidates={self.candidates}, reading={self.reading}, estimator={self.estimator}, {state}"
 
     @property
@@ -148,31 +227,36 @@ class SDQWeightQuantizer(nn.Module):
 
     @property
     def bits(self) -> int:
-        """The bitwidth used now: the frozen one, else the current decision (see :meth:`decide`)."""
+        """The bitwidth used now: the frozen one, else the current decision (see :meth:`decide`; reads the device)."""
         return self.candidates[self._frozen_index] if self.frozen else self.decide()
 
     @property
     def current_level(self) -> int:
-        return self._level
+        """The live level (reads it from the device: for reporting, not for a training step)."""
+        return int(self.level)
+
+    @property
+    def last_bits(self) -> int:
+        """The bitwidth the last forward used (reads it from the device: for tests and reporting)."""
+        return self.candidates[int(self.last_index)]
 
     def set_level(self, index: int, reinit_dbp: float | None = 1.0) -> None:
         """Move the progressive level to candidate ``index``; optionally re-initialise its DBP."""
         if not 0 <= index < len(self.candidates):
             raise ValueError(f"level must be in [0, {len(self.candidates) - 1}], got {index}")
         self.level.fill_(index)
-        self._level = index
         if reinit_dbp is not None:
             with torch.no_grad():
                 self.dbp[index] = reinit_dbp
 
-    def set_temperature(self, tau: float) -> None:
-        if not tau > 0:
+    def set_temperature(self, tau: float | Tensor) -> None:
+        if not isinstance(tau, Tensor) and not tau > 0:
             raise ValueError(f"temperature must be > 0, got {tau!r}")
-        self.temperature.fill_(float(tau))
+        self.temperature.fill_(tau)
 
-    def set_draw_step(self, step: int) -> None:
+    def set_draw_step(self, step: int | Tensor) -> None:
         """Set the draw counter (the callback sets it to the trainer's global step before every batch)."""
-        self.draw_step.fill_(int(step))
+        self.draw_step.fill_(step)
 
     @torch.no_grad()
     def clamp_dbp_(self) -> None:
@@ -196,6 +280,7 @@ class SDQWeightQuantizer(nn.Module):
         i = self.index_of(b)
         self.frozen_index.fill_(i)
         self._frozen_index = i
+        self.last_index.fill_(i)
         return b
 
     def unfreeze(self) -> None:
@@ -205,23 +290,31 @@ class SDQWeightQuantizer(nn.Module):
         self._frozen_index = -1
 
     # ----------------------------------------------------------- probabilities
-    def _live_beta(self) -> Tensor:
-        return _ste_clamp01(self.dbp[self._level])
+    def _pair(self) -> tuple[Tensor, Tensor]:
+        """(live level, the level below it, floored at 0) as 1-element device index tensors."""
+        hi = self.level.view(1)
+        return hi, (hi - 1).clamp_min(0)
 
-    def probabilities(self) -> Tensor:
-        """Probability of each candidate under the current DBPs (differentiable; one-hot when frozen)."""
+    def _live_beta(self) -> Tensor:
+        """The live DBP: the probability of sampling the higher of the two bitwidths."""
+        return _ste_clamp01(self.dbp.index_select(0, self.level.view(1)).squeeze(0))
+
+    def probabilities(self, mixed: bool = False) -> Tensor:
+        """Probability of each candidate under the current DBPs (differentiable; one-hot when frozen). ``mixed``:
+        with every DBP mixed as ``eps + (1 - 2 eps) beta`` (the relaxation the gradient goes through)."""
         n = len(self.candidates)
         if self.frozen:
-            return torch.nn.functional.one_hot(torch.tensor(self._frozen_index), n).to(self.dbp.dtype)
+            return nn.functional.one_hot(torch.tensor(self._frozen_index), n).to(self.dbp.dtype)
         if self.reading == "progressive":
-            p = torch.zeros(n, dtype=self.dbp.dtype, device=self.dbp.device)
-            if self._level == 0:
-                return p + torch.nn.functional.one_hot(torch.tensor(0, device=p.device), n).to(p.dtype)
-            beta = self._live_beta()
-            onehot_hi = torch.nn.functional.one_hot(torch.tensor(self._level, device=p.device), n).to(p.dtype)
-            onehot_lo = torch.nn.functional.one_hot(torch.tensor(self._level - 1, device=p.device), n).to(p.dtype)
+            hi, lo = self._pair()
+            beta = torch.where(hi == 0, torch.ones((), dtype=self.dbp.dtype, device=self.dbp.device),
+                               self._live_beta())
+            onehot_hi = nn.functional.one_hot(hi[0], n).to(self.dbp.dtype)
+            onehot_lo = nn.functional.one_hot(lo[0], n).to(self.dbp.dtype)
             return beta * onehot_hi + (1 - beta) * onehot_lo
         beta = _ste_clamp01(self.dbp)
+        if mixed:  # at beta = 1 the product of (1 - beta_j) would cut every lower DBP's gradient
+            beta = self._mixed(beta)
         probs = []
         remain = torch.ones((), dtype=beta.dtype, device=beta.device)
         for i in range(n - 1, 0, -1):
@@ -233,24 +326,25 @@ class SDQWeightQuantizer(nn.Module):
     def expected_bits(self) -> Tensor:
         """Differentiable expected bitwidth under the DBPs (a constant when frozen or at the lowest level)."""
         if self.frozen:
-            return torch.tensor(float(self.candidates[self._frozen_index]), dtype=self.dbp.dtype)
+            return torch.tensor(float(self.candidates[self._frozen_index]), dtype=self.dbp.dtype,
+                                device=self.dbp.device)
+        table = self.bits_table.to(self.dbp.dtype)
         if self.reading == "progressive":
-            if self._level == 0:
-                return torch.tensor(float(self.candidates[0]), dtype=self.dbp.dtype)
-            hi, lo = self.candidates[self._level], self.candidates[self._level - 1]
-            return lo + (hi - lo) * self._live_beta()
-        c = torch.tensor(self.candidates, dtype=self.dbp.dtype, device=self.dbp.device)
-        return (self.probabilities() * c).sum()
+            hi, lo = self._pair()
+            b_hi, b_lo = table.index_select(0, hi).squeeze(0), table.index_select(0, lo).squeeze(0)
+            return b_lo + (b_hi - b_lo) * self._live_beta()
+        return (self.probabilities() * table).sum()
 
     def decide(self) -> int:
         """Deterministic decision used at the phase boundary (progressive: b_i if beta_i >= 0.5 else b_{i-1};
-        cascade: the most probable candidate)."""
+        cascade: the most probable candidate). Reads the device."""
         if self.frozen:
             return self.candidates[self._frozen_index]
         if self.reading == "progressive":
-            if self._level == 0 or float(self.dbp[self._level].detach()) >= 0.5:
-                return self.candidates[self._level]
-            return self.candidates[self._level - 1]
+            lvl = int(self.level)
+            if lvl == 0 or float(self.dbp[lvl].detach()) >= 0.5:
+                return self.candidates[lvl]
+            return self.candidates[lvl - 1]
         return self.candidates[int(self.probabilities().detach().argmax())]
 
     # ------------------------------------------------------------- quantizers
@@ -261,11 +355,26 @@ class SDQWeightQuantizer(nn.Module):
         return s.to(w.dtype)
 
     def quantize_at(self, w: Tensor, index: int) -> Tensor:
-        """Deterministic ``Q_{b_index}(w)`` with that candidate's step."""
+        """Deterministic ``Q_{b_index}(w)`` with that candidate's step (``index`` a Python int)."""
         b = self.candidates[index]
         qp = int_range(b, signed=True)[1]
         numel = w.numel() // (w.shape[0] if self.per_channel else 1)
         return quantize_weight(w, self._step(index, w), b, lsq_grad_factor(numel, qp))
+
+    def quantize_dynamic(self, w: Tensor, index: Tensor) -> Tensor:
+        """``Q_{b_index}(w)`` for a 1-element device index tensor: the same values and gradients as
+        :meth:`quantize_at`, with the step, range and LSQ gradient scale gathered on the device (no host read)."""
+        s = self.steps.index_select(0, index)
+        s = (s.view(-1, *([1] * (w.dim() - 1))) if self.per_channel else s.view(())).to(w.dtype)
+        b = self.bits_table.index_select(0, index).view(())
+        qp = torch.exp2(b - 1) - 1
+        qn = -torch.exp2(b - 1)
+        numel = w.numel() // (w.shape[0] if self.per_channel else 1)
+        g = torch.rsqrt(qp.clamp_min(1.0) * float(max(numel, 1))).to(w.dtype)
+        multi = lsq_quantize(w, s, qn.to(w.dtype), qp.to(w.dtype), g)
+        if self.candidates[0] > 1:
+            return multi
+        return torch.where(b == 1, binary_quantize(w, s, g), multi)
 
     @torch.no_grad()
     def integer_weight(self, w: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -283,23 +392,11 @@ class SDQWeightQuantizer(nn.Module):
 
     # ----------------------------------------------------------------- sampling
     def _uniforms(self, k: int) -> Tensor:
-        gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.layer_id, int(self.draw_step)))
-        return torch.rand(k, generator=gen, dtype=torch.float64).clamp(_EPS, 1 - _EPS)
+        """The ``k`` uniforms of the current draw step (a pure function of seed, layer id and draw step)."""
+        return counter_uniform(self._key, self.draw_step, k)
 
-    def _sample_mask(self, probs_or_beta: Tensor, hard: Tensor, u: Tensor) -> Tensor:
-        """Straight-through mask: forward = hard sample, backward = soft (gumbel) or expectation (ste)."""
-        if self.estimator == "ste":
-            soft = probs_or_beta
-        else:
-            tau = float(self.temperature)
-            if probs_or_beta.dim() == 0:
-                beta = probs_or_beta.clamp(_EPS, 1 - _EPS)
-                noise = float(math.log(u[0]) - math.log1p(-float(u[0])))
-                soft = torch.sigmoid((torch.log(beta) - torch.log1p(-beta) + noise) / tau)
-            else:
-                gumbel = -torch.log(-torch.log(u.to(probs_or_beta.dtype)))
-                soft = torch.softmax((torch.log(probs_or_beta.clamp_min(_EPS)) + gumbel) / tau, dim=0)
-        return hard + soft - soft.detach()
+    def _mixed(self, beta: Tensor) -> Tensor:
+        return self.mix_eps + (1.0 - 2.0 * self.mix_eps) * beta
 
     def _touch_dbp(self, out: Tensor) -> Tensor:
         """Keep a DBP that takes no part in this forward in the graph (zero gradient), so DDP without
@@ -310,7 +407,6 @@ class SDQWeightQuantizer(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         if self.frozen:
-            self.last_bits = self.candidates[self._frozen_index]
             return self._touch_dbp(self.quantize_at(w, self._frozen_index))
         if self.training:
             self.draw_step.add_(1)
@@ -319,49 +415,54 @@ class SDQWeightQuantizer(nn.Module):
         return self._forward_cascade(w)
 
     def _forward_progressive(self, w: Tensor) -> Tensor:
-        lvl = self._level
-        if lvl == 0:
-            self.last_bits = self.candidates[0]
-            return self._touch_dbp(self.quantize_at(w, 0))
+        hi_i, lo_i = self._pair()
+        at_bottom = hi_i[0] == 0
         beta = self._live_beta()
+        hi = self.quantize_dynamic(w, hi_i)
+        lo = self.quantize_dynamic(w, lo_i)
         if not self.training:  # evaluation uses the current deterministic decision
-            i = lvl if float(beta) >= 0.5 else lvl - 1
-            self.last_bits = self.candidates[i]
-            return self.quantize_at(w, i)
+            take = (self.dbp.detach().index_select(0, hi_i)[0] >= 0.5) | at_bottom
+            self.last_index.copy_(torch.where(take, hi_i[0], lo_i[0]))
+            return self._touch_dbp(torch.where(take, hi, lo))
+        u = self._uniforms(1)[0]
         if self.estimator == "gumbel":
-            u = self._uniforms(1)
-            noise = math.log(float(u[0])) - math.log1p(-float(u[0]))
-            b = float(beta.detach().clamp(_EPS, 1 - _EPS))
-            take_hi = (math.log(b) - math.log1p(-b) + noise) > 0
+            # hard: logit(beta) + logit(u) > 0, i.e. u > 1 - beta (probability beta); soft: the same noise on the
+            # mixed b, so that beta = 1 still has a gradient
+            b = self._mixed(beta)
+            z = torch.log(b) - torch.log1p(-b) + (torch.log(u) - torch.log1p(-u))
+            hard = (u > 1.0 - beta.detach()).to(beta.dtype)
+            soft = torch.sigmoid(z / self.temperature.to(beta.dtype))
         else:
-            u = self._uniforms(1)
-            take_hi = float(u[0]) < float(beta.detach())
-        hard = torch.tensor(1.0 if take_hi else 0.0, dtype=beta.dtype, device=beta.device)
-        mask = self._sample_mask(beta, hard, u).to(w.dtype)
-        hi = self.quantize_at(w, lvl)
-        lo = self.quantize_at(w, lvl - 1)
-        self.last_bits = self.candidates[lvl if take_hi else lvl - 1]
-        return lo + mask * (hi - lo)
+            hard = (u < beta.detach()).to(beta.dtype)
+            soft = beta
+        mask = hard + soft - soft.detach()
+        mask = torch.where(at_bottom, torch.ones_like(mask), mask)
+        self.last_index.copy_(torch.where(hard.bool() | at_bottom, hi_i[0], lo_i[0]))
+        return lo + mask.to(w.dtype) * (hi - lo)
 
     def _forward_cascade(self, w: Tensor) -> Tensor:
-        probs = self.probabilities()
-        if not self.training:
-            i = int(probs.detach().argmax())
-            self.last_bits = self.candidates[i]
-            return self.quantize_at(w, i)
         n = len(self.candidates)
+        probs = self.probabilities()
+        qs = torch.stack([self.quantize_at(w, j) for j in range(n)])
+        shape = (n,) + (1,) * w.dim()
+        if not self.training:
+            i = probs.detach().argmax()
+            self.last_index.copy_(i)
+            onehot = nn.functional.one_hot(i, n).to(w.dtype).view(shape)
+            return self._touch_dbp((onehot * qs).sum(0))
         u = self._uniforms(n)
+        p, pm = probs, self.probabilities(mixed=True)
         if self.estimator == "gumbel":
             gumbel = -torch.log(-torch.log(u))
-            i = int((torch.log(probs.detach().double().clamp_min(_EPS)) + gumbel).argmax())
+            i = (torch.log(p.detach().clamp_min(1e-30)) + gumbel).argmax()
+            soft = torch.softmax((torch.log(pm) + gumbel) / self.temperature.to(p.dtype), dim=0)
         else:
-            cdf = torch.cumsum(probs.detach().double(), 0)
-            i = min(int(torch.searchsorted(cdf, u[0:1] * cdf[-1])), n - 1)
-        hard = torch.nn.functional.one_hot(torch.tensor(i), n).to(probs.dtype).to(probs.device)
-        mask = self._sample_mask(probs, hard, u).to(w.dtype)
-        self.last_bits = self.candidates[i]
-        out = mask[i] * self.quantize_at(w, i)
-        for j in range(n):  # the other candidates carry gradient to the DBPs only through the mask
-            if j != i:
-                out = out + mask[j] * self.quantize_at(w, j).detach()
-        return out
+            cdf = torch.cumsum(p.detach(), 0)
+            i = (cdf < u[0] * cdf[-1]).sum().clamp_max(n - 1)
+            soft = pm
+        hard = nn.functional.one_hot(i, n).to(p.dtype)
+        mask = (hard + soft - soft.detach()).to(w.dtype)
+        self.last_index.copy_(i)
+        # the chosen candidate carries gradient to the weight and its step; the others reach the DBPs through the mask
+        out = (hard.to(w.dtype).view(shape) * qs).sum(0)
+        return out + ((mask - hard.to(w.dtype)).view(shape) * qs.detach()).sum(0)

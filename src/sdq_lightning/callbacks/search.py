@@ -1,0 +1,209 @@
+"""The bit search of phase 1 and the freeze at the phase boundary, as one object the SDQ callback drives.
+
+:class:`BitSearch` owns the DBP optimizer (:class:`~sdq_lightning.quantizers.optim.DBPOptimizer`, budget controller
+inside), the expected-cost schedule, the per-step draw counter and temperature, and the freeze (decide, project onto
+the budget by a loss-aware ranking, freeze). It holds no Lightning state of its own: the callback calls
+:meth:`begin_step` before a training batch, :meth:`step` in ``on_before_optimizer_step`` and :meth:`freeze` at the
+phase boundary.
+
+Search signals (``search_signal``), the controls that can refute the method:
+
+* ``task+budget`` (default): the DBPs move by the task gradient and the budget controller;
+* ``budget_only``: the same controller, no task force (the task gradients are still measured for the projection);
+* ``projection_only``: the DBPs never move; the freeze projects the starting plan (every layer at its top
+  candidate) onto the budget by the measured sensitivity;
+* ``random``: the DBPs never move; the freeze projects the starting plan by a seeded random ranking.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdq_lightning.budget import Budget, CostModel, budget_penalty, project_to_budget
+from sdq_lightning.budget.search import quantization_mse
+from sdq_lightning.quantizers.optim import DBPOptimizer
+
+__all__ = ["BUDGET_CONTROLS", "PROJECTION_SENSITIVITIES", "SEARCH_SIGNALS", "BitSearch"]
+
+BUDGET_CONTROLS = ("dual", "penalty")
+SEARCH_SIGNALS = ("task+budget", "budget_only", "projection_only", "random")
+PROJECTION_SENSITIVITIES = ("task_grad", "weight_mse")
+
+
+class BitSearch:
+    """Phase 1 of SDQ over the searchable layers of a model (see the module docstring)."""
+
+    def __init__(self, cost_model: CostModel, budget: Budget, *, control: str = "dual",
+                 signal: str = "task+budget", dbp_lr: float | None = None, task_weight: float = 1.0,
+                 budget_reach: float = 0.75, penalty_weight: float = 1.0, penalty: str = "squared_hinge",
+                 drop_threshold: float = 0.05, reinit_dbp: float = 1.0, min_steps_between_drops: int = 5,
+                 projection_sensitivity: str = "task_grad", seed: int = 0) -> None:
+        self.cost_model, self.budget = cost_model, budget
+        self.control, self.signal = control, signal
+        self.dbp_lr, self.task_weight, self.budget_reach = dbp_lr, float(task_weight), float(budget_reach)
+        self.penalty_weight, self.penalty = float(penalty_weight), penalty
+        self.drop_threshold, self.reinit_dbp = float(drop_threshold), float(reinit_dbp)
+        self.min_steps_between_drops = int(min_steps_between_drops)
+        self.projection_sensitivity, self.seed = projection_sensitivity, int(seed)
+        self.names = cost_model.searchable()
+        self.quantizers = [cost_model._quantizer(n) for n in self.names]
+        self.units = self._unit_costs()
+        self.optimizer: DBPOptimizer | None = None
+        self.start_cost: float | None = None
+        self.total_steps: int | None = None
+        self.steps_done = 0
+        self.last_terms: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def _unit_costs(self) -> list[float]:
+        """d(cost)/d(bits) of each searchable layer, relative to the mean (1 for equal layers)."""
+        metric = self.budget.metric
+        bits = self.cost_model.current_bits()
+        base = self.cost_model.of_bits(bits, metric)
+        raw = []
+        for n in self.names:
+            b = bits[n] if bits[n] is not None else 8
+            raw.append(abs(self.cost_model.of_bits({**bits, n: b + 1}, metric) - base))
+        mean = sum(raw) / max(len(raw), 1) or 1.0
+        return [max(r / mean, 1e-6) for r in raw]
+
+    def start(self, steps_per_epoch: int, search_epochs: int, pending_state: Mapping[str, Any] | None = None) -> None:
+        """Build the optimizer at the first search step (the number of steps is known then)."""
+        if pending_state:
+            self.start_cost = pending_state.get("start_cost")
+            self.total_steps = pending_state.get("total_steps")
+            self.steps_done = int(pending_state.get("steps_done", 0))
+        if self.total_steps is None:
+            self.total_steps = max(int(steps_per_epoch) * int(search_epochs), 1)
+        if self.start_cost is None:
+            self.start_cost = float(self.cost_model.expected(self.budget.metric).detach())  # one host read
+        lr = self.dbp_lr
+        if lr is None:
+            lr = self._auto_lr() if self.control == "dual" else 0.05
+        self.optimizer = DBPOptimizer(self.quantizers, self.units, lr=lr, control=self.control,
+                                      task_weight=self.task_weight if self.signal == "task+budget" else 0.0,
+                                      drop_threshold=self.drop_threshold, reinit_dbp=self.reinit_dbp,
+                                      min_steps_between_drops=self.min_steps_between_drops)
+        if pending_state and pending_state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(pending_state["optimizer"])
+
+    def _auto_lr(self) -> float:
+        """The DBP travel per step at which the nominal push (lambda = 1) meets the schedule: the number of
+        one-level steps of every searched layer needed to go from the start cost to the target, spread over the
+        reaching part of the search."""
+        metric = self.budget.metric
+        bits = self.cost_model.current_bits()
+        base = self.cost_model.of_bits(bits, metric)
+        per_level = 0.0  # cost saved when every searched layer drops one level
+        for n, q in zip(self.names, self.quantizers):
+            i = q.candidates.index(bits[n])
+            if i > 0:
+                per_level += base - self.cost_model.of_bits({**bits, n: q.candidates[i - 1]}, metric)
+        per_level /= max(len(self.names), 1)
+        levels = (self.start_cost - self.budget.target) / max(per_level * len(self.names), 1e-12)
+        return float(min(max(levels / max(self.budget_reach * self.total_steps, 1.0), 1e-4), 1.0))
+
+    # ------------------------------------------------------------------ schedule
+    def target_at(self, step: int) -> float:
+        """The expected-cost schedule: linear from the start cost to the target over ``budget_reach`` of the
+        search, then the target."""
+        frac = min(step / max(self.budget_reach * self.total_steps, 1.0), 1.0)
+        return self.start_cost + (self.budget.target - self.start_cost) * frac
+
+    # ------------------------------------------------------------------ per step
+    def begin_step(self, global_step: int, temperature: float) -> None:
+        for q in self.quantizers:
+            q.set_draw_step(global_step)
+            q.set_temperature(temperature)
+
+    @property
+    def moves(self) -> bool:
+        return self.signal in ("task+budget", "budget_only")
+
+    def step(self, scaler: Any = None) -> dict[str, Tensor]:
+        """One DBP step from the gradients in ``.grad`` (scaled by ``scaler`` if given). Returns tensors to log."""
+        opt = self.optimizer
+        if scaler is not None:
+            scaler.unscale_(opt)
+        dbps = [q.dbp for q in self.quantizers]
+        with torch.enable_grad():
+            expected = self.cost_model.expected(self.budget.metric)
+            if self.control == "penalty":
+                objective = self.penalty_weight * budget_penalty(expected, self.budget, self.penalty)
+            else:
+                objective = expected
+            grads = torch.autograd.grad(objective, dbps, allow_unused=True) if objective.requires_grad else \
+                [None] * len(dbps)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(dbps, grads)]
+        now, nxt = self.target_at(self.steps_done), self.target_at(self.steps_done + 1)
+        opt.prepare(grads, expected, now, nxt)
+        if self.moves:
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+        else:  # measure only: the sensitivity EMA, no move
+            with torch.no_grad():
+                for p, g, q in zip(dbps, opt._grads(), self.quantizers):
+                    m = opt._live_mask(q, p)
+                    s = opt.state[p]["sens"]
+                    s.copy_(torch.where(m, opt.sens_decay * s - (1 - opt.sens_decay) * g.float(), s))
+            opt._budget_grads = None
+        opt.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        terms = {"expected_cost": expected.detach(), "budget_schedule": torch.tensor(nxt)}
+        if self.control == "dual":
+            terms["multiplier"] = opt.multiplier.clone()
+        else:
+            terms["penalty"] = objective.detach()
+        self.last_terms = terms
+        return terms
+
+    # ------------------------------------------------------------------ freeze
+    def sensitivities(self, root: torch.nn.Module | None = None) -> dict[str, dict[int, float]]:
+        """``sens[name][bits]``: the loss the layer adds at ``bits`` (up to a constant), for the projection."""
+        if self.signal == "random":
+            rng = _random.Random(self.seed)
+            out = {}
+            for n, q in zip(self.names, self.quantizers):
+                slope = rng.random()
+                out[n] = {b: -slope * i for i, b in enumerate(q.candidates)}
+            return out
+        if self.projection_sensitivity == "weight_mse":
+            return {n: quantization_mse(e.layer) for n in self.names
+                    for e in self.cost_model.entries if e.name == n}
+        out = {}
+        sens = self.optimizer.sensitivity() if self.optimizer is not None else [None] * len(self.names)
+        for n, q, s in zip(self.names, self.quantizers, sens):
+            # per index i: the EMA of -dL/dbeta_i estimates the loss decrease of b_{i-1} -> b_i; integrate it
+            values = [0.0] * len(q.candidates) if s is None else [float(v) for v in s.detach().cpu()]
+            level_gain = [max(v, 0.0) for v in values]
+            known = [v for i, v in enumerate(values) if i > 0 and v != 0.0]
+            fill = max(sum(known) / len(known), 0.0) if known else 0.0
+            acc, table = 0.0, {}
+            for i, b in enumerate(q.candidates):
+                if i > 0:
+                    acc -= level_gain[i] if values[i] != 0.0 else fill
+                table[b] = acc
+            out[n] = table
+        return out
+
+    def freeze_bits(self) -> tuple[dict[str, int | None], dict[str, int | None], float]:
+        """(decided bits, projected bits, expected avg bits before the projection)."""
+        expected_avg = float(self.cost_model.expected("avg_bits").detach())
+        decided = self.cost_model.current_bits()
+        if not self.moves:  # the controls that do not search start the projection from the top candidates
+            for n, q in zip(self.names, self.quantizers):
+                decided[n] = q.candidates[-1]
+        projected = project_to_budget(self.cost_model, decided, self.budget, self.sensitivities())
+        return decided, projected, expected_avg
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"start_cost": self.start_cost, "total_steps": self.total_steps, "steps_done": self.steps_done,
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}

@@ -1,0 +1,240 @@
+"""Optimizers of the quantizer parameters: the DBP search step (budget controller inside) and the step sizes.
+
+Both are plain :class:`torch.optim.Optimizer` subclasses that read ``.grad`` and do everything on the device, so
+they run inside a training step without a host read, and they work with a gradient scaler exactly like the user's
+optimizer does (``scaler.unscale_(opt)`` then ``scaler.step(opt)``: skipped when a gradient is inf/NaN).
+
+:class:`DBPOptimizer` (``budget_control="dual"``), per step, for every searchable layer ``l`` with live DBP
+``beta_l`` (see ``docs/method.md``, "The search"):
+
+* unit cost ``u_l`` = d(cost)/d(bits of layer l) relative to the mean over the searched layers (parameter share for
+  ``avg_bits``/``size``, MACs x activation bits for ``bitops``), fixed per layer;
+* task force ``t_l = (dL/dbeta_l) / u_l``, divided by an EMA of its root mean square over the layers, so the task
+  signal has unit scale whatever the loss, model or schedule (``search_signal="budget_only"`` sets it to 0);
+* budget force ``f_l = (dC/dbeta_l) / u_l / mean(u)``: the same push for every layer whatever its size (it equals
+  ``b_i - b_{i-1}`` under ``avg_bits``), so the ranking between layers is the task loss per unit of cost;
+* ``beta_l <- clip(beta_l - lr (task_weight t_l + lambda f_l), 0, 1)`` with the multiplier ``lambda >= 0`` chosen
+  every step so that the linearised expected cost after the step equals the schedule's next point (the dual
+  variable of the linearised constraint ``E[C] <= T(t + 1)``, solved in closed form instead of by slow dual
+  ascent); ``lambda = 0`` when the task step alone meets it;
+* progressive level drops on the device: a live DBP at or below ``drop_threshold`` moves the layer one level down
+  (re-initialised to ``reinit_dbp``) while the expected cost is above the schedule, at most once per
+  ``min_steps_between_drops`` steps;
+* a sensitivity estimate per layer for the projection: an EMA of ``-dL/dbeta_l`` (the loss decrease per level).
+
+``budget_control="penalty"``: plain SGD on ``dL/dbeta + lambda_b dR(E[C])/dbeta`` (the first implementation's rule).
+
+:class:`LogStepAdam`: Adam on ``log s`` for the LSQ step sizes, ``s <- s exp(-lr m_hat / (sqrt(v_hat) + eps))``:
+positive by construction and scale-free (a 1e-3 absolute Adam step moved an 8-bit weight step of 4e-3 by 25 % per
+step, and drove activation steps negative at high learning rates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DBPOptimizer", "LogStepAdam"]
+
+
+class DBPOptimizer(torch.optim.Optimizer):
+    """The DBP step of the search (see the module docstring). One parameter group per searchable layer.
+
+    Args:
+        quantizers: the searchable :class:`~sdq_lightning.quantizers.SDQWeightQuantizer` s (their ``dbp`` are the
+            parameters, in this order).
+        units: relative unit cost of each layer (mean 1).
+        lr: DBP travel per step per unit force (in DBP units; one level is one unit of ``beta``).
+        control: ``"dual"`` or ``"penalty"``.
+        task_weight: weight of the normalised task force (``dual``); 0 = budget only.
+        drop_threshold, reinit_dbp, min_steps_between_drops: progressive level drops (``None`` threshold = none).
+        rms_decay, sens_decay: EMA decays of the task-force scale and of the sensitivity.
+        max_multiplier: upper bound of lambda, in units of the nominal push.
+    """
+
+    def __init__(self, quantizers: Sequence[nn.Module], units: Sequence[float], lr: float, control: str = "dual",
+                 task_weight: float = 1.0, drop_threshold: float | None = 0.05, reinit_dbp: float = 1.0,
+                 min_steps_between_drops: int = 5, rms_decay: float = 0.98, sens_decay: float = 0.99,
+                 max_multiplier: float = 20.0) -> None:
+        if control not in ("dual", "penalty"):
+            raise ValueError(f"control must be 'dual' or 'penalty', got {control!r}")
+        if len(quantizers) != len(units):
+            raise ValueError("one unit cost per quantizer is needed")
+        groups = [{"params": [q.dbp], "unit": float(u)} for q, u in zip(quantizers, units)]
+        super().__init__(groups, {"lr": float(lr)})
+        self.quantizers = list(quantizers)
+        self.control = control
+        self.task_weight = float(task_weight)
+        self.drop_threshold = drop_threshold
+        self.reinit_dbp = float(reinit_dbp)
+        self.min_steps_between_drops = int(min_steps_between_drops)
+        self.rms_decay, self.sens_decay = float(rms_decay), float(sens_decay)
+        self.max_multiplier = float(max_multiplier)
+        dev = quantizers[0].dbp.device if quantizers else torch.device("cpu")
+        self.multiplier = torch.zeros((), device=dev)
+        self.rms = torch.zeros((), device=dev)
+        self.step_count = torch.zeros((), dtype=torch.long, device=dev)
+        self._budget_grads: list[Tensor] | None = None
+        self._expected: Tensor | None = None
+        self._target_next: float | None = None
+        self._target_now: float | None = None
+        for q in quantizers:
+            st = self.state[q.dbp]
+            st["sens"] = torch.zeros_like(q.dbp.detach())
+            st["last_drop"] = torch.full((), -(10**9), dtype=torch.long, device=dev)
+
+    # ------------------------------------------------------------------ inputs of one step
+    def prepare(self, budget_grads: Sequence[Tensor], expected: Tensor, target_now: float,
+                target_next: float) -> None:
+        """Hand over dC/dbeta of every layer (unscaled), the expected cost now and the schedule's points."""
+        self._budget_grads = [g.detach() for g in budget_grads]
+        self._expected = expected.detach()
+        self._target_now, self._target_next = float(target_now), float(target_next)
+
+    # ------------------------------------------------------------------ state beyond torch's per-param state
+    def controller_state(self) -> dict:
+        return {"multiplier": self.multiplier.clone(), "rms": self.rms.clone(), "step_count": self.step_count.clone()}
+
+    def load_controller_state(self, state: dict) -> None:
+        for key in ("multiplier", "rms", "step_count"):
+            if key in state:
+                getattr(self, key).copy_(state[key])
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["controller"] = self.controller_state()
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        controller = state_dict.pop("controller", None)
+        super().load_state_dict(state_dict)
+        if controller is not None:
+            self.load_controller_state(controller)
+
+    # ------------------------------------------------------------------ the step
+    def _grads(self) -> list[Tensor]:
+        return [g["params"][0].grad if g["params"][0].grad is not None else torch.zeros_like(g["params"][0])
+                for g in self.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        if self._budget_grads is None:
+            raise RuntimeError("DBPOptimizer.step needs prepare(...) first (the SDQ callback calls it)")
+        params = [g["params"][0] for g in self.param_groups]
+        grads = [g.float() for g in self._grads()]
+        live = [self._live_mask(q, p) for q, p in zip(self.quantizers, params)]
+        lr = self.param_groups[0]["lr"]
+        # sensitivity: EMA of -dL/dbeta on the live entries (loss decrease per level up), for the projection
+        for p, g, m in zip(params, grads, live):
+            sens = self.state[p]["sens"]
+            sens.copy_(torch.where(m, self.sens_decay * sens - (1 - self.sens_decay) * g, sens))
+        if self.control == "penalty":
+            for p, g, b, m in zip(params, grads, self._budget_grads, live):
+                p.sub_(lr * (g + b) * m)
+        else:
+            self._dual_step(params, grads, live, lr)
+        for p in params:
+            p.clamp_(0.0, 1.0)
+        self.step_count.add_(1)
+        if self.drop_threshold is not None:
+            self._drop_levels(params)
+        self._budget_grads = None
+        return None
+
+    @staticmethod
+    def _live_mask(q: nn.Module, p: Tensor) -> Tensor:
+        idx = torch.arange(p.shape[0], device=p.device)
+        if getattr(q, "reading", "progressive") == "progressive":
+            return (idx == q.level) & (q.level > 0)
+        return idx > 0
+
+    def _dual_step(self, params: list[Tensor], grads: list[Tensor], live: list[Tensor], lr: float) -> None:
+        units = [g["unit"] for g in self.param_groups]
+        task = [g * m / u for g, m, u in zip(grads, live, units)]
+        forces = [b * m / u for b, m, u in zip(self._budget_grads, live, units)]
+        n_live = torch.stack([m.sum() for m in live]).sum().clamp_min(1)
+        ms = torch.stack([(t * t).sum() for t in task]).sum() / n_live
+        first = self.rms == 0
+        self.rms.copy_(torch.where(first, ms.sqrt(), self.rms * self.rms_decay + (1 - self.rms_decay) * ms.sqrt()))
+        scale = torch.where(self.rms > 0, 1.0 / self.rms.clamp_min(1e-30), torch.zeros_like(self.rms))
+        task = [t * scale * self.task_weight for t in task]
+        # the budget force per layer, normalised so that the mean unit cost is 1 (dC/dbeta / u = mean dC/dbits)
+        norm = torch.stack([f.abs().sum() for f in forces]).sum() / n_live
+        forces = [f / norm.clamp_min(1e-30) for f in forces]
+        # linearised constraint: E - lr sum<dC, task> - lr lam sum<dC, f> = T_next
+        d_task = torch.stack([(b * t).sum() for b, t in zip(self._budget_grads, task)]).sum()
+        d_lam = torch.stack([(b * f).sum() for b, f in zip(self._budget_grads, forces)]).sum()
+        excess = self._expected - self._target_next - lr * d_task
+        lam = (excess / (lr * d_lam).clamp_min(1e-30)).clamp(0.0, self.max_multiplier)
+        lam = torch.where(d_lam > 0, lam, torch.zeros_like(lam))
+        self.multiplier.copy_(lam)
+        for p, t, f in zip(params, task, forces):
+            p.sub_(lr * (t + lam * f))
+
+    def _drop_levels(self, params: list[Tensor]) -> None:
+        above = self._expected > self._target_now
+        step = self.step_count
+        for q, p in zip(self.quantizers, params):
+            if getattr(q, "reading", "progressive") != "progressive":
+                continue
+            st = self.state[p]
+            lvl = q.level
+            beta = p.index_select(0, lvl.view(1))[0]
+            ok = (step - st["last_drop"]) >= self.min_steps_between_drops
+            drop = (beta <= self.drop_threshold) & (lvl > 0) & above & ok
+            new = lvl - drop.long()
+            p.index_put_((new.view(1),), torch.where(drop, torch.full_like(beta, self.reinit_dbp),
+                                                     p.index_select(0, new.view(1))[0]).view(1))
+            lvl.copy_(new)
+            st["last_drop"].copy_(torch.where(drop, step, st["last_drop"]))
+
+    def sensitivity(self) -> list[Tensor]:
+        """Per layer, the EMA of -dL/dbeta per candidate index (0 where never live)."""
+        return [self.state[g["params"][0]]["sens"] for g in self.param_groups]
+
+
+class LogStepAdam(torch.optim.Optimizer):
+    """Adam on the logarithm of positive step sizes (see the module docstring); keeps every step > 0."""
+
+    def __init__(self, params, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 min_step: float = 1e-12) -> None:
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        super().__init__(params, {"lr": float(lr), "betas": betas, "eps": float(eps), "min_step": float(min_step)})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            for p in ps:
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+            glog = [p.grad.float() * p for p in ps]  # dL/dlog s = s dL/ds
+            m = [self.state[p]["exp_avg"] for p in ps]
+            v = [self.state[p]["exp_avg_sq"] for p in ps]
+            t = [self.state[p]["step"] for p in ps]
+            torch._foreach_add_(t, 1.0)
+            torch._foreach_lerp_(m, glog, 1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, glog, glog, value=1 - b2)
+            for p, mi, vi, ti in zip(ps, m, v, t):
+                mhat = mi / (1 - b1**ti)
+                vhat = vi / (1 - b2**ti)
+                upd = (-group["lr"] * mhat / (vhat.sqrt() + group["eps"])).clamp(-1.0, 1.0)
+                p.mul_(upd.exp()).clamp_(min=group["min_step"])
+        return None

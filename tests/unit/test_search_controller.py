@@ -1,0 +1,202 @@
+"""The search machinery without Lightning: the budget controller on a toy cost, the task force, the optimizers,
+device-side draws and the quantizer's own state (candidate sets)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sdq_lightning as sq
+from sdq_lightning.callbacks.search import BitSearch
+from sdq_lightning.quantizers.optim import LogStepAdam
+
+
+def _wide_net(widths=(64, 64, 64, 64, 64)) -> nn.Sequential:
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers)
+
+
+def _searched(widths=(16, 64, 128, 32, 8), cands=tuple(range(1, 9)), metric="avg_bits", target=2.0, **kw):
+    torch.manual_seed(0)
+    model = _wide_net(widths)
+    prof = sq.profile_model(model, torch.randn(1, widths[0]))
+    sq.quantize_model(model, sq.QuantSpec(weight_bits=cands, activation_bits=None, first_last="search",
+                                          estimator="ste"))
+    cm = sq.CostModel(model, prof)
+    search = BitSearch(cm, sq.Budget(metric, target), **kw)
+    return model, cm, search
+
+
+def _run(model, cm, search, steps, task_fn=None):
+    search.start(steps_per_epoch=steps, search_epochs=1)
+    trajectory = []
+    for t in range(steps):
+        search.begin_step(t, 1.0)
+        if task_fn is not None:
+            task_fn(model, t)
+        terms = search.step()
+        trajectory.append(float(terms["expected_cost"]))
+    return trajectory
+
+
+@pytest.mark.parametrize("steps", [40, 400])
+def test_dual_controller_reaches_the_target_without_a_task(steps):
+    """Budget only (no gradient in .grad): the expected cost follows the schedule and reaches the target by the end
+    of the reaching part (75 % of the steps), whatever the search length; the levels moved on the device."""
+    model, cm, search = _searched(signal="budget_only")
+    traj = _run(model, cm, search, steps)
+    reach = int(0.75 * steps)
+    final = float(cm.expected("avg_bits").detach())
+    assert traj[0] == pytest.approx(8.0)
+    assert abs(final - 2.0) / 2.0 <= 0.05, (final, traj[reach - 1], traj[-1])
+    assert abs(traj[reach] - 2.0) / 2.0 <= 0.10, traj[reach]
+    assert all(q.current_level < 7 for q in search.quantizers)
+
+
+def test_penalty_control_is_kept_and_differs():
+    model, cm, search = _searched(control="penalty", signal="budget_only", dbp_lr=0.05)
+    traj = _run(model, cm, search, 60)
+    assert traj[-1] < traj[0]  # the penalty pushes down
+    model2, cm2, search2 = _searched(signal="budget_only")
+    traj2 = _run(model2, cm2, search2, 60)
+    assert traj2 != traj
+
+
+def test_task_force_decides_which_layers_keep_bits():
+    """A task gradient that favours bits in layer '1' (dL/dbeta < 0 there, 0 elsewhere) keeps that layer higher
+    than the budget-only control does, at the same final cost."""
+    def favour(model, t):
+        q = model[1].weight_quant
+        q.dbp.grad = torch.zeros_like(q.dbp)
+        q.dbp.grad[q.level] = -1.0
+        for i in (0, 2, 3):
+            other = model[i].weight_quant
+            other.dbp.grad = torch.zeros_like(other.dbp)
+            other.dbp.grad[other.level] = 0.05 * (1 if t % 2 else -1)
+
+    m1, cm1, s1 = _searched()
+    _run(m1, cm1, s1, 300, favour)
+    m2, cm2, s2 = _searched(signal="budget_only")
+    _run(m2, cm2, s2, 300, favour)
+    with_task, without = cm1.current_bits(), cm2.current_bits()
+    assert with_task["1"] > without["1"], (with_task, without)
+    assert abs(float(cm1.expected("avg_bits")) - 2.0) <= 0.1
+
+
+def test_freeze_projection_is_a_small_correction_and_meets_the_budget():
+    model, cm, search = _searched(signal="budget_only")
+    _run(model, cm, search, 200)
+    decided, bits, expected = search.freeze_bits()
+    assert cm.of_bits(bits, "avg_bits") <= 2.0 + 1e-9
+    assert abs(expected - 2.0) <= 0.1
+
+
+@pytest.mark.parametrize("signal", ["projection_only", "random"])
+def test_controls_that_do_not_search_keep_the_dbps_and_project_from_the_top(signal):
+    model, cm, search = _searched(signal=signal)
+    before = [q.dbp.detach().clone() for q in search.quantizers]
+    _run(model, cm, search, 20)
+    assert all(torch.equal(b, q.dbp.detach()) for b, q in zip(before, search.quantizers))
+    decided, bits, _ = search.freeze_bits()
+    assert all(decided[n] == 8 for n in search.names)
+    assert cm.of_bits(bits, "avg_bits") <= 2.0 + 1e-9
+
+
+def test_random_control_depends_on_its_seed():
+    plans = []
+    for seed in (0, 1, 2):
+        model, cm, search = _searched(widths=(64, 64, 64, 64, 64, 64), signal="random", seed=seed)
+        _run(model, cm, search, 2)
+        plans.append(search.freeze_bits()[1])
+    assert len({tuple(sorted(p.items())) for p in plans}) > 1
+
+
+def test_controller_state_round_trips():
+    model, cm, search = _searched()
+    _run(model, cm, search, 30)
+    state = search.state_dict()
+    assert float(state["optimizer"]["controller"]["multiplier"]) >= 0
+    opt2 = BitSearch(cm, sq.Budget("avg_bits", 2.0))
+    opt2.start(30, 1, state)
+    assert torch.equal(opt2.optimizer.multiplier, search.optimizer.multiplier)
+    assert opt2.steps_done == 30
+
+
+def test_log_step_adam_keeps_steps_positive_under_a_constant_push():
+    """The first implementation's absolute Adam drove a step negative under a constant gradient; on log s the
+    step shrinks geometrically and never reaches 0."""
+    s = nn.Parameter(torch.tensor([0.01, 1.0]))
+    opt = LogStepAdam([s], lr=0.05)
+    for _ in range(500):
+        s.grad = torch.tensor([1.0, 1.0])
+        opt.step()
+    assert (s > 0).all() and s[0] < 0.01 and s[1] < 1.0
+
+
+def test_log_step_adam_descends_a_quadratic():
+    s = nn.Parameter(torch.tensor([2.0]))
+    opt = LogStepAdam([s], lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        ((s - 0.3) ** 2).sum().backward()
+        opt.step()
+    assert float(s) == pytest.approx(0.3, rel=0.05)
+
+
+# ----------------------------------------------------------------------------- the quantizer's own state
+def test_searched_state_loads_into_a_frozen_subset_quantizer():
+    w = torch.randn(16, 8)
+    src = sq.SDQWeightQuantizer((2, 4, 8), weight=w)
+    with torch.no_grad():
+        src.steps.mul_(torch.tensor([1.0, 1.5, 2.0]))
+    src.freeze(4)
+    dst = sq.SDQWeightQuantizer((4,), weight=w)
+    dst.load_state_dict(src.state_dict())
+    assert dst.frozen and dst.bits == 4
+    assert torch.equal(dst(w), src(w))
+
+
+def test_state_dict_names_the_candidates_and_refuses_a_mismatch():
+    w = torch.randn(16, 8)
+    src = sq.SDQWeightQuantizer((2, 4, 8), weight=w)
+    state = src.state_dict()
+    assert sq.SDQWeightQuantizer.decode_extra_state(state["_extra_state"])["candidates"] == (2, 4, 8)
+    dst = sq.SDQWeightQuantizer((1, 2), weight=w)
+    with pytest.raises(RuntimeError, match="lack"):
+        dst.load_state_dict(state)
+
+
+def test_legacy_state_without_candidates_is_read_as_1_to_8():
+    w = torch.randn(16, 8)
+    src = sq.SDQWeightQuantizer(tuple(range(1, 9)), weight=w)
+    src.freeze(3)
+    state = {k: v for k, v in src.state_dict().items() if k != "_extra_state"}
+    dst = sq.SDQWeightQuantizer((3,), weight=w)
+    dst.load_state_dict(state, strict=False)
+    assert torch.equal(dst(w), src(w))
+
+
+def test_level_and_draws_live_on_the_device_and_do_not_recompile():
+    """A level change is a buffer write, not a Python attribute: the same traced graph serves every level."""
+    w = torch.randn(32)
+    q = sq.SDQWeightQuantizer(tuple(range(1, 9)), "progressive", "gumbel", weight=w).train()
+    counts = {"n": 0}
+
+    def backend(gm, example_inputs):
+        counts["n"] += 1
+        return gm.forward
+
+    f = torch.compile(q, backend=backend, fullgraph=True)
+    outs = []
+    for lvl in (7, 5, 2, 0):
+        q.set_level(lvl, reinit_dbp=0.5)
+        outs.append(f(w).detach())
+    assert counts["n"] == 1
+    q2 = sq.SDQWeightQuantizer(tuple(range(1, 9)), "progressive", "gumbel", weight=w).train()
+    for lvl, out in zip((7, 5, 2, 0), outs):
+        q2.set_level(lvl, reinit_dbp=0.5)
+        q2.set_draw_step(int(q.draw_step) - 4 + (7, 5, 2, 0).index(lvl))
+        assert torch.equal(q2(w).detach(), out)
