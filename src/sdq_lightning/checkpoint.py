@@ -78,12 +78,17 @@ def load_quantized_state(model: nn.Module, state: Mapping[str, torch.Tensor], pl
     """Quantize ``model`` (a float model, or one already holding quantized layers) with ``plan``, load ``state``
     (a state dict of the SDQ-trained model, searched or frozen) strictly, freeze every layer at the plan's bits and
     return the model in eval mode. Plain PyTorch: no Lightning needed."""
-    from sdq_lightning.export.api import _load_searched_state  # interim, see there
+    from sdq_lightning.export.api import _prepare_state  # interim, see there
 
     plan = plan.rebased(model)
     plan.apply(model)  # ValueError for a plan of another model
-    with _load_searched_state(model, plan):
-        result = model.load_state_dict(dict(state), strict=False)
+    state = _prepare_state(model, state, plan)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches and the quantizers' own messages
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        raise ValueError(f"{where} does not fit the model quantized with its plan: "
+                         f"{lines[1] if len(lines) > 1 else lines[0]}") from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         raise ValueError(f"{where} does not fit the model quantized with its plan: missing {missing[:3]}, "

@@ -131,3 +131,16 @@ def test_export_model_input_and_opset_errors(trained, tmp_path):
         export_model(net, tmp_path, x[:1], opset=13)
     with pytest.raises(ValueError, match="export format must be one of .*got 'tflite'"):
         export_model(net, tmp_path, x[:1], formats=["tflite"])
+
+
+def test_reload_of_a_checkpoint_saved_before_the_quantizer_named_its_candidates(trained, tmp_path):
+    """Checkpoints written before the quantizer stored its candidate set (no ``_extra_state``) with a set other than
+    1..8 (here {2, 4, 8}): the plan in the checkpoint names the set, and the reload is exact."""
+    ckpt, x, ref = trained
+    state = torch.load(ckpt, weights_only=True)
+    old = {k: v for k, v in state["state_dict"].items() if not k.endswith("weight_quant._extra_state")}
+    assert len(old) < len(state["state_dict"])
+    state["state_dict"] = old
+    torch.save(state, tmp_path / "old.ckpt")
+    with torch.no_grad():
+        assert torch.equal(sq.load_quantized(LitNet, tmp_path / "old.ckpt")(x), ref)

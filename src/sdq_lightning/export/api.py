@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,44 +124,39 @@ def export_model(model: nn.Module, out_dir: str | Path, example_input: torch.Ten
     return summary
 
 
-# ---------------------------------------------------------------------------- INTERIM: searched state loading
-@contextlib.contextmanager
-def _load_searched_state(model: nn.Module, plan: BitPlan) -> Iterator[None]:
-    """INTERIM until the quantizer loads a searched state by itself (``SDQWeightQuantizer._load_from_state_dict``,
-    the lead's change): while this is active, loading a searched state (one step/DBP row per candidate of
-    ``plan.metadata["candidates"]``, per-tensor or per-channel) into a quantizer built for one frozen bitwidth keeps
-    that bitwidth's step row and the quantizer's own DBP/level/frozen index. A state that carries the quantizer's
-    ``_extra_state`` is left to the quantizer. Delete this function and its one ``with`` line in
-    ``sdq_lightning.checkpoint.load_quantized_state`` once the quantizer does it."""
-
-    def hook(q: SDQWeightQuantizer, state: dict[str, Any], prefix: str, *_: Any) -> None:
+# ---------------------------------------------------------------------------- INTERIM: old or per-channel states
+def _prepare_state(model: nn.Module, state: Mapping[str, Any], plan: BitPlan) -> dict[str, Any]:
+    """INTERIM, for what ``SDQWeightQuantizer._load_from_state_dict`` does not do by itself: (1) a state saved before
+    the quantizer recorded its candidates (no ``_extra_state``) gets the candidate set of the plan's metadata (or
+    its own, when the step rows match it), so that the quantizer maps the searched rows for any set; (2) a per-channel state
+    loaded into a quantizer built from a plan (plans do not record per-channel steps) switches that quantizer to
+    per-channel first. Delete this function and its one call in ``sdq_lightning.checkpoint.load_quantized_state``
+    once the quantizer covers (2) and checkpoints older than its ``_extra_state`` no longer matter."""
+    state = dict(state)
+    cands = tuple(plan.metadata.get("candidates") or ())
+    for name, q in model.named_modules():
+        if not isinstance(q, SDQWeightQuantizer):
+            continue
+        prefix = f"{name}." if name else ""
         steps = state.get(prefix + "steps")
-        if prefix + "_extra_state" in state or not isinstance(steps, torch.Tensor) or steps.dim() == 0:
-            return
-        searched = steps.shape[0] != len(q.candidates)
-        if searched:
-            cands = tuple(plan.metadata.get("candidates") or ())
-            if len(cands) != steps.shape[0] or not q.frozen or q.bits not in cands:
-                raise ValueError(f"layer {prefix[:-len('weight_quant.')] or '?'} has {steps.shape[0]} step "
-                                 f"candidates in the checkpoint, but the plan's candidate set is {cands or 'unknown'}"
-                                 f" and its bits are {q.bits}: the plan is not the one this checkpoint was searched"
-                                 f" with")
-            i = cands.index(q.bits)
-            steps = steps[i:i + 1]
-            for key in ("dbp", "level", "frozen_index"):
-                state[prefix + key] = getattr(q, key).detach().clone()
-        if steps.dim() == 2 and not q.per_channel:  # searched per channel: one step per output channel
+        if not isinstance(steps, torch.Tensor) or steps.dim() == 0:
+            continue
+        if steps.dim() == 2 and not q.per_channel:
             q.per_channel = True
-            q.steps = nn.Parameter(torch.empty_like(steps), requires_grad=q.steps.requires_grad)
-        state[prefix + "steps"] = steps
-
-    handles = [m.register_load_state_dict_pre_hook(hook) for m in model.modules()
-               if isinstance(m, SDQWeightQuantizer)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+            q.steps = nn.Parameter(torch.empty(len(q.candidates), steps.shape[1]), requires_grad=q.steps.requires_grad)
+        if prefix + "_extra_state" in state:
+            continue
+        saved = cands if len(cands) == steps.shape[0] else tuple(range(1, 9)) if steps.shape[0] == 8 else None
+        if steps.shape[0] == len(q.candidates):
+            saved = q.candidates
+        if saved is None:
+            raise ValueError(f"layer {name.rsplit('.', 1)[0]!r} has {steps.shape[0]} step candidates in the "
+                             f"checkpoint, but the plan's candidate set is {cands or 'unknown'}: the plan is not "
+                             f"the one this checkpoint was searched with")
+        old = SDQWeightQuantizer(saved)
+        old.per_channel = steps.dim() == 2
+        state[prefix + "_extra_state"] = old.get_extra_state()
+    return state
 
 
 # ------------------------------------------------------------------------------------- checkpoints and runs
