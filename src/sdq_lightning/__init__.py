@@ -4,7 +4,15 @@ Importing the package registers resnet20/32/56 and digits_cnn in timm's model re
 """
 
 from sdq_lightning import models  # noqa: F401  (registers timm models)
-from sdq_lightning.budget import BitPlan, Budget, CostModel, LayerBits, profile_model, project_to_budget, register_metric
+from sdq_lightning.budget import (
+    BitPlan,
+    Budget,
+    CostModel,
+    LayerBits,
+    profile_model,
+    project_to_budget,
+    register_metric,
+)
 from sdq_lightning.checkpoint import load_quantized
 from sdq_lightning.modules import QuantConv2d, QuantLinear, get_kernels, set_kernels
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer

@@ -97,8 +97,9 @@ def load_quantized_state(model: nn.Module, state: Mapping[str, torch.Tensor], pl
     return model.eval()
 
 
-def load_quantized(module: type[nn.Module] | nn.Module, checkpoint: str | Path, plan: BitPlan | str | Path | None = None,
-                   map_location: Any = "cpu", **init_kwargs: Any) -> nn.Module:
+def load_quantized(module: type[nn.Module] | nn.Module, checkpoint: str | Path,
+                   plan: BitPlan | str | Path | None = None, map_location: Any = "cpu",
+                   **init_kwargs: Any) -> nn.Module:
     """Rebuild an SDQ-trained model from a checkpoint, for inference in a fresh process.
 
     Args:

@@ -103,7 +103,8 @@ def test_reload_errors_are_one_line(trained, tmp_path):
     state = torch.load(ckpt, weights_only=True)
     del state["state_dict"]["net.4.running_var"]
     torch.save(state, tmp_path / "damaged.ckpt")
-    with pytest.raises(ValueError, match=r"does not fit the model quantized with its plan: missing \['net.4.running_var'\]"):
+    with pytest.raises(ValueError, match=r"does not fit the model quantized with its plan: "
+                                         r"missing \['net.4.running_var'\]"):
         sq.load_quantized(LitNet, tmp_path / "damaged.ckpt")
 
 

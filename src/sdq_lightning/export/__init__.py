@@ -8,7 +8,14 @@
 New formats: :func:`register_export_format` (see ``docs/extending.md``).
 """
 
-from sdq_lightning.export.api import MIN_OPSET, export_from_checkpoint, export_model, export_run, load_run_model, min_opset
+from sdq_lightning.export.api import (
+    MIN_OPSET,
+    export_from_checkpoint,
+    export_model,
+    export_run,
+    load_run_model,
+    min_opset,
+)
 from sdq_lightning.export.formats import (
     DEFAULT_FORMATS,
     FORMATS,

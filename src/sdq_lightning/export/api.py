@@ -128,10 +128,11 @@ def export_model(model: nn.Module, out_dir: str | Path, example_input: torch.Ten
 def _prepare_state(model: nn.Module, state: Mapping[str, Any], plan: BitPlan) -> dict[str, Any]:
     """INTERIM, for what ``SDQWeightQuantizer._load_from_state_dict`` does not do by itself: (1) a state saved before
     the quantizer recorded its candidates (no ``_extra_state``) gets the candidate set of the plan's metadata (or
-    its own, when the step rows match it), so that the quantizer maps the searched rows for any set; (2) a per-channel state
-    loaded into a quantizer built from a plan (plans do not record per-channel steps) switches that quantizer to
-    per-channel first. Delete this function and its one call in ``sdq_lightning.checkpoint.load_quantized_state``
-    once the quantizer covers (2) and checkpoints older than its ``_extra_state`` no longer matter."""
+    its own, when the step rows match it), so that the quantizer maps the searched rows for any set; (2) a
+    per-channel state loaded into a quantizer built from a plan (plans do not record per-channel steps) switches
+    that quantizer to per-channel first. Delete this function and its one call in
+    ``sdq_lightning.checkpoint.load_quantized_state`` once the quantizer covers (2) and checkpoints older than its
+    ``_extra_state`` no longer matter."""
     state = dict(state)
     cands = tuple(plan.metadata.get("candidates") or ())
     for name, q in model.named_modules():
@@ -143,7 +144,8 @@ def _prepare_state(model: nn.Module, state: Mapping[str, Any], plan: BitPlan) ->
             continue
         if steps.dim() == 2 and not q.per_channel:
             q.per_channel = True
-            q.steps = nn.Parameter(torch.empty(len(q.candidates), steps.shape[1]), requires_grad=q.steps.requires_grad)
+            q.steps = nn.Parameter(torch.empty(len(q.candidates), steps.shape[1]),
+                                   requires_grad=q.steps.requires_grad)
         if prefix + "_extra_state" in state:
             continue
         saved = cands if len(cands) == steps.shape[0] else tuple(range(1, 9)) if steps.shape[0] == 8 else None
