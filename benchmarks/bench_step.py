@@ -14,7 +14,13 @@ Modes (all in one process, interleaved round robin so that machine noise hits ev
   Hydra app's default ``sdq.kernels=compile`` run.
 * with ``--compile``, fp/search/frozen with the whole model under ``torch.compile`` (a second table; skipped if it
   fails).
-* ``--bf16``: every mode under ``torch.autocast("cpu", torch.bfloat16)`` (the ``bf16-mixed`` training precision).
+* ``--bf16``: every mode under ``torch.autocast(device, torch.bfloat16)`` (the ``bf16-mixed`` training precision).
+* ``--device cuda --batch N``: on a GPU (CUDA-synchronised wall time per step; memory columns from the CUDA
+  allocator instead of saved tensors / RSS).
+
+A quantized step is the whole training step the SDQ callback runs: forward, backward, the SGD step of the weights,
+the LSQ step sizes' ``LogStepAdam`` step and, in ``search`` mode, the DBP step with its budget controller
+(:class:`sdq_lightning.callbacks.search.BitSearch`, 1000-step search towards ``avg_bits <= 2.0``).
 
 Each repeat times ``--steps`` consecutive optimizer steps of one mode after ``--warmup`` untimed steps of every
 mode; the median over ``--repeats`` repeats of (time / steps) is reported, with the ratios to ``fp``. On a shared
@@ -66,12 +72,15 @@ def modes_for(kernels: str) -> tuple[str, ...]:
     return ("fp", *eager, *ck)
 
 
+DEVICE = "cpu"
+
+
 def build(mode: str, seed: int = 0) -> nn.Module:
     mode = mode.removesuffix(CK)
     torch.manual_seed(seed)
     model = timm.create_model("resnet20", num_classes=10)
     if mode == "fp":
-        return model.train()
+        return model.train().to(DEVICE)
     x1 = torch.randn(1, 3, 32, 32)
     prof = sq.profile_model(model, x1)
     sq.quantize_model(model, sq.QuantSpec(weight_bits=tuple(range(1, 9)), activation_bits=4))
@@ -84,32 +93,55 @@ def build(mode: str, seed: int = 0) -> nn.Module:
         plan = sq.BitPlan.from_model(model, profile=prof).with_bits(bits)
         plan.apply(model)
         assert plan.average_bits <= 2.0
+    model.to(DEVICE)
+    if mode == "search":
+        from sdq_lightning.callbacks.search import BitSearch
+
+        model._bench_search = BitSearch(sq.CostModel(model, prof), sq.Budget("avg_bits", 2.0))
+        model._bench_search.start(1000, 1)
     return model
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 class Runner:
     def __init__(self, model: nn.Module, compiled: bool = False, kernels: str = "eager", bf16: bool = False) -> None:
+        from sdq_lightning.quantizers.optim import LogStepAdam
+
         self.model, self.kernels, self.bf16 = model, kernels, bf16
-        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        quant = [p for n, p in model.named_parameters() if n.endswith(("dbp", "steps", "step"))]
+        ids = {id(p) for p in quant}
+        self.opt = torch.optim.SGD([p for p in model.parameters() if id(p) not in ids], lr=0.01, momentum=0.9)
+        steps = [p for n, p in model.named_parameters() if n.endswith(("steps", "step"))]
+        self.step_opt = LogStepAdam(steps) if steps else None
+        self.search = getattr(model, "_bench_search", None)
         self.fwd = torch.compile(model) if compiled else model
         g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(BATCH, 3, 32, 32, generator=g)
-        self.y = torch.randint(0, 10, (BATCH,), generator=g)
+        self.x = torch.randn(BATCH, 3, 32, 32, generator=g).to(DEVICE)
+        self.y = torch.randint(0, 10, (BATCH,), generator=g).to(DEVICE)
         self.step_idx = 0
 
     def step(self) -> None:
         self.step_idx += 1
-        for m in self.model.modules():
-            if isinstance(m, sq.SDQWeightQuantizer):
-                m.set_draw_step(self.step_idx)
+        if self.search is not None:
+            self.search.begin_step(self.step_idx, 0.5)
         self.opt.zero_grad(set_to_none=True)
         self.loss(self.fwd).backward()
         self.opt.step()
+        if self.search is not None:
+            self.search.step()
+        if self.step_opt is not None:
+            self.step_opt.step()
+            self.step_opt.zero_grad(set_to_none=True)
 
-    def loss(self, fwd: nn.Module, n: int = BATCH) -> torch.Tensor:
+    def loss(self, fwd: nn.Module, n: int | None = None) -> torch.Tensor:
         """Cross entropy of ``fwd`` on the first ``n`` images, under this runner's kernels and precision."""
+        n = BATCH if n is None else n
         sq.set_kernels(self.kernels)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=self.bf16):
             return nn.functional.cross_entropy(fwd(self.x[:n]), self.y[:n])
 
 
@@ -175,9 +207,11 @@ def time_modes(runners: dict[str, Runner], repeats: int, steps: int, warmup: int
     for rep in range(repeats):
         order = list(runners) if rep % 2 == 0 else list(runners)[::-1]
         for m in order:
+            _sync()
             t0 = time.perf_counter()
             for _ in range(steps):
                 runners[m].step()
+            _sync()
             times[m].append((time.perf_counter() - t0) / steps * 1e3)
     return times
 
@@ -206,9 +240,15 @@ def main() -> None:
                     help="LSQ kernels of the quantized modes (compile: sdq_lightning.set_kernels('compile'))")
     ap.add_argument("--bf16", action="store_true", help="every mode under CPU bf16 autocast")
     ap.add_argument("--compile", action="store_true", help="also time whole-model torch.compile variants")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global DEVICE, BATCH
+    DEVICE, BATCH = args.device, args.batch
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_child:
@@ -222,7 +262,17 @@ def main() -> None:
 
     mem: dict[str, dict[str, str]] = {}
     saved = {m: saved_tensor_bytes(r) / 2**20 for m, r in runners.items()}
-    rss = {m: rss_delta_mib(m, max(args.steps, 3), args.bf16) for m in modes}
+    if DEVICE == "cuda":  # the caching allocator keeps statistics: peak allocated over one step per mode
+        rss = {}
+        for m, r in runners.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            r.step()
+            torch.cuda.synchronize()
+            rss[m] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        rss = {m: rss_delta_mib(m, max(args.steps, 3), args.bf16) for m in modes}
     params = {m: sum(p.numel() * p.element_size() for p in r.model.parameters()) / 2**20 for m, r in runners.items()}
     for m in modes:
         mem[m] = {"saved MiB": f"{saved[m]:.1f} ({saved[m] / saved['fp']:.2f}x)",
@@ -230,7 +280,8 @@ def main() -> None:
                   "params MiB": f"{params[m]:.2f}"}
 
     cmd = "python " + " ".join(sys.argv)
-    env = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    dev = torch.cuda.get_device_name() if DEVICE == "cuda" else (platform.processor() or platform.machine())
+    env = (f"torch {torch.__version__}, {dev}, "
            f"{torch.get_num_threads()} threads, {'bf16 autocast' if args.bf16 else 'fp32'}, batch {BATCH}, {args.repeats} repeats x {args.steps} steps, "
            f"frozen plan {frozen_plan_bits:.3f} avg bits")
     parts = [f"Command: `{cmd}`", "", env, "", table("model in eager mode (+ck: LSQ kernels compiled)", times, mem)]

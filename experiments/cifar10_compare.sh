@@ -3,6 +3,8 @@
 # initialised from checkpoints/resnet20_cifar10_fp.pt (made by experiments/cifar10_fp_baseline.sh), same seed,
 # same schedule length (EPOCHS), FP activations as in the paper's CIFAR-10 row.
 #   rows: uniform2_kd | sdq | sdq_noebr | sdq_nokd | uniform2 (no KD; the control of sdq_nokd)
+#   search controls (no KD, issue 13): budget_only | projection_only | random (same epochs, same budget as sdq_nokd)
+#   SUBSET=10000 trains on a fixed class-balanced subset of the training set (and evaluates on the full test set)
 #   (default: the first four; ROWS="sdq uniform2_kd" to pick)
 #   CIFAR10_ROOT=/path/to/cifar10 EPOCHS=6 SEARCH=2 bash experiments/cifar10_compare.sh
 # Then: python experiments/summarize.py outputs/runs/c10cmp_* > the table.
@@ -15,17 +17,19 @@ SEED="${SEED:-0}"
 ABITS="${ABITS:-null}"
 TARGET="${TARGET:-2.0}"
 ROWS="${ROWS:-uniform2_kd sdq sdq_noebr sdq_nokd}"
+SUBSET="${SUBSET:-null}"
 FP="${FP_CKPT:-checkpoints/resnet20_cifar10_fp.pt}"
 PY="${PY:-.venv/bin/python}"
 test -f "$FP" || { echo "error: $FP not found; run experiments/cifar10_fp_baseline.sh first" >&2; exit 2; }
 common=(dataset=imagefolder dataset.root="$ROOT" dataset.image_size=32
   'dataset.mean=[0.4914,0.4822,0.4465]' 'dataset.std=[0.2470,0.2435,0.2616]'
-  dataset.in_memory=true dataset.num_workers=2 dataset.batch_size=128
+  dataset.in_memory=true dataset.num_workers=2 dataset.batch_size=128 dataset.subset="$SUBSET" dataset.val_subset=10000
   model.init_checkpoint="$FP" model.lr=0.02 model.scheduler=cosine
   trainer.max_epochs="$EPOCHS" trainer.precision=bf16-mixed trainer.enable_progress_bar=false
   hardware.activation_bits="$ABITS" seed="$SEED" logger=csv)
 kd=(sdq.teacher="$FP" sdq.teacher_arch=resnet20)
-tag="a${ABITS}_s${SEED}${TAG:+_$TAG}"  # TAG=e8 (say) keeps a longer schedule apart
+tag="a${ABITS}_s${SEED}${TAG:+_$TAG}"
+[ "$SUBSET" = null ] || tag="${tag}_sub${SUBSET}"  # TAG=e8 (say) keeps a longer schedule apart
 for row in $ROWS; do
   case "$row" in
     uniform2_kd) args=(hardware.weight_bits=[2] hardware.target=2.1 phase.search_epochs=0 "${kd[@]}") ;;
@@ -33,7 +37,11 @@ for row in $ROWS; do
     sdq)         args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" "${kd[@]}") ;;
     sdq_noebr)   args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.ebr_weight=0 "${kd[@]}") ;;
     sdq_nokd)    args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.teacher=null) ;;
-    *) echo "error: unknown row '$row' (allowed: uniform2_kd sdq sdq_noebr sdq_nokd uniform2)" >&2; exit 2 ;;
+    budget_only|projection_only|random)
+                 args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.teacher=null
+                       sdq.search_signal="$row") ;;
+    *) echo "error: unknown row '$row' (allowed: uniform2_kd sdq sdq_noebr sdq_nokd uniform2 budget_only" \
+            "projection_only random)" >&2; exit 2 ;;
   esac
   echo "=== $row ($tag) $(date -u +%FT%TZ)"
   $PY -m sdq_lightning.train name="c10cmp_${row}_${tag}" "${common[@]}" "${args[@]}" "$@"

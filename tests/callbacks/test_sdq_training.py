@@ -79,7 +79,7 @@ def test_user_module_with_weight_decay(make_trainer, digits):
     assert not step_ids & user_ids
     assert not {id(p) for g in sdq.search.optimizer.param_groups for p in g["params"]} - dbp_ids
     assert all(g.get("weight_decay", 0) == 0 for g in sdq.search.optimizer.param_groups)
-    assert all(g["weight_decay"] == 0 for g in sdq._step_opt.param_groups)
+    assert all(g.get("weight_decay", 0) == 0 for g in sdq._step_opt.param_groups)
     assert sdq.plan.average_bits <= 3.0
     assert sdq.plan.layers["net.0"].w_bits == 8 and sdq.plan.layers["net.6"].w_bits == 8  # first/last policy
 

@@ -145,7 +145,7 @@ class SDQ(Callback):
         step_lr: float = 1e-2,
         drop_threshold: float = 0.05,
         reinit_dbp: float = 1.0,
-        min_steps_between_drops: int = 5,
+        min_steps_between_drops: int = 1,
         ebr_weight: float = 0.1,
         ebr_weighting: str = "uniform",
         ebr_entropy_weight: float = 0.0,
@@ -522,6 +522,8 @@ class SDQ(Callback):
             self.freeze(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.search is not None:
+            self.search.flush_trace()
         record = self._epoch_record(trainer, pl_module)
         if self.phase is Phase.SEARCH and trainer.current_epoch + 1 >= self.search_epochs:
             self.freeze(trainer, pl_module)  # the epoch ended early (max_time, limits): freeze now
@@ -593,6 +595,14 @@ class SDQ(Callback):
     def _plan_path(self, trainer: pl.Trainer) -> Path:
         root = self.save_dir or (Path(trainer.log_dir) if trainer.log_dir else Path(trainer.default_root_dir))
         return root / "plan.yaml"
+
+    @property
+    def search_trace(self) -> dict[str, list] | None:
+        """Per recorded search step: each layer's expected bits, the expected cost and the controller's value
+        (the multiplier under ``dual``, the penalty under ``penalty``)."""
+        if self.search is None:
+            return (self._pending_search or {}).get("trace")
+        return self.search.flush_trace()
 
     # ================================================================ state
     def state_dict(self) -> dict[str, Any]:

@@ -41,7 +41,7 @@ class BitSearch:
     def __init__(self, cost_model: CostModel, budget: Budget, *, control: str = "dual",
                  signal: str = "task+budget", dbp_lr: float | None = None, task_weight: float = 1.0,
                  budget_reach: float = 0.75, penalty_weight: float = 1.0, penalty: str = "squared_hinge",
-                 drop_threshold: float = 0.05, reinit_dbp: float = 1.0, min_steps_between_drops: int = 5,
+                 drop_threshold: float = 0.05, reinit_dbp: float = 1.0, min_steps_between_drops: int = 1,
                  projection_sensitivity: str = "task_grad", seed: int = 0) -> None:
         self.cost_model, self.budget = cost_model, budget
         self.control, self.signal = control, signal
@@ -58,6 +58,8 @@ class BitSearch:
         self.total_steps: int | None = None
         self.steps_done = 0
         self.last_terms: dict[str, Tensor] = {}
+        self.trace: dict[str, list] = {"step": [], "expected_bits": [], "expected_cost": [], "control": []}
+        self._trace_buf: list[tuple[int, Tensor]] = []  # device tensors, read back at flush_trace()
 
     # ------------------------------------------------------------------ set-up
     def _unit_costs(self) -> list[float]:
@@ -78,6 +80,8 @@ class BitSearch:
             self.start_cost = pending_state.get("start_cost")
             self.total_steps = pending_state.get("total_steps")
             self.steps_done = int(pending_state.get("steps_done", 0))
+            if pending_state.get("trace"):
+                self.trace = pending_state["trace"]
         if self.total_steps is None:
             self.total_steps = max(int(steps_per_epoch) * int(search_epochs), 1)
         if self.start_cost is None:
@@ -115,6 +119,13 @@ class BitSearch:
         frac = min(step / max(self.budget_reach * self.total_steps, 1.0), 1.0)
         return self.start_cost + (self.budget.target - self.start_cost) * frac
 
+    def harden_at(self, step: int) -> float:
+        """Weight of the hardening force: 0 while the schedule descends, then linear to 1 at the end."""
+        start = self.budget_reach * self.total_steps
+        if self.total_steps <= start:
+            return 0.0
+        return min(max((step - start) / (self.total_steps - start), 0.0), 1.0)
+
     # ------------------------------------------------------------------ per step
     def begin_step(self, global_step: int, temperature: float) -> None:
         for q in self.quantizers:
@@ -141,7 +152,7 @@ class BitSearch:
                 [None] * len(dbps)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(dbps, grads)]
         now, nxt = self.target_at(self.steps_done), self.target_at(self.steps_done + 1)
-        opt.prepare(grads, expected, now, nxt)
+        opt.prepare(grads, expected, now, nxt, harden=self.harden_at(self.steps_done))
         if self.moves:
             if scaler is not None:
                 scaler.step(opt)
@@ -156,6 +167,13 @@ class BitSearch:
             opt._budget_grads = None
         opt.zero_grad(set_to_none=True)
         self.steps_done += 1
+        every = max(self.total_steps // 200, 1)
+        if self.steps_done % every == 0 or self.steps_done == 1:
+            with torch.no_grad():
+                control = opt.multiplier if self.control == "dual" else objective.detach()
+                row = torch.stack([q.expected_bits().detach().float() for q in self.quantizers] +
+                                  [expected.detach().float(), control.float()])
+            self._trace_buf.append((self.steps_done, row))
         terms = {"expected_cost": expected.detach(), "budget_schedule": torch.tensor(nxt)}
         if self.control == "dual":
             terms["multiplier"] = opt.multiplier.clone()
@@ -163,6 +181,18 @@ class BitSearch:
             terms["penalty"] = objective.detach()
         self.last_terms = terms
         return terms
+
+    def flush_trace(self) -> dict[str, list]:
+        """Move the recorded trace to the host (one read; call at epoch ends) and return it."""
+        if self._trace_buf:
+            rows = torch.stack([r for _, r in self._trace_buf]).cpu().tolist()
+            for (step, _), row in zip(self._trace_buf, rows):
+                self.trace["step"].append(step)
+                self.trace["expected_bits"].append(dict(zip(self.names, row[:-2])))
+                self.trace["expected_cost"].append(row[-2])
+                self.trace["control"].append(row[-1])
+            self._trace_buf = []
+        return self.trace
 
     # ------------------------------------------------------------------ freeze
     def sensitivities(self, root: torch.nn.Module | None = None) -> dict[str, dict[int, float]]:
@@ -205,5 +235,6 @@ class BitSearch:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"start_cost": self.start_cost, "total_steps": self.total_steps, "steps_done": self.steps_done,
+        self.flush_trace()
+        return {"trace": self.trace, "control": self.control, "start_cost": self.start_cost, "total_steps": self.total_steps, "steps_done": self.steps_done,
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}

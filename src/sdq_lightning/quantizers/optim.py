@@ -13,10 +13,13 @@ optimizer does (``scaler.unscale_(opt)`` then ``scaler.step(opt)``: skipped when
   signal has unit scale whatever the loss, model or schedule (``search_signal="budget_only"`` sets it to 0);
 * budget force ``f_l = (dC/dbeta_l) / u_l / mean(u)``: the same push for every layer whatever its size (it equals
   ``b_i - b_{i-1}`` under ``avg_bits``), so the ranking between layers is the task loss per unit of cost;
-* ``beta_l <- clip(beta_l - lr (task_weight t_l + lambda f_l), 0, 1)`` with the multiplier ``lambda >= 0`` chosen
-  every step so that the linearised expected cost after the step equals the schedule's next point (the dual
-  variable of the linearised constraint ``E[C] <= T(t + 1)``, solved in closed form instead of by slow dual
-  ascent); ``lambda = 0`` when the task step alone meets it;
+* ``beta_l <- clip(beta_l - lr (task_weight t_l + lambda f_l), 0, 1)`` with the multiplier ``lambda`` chosen every
+  step so that the linearised expected cost after the step equals the schedule's next point (the Lagrange
+  multiplier of the linearised constraint ``E[C] = T(t + 1)``, solved in closed form instead of by slow dual
+  ascent; negative when the task alone would undershoot the schedule, so the search ends AT the budget, not
+  below it);
+* in the holding part of the schedule a hardening force, growing from 0 to 1, pushes each live DBP towards the
+  nearer of 0 and 1, so the freeze's rounding (and the projection after it) is a small correction;
 * progressive level drops on the device: a live DBP at or below ``drop_threshold`` moves the layer one level down
   (re-initialised to ``reinit_dbp``) while the expected cost is above the schedule, at most once per
   ``min_steps_between_drops`` steps;
@@ -56,7 +59,7 @@ class DBPOptimizer(torch.optim.Optimizer):
 
     def __init__(self, quantizers: Sequence[nn.Module], units: Sequence[float], lr: float, control: str = "dual",
                  task_weight: float = 1.0, drop_threshold: float | None = 0.05, reinit_dbp: float = 1.0,
-                 min_steps_between_drops: int = 5, rms_decay: float = 0.98, sens_decay: float = 0.99,
+                 min_steps_between_drops: int = 1, rms_decay: float = 0.98, sens_decay: float = 0.99,
                  max_multiplier: float = 20.0) -> None:
         if control not in ("dual", "penalty"):
             raise ValueError(f"control must be 'dual' or 'penalty', got {control!r}")
@@ -77,6 +80,7 @@ class DBPOptimizer(torch.optim.Optimizer):
         self.rms = torch.zeros((), device=dev)
         self.step_count = torch.zeros((), dtype=torch.long, device=dev)
         self._budget_grads: list[Tensor] | None = None
+        self._harden = 0.0
         self._expected: Tensor | None = None
         self._target_next: float | None = None
         self._target_now: float | None = None
@@ -87,8 +91,11 @@ class DBPOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ inputs of one step
     def prepare(self, budget_grads: Sequence[Tensor], expected: Tensor, target_now: float,
-                target_next: float) -> None:
-        """Hand over dC/dbeta of every layer (unscaled), the expected cost now and the schedule's points."""
+                target_next: float, harden: float = 0.0) -> None:
+        """Hand over dC/dbeta of every layer (unscaled), the expected cost now, the schedule's points and the
+        hardening weight (0..1: a push of each live DBP towards the nearer of 0 and 1, so that the freeze's
+        rounding is a small change)."""
+        self._harden = float(harden)
         self._budget_grads = [g.detach() for g in budget_grads]
         self._expected = expected.detach()
         self._target_now, self._target_next = float(target_now), float(target_next)
@@ -164,6 +171,8 @@ class DBPOptimizer(torch.optim.Optimizer):
         self.rms.copy_(torch.where(first, ms.sqrt(), self.rms * self.rms_decay + (1 - self.rms_decay) * ms.sqrt()))
         scale = torch.where(self.rms > 0, 1.0 / self.rms.clamp_min(1e-30), torch.zeros_like(self.rms))
         task = [t * scale * self.task_weight for t in task]
+        if self._harden > 0:  # towards the nearer end: beta > 0.5 up, below down (a negative force raises beta)
+            task = [t - self._harden * torch.sign(p.detach() - 0.5) * m for t, p, m in zip(task, params, live)]
         # the budget force per layer, normalised so that the mean unit cost is 1 (dC/dbeta / u = mean dC/dbits)
         norm = torch.stack([f.abs().sum() for f in forces]).sum() / n_live
         forces = [f / norm.clamp_min(1e-30) for f in forces]
@@ -171,7 +180,7 @@ class DBPOptimizer(torch.optim.Optimizer):
         d_task = torch.stack([(b * t).sum() for b, t in zip(self._budget_grads, task)]).sum()
         d_lam = torch.stack([(b * f).sum() for b, f in zip(self._budget_grads, forces)]).sum()
         excess = self._expected - self._target_next - lr * d_task
-        lam = (excess / (lr * d_lam).clamp_min(1e-30)).clamp(0.0, self.max_multiplier)
+        lam = (excess / (lr * d_lam).clamp_min(1e-30)).clamp(-self.max_multiplier, self.max_multiplier)
         lam = torch.where(d_lam > 0, lam, torch.zeros_like(lam))
         self.multiplier.copy_(lam)
         for p, t, f in zip(params, task, forces):
