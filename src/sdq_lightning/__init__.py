@@ -4,7 +4,16 @@ Importing the package registers resnet20/32/56 and digits_cnn in timm's model re
 """
 
 from sdq_lightning import models  # noqa: F401  (registers timm models)
-from sdq_lightning.budget import BitPlan, Budget, CostModel, LayerBits, profile_model, project_to_budget
+from sdq_lightning.budget import (
+    BitPlan,
+    Budget,
+    CostModel,
+    LayerBits,
+    profile_model,
+    project_to_budget,
+    register_metric,
+)
+from sdq_lightning.checkpoint import load_quantized
 from sdq_lightning.modules import QuantConv2d, QuantLinear, get_kernels, set_kernels
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.surgery import QuantReport, QuantSpec, dequantize_model, quant_layers, quantize_model
@@ -26,10 +35,12 @@ __all__ = [
     "SDQWeightQuantizer",
     "dequantize_model",
     "get_kernels",
+    "load_quantized",
     "profile_model",
     "project_to_budget",
     "quant_layers",
     "quantize_model",
+    "register_metric",
     "set_kernels",
 ]
 

@@ -88,3 +88,31 @@ def _build_mixed(name: str, per_channel: bool, fp_steps: int, qat_steps: int, se
         model(x[:128])  # calibrates every ActQuantizer (sign mode and step) on real images
     _train(model, x, y, qat_steps, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), seed + 1, batch)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------- runs of the Hydra app
+APP_TINY = [  # 2 epochs (1 search + 1 train), 2 training batches, 1 val/test batch of 16 real digits
+    "experiment=digits_demo", "compare.enabled=false", "fp_teacher.enabled=false", "trainer.max_epochs=2",
+    "phase.search_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+    "fp_teacher.epochs=1", "dataset.batch_size=16", "dataset.num_workers=0", "logger=csv", "save_checkpoint=true",
+]
+
+
+def compose_app(overrides: list[str]):
+    """The app's composed config (``sdq-train`` without Hydra's run folder)."""
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(sdq_lightning.__file__).resolve().parent / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def app_test_batch(cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first test batch of the run's data module (real digits): what the run's test/acc was measured on."""
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.dataset, _convert_="all")
+    dm.setup("test")
+    x, y = next(iter(dm.test_dataloader()))[:2]
+    return x, y

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -57,3 +58,34 @@ def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
     assert main([str(tmp_path / "run"), "--out", str(tmp_path / "o")]) == 2
     assert "no *.ckpt" in capsys.readouterr().err
     assert main([str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--formats", "tflite"]) == 2
+
+
+def test_help_shows_defaults_and_minimum_opset(capsys) -> None:
+    with pytest.raises(SystemExit) as ex:
+        main(["--help"])
+    assert ex.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: packed,onnx,report)" in text
+    assert "ONNX opset (default: 25; minimum 18." in text
+    assert "default: the run's dataset.image_size" in text
+
+
+def test_bad_opset_and_input_size_are_one_line(resnet20_mixed, digits_batch, tmp_path, capsys) -> None:
+    x, _ = digits_batch
+    run = _run_folder(resnet20_mixed, x, tmp_path)
+    cases = {("--opset", "13"): "sdq-export: error: --opset must be an integer in [18, ",
+             ("--opset", "x"): "sdq-export: error: --opset must be an integer >= 18 (default 25), got 'x'",
+             ("--example-input-size", "1,8,8"): "sdq-export: error: --example-input-size: input of shape (1, 1, 8, 8) "
+                                                "does not fit the model: ",
+             ("--example-input-size", "3,a"): "sdq-export: error: --example-input-size must be positive integers",
+             ("--bogus", "1"): "sdq-export: error: unrecognized arguments: --bogus 1"}
+    for args, start in cases.items():
+        try:
+            code = main([str(run), "--out", str(tmp_path / "o"), *args])
+        except SystemExit as ex:  # argparse's own errors
+            code = ex.code
+        assert code == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith(start), (args, err)
+        assert err.count("\n") == 1, (args, err)
+    assert not (tmp_path / "o" / "model.onnx").exists()

@@ -129,7 +129,8 @@ def test_unfrozen_quantizer_is_refused(tmp_path) -> None:
 
 def test_header_is_safe_json(resnet20_mixed, tmp_path) -> None:
     h = read_header(_packed(resnet20_mixed, tmp_path))
-    assert h["model"] == {"name": "resnet20", "kwargs": {"num_classes": 10, "in_chans": 3}}
+    assert h["model"] == {"name": "resnet20", "kwargs": {"num_classes": 10, "in_chans": 3},
+                          "class": type(resnet20_mixed).__qualname__}
     assert len(h["plan"]["layers"]) == 22
 
 

@@ -1,6 +1,6 @@
-"""Costs of a bit assignment: average bits, size and BitOPs.
+"""Costs of a bit assignment, and the registry of cost metrics (``avg_bits``, ``size``, ``bitops`` built in).
 
-Counting convention (also in the README and in every BitPlan's metadata):
+Counting convention of the built-in metrics (also in the README and in every BitPlan's metadata):
 
 * ``avg_bits``: parameter-weighted average weight bitwidth over the weights of ALL Conv2d/Linear layers,
   ``sum_l N_l b_l / sum_l N_l``; a layer kept in floating point counts at 32 bits.
@@ -8,35 +8,160 @@ Counting convention (also in the README and in every BitPlan's metadata):
   (biases, BatchNorm, FP layers) at 32 bits. Step sizes and DBPs are not counted.
 * ``bitops``: ``sum_l MACs_l * b_w,l * b_a,l`` for one sample over ALL Conv2d/Linear layers, the first conv
   (stem) and the classifier included, FP weights or activations counted at 32 bits.
+
+A new metric is one function plus one registration (see ``docs/extending.md``)::
+
+    @register_metric("weight_energy")
+    def weight_energy(layers: Sequence[LayerCost], other_params: int) -> float | Tensor:
+        return sum(lc.params * bits_or_fp(lc.w_bits) ** 2 for lc in layers)
+
+It must accept ``w_bits`` as a tensor (the differentiable expected bits during the search) and grow with the bits
+(the budget projection lowers bits until the cost fits).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["CONVENTION", "FP_BITS", "METRICS", "Budget", "LayerCost", "cost_of"]
+__all__ = ["CONVENTION", "FP_BITS", "METRICS", "Budget", "LayerCost", "MetricFn", "bits_or_fp", "cost_of",
+           "get_metric", "register_metric", "unregister_metric"]
 
-METRICS = ("avg_bits", "size", "bitops")
 FP_BITS = 32
 CONVENTION = ("avg_bits: param-weighted over all conv/linear weights (FP=32); size: quantized weights at b bits + "
               "other params at 32 bits, in bytes; bitops: per-sample MACs*b_w*b_a over all conv/linear incl. "
               "stem and classifier (FP=32)")
 
 
+@dataclass
+class LayerCost:
+    """What the cost of one layer depends on. ``w_bits`` may be a tensor (differentiable expected bits)."""
+
+    params: int
+    macs: int
+    w_bits: float | Tensor | None
+    a_bits: float | None
+
+
+MetricFn = Callable[[Sequence[LayerCost], int], "float | Tensor"]
+_METRICS: dict[str, MetricFn] = {}
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class RegistryNames(Sequence[str]):
+    """A live, read-only view of a registry's names (compares equal to the tuple of names); ``keep(value)`` selects
+    the entries shown."""
+
+    def __init__(self, registry: Mapping[str, Any], keep: Callable[[Any], bool] | None = None) -> None:
+        self._registry, self._keep = registry, keep
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(n for n, v in self._registry.items() if self._keep is None or self._keep(v))
+
+    def __getitem__(self, index):  # noqa: ANN001 - int or slice, as tuple's
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __eq__(self, other: object) -> bool:
+        return self._names() == (tuple(other) if isinstance(other, (tuple, list, RegistryNames)) else other)
+
+    def __hash__(self) -> int:
+        return hash(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+METRICS = RegistryNames(_METRICS)
+"""Names of the registered cost metrics (live: a metric registered later appears here)."""
+
+
+def register_metric(name: str, *, replace: bool = False) -> Callable[[MetricFn], MetricFn]:
+    """Decorator registering ``fn(layers, other_params) -> cost`` under ``name`` (usable in ``Budget``, the SDQ
+    callback's ``budget``, ``BitPlan.cost`` and the app's ``hardware.metric``). ``replace=True`` overrides an existing
+    metric of that name; otherwise a second registration raises ``ValueError``."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"metric name must be a letter followed by letters, digits or '_', got {name!r}")
+    if name in _METRICS and not replace:
+        raise ValueError(f"metric {name!r} is already registered (pass replace=True to override it)")
+
+    def decorate(fn: MetricFn) -> MetricFn:
+        if not callable(fn):
+            raise ValueError(f"register_metric({name!r}) decorates a function (layers, other_params) -> cost, "
+                             f"got {type(fn).__name__}")
+        _METRICS[name] = fn
+        return fn
+
+    return decorate
+
+
+def unregister_metric(name: str) -> None:
+    """Remove a registered metric (``ValueError`` for an unknown name)."""
+    get_metric(name)
+    del _METRICS[name]
+
+
+def get_metric(name: str) -> MetricFn:
+    """The cost function registered under ``name``; ``ValueError`` naming the registered metrics otherwise."""
+    if not isinstance(name, str) or name not in _METRICS:
+        raise ValueError(f"metric must be one of {tuple(_METRICS)}, got {name!r} (register a new one with "
+                         f"sdq_lightning.budget.register_metric)")
+    return _METRICS[name]
+
+
+def bits_or_fp(bits: float | Tensor | None) -> float | Tensor:
+    """``bits``, or :data:`FP_BITS` for a layer kept in floating point (``None``)."""
+    return FP_BITS if bits is None else bits
+
+
+_b = bits_or_fp
+
+
+@register_metric("avg_bits")
+def _avg_bits(layers: Sequence[LayerCost], other_params: int) -> float | Tensor:
+    total = sum(lc.params for lc in layers)
+    return sum(lc.params * _b(lc.w_bits) for lc in layers) / max(total, 1)
+
+
+@register_metric("size")
+def _size(layers: Sequence[LayerCost], other_params: int) -> float | Tensor:
+    return sum(lc.params * _b(lc.w_bits) for lc in layers) / 8 + other_params * 4
+
+
+@register_metric("bitops")
+def _bitops(layers: Sequence[LayerCost], other_params: int) -> float | Tensor:
+    return sum(lc.macs * _b(lc.w_bits) * _b(lc.a_bits) for lc in layers)
+
+
+def cost_of(metric: str, layers: Iterable[LayerCost], other_params: int = 0) -> float | Tensor:
+    """Cost of layers under ``metric`` (a tensor when any ``w_bits`` is a tensor, so it can be differentiated)."""
+    return get_metric(metric)(list(layers), other_params)
+
+
 @dataclass(frozen=True)
 class Budget:
-    """A hardware budget: ``metric`` in ``avg_bits | size | bitops`` and its ``target`` (never exceeded)."""
+    """A hardware budget: ``metric`` (a registered metric: ``avg_bits | size | bitops`` or your own) and its
+    ``target`` (never exceeded)."""
 
     metric: str = "avg_bits"
     target: float = 2.0
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
-            raise ValueError(f"budget metric must be one of {METRICS}, got {self.metric!r}")
+            raise ValueError(f"budget metric must be one of {tuple(METRICS)}, got {self.metric!r}")
         if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or not self.target > 0:
             raise ValueError(f"budget target must be a positive number, got {self.target!r}")
 
@@ -52,33 +177,6 @@ class Budget:
                 raise ValueError(f"budget accepts the keys 'metric' and 'target', got unknown {sorted(unknown)}")
             return cls(**dict(value))
         raise ValueError(f"budget must be a dict like {{'metric': 'avg_bits', 'target': 2.0}}, got {value!r}")
-
-
-@dataclass
-class LayerCost:
-    """What the cost of one layer depends on. ``w_bits`` may be a tensor (differentiable expected bits)."""
-
-    params: int
-    macs: int
-    w_bits: float | Tensor | None
-    a_bits: float | None
-
-
-def _b(bits: float | Tensor | None) -> float | Tensor:
-    return FP_BITS if bits is None else bits
-
-
-def cost_of(metric: str, layers: Iterable[LayerCost], other_params: int = 0) -> float | Tensor:
-    """Cost of layers under ``metric`` (a tensor when any ``w_bits`` is a tensor, so it can be differentiated)."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    layers = list(layers)
-    if metric == "avg_bits":
-        total = sum(lc.params for lc in layers)
-        return sum(lc.params * _b(lc.w_bits) for lc in layers) / max(total, 1)
-    if metric == "size":
-        return sum(lc.params * _b(lc.w_bits) for lc in layers) / 8 + other_params * 4
-    return sum(lc.macs * _b(lc.w_bits) * _b(lc.a_bits) for lc in layers)
 
 
 def as_float(x: float | Tensor) -> float:

@@ -1,38 +1,79 @@
-"""``sdq-export RUN_DIR_OR_CKPT --out DIR [--formats packed,onnx,report] [--example-input-size 3,32,32]``."""
+"""``sdq-export RUN_DIR_OR_CKPT --out DIR [--formats packed,onnx,report] [--example-input-size C,H,W] [--opset N]``.
+
+Bad arguments print ONE ``sdq-export: error: ...`` line on stderr and exit with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import sys
+from typing import NoReturn
+
+from sdq_lightning.export.api import MIN_OPSET
+from sdq_lightning.export.formats import DEFAULT_FORMATS, export_format_help
+from sdq_lightning.export.onnx_export import DEFAULT_OPSET
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse prints usage + message; we print one line
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdq-export", description="Export an SDQ training run: bit-packed checkpoint, "
-                                "QDQ ONNX model and capability report.")
-    p.add_argument("source", help="run folder (plan.yaml, *.ckpt, .hydra/config.yaml) or a .ckpt inside one")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--formats", default="packed,onnx,report", help="comma-separated subset of packed,onnx,report")
-    p.add_argument("--example-input-size", default=None, help="C,H,W of one input (default: the timm config's)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 25: int2/int4 types)")
+    p = _Parser(prog="sdq-export", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Export an SDQ training run of the app (or a checkpoint inside one): bit-packed "
+                            "checkpoint, QDQ ONNX model and capability report, plus plan.yaml and export.json.",
+                epilog=f"formats: {export_format_help()}\n\nExample: sdq-export outputs/runs/digits_demo/<run> "
+                       f"--out exported/")
+    p.add_argument("source", help="run folder written by sdq-train (checkpoints/last.ckpt, config.yaml, plan.yaml; "
+                                  "also its fp/ and uniform/ sub-runs) or a .ckpt inside one")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                   help="comma-separated registered formats (default: %(default)s)")
+    p.add_argument("--example-input-size", default=None, metavar="C,H,W",
+                   help="shape of one input (default: the run's dataset.image_size and the first conv's channels)")
+    p.add_argument("--opset", default=DEFAULT_OPSET, metavar="N",
+                   help=f"ONNX opset (default: %(default)s; minimum {MIN_OPSET}. 1..2-bit values are stored as int2 "
+                        f"from opset 25, 3..4-bit values as int4 from opset 21, else in the next wider type)")
     return p
+
+
+def _parse_size(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        size = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        size = ()
+    if not size or any(v < 1 for v in size):
+        raise ValueError(f"--example-input-size must be positive integers C,H,W such as 3,32,32, got {text!r}")
+    return size
+
+
+def _parse_opset(text: str | int) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--opset must be an integer >= {MIN_OPSET} (default {DEFAULT_OPSET}), got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from sdq_lightning.export import DEFAULT_OPSET, export_run
+        from sdq_lightning.export import export_run
 
-        formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-        size = None
-        if args.example_input_size:
-            try:
-                size = tuple(int(v) for v in args.example_input_size.split(","))
-            except ValueError:
-                raise ValueError(f"--example-input-size must be C,H,W integers, got {args.example_input_size!r}")
-        summary = export_run(args.source, args.out, size, formats=formats, opset=args.opset or DEFAULT_OPSET)
+        size, opset = _parse_size(args.example_input_size), _parse_opset(args.opset)
+        summary = export_run(args.source, args.out, size, formats=args.formats, opset=opset)
     except (ValueError, FileNotFoundError) as err:
-        print(f"sdq-export: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        text = str(err).strip() or type(err).__name__
+        msg = text.splitlines()[0]
+        msg = msg.replace("example input of shape", "--example-input-size: input of shape") \
+            if args.example_input_size else msg
+        msg = re.sub(r"^opset must be", "--opset must be", msg)
+        print(f"sdq-export: error: {msg}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
     return 0

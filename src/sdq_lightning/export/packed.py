@@ -73,18 +73,18 @@ def check_exportable(model: nn.Module) -> dict[str, QuantModule]:
 
 
 def model_identity(model: nn.Module, name: str | None = None, kwargs: dict[str, Any] | None = None
-                   ) -> tuple[str, dict[str, Any]]:
-    """timm architecture name and the kwargs that rebuild ``model`` (``num_classes``, ``in_chans``)."""
+                   ) -> tuple[str | None, dict[str, Any]]:
+    """timm architecture name and the kwargs that rebuild ``model`` (``num_classes``, ``in_chans``); the name is
+    None for a model timm does not know (such a packed checkpoint is loaded with ``load_packed(path, model=...)``)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = name or (cfg.get("architecture") if isinstance(cfg, dict) else None)
-    if not name:
-        raise ValueError("cannot tell which timm model this is (no pretrained_cfg['architecture']); pass model_name=")
     kw: dict[str, Any] = {}
-    if isinstance(getattr(model, "num_classes", None), int):
-        kw["num_classes"] = model.num_classes
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first is not None:
-        kw["in_chans"] = first.in_channels
+    if name:
+        if isinstance(getattr(model, "num_classes", None), int):
+            kw["num_classes"] = model.num_classes
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is not None:
+            kw["in_chans"] = first.in_channels
     kw.update(kwargs or {})
     return name, kw
 
@@ -124,6 +124,17 @@ def check_plan_matches(plan: BitPlan, model: nn.Module) -> BitPlan:
 
 
 # ------------------------------------------------------------------------------------------- writing
+def _quantizer_keys(qlayers: dict[str, QuantModule]) -> set[str]:
+    """The state-dict keys of every weight/activation quantizer, as the quantizers themselves name them."""
+    keys: set[str] = set()
+    for lname, q in qlayers.items():
+        for attr in ("weight_quant", "act_quant"):
+            sub = getattr(q, attr)
+            if sub is not None:
+                keys.update(sub.state_dict(prefix=f"{lname}.{attr}.", keep_vars=True))
+    return keys
+
+
 def _weight_codes(q: QuantModule) -> tuple[np.ndarray, torch.Tensor, int, int]:
     codes, step, bits = q.weight_quant.integer_weight(q.weight.detach())
     codes = codes.to(torch.int16)
@@ -147,17 +158,18 @@ def _raw(t: torch.Tensor) -> bytes:
 def save_packed(model: nn.Module, path: str | Path, plan: BitPlan | None = None,
                 example_input: torch.Tensor | None = None, model_name: str | None = None,
                 model_kwargs: dict[str, Any] | None = None) -> Path:
-    """Write the packed checkpoint of a frozen quantized timm model (see the module docstring)."""
+    """Write the packed checkpoint of a frozen quantized model (see the module docstring). A timm model records how
+    to rebuild it (``model_name``/``model_kwargs``, read from timm's ``pretrained_cfg`` when left out); any other
+    ``nn.Module`` is stored without a name and loaded with ``load_packed(path, model=<float model>)``."""
     qlayers = check_exportable(model)
     name, kwargs = model_identity(model, model_name, model_kwargs)
     plan = check_plan_matches(plan, model) if plan is not None else plan_of(model, example_input)
     state = model.state_dict()
     table: list[dict[str, Any]] = []
     chunks: list[bytes] = []
-    skip: set[str] = set()
+    skip = _quantizer_keys(qlayers)
     layers_meta: dict[str, Any] = {}
     for lname, q in qlayers.items():
-        skip.update(k for k in state if k.startswith(f"{lname}.weight_quant.") or k.startswith(f"{lname}.act_quant."))
         meta: dict[str, Any] = {}
         if q.weight_quant is not None:
             skip.add(f"{lname}.weight")
@@ -181,7 +193,8 @@ def save_packed(model: nn.Module, path: str | Path, plan: BitPlan | None = None,
             raise ValueError(f"state entry {key!r} has dtype {t.dtype} that the packed format does not store")
         table.append({"k": key, "t": "raw", "d": _NAMES[t.dtype], "s": list(t.shape)})
         chunks.append(_raw(t))
-    header = {"format": FORMAT_VERSION, "model": {"name": name, "kwargs": kwargs}, "plan": plan.to_dict(),
+    header = {"format": FORMAT_VERSION, "model": {"name": name, "kwargs": kwargs, "class": type(model).__qualname__},
+              "plan": plan.to_dict(),
               "layers": layers_meta, "tensors": table}
     hbytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     body = struct.pack("<I", len(hbytes)) + hbytes + b"".join(chunks)
@@ -197,10 +210,8 @@ def ideal_packed_bytes(model: nn.Module) -> float:
     own width (4 bytes for float32)."""
     qlayers = check_exportable(model)
     total = 0.0
-    skip = set()
+    skip = _quantizer_keys(qlayers)
     for lname, q in qlayers.items():
-        skip.update(k for k in model.state_dict() if k.startswith(f"{lname}.weight_quant.")
-                    or k.startswith(f"{lname}.act_quant."))
         if q.weight_quant is not None:
             skip.add(f"{lname}.weight")
             total += q.weight.numel() * q.weight_quant.bits / 8
@@ -271,10 +282,13 @@ def _entries(header: dict[str, Any], payload: memoryview, path: Path) -> dict[st
 def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model from a packed checkpoint (eval mode): ``timm.create_model(name, pretrained=False,
     **kwargs)``, the stored plan applied, integer weights times steps, FP state. Pass ``model`` (a float model of the
-    same architecture) to skip the timm lookup."""
+    same architecture) to skip the timm lookup; a checkpoint of a non-timm model needs it."""
     path = Path(path)
     header, payload = _read(path)
     tensors = _entries(header, payload, path)
+    if model is None and not header["model"].get("name"):
+        raise ValueError(f"{path} holds a {header['model'].get('class') or 'non-timm'} model that timm cannot rebuild; "
+                         f"pass load_packed(path, model=<a float instance of it>)")
     if model is None:
         import timm
 
@@ -318,11 +332,10 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                                  f"{tuple(state[key].shape)}")
             state[key] = t
         # the quantizer entries were set in place above; keep those, not the stale copies in ``state``
-        for key in list(state):
-            if ".weight_quant." in key or ".act_quant." in key:
-                del state[key]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if ".weight_quant." not in k and ".act_quant." not in k]
+        quantizer_keys = _quantizer_keys(qlayers)
+        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in quantizer_keys},
+                                                    strict=False)
+        missing = [k for k in missing if k not in quantizer_keys]
         if missing or unexpected:
             raise ValueError(f"{path}: state mismatch, missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval()
