@@ -322,8 +322,7 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                 state[f"{lname}.weight"] = codes.to(torch.float32) * step
             if q.act_quant is not None:
                 q.act_quant.step.copy_(tensors.pop(f"{lname}.act_quant.step"))
-                q.act_quant.signed.fill_(bool(meta["signed"]))
-                q.act_quant.initialized.fill_(True)
+                q.act_quant.set_state(bool(meta["signed"]), True)
         for key, t in tensors.items():
             if key not in state:
                 raise ValueError(f"{path}: checkpoint tensor {key!r} does not exist in the rebuilt model")

@@ -34,6 +34,12 @@ class ActQuantizer(nn.Module):
         self._signed = bool(signed) if signed is not None else False
         self.register_load_state_dict_post_hook(lambda module, keys: module._sync())
 
+    def set_state(self, signed: bool, initialized: bool = True) -> None:
+        """Set the sign mode and the initialised flag (buffers and their Python mirrors together)."""
+        self.signed.fill_(bool(signed))
+        self.initialized.fill_(bool(initialized))
+        self._sync()
+
     def _sync(self) -> None:
         self._initialized = bool(self.initialized)
         self._signed = bool(self.signed)
