@@ -200,3 +200,15 @@ def test_level_and_draws_live_on_the_device_and_do_not_recompile():
         q2.set_level(lvl, reinit_dbp=0.5)
         q2.set_draw_step(int(q.draw_step) - 4 + (7, 5, 2, 0).index(lvl))
         assert torch.equal(q2(w).detach(), out)
+
+
+def test_layers_rise_a_level_when_the_cost_is_below_the_schedule():
+    """Started low (every layer at 2 bits) under a 4-bit budget, the schedule climbs and the controller raises
+    levels (a DBP pushed past 1 moves its layer up, continuously) until the expected cost meets it."""
+    model, cm, search = _searched(target=4.0, signal="budget_only")
+    for q in search.quantizers:
+        q.set_level(1, reinit_dbp=1.0)
+    traj = _run(model, cm, search, 200)
+    assert traj[0] == pytest.approx(2.0)
+    assert abs(float(cm.expected("avg_bits").detach()) - 4.0) <= 0.2
+    assert all(q.current_level >= 2 for q in search.quantizers)

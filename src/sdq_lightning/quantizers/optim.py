@@ -20,9 +20,10 @@ optimizer does (``scaler.unscale_(opt)`` then ``scaler.step(opt)``: skipped when
   below it);
 * in the holding part of the schedule a hardening force, growing from 0 to 1, pushes each live DBP towards the
   nearer of 0 and 1, so the freeze's rounding (and the projection after it) is a small correction;
-* progressive level drops on the device: a live DBP at or below ``drop_threshold`` moves the layer one level down
-  (re-initialised to ``reinit_dbp``) while the expected cost is above the schedule, at most once per
-  ``min_steps_between_drops`` steps;
+* progressive level changes on the device: a live DBP at or below ``drop_threshold`` moves the layer one level down
+  (re-initialised to ``reinit_dbp``) while the expected cost is above the schedule; a live DBP pushed past 1 while
+  the cost is below the schedule moves it one level up (re-initialised to twice the threshold), so the task can
+  take bits back; at most one change per ``min_steps_between_drops`` steps;
 * a sensitivity estimate per layer for the projection: an EMA of ``-dL/dbeta_l`` (the loss decrease per level).
 
 ``budget_control="penalty"``: plain SGD on ``dL/dbeta + lambda_b dR(E[C])/dbeta`` (the first implementation's rule).
@@ -146,11 +147,13 @@ class DBPOptimizer(torch.optim.Optimizer):
                 p.sub_(lr * (g + b) * m)
         else:
             self._dual_step(params, grads, live, lr)
+        # a live DBP pushed past 1 asks for the next level up (used below when the cost is under the schedule)
+        pushed_up = [p.index_select(0, q.level.view(1))[0] > 1.0 for q, p in zip(self.quantizers, params)]
         for p in params:
             p.clamp_(0.0, 1.0)
         self.step_count.add_(1)
         if self.drop_threshold is not None:
-            self._drop_levels(params)
+            self._drop_levels(params, pushed_up)
         self._budget_grads = None
         return None
 
@@ -186,10 +189,15 @@ class DBPOptimizer(torch.optim.Optimizer):
         for p, t, f in zip(params, task, forces):
             p.sub_(lr * (t + lam * f))
 
-    def _drop_levels(self, params: list[Tensor]) -> None:
+    def _drop_levels(self, params: list[Tensor], pushed_up: list[Tensor]) -> None:
+        """Level changes on the device: down when the live DBP reached the threshold and the cost is above the
+        schedule; up (``dual`` only) when the live DBP was pushed past 1 and the cost is below it. Both keep the
+        expected bits continuous up to the threshold (down: re-initialised to ``reinit_dbp``; up: to twice the
+        threshold)."""
         above = self._expected > self._target_now
+        below = self._expected < self._target_now
         step = self.step_count
-        for q, p in zip(self.quantizers, params):
+        for q, p, up in zip(self.quantizers, params, pushed_up):
             if getattr(q, "reading", "progressive") != "progressive":
                 continue
             st = self.state[p]
@@ -197,11 +205,14 @@ class DBPOptimizer(torch.optim.Optimizer):
             beta = p.index_select(0, lvl.view(1))[0]
             ok = (step - st["last_drop"]) >= self.min_steps_between_drops
             drop = (beta <= self.drop_threshold) & (lvl > 0) & above & ok
-            new = lvl - drop.long()
-            p.index_put_((new.view(1),), torch.where(drop, torch.full_like(beta, self.reinit_dbp),
-                                                     p.index_select(0, new.view(1))[0]).view(1))
+            rise = up & (lvl < p.shape[0] - 1) & below & ok & (self.control == "dual")
+            new = lvl - drop.long() + rise.long()
+            value = torch.where(drop, torch.full_like(beta, self.reinit_dbp),
+                                torch.where(rise, torch.full_like(beta, 2 * self.drop_threshold),
+                                            p.index_select(0, new.view(1))[0]))
+            p.index_put_((new.view(1),), value.view(1))
             lvl.copy_(new)
-            st["last_drop"].copy_(torch.where(drop, step, st["last_drop"]))
+            st["last_drop"].copy_(torch.where(drop | rise, step, st["last_drop"]))
 
     def sensitivity(self) -> list[Tensor]:
         """Per layer, the EMA of -dL/dbeta per candidate index (0 where never live)."""
