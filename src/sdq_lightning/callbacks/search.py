@@ -109,7 +109,7 @@ class BitSearch:
             if i > 0:
                 per_level += base - self.cost_model.of_bits({**bits, n: q.candidates[i - 1]}, metric)
         per_level /= max(len(self.names), 1)
-        levels = (self.start_cost - self.budget.target) / max(per_level * len(self.names), 1e-12)
+        levels = abs(self.start_cost - self.budget.target) / max(per_level * len(self.names), 1e-12)
         return float(min(max(levels / max(self.budget_reach * self.total_steps, 1.0), 1e-4), 1.0))
 
     # ------------------------------------------------------------------ schedule
