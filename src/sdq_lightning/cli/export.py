@@ -15,13 +15,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="packed,onnx,report", help="comma-separated subset of packed,onnx,report")
     p.add_argument("--example-input-size", default=None, help="C,H,W of one input (default: the timm config's)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 25: int2/int4 types)")
+    p.add_argument("--onnx-form", default=None, help="int8 (default: integer kernels in onnxruntime, exact) or qdq "
+                   "(int2/int4/int8 QuantizeLinear/DequantizeLinear, the true bitwidths)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from sdq_lightning.export import DEFAULT_OPSET, export_run
+        from sdq_lightning.export import DEFAULT_FORM, DEFAULT_OPSET, ONNX_FORMS, export_run
 
         formats = [f.strip() for f in args.formats.split(",") if f.strip()]
         size = None
@@ -30,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
                 size = tuple(int(v) for v in args.example_input_size.split(","))
             except ValueError:
                 raise ValueError(f"--example-input-size must be C,H,W integers, got {args.example_input_size!r}")
-        summary = export_run(args.source, args.out, size, formats=formats, opset=args.opset or DEFAULT_OPSET)
+        form = args.onnx_form or DEFAULT_FORM
+        if form not in ONNX_FORMS:
+            raise ValueError(f"--onnx-form must be one of {', '.join(ONNX_FORMS)}, got {form!r}")
+        summary = export_run(args.source, args.out, size, formats=formats, opset=args.opset or DEFAULT_OPSET,
+                             onnx_form=form)
     except (ValueError, FileNotFoundError) as err:
         print(f"sdq-export: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -7,7 +7,15 @@
 
 from sdq_lightning.export.api import FORMATS, export_from_checkpoint, export_model, export_run, load_run_model
 from sdq_lightning.export.bitpack import pack_bits, packed_nbytes, unpack_bits
-from sdq_lightning.export.onnx_export import DEFAULT_OPSET, export_float_onnx, export_onnx, onnx_int_type, run_onnx
+from sdq_lightning.export.onnx_export import (
+    DEFAULT_FORM,
+    DEFAULT_OPSET,
+    ONNX_FORMS,
+    export_float_onnx,
+    export_onnx,
+    onnx_int_type,
+    run_onnx,
+)
 from sdq_lightning.export.packed import (
     check_exportable,
     check_plan_matches,
@@ -16,11 +24,13 @@ from sdq_lightning.export.packed import (
     read_header,
     save_packed,
 )
-from sdq_lightning.export.report import capability_report, report_markdown, write_report
+from sdq_lightning.export.report import capability_report, onnx_kernels, report_markdown, write_report
 
 __all__ = [
+    "DEFAULT_FORM",
     "DEFAULT_OPSET",
     "FORMATS",
+    "ONNX_FORMS",
     "capability_report",
     "check_exportable",
     "check_plan_matches",
@@ -33,6 +43,7 @@ __all__ = [
     "load_packed",
     "load_run_model",
     "onnx_int_type",
+    "onnx_kernels",
     "pack_bits",
     "packed_nbytes",
     "read_header",

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sdq_lightning.budget import BitPlan
-from sdq_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx, run_onnx
+from sdq_lightning.export.onnx_export import DEFAULT_FORM, DEFAULT_OPSET, export_onnx, run_onnx
 from sdq_lightning.export.packed import check_exportable, check_plan_matches, plan_of, save_packed
 from sdq_lightning.export.report import capability_report, write_report
 
@@ -22,7 +22,8 @@ FORMATS = ("packed", "onnx", "report")
 
 def export_model(model: nn.Module, out_dir: str | Path, example_input: torch.Tensor, plan: BitPlan | None = None,
                  formats: Sequence[str] = FORMATS, opset: int = DEFAULT_OPSET, model_name: str | None = None,
-                 model_kwargs: Mapping[str, Any] | None = None, verify: bool = True) -> dict[str, Any]:
+                 model_kwargs: Mapping[str, Any] | None = None, verify: bool = True,
+                 onnx_form: str = DEFAULT_FORM) -> dict[str, Any]:
     """Write ``model.sdqpack``, ``model.onnx`` and ``capability.{md,json}`` under ``out_dir``.
 
     ``plan`` (optional) must match the bits the model holds (``ValueError`` otherwise). With ``verify`` the ONNX
@@ -44,7 +45,7 @@ def export_model(model: nn.Module, out_dir: str | Path, example_input: torch.Ten
         summary["files"]["packed"] = str(p)
         summary["packed_bytes"] = p.stat().st_size
     if "onnx" in formats:
-        p = export_onnx(model, out / "model.onnx", example_input, opset=opset)
+        p = export_onnx(model, out / "model.onnx", example_input, opset=opset, form=onnx_form)
         summary["files"]["onnx"] = str(p)
         if verify:
             with torch.no_grad():
@@ -53,7 +54,8 @@ def export_model(model: nn.Module, out_dir: str | Path, example_input: torch.Ten
             summary["onnx_max_abs_diff"] = float(abs(got - ref).max())
             summary["onnx_top1_agreement"] = float((got.argmax(1) == ref.argmax(1)).mean())
     if "report" in formats:
-        rep = capability_report(model, opset)
+        onnx_file = summary["files"].get("onnx")
+        rep = capability_report(model, opset, onnx_path=onnx_file, example_shape=tuple(example_input.shape))
         j, m = write_report(rep, out)
         summary["files"]["report_json"], summary["files"]["report_md"] = str(j), str(m)
     plan.save(out / "plan.yaml")
@@ -171,11 +173,12 @@ def load_run_model(run: str | Path) -> tuple[nn.Module, BitPlan, dict[str, Any]]
 
 
 def export_run(run: str | Path, out_dir: str | Path, example_input_size: Sequence[int] | None = None,
-               formats: Sequence[str] = FORMATS, opset: int = DEFAULT_OPSET) -> dict[str, Any]:
+               formats: Sequence[str] = FORMATS, opset: int = DEFAULT_OPSET,
+               onnx_form: str = DEFAULT_FORM) -> dict[str, Any]:
     """Export a training run folder or Lightning checkpoint (see :func:`load_run_model`)."""
     model, plan, cfg = load_run_model(run)
     if example_input_size is None:
         cfg_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
         example_input_size = tuple(cfg_size) if cfg_size else (3, 32, 32)
     x = torch.randn(1, *example_input_size)
-    return export_model(model, out_dir, x, plan=plan, formats=formats, opset=opset)
+    return export_model(model, out_dir, x, plan=plan, formats=formats, opset=opset, onnx_form=onnx_form)
