@@ -1,6 +1,10 @@
-"""ONNX export with QuantizeLinear/DequantizeLinear for weights and activations, checked in onnxruntime.
+"""ONNX export of a frozen SDQ model, checked in onnxruntime. Two forms (see ``docs/export-onnx.md``):
 
-How each quantized layer is written (``opset`` >= 25 by default; int2/uint2 need 25, int4/uint4 need 21):
+``form="int8"`` (default): integer kernels. Every bitwidth 1..8 is a subset of the 8-bit grid with the same step and
+zero point 0, so the trained codes go into int8/uint8 containers unchanged; see :func:`_rewrite_int`.
+
+``form="qdq"``: QuantizeLinear/DequantizeLinear in the narrowest ONNX types (``opset`` >= 25 by default; int2/uint2
+need 25, int4/uint4 need 21):
 
 * weight: an integer initializer of the narrowest ONNX type holding the codes (int2 for 1..2 bits, int4 for 3..4,
   int8 for 5..8; 1-bit codes are +-1, which int2 holds exactly), then ``DequantizeLinear`` with the float32 step
@@ -15,6 +19,8 @@ How each quantized layer is written (``opset`` >= 25 by default; int2/uint2 need
 
 Layers kept in floating point are exported as the float ops torch writes. The TorchScript exporter writes the float
 graph (custom ``sdq`` placeholder ops mark the quantizers); the placeholders are then replaced by the nodes above.
+Every node written for a layer is named ``<layer with . as _>_<role>`` so that the capability report can attribute
+the kernels onnxruntime runs to layers.
 """
 
 from __future__ import annotations
@@ -276,7 +282,6 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor, opset
 
 
 # ----------------------------------------------------------------------------------------------- integer form
-_RESCALE_BN = True
 _INT8_TYPES = 20  # type selection at this opset gives int8/uint8 containers only
 
 
@@ -298,15 +303,20 @@ def _rewrite_int(graph_model: Any, qlayers: dict[str, nn.Module], opset: int, ch
 
     * input codes: ``Mul(x, fp32(1/s_x))`` [-> ``Max(Qn)`` -> ``Min(Qp)``] -> ``QuantizeLinear(scale=1)`` to uint8
       (unsigned quantizer) or int8 (signed), zero point 0 -- the PyTorch quantizer's arithmetic;
-    * weight: the trained codes as an int8 initializer (1-bit: +-1), zero point 0, scale ``s_w`` (per channel when the
-      quantizer is per-channel);
-    * a Conv whose output runs through ``BatchNormalization``, ``Relu``/``Clip`` into the next quantized layer's input
-      quantizer and nowhere else becomes ``QLinearConv`` with BatchNorm folded into the per-channel weight scale and
-      an int32 bias, and the next layer's step as output scale; the activation becomes the clamp of the output codes
-      (``Clip`` on the integers where the range is not the container's), so the next layer reads integers;
-    * any other Conv (its output is needed in float: residual adds, graph outputs) becomes
-      ``ConvInteger -> Cast -> Mul(s_x s_w [x BN scale]) -> Add(bias [BN folded])``; a Linear (Gemm) becomes
-      ``MatMulInteger -> Cast -> Mul -> Add``, which onnxruntime fuses into ``MatMulIntegerToFloat``.
+    * weight: the trained codes (1-bit: +-1), zero point 0, scale ``s_w`` (per channel when the quantizer is);
+    * Conv: ``ConvInteger`` (weights as uint8 ``codes + 128`` with zero point 128: onnxruntime's u8u8 kernel is
+      about 4x faster than its u8s8 one) -> ``Cast`` -> ``BatchNormalization(scale = s_x s_w [x BN scale],
+      bias = [BN-folded] bias, mean 0, var 1, epsilon 0)``, one pass for the rescale, bias and the model's BatchNorm;
+      a Linear (Gemm) becomes ``MatMulInteger -> Cast -> Mul -> Add``. The int32 accumulator is exact, so the
+      output differs from PyTorch's float convolution of the fake-quantized tensors only by float rounding.
+    * QLinearConv fusion: a Conv whose output runs only through ``BatchNormalization``, ``Relu``/``Clip`` into the
+      next quantized layer's input quantizer becomes ``QLinearConv`` writing that layer's codes (BatchNorm folded
+      into the per-channel weight scale and an int32 bias, the activation into a clamp of the codes, ``Clip`` on the
+      integers where the bit range is narrower than the container) if the bias rounding, in output steps, is at most
+      ``fuse_tolerance``. The default 0 fuses only chains without a BN/bias term (bit-exact); see
+      ``docs/export-onnx.md`` for what the rounding does to agreement.
+    * ``float_output_kernel="float"``: Convs that are not fused run as float Convs on the dequantized codes
+      (faster than ``ConvInteger`` in onnxruntime on CPU, same numbers as the ``qdq`` form).
 
     Layers with FP activations (weight-only plans) keep a float Conv/Gemm whose weight is the fake-quantized weight
     baked into a float32 initializer, so onnxruntime's float fusions (Conv+BN+activation) apply and the layer runs
@@ -584,7 +594,7 @@ def _rewrite_int(graph_model: Any, qlayers: dict[str, nn.Module], opset: int, ch
         new_nodes.append(helper.make_node("Cast", [f"{tag}_acc"], [f"{tag}_accf"], name=f"{tag}_cast",
                                           to=_tensor_proto_type("float")))
         oscale = (sx * sw * a).astype(np.float32)
-        if op.op_type == "Conv" and _RESCALE_BN:
+        if op.op_type == "Conv":
             # one pass: BatchNormalization(mean 0, var 1, epsilon 0) is acc * scale + bias per channel
             new_inits += [_const(f"{tag}_oscale", oscale), _const(f"{tag}_obias", cterm.astype(np.float32)),
                           _const(f"{tag}_omean", np.zeros(cout, np.float32)),
