@@ -305,7 +305,7 @@ def _rewrite_int(graph_model: Any, qlayers: dict[str, nn.Module], opset: int, ch
       (unsigned quantizer) or int8 (signed), zero point 0 -- the PyTorch quantizer's arithmetic;
     * weight: the trained codes (1-bit: +-1), zero point 0, scale ``s_w`` (per channel when the quantizer is);
     * Conv: ``ConvInteger`` (weights as uint8 ``codes + 128`` with zero point 128: onnxruntime's u8u8 kernel is
-      about 4x faster than its u8s8 one) -> ``Cast`` -> ``BatchNormalization(scale = s_x s_w [x BN scale],
+      faster than its u8s8 one) -> ``Cast`` -> ``BatchNormalization(scale = s_x s_w [x BN scale],
       bias = [BN-folded] bias, mean 0, var 1, epsilon 0)``, one pass for the rescale, bias and the model's BatchNorm;
       a Linear (Gemm) becomes ``MatMulInteger -> Cast -> Mul -> Add``. The int32 accumulator is exact, so the
       output differs from PyTorch's float convolution of the fake-quantized tensors only by float rounding.
