@@ -82,6 +82,8 @@ def test_int8_matches_pytorch_and_runs_integer_kernels(name, request, tmp_path) 
     assert {e["ort_kernel"] for e in quant} <= {"ConvInteger", "MatMulInteger", "MatMulIntegerToFloat"}
     one_bit = next(e for e in quant if e["w_bits"] == 1)
     assert "(+-1)" in one_bit["onnx_weight"]
+    assert any("codes in 8-bit containers" in s for s in rep["not_native"])
+    assert not any("int2" in s or "int4" in s for s in rep["not_native"])
 
 
 def test_weight_only_plan_is_a_float_graph(tmp_path) -> None:

@@ -162,6 +162,11 @@ def capability_report(model: nn.Module, opset: int = DEFAULT_OPSET, onnx_path: s
             p = plan.get(e["layer"], {})
             if form == "int8":
                 _describe_int8(e, p)
+                e["not_native"] = ([f"weight {e['w_bits']}-bit codes in 8-bit containers"]
+                                   if e["w_bits"] is not None and e["w_bits"] < 8 and e["a_bits"] is not None else [])
+                e["not_native"] += ([f"activation {e['a_bits']}-bit codes in {'int8' if e['a_signed'] else 'uint8'}"
+                                     + (" + clip" if e["a_bits"] < 8 else "")]
+                                    if e["a_bits"] is not None and e["a_bits"] < 8 else [])
             if not e["ort_integer"]:
                 if e["w_bits"] is None and e["a_bits"] is None:
                     why = "layer kept in floating point by the plan"
