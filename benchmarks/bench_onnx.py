@@ -1,18 +1,32 @@
-"""onnxruntime CPU latency: the exported QDQ ResNet20 vs the FP ONNX ResNet20, batch 1 and 128.
+"""onnxruntime CPU latency of ResNet20: FP ONNX vs our exports vs onnxruntime's own int8 PTQ, batch 1 and 128.
 
 Models: timm ``resnet20`` (10 classes) in FP, and the same network with a BitPlan applied (``--plan mixed``: weight
-bits cycling 1..8 and input bits cycling 8,2..7 over the 22 layers, as in the export tests; ``--plan w8a8``; or
-``--plan w4a4``), activation quantizers calibrated by one train-mode forward on real digits images, exported with
-``sdq_lightning.export.export_onnx`` (opset 25, int2/int4/int8 QDQ). Both run in one process with default
-``ORT_ENABLE_ALL`` optimisation, interleaved round robin (FP b1, QDQ b1, FP b128, QDQ b128, ...); each repeat times
-``--iters`` runs after warm-up, the median over ``--repeats`` repeats is reported with the ratio QDQ / FP.
+bits cycling 1..8 and input bits cycling 8,2..7 over the 22 layers, as in the export tests; ``w8a8``; ``w4a4``;
+``wonly``: the mixed weight bits with FP activations), activation quantizers calibrated by one train-mode forward on
+real digits images. In one process, all with ``ORT_ENABLE_ALL`` and ``--threads`` intra-op threads:
 
-    python benchmarks/bench_onnx.py [--repeats 15] [--iters 20] [--threads N] [--plan mixed|w8a8|w4a4]
+* ``FP``: the float model (``export_float_onnx``);
+* ``int8``: ``export_onnx(form="int8")``, the default (integer kernels, exact);
+* ``int8-fused``: ``export_onnx(form="int8", fuse_tolerance=inf, float_output_kernel="float")`` (QLinearConv chains,
+  float kernels for float outputs; not bit-exact at low bits);
+* ``qdq``: ``export_onnx(form="qdq")`` (int2/int4/int8 QDQ, what the export wrote before);
+* ``ort-qdq`` / ``ort-qop``: onnxruntime's ``quantize_static`` of the FP model (int8 weights, uint8 activations,
+  per-tensor, MinMax calibration on 128 digits images), QDQ and QOperator formats.
+
+Runs are interleaved round robin per repeat (every model at batch 1, then every model at batch 128); each repeat
+times ``--iters`` runs (batch 128: ``iters // 8``) after warm-up. The table gives the median over ``--repeats`` and the
+ratio to FP; it is printed and written to ``--out`` (markdown) if given. Top-1 agreement of each export with the
+PyTorch fake-quantized model is measured on 256 digits images.
+
+    python benchmarks/bench_onnx.py [--plan mixed|w8a8|w4a4|wonly] [--threads 2] [--repeats 15] [--iters 20]
+        [--out table.md] [--models FP,int8,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import platform
 import statistics
 import sys
 import tempfile
@@ -32,17 +46,21 @@ from sdq_lightning.export import export_float_onnx, export_onnx, run_onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "export"))
 from export_helpers import digits_images, mixed_bits  # noqa: E402
 
+MODELS = ("FP", "int8", "int8-fused", "qdq", "ort-qdq", "ort-qop")
+
 
 def build(plan_kind: str) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     fp = timm.create_model("resnet20", pretrained=False, num_classes=10).eval()
     q = timm.create_model("resnet20", pretrained=False, num_classes=10)
     q.load_state_dict(fp.state_dict())
-    if plan_kind == "mixed":
+    names = [n for n, m in q.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if plan_kind in ("mixed", "wonly"):
         w, a = mixed_bits(q)
+        if plan_kind == "wonly":
+            a = {n: None for n in names}
     else:
         b = {"w8a8": 8, "w4a4": 4}[plan_kind]
-        names = [n for n, m in q.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         w = a = {n: b for n in names}
     BitPlan({n: LayerBits(w[n], a[n], 0, 0) for n in w}).apply(q)
     x, _ = digits_images(256)
@@ -52,29 +70,71 @@ def build(plan_kind: str) -> tuple[nn.Module, nn.Module]:
     return fp, q.eval()
 
 
-def main() -> None:
+def ort_ptq(fp_path: Path, out: Path, fmt: str, calib: np.ndarray) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)])
+
+        def get_next(self):  # noqa: ANN201
+            return next(self.it, None)
+
+    pre = out.with_name(out.stem + "_pre.onnx")
+    if not pre.exists():
+        quant_pre_process(str(fp_path), str(pre))
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=False)
+    return out
+
+
+def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser()
+    p.add_argument("--plan", default="mixed", choices=["mixed", "w8a8", "w4a4", "wonly"])
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (0: onnxruntime's default)")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
-    p.add_argument("--plan", default="mixed", choices=["mixed", "w8a8", "w4a4"])
-    args = p.parse_args()
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS} (FP first)")
+    p.add_argument("--out", default=None, help="write the markdown table here too")
+    args = p.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models or models[0] != "FP":
+        raise SystemExit(f"bench_onnx: --models must start with FP and be a subset of {MODELS}, got {args.models!r}")
     fp, q = build(args.plan)
     x1 = torch.randn(1, 3, 32, 32)
+    xd, _ = digits_images(512)
+    calib, xagree = xd[:128].numpy(), xd[-256:]
+    with torch.no_grad():
+        ref = q(xagree).numpy()
+        ref_fp = fp(xagree).numpy()
     with tempfile.TemporaryDirectory() as d:
-        paths = {"FP": export_float_onnx(fp, Path(d) / "fp.onnx", x1),
-                 "QDQ": export_onnx(q, Path(d) / "q.onnx", x1)}
+        d = Path(d)
+        paths: dict[str, Path] = {"FP": export_float_onnx(fp, d / "fp.onnx", x1)}
+        for m in models:
+            if m == "int8":
+                paths[m] = export_onnx(q, d / "int8.onnx", x1, form="int8")
+            elif m == "int8-fused":
+                paths[m] = export_onnx(q, d / "int8f.onnx", x1, form="int8", fuse_tolerance=float("inf"),
+                                       float_output_kernel="float")
+            elif m == "qdq":
+                paths[m] = export_onnx(q, d / "qdq.onnx", x1, form="qdq")
+            elif m.startswith("ort-"):
+                paths[m] = ort_ptq(paths["FP"], d / f"{m}.onnx", m[4:], calib)
         sizes = {k: v.stat().st_size for k, v in paths.items()}
+        agree = {}
+        for k, v in paths.items():
+            got = run_onnx(v, xagree)
+            r = ref_fp if k == "FP" or k.startswith("ort-") else ref
+            agree[k] = (float((got.argmax(1) == r.argmax(1)).mean()), float(np.abs(got - r).max()))
         opts = ort.SessionOptions()
         if args.threads:
             opts.intra_op_num_threads = args.threads
         sess = {k: ort.InferenceSession(str(v), opts, providers=["CPUExecutionProvider"]) for k, v in paths.items()}
-        xd, _ = digits_images(128)
-        with torch.no_grad():
-            agree = float((run_onnx(paths["QDQ"], xd).argmax(1) == q(xd).numpy().argmax(1)).mean())
     inputs = {1: np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32),
               128: np.random.default_rng(1).standard_normal((128, 3, 32, 32), dtype=np.float32)}
-    cells = [(k, b) for b in (1, 128) for k in ("FP", "QDQ")]
+    cells = [(k, b) for b in (1, 128) for k in models]
     times: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
     for k, b in cells:  # warm-up
         for _ in range(3):
@@ -86,15 +146,24 @@ def main() -> None:
             for _ in range(iters):
                 sess[k].run(None, {"input": inputs[b]})
             times[(k, b)].append((time.perf_counter() - t0) / iters * 1e3)
-    print(f"onnxruntime {ort.__version__} CPU, threads={args.threads or 'default'}, resnet20 plan={args.plan}, "
-          f"repeats={args.repeats}; ONNX file sizes: FP {sizes['FP']:,} B, QDQ {sizes['QDQ']:,} B; "
-          f"QDQ vs PyTorch top-1 agreement on 128 digits: {agree:.2%}")
-    print("| batch | FP ms (median) | QDQ ms (median) | QDQ / FP | FP ms (min) | QDQ ms (min) |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for b in (1, 128):
-        f, qd = statistics.median(times[("FP", b)]), statistics.median(times[("QDQ", b)])
-        print(f"| {b} | {f:.3f} | {qd:.3f} | {qd / f:.2f} | {min(times[('FP', b)]):.3f} | "
-              f"{min(times[('QDQ', b)]):.3f} |")
+    med = {c: statistics.median(v) for c, v in times.items()}
+    lines = [f"onnxruntime {ort.__version__} CPU ({platform.machine()}), intra-op threads={args.threads or 'default'}, "
+             f"resnet20 plan={args.plan}, repeats={args.repeats}, iters={args.iters} (batch 128: "
+             f"{max(2, args.iters // 8)}), {datetime.date.today().isoformat()}", "",
+             "| model | ONNX bytes | top-1 agree | max abs diff | b1 ms | b1 / FP | b128 ms | b128 / FP |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for k in models:
+        lines.append(f"| {k} | {sizes[k]:,} | {agree[k][0]:.2%} | {agree[k][1]:.3g} | {med[(k, 1)]:.3f} | "
+                     f"{med[(k, 1)] / med[('FP', 1)]:.2f} | {med[(k, 128)]:.2f} | "
+                     f"{med[(k, 128)] / med[('FP', 128)]:.2f} |")
+    lines += ["", "top-1 agree / max abs diff: ours vs the PyTorch fake-quantized model, FP and ort-* vs the PyTorch "
+              "FP model, on 256 digits images."]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+    return table
 
 
 if __name__ == "__main__":

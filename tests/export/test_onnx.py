@@ -1,4 +1,4 @@
-"""QDQ ONNX export run in onnxruntime vs the PyTorch fake-quantized model, on real images."""
+"""QDQ ONNX export (form="qdq") run in onnxruntime vs the PyTorch fake-quantized model, on real images."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _compare(model, path, x: torch.Tensor, label: str) -> tuple[float, float]:
 def test_onnx_matches_pytorch_on_digits(name, request, tmp_path, digits_batch) -> None:
     model = request.getfixturevalue(f"{name.split('_')[0]}_mixed")
     x, _ = digits_batch
-    path = export_onnx(model, tmp_path / f"{name}.onnx", x[:1])
+    path = export_onnx(model, tmp_path / f"{name}.onnx", x[:1], form="qdq")
     m = onnx.load(str(path))
     ops = {n.op_type for n in m.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and not any(n.domain for n in m.graph.node)
@@ -44,7 +44,7 @@ def test_onnx_matches_pytorch_on_cifar10(resnet20_mixed, tmp_path) -> None:
     if data is None:
         pytest.skip("set SDQ_CIFAR10_ROOT to a CIFAR-10 ImageFolder copy (test/<class>/*.jpg) to run this")
     x, _ = data
-    path = export_onnx(resnet20_mixed, tmp_path / "r20.onnx", x[:1])
+    path = export_onnx(resnet20_mixed, tmp_path / "r20.onnx", x[:1], form="qdq")
     _, agree = _compare(resnet20_mixed, path, x, "resnet20, CIFAR-10")
     assert agree >= 0.999
 
@@ -67,10 +67,13 @@ def test_activation_ties_round_like_pytorch(tmp_path) -> None:
     k = torch.arange(-8, 8, dtype=torch.float32)
     x = ((k + 0.5) * torch.tensor(0.1)).reshape(1, 1, 4, 4).repeat(1, 1, 1, 1)
     x = torch.cat([x, x * 0.999999, x * 1.000001, torch.randn(5, 1, 4, 4)])
-    path = export_onnx(model.eval(), tmp_path / "tie.onnx", x[:1])
     with torch.no_grad():
         ref = model(x).numpy()
+    path = export_onnx(model.eval(), tmp_path / "tie_qdq.onnx", x[:1], form="qdq")
     np.testing.assert_array_equal(run_onnx(path, x), ref)
+    # int8: the same codes; the int32 accumulator is rescaled by fp32(s_x * s_w), so only the last bit may differ
+    path = export_onnx(model.eval(), tmp_path / "tie_int8.onnx", x[:1], form="int8")
+    np.testing.assert_allclose(run_onnx(path, x), ref, rtol=1e-6, atol=1e-7)
 
 
 def test_capability_report(resnet20_mixed) -> None:

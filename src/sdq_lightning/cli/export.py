@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated registered formats (default: %(default)s)")
     p.add_argument("--example-input-size", default=None, metavar="C,H,W",
                    help="shape of one input (default: the run's dataset.image_size and the first conv's channels)")
+    p.add_argument("--onnx-form", default=None, metavar="FORM",
+                   help="int8 (default: exact integer kernels in onnxruntime, ConvInteger/MatMulInteger) or qdq "
+                        "(QuantizeLinear/DequantizeLinear at the true bitwidths, int2/int4)")
     p.add_argument("--opset", default=DEFAULT_OPSET, metavar="N",
                    help=f"ONNX opset (default: %(default)s; minimum {MIN_OPSET}. 1..2-bit values are stored as int2 "
                         f"from opset 25, 3..4-bit values as int4 from opset 21, else in the next wider type)")
@@ -66,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         from sdq_lightning.export import export_run
 
         size, opset = _parse_size(args.example_input_size), _parse_opset(args.opset)
-        summary = export_run(args.source, args.out, size, formats=args.formats, opset=opset)
+        from sdq_lightning.export import ONNX_FORMS
+
+        if args.onnx_form is not None and args.onnx_form not in ONNX_FORMS:
+            raise ValueError(f"--onnx-form must be one of {', '.join(ONNX_FORMS)}, got {args.onnx_form!r}")
+        options = {"onnx_form": args.onnx_form} if args.onnx_form else None
+        summary = export_run(args.source, args.out, size, formats=args.formats, opset=opset, options=options)
     except (ValueError, FileNotFoundError) as err:
         text = str(err).strip() or type(err).__name__
         msg = text.splitlines()[0]

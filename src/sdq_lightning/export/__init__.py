@@ -25,7 +25,15 @@ from sdq_lightning.export.formats import (
     unregister_export_format,
 )
 from sdq_lightning.export.bitpack import pack_bits, packed_nbytes, unpack_bits
-from sdq_lightning.export.onnx_export import DEFAULT_OPSET, export_float_onnx, export_onnx, onnx_int_type, run_onnx
+from sdq_lightning.export.onnx_export import (
+    DEFAULT_FORM,
+    DEFAULT_OPSET,
+    ONNX_FORMS,
+    export_float_onnx,
+    export_onnx,
+    onnx_int_type,
+    run_onnx,
+)
 from sdq_lightning.export.packed import (
     check_exportable,
     check_plan_matches,
@@ -34,13 +42,15 @@ from sdq_lightning.export.packed import (
     read_header,
     save_packed,
 )
-from sdq_lightning.export.report import capability_report, report_markdown, write_report
+from sdq_lightning.export.report import capability_report, onnx_kernels, report_markdown, write_report
 
 __all__ = [
+    "DEFAULT_FORM",
     "DEFAULT_FORMATS",
     "DEFAULT_OPSET",
     "FORMATS",
     "MIN_OPSET",
+    "ONNX_FORMS",
     "ExportContext",
     "capability_report",
     "check_exportable",
@@ -56,6 +66,7 @@ __all__ = [
     "load_run_model",
     "min_opset",
     "onnx_int_type",
+    "onnx_kernels",
     "pack_bits",
     "packed_nbytes",
     "read_header",

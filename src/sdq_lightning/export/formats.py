@@ -118,10 +118,13 @@ def _export_packed(ctx: ExportContext) -> dict[str, Any]:
 @register_export_format("onnx", default=True, description="model.onnx with QuantizeLinear/DequantizeLinear, "
                                                           "checked in onnxruntime")
 def _export_onnx(ctx: ExportContext) -> dict[str, Any]:
-    from sdq_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx, run_onnx
+    from sdq_lightning.export.onnx_export import DEFAULT_FORM, DEFAULT_OPSET, ONNX_FORMS, export_onnx, run_onnx
 
-    p = export_onnx(ctx.model, ctx.out_dir / "model.onnx", ctx.example_input, opset=ctx.opset)
-    out: dict[str, Any] = {"files": {"onnx": str(p)}}
+    form = ctx.options.get("onnx_form") or DEFAULT_FORM
+    if form not in ONNX_FORMS:
+        raise ValueError(f"onnx_form must be one of {', '.join(ONNX_FORMS)}, got {form!r}")
+    p = export_onnx(ctx.model, ctx.out_dir / "model.onnx", ctx.example_input, opset=ctx.opset, form=form)
+    out: dict[str, Any] = {"files": {"onnx": str(p)}, "onnx_form": form}
     if ctx.verify:
         with torch.no_grad():
             ref = ctx.model(ctx.example_input).numpy()
@@ -142,5 +145,8 @@ def _export_onnx(ctx: ExportContext) -> dict[str, Any]:
 def _export_report(ctx: ExportContext) -> dict[str, Any]:
     from sdq_lightning.export.report import capability_report, write_report
 
-    j, m = write_report(capability_report(ctx.model, ctx.opset), ctx.out_dir)
+    onnx_file = ctx.out_dir / "model.onnx"  # written first when "onnx" is among the formats: name its kernels
+    rep = capability_report(ctx.model, ctx.opset, onnx_path=str(onnx_file) if onnx_file.exists() else None,
+                            example_shape=tuple(ctx.example_input.shape))
+    j, m = write_report(rep, ctx.out_dir)
     return {"files": {"report_json": str(j), "report_md": str(m)}}
