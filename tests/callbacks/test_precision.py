@@ -53,30 +53,79 @@ class FirstGrads(SDQ):
                     self.first[name + ".step"] = m.step.grad.detach().clone() / scale
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
+    after: dict[str, torch.Tensor] | None = None
+    before: dict[str, torch.Tensor] | None = None
 
-def _fit(make_trainer, digits, precision):
+    @staticmethod
+    def _values(pl_module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in pl_module.named_parameters() if n.endswith(("dbp", "steps", "step"))}
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self.before is None:  # after the first forward (which initialises the activation steps)
+            self.before = self._values(pl_module)
+        super().on_before_backward(trainer, pl_module, loss)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.after is None:
+            self.after = self._values(pl_module)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def _fit(make_trainer, digits, precision, init_scale=2.0**16, **kw):
     L.seed_everything(0, verbose=False)
     module = UserNet()
     sdq = FirstGrads(activation_bits=4, budget={"metric": "avg_bits", "target": 3.0}, search_epochs=3, ebr_weight=0.1)
     kwargs = dict(max_epochs=4, callbacks=[sdq])
+    kwargs.update(kw)
     if precision == "16-mixed":
-        kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=10**6)
+        kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
     else:
         kwargs["precision"] = precision
     make_trainer(**kwargs).fit(module, digits.train())
     return sdq
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def test_scaled_and_unscaled_fp16_steps_agree(make_trainer, digits):
+    """The scaling itself: a scale of 2^16 and one of 2^4 must give the same unscaled quantizer gradients on the
+    first step (powers of two scale exactly; the first implementation's optimizers saw them 65,536x too large)."""
+    big = _fit(make_trainer, digits, "16-mixed", 2.0**16, max_epochs=4, limit_train_batches=1)
+    small = _fit(make_trainer, digits, "16-mixed", 2.0**4, max_epochs=4, limit_train_batches=1)
+    assert big.first.keys() == small.first.keys() and big.first
+    for key, g in small.first.items():
+        assert _rel(big.first[key], g) <= 0.01, (key, _rel(big.first[key], g))
+    # the callback's optimizers step on unscaled gradients: the same DBPs and step sizes after the first step
+    moved = [k for k in small.after if not torch.equal(small.after[k], small.before[k])]
+    assert any(k.endswith("dbp") for k in moved) and any(k.endswith(("steps", "step")) for k in moved), moved
+    for key in small.after:
+        assert torch.allclose(big.after[key], small.after[key], rtol=1e-3, atol=1e-6), key
+
+
+def test_overflowing_fp16_step_is_skipped_for_the_quantizer_parameters(make_trainer, digits):
+    """A scale that overflows fp16 gives inf gradients: the user's step is skipped by the scaler, and so are the
+    callback's (the first implementation stepped its own optimizers on them)."""
+    run = _fit(make_trainer, digits, "16-mixed", 2.0**100, max_epochs=4, limit_train_batches=1)
+    for key in run.after:
+        assert torch.equal(run.after[key], run.before[key]), key
+
+
 @pytest.mark.slow
 def test_fp16_with_scaler_matches_fp32(make_trainer, digits):
+    """Against 32-true, the first step's unscaled gradients differ only by the fp16 forward's own rounding. On this
+    model the LSQ step and DBP gradients are small cancelling sums (norms 1e-5..1e-3), which autocast changes by
+    1-50 % in fp16 and 1-100 % in bf16 (measured, same seed and draws): the bound checks that no gradient is off by
+    anything like the 65,536x of a missing unscale. The search then follows the same course."""
     ref = _fit(make_trainer, digits, "32-true")
     amp = _fit(make_trainer, digits, "16-mixed")
-    # the first step's unscaled quantizer gradients agree within 1 %
     assert ref.first.keys() == amp.first.keys() and ref.first
     for key, g in ref.first.items():
-        rel = float((amp.first[key] - g).norm() / g.norm().clamp_min(1e-12))
-        assert rel <= 0.01, (key, rel)
-    # the search follows the same course and ends in the same plan
+        assert _rel(amp.first[key], g) <= 0.6, (key, _rel(amp.first[key], g))
+    dbps = [k for k in ref.first if k.endswith(".dbp")]
+    assert dbps and all(_rel(amp.first[k], ref.first[k]) <= 0.15 for k in dbps)
     for a, b in zip(ref.history[:3], amp.history[:3]):
         assert abs(a["expected_avg_bits"] - b["expected_avg_bits"]) <= 0.15, (a, b)
     assert dict(amp.plan) == dict(ref.plan)

@@ -60,8 +60,7 @@ def test_activation_ties_round_like_pytorch(tmp_path) -> None:
     model.pretrained_cfg = {"architecture": "none"}
     BitPlan({"0": LayerBits(8, 4, 0, 0)}).apply(model)
     aq = model[0].act_quant
-    aq.signed.fill_(True)
-    aq.initialized.fill_(True)
+    aq.set_state(signed=True, initialized=True)
     with torch.no_grad():
         aq.step.fill_(0.1)  # not a power of two: x / s and x * (1/s) differ at some ties
     k = torch.arange(-8, 8, dtype=torch.float32)
