@@ -172,7 +172,9 @@ def _check_quantizable(cfg: DictConfig, weight_bits: tuple[int, ...], budget: ob
         spec = QuantSpec(weight_bits=weight_bits, activation_bits=cfg.hardware.activation_bits,
                          first_last=cfg.sdq.first_last, include=tuple(cfg.sdq.include or ()),
                          exclude=tuple(cfg.sdq.exclude or ()))
-        quantize_model(model, spec)
+        holder = nn.Module()  # names as the SDQ callback sees them in SDQClassifier: model.<layer>
+        holder.model = model
+        quantize_model(holder, spec)
     except Exception:  # noqa: BLE001 - the run itself reports anything else
         return
     if not quant_layers(model):

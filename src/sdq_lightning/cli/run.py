@@ -162,6 +162,7 @@ def _metrics(cfg: DictConfig, label: str, enabled: bool, sdq: Any, fitted: dict[
         "val/acc": _scalar(fitted, "val/acc"),
         "val/loss": _scalar(fitted, "val/loss"),
         "test/acc": _scalar(fitted, "test/acc"),
+        "test/loss": _scalar(fitted, "test/loss"),
         "avg_bits": costs.get("avg_bits"),
         "size_bytes": costs.get("size"),
         "bitops": costs.get("bitops"),
