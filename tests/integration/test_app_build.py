@@ -4,6 +4,7 @@ defaults; a dataset is added through the public registry."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -67,7 +68,7 @@ def test_callbacks_and_loggers_are_named_target_entries(tmp_path):
     assert ckpt.dirpath == str(tmp_path / "checkpoints")
     assert build_callbacks(compose_cfg([*BASE, "save_checkpoint=false"]), tmp_path) == []
     (csv,) = build_logger(cfg, tmp_path)
-    assert isinstance(csv, CSVLogger) and csv.log_dir == str(tmp_path)
+    assert isinstance(csv, CSVLogger) and Path(csv.log_dir) == tmp_path
     assert build_logger(compose_cfg([*BASE, "logger=none"]), tmp_path) is False
     with pytest.raises(ValueError, match="logger.bad must be a config node with a _target_"):
         build_logger(compose_cfg([*BASE, "+logger.bad=3"]), tmp_path)
