@@ -17,6 +17,10 @@ CASES = {
                                "phase.search_epochs=4 must be smaller than trainer.max_epochs=3"),
     "bad_sdq_argument": (["experiment=digits_demo", "sdq.dbp_lr=-1"], "dbp_lr must be a number > 0"),
     "train_without_plan": (["experiment=digits_demo", "phase=train"], "phase.plan"),
+    "missing_init_checkpoint": (["experiment=digits_demo", "model.init_checkpoint=/no/such.pt"],
+                                "model.init_checkpoint file not found: /no/such.pt"),
+    # found inside the run (after Hydra made the run folder): the folder is removed again
+    "late_error_in_run": (["experiment=digits_demo", "dataset.batch_size=0"], "dataset.batch_size must be positive"),
 }
 
 

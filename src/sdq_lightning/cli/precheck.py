@@ -67,6 +67,9 @@ def check_config(cfg: DictConfig) -> None:
                         f"candidate {min(weight_bits)} of hardware.weight_bits")
     if cfg.phase.get("plan") and not Path(str(cfg.phase.plan)).is_file():
         raise FileNotFoundError(f"phase.plan file not found: {cfg.phase.plan}")
+    init = cfg.model.get("init_checkpoint")
+    if init and not Path(str(init)).is_file():
+        raise FileNotFoundError(f"model.init_checkpoint file not found: {init} (a .pt state dict or a .ckpt)")
     if cfg.sdq.enabled:
         _check_schedule(cfg, searching)
         _check_sdq_arguments(cfg)

@@ -89,7 +89,7 @@ def route_library_logs_to_hydra() -> None:
 
 
 def _remove_if_only_hydra_files(folder: Path) -> None:
-    if folder.is_dir() and all(p.name in HYDRA_FILES for p in folder.iterdir()):
+    if folder.is_dir() and all(p.name in HYDRA_FILES or _is_empty_tree(p) for p in folder.iterdir()):
         shutil.rmtree(folder, ignore_errors=True)
 
 
