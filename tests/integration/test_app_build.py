@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from app_helpers import TINY, compose_cfg, run_cli
+from app_helpers import TINY, compose_cfg
 from sdq_lightning import SDQ
 from sdq_lightning.cli.train import run
 from sdq_lightning.data import dataset_class, register_dataset, registered_datasets
@@ -133,11 +133,3 @@ def test_registry_refuses_bad_registrations():
         dataset_class("nope")
     with pytest.raises(ValueError, match="cannot be imported"):
         dataset_class("digits", module="no_such_module_for_sdq")
-
-
-def test_unknown_dataset_name_is_a_one_line_error(tmp_path):
-    proc = run_cli(["dataset=custom", "dataset.name=nope"], tmp_path, timeout=120)
-    assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "unknown dataset.name='nope'" in lines[0] and "digits" in lines[0]
-    assert not (tmp_path / "outputs").exists()

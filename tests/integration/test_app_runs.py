@@ -11,10 +11,14 @@ from sdq_lightning.cli.train import run
 BASE = ["experiment=digits_demo", "compare.enabled=false", "fp_teacher.enabled=false"]
 
 
-@pytest.mark.parametrize("what", ["job", "all"])
-def test_printing_a_config_needs_no_data(tmp_path, what):
+def test_printing_a_config_needs_no_data(tmp_path):
     """Issue 10.5: `sdq-train --cfg job experiment=imagenet_resnet18` (a README command) demanded dataset.root."""
-    proc = run_cli(["--cfg", what, "experiment=imagenet_resnet18"], tmp_path, timeout=120)
+    from sdq_lightning.cli.precheck import precheck
+    from sdq_lightning.cli.train import CONF_DIR
+
+    for what in ("job", "hydra", "all"):
+        assert precheck(["--cfg", what, "experiment=imagenet_resnet18"], CONF_DIR) is None
+    proc = run_cli(["--cfg", "job", "experiment=imagenet_resnet18"], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "root: ???" in proc.stdout and "_target_: sdq_lightning.SDQ" in proc.stdout
     assert not (tmp_path / "outputs").exists()

@@ -12,13 +12,6 @@ CASES = {
     "impossible_budget": (["experiment=digits_demo", "hardware.target=1.01"], "impossible budget"),
     "bad_activation_bits": (["experiment=digits_demo", "hardware.activation_bits=1"], "activation_bits"),
     "unknown_experiment": (["experiment=no_such_experiment"], "Could not find 'experiment/no_such_experiment'"),
-    # issue 10.7: found before the FP teacher trains (it used to train first, then fail and leave a run folder)
-    "search_longer_than_run": (["experiment=digits_demo", "trainer.max_epochs=3", "phase.search_epochs=4"],
-                               "phase.search_epochs=4 must be smaller than trainer.max_epochs=3"),
-    "bad_sdq_argument": (["experiment=digits_demo", "sdq.dbp_lr=-1"], "dbp_lr must be a number > 0"),
-    "train_without_plan": (["experiment=digits_demo", "phase=train"], "phase.plan"),
-    "missing_init_checkpoint": (["experiment=digits_demo", "model.init_checkpoint=/no/such.pt"],
-                                "model.init_checkpoint file not found: /no/such.pt"),
     # found inside the run (after Hydra made the run folder): the folder is removed again
     "late_error_in_run": (["experiment=digits_demo", "dataset.batch_size=0"], "dataset.batch_size must be positive"),
 }
@@ -43,6 +36,34 @@ def test_bad_command_line(case, tmp_path):
     _assert_one_line_error(proc, needle)
     assert sorted((tmp_path / "outputs").rglob("*")) == before  # no new run folder
     assert (earlier / "metrics.json").read_text() == "{}"
+
+
+# Checked before Hydra starts (in-process here: main() exits before Hydra runs anything).
+PRECHECK_CASES = {
+    # issue 10.7: found before the FP teacher trains (it used to train first, then fail and leave a run folder)
+    "search_longer_than_run": (["experiment=digits_demo", "trainer.max_epochs=3", "phase.search_epochs=4"],
+                               "phase.search_epochs=4 must be smaller than trainer.max_epochs=3"),
+    "bad_sdq_argument": (["experiment=digits_demo", "sdq.dbp_lr=-1"], "dbp_lr must be a number > 0"),
+    "train_without_plan": (["experiment=digits_demo", "phase=train"], "phase.plan"),
+    "missing_init_checkpoint": (["experiment=digits_demo", "model.init_checkpoint=/no/such.pt"],
+                                "model.init_checkpoint file not found: /no/such.pt"),
+    "unknown_dataset_name": (["dataset=custom", "dataset.name=nope"], "unknown dataset.name='nope'; registered: "),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PRECHECK_CASES))
+def test_bad_command_line_in_process(case, tmp_path, monkeypatch, capsys):
+    from sdq_lightning.cli.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDQ_OUTPUT_DIR", str(tmp_path / "outputs"))
+    args, needle = PRECHECK_CASES[case]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_cifar10_offline(tmp_path):

@@ -122,7 +122,7 @@ def _trainer_cfg(cfg: DictConfig, sdq: Callback | None, max_epochs: int | None) 
     return trainer_cfg
 
 
-def test_exactly_once(trainer: pl.Trainer, module: pl.LightningModule,
+def evaluate_test_split(trainer: pl.Trainer, module: pl.LightningModule,
                       datamodule: pl.LightningDataModule) -> dict[str, float]:
     """``trainer.test`` over every test sample exactly once, also with several ranks.
 
@@ -217,7 +217,7 @@ def fit_one(cfg: DictConfig, run_dir: str | Path, *, label: str = "sdq", sdq_ena
     trainer.fit(module, datamodule=datamodule)
     fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     if cfg.run_test and not cfg.phase.get("search_only"):
-        fitted.update(test_exactly_once(trainer, module, datamodule))
+        fitted.update(evaluate_test_split(trainer, module, datamodule))
     plan = _final_plan(sdq, module, datamodule)
     metrics = _metrics(cfg, label, enabled, sdq, fitted, plan, trainer, throughput, start)
     history = _merge_history(sdq.history if sdq is not None else [], recorder.history)
