@@ -8,6 +8,8 @@ on stderr and exit with status 2, before any run folder is written. Printing a c
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import shutil
 import sys
@@ -64,7 +66,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if cfg.fp_teacher.enabled or cfg.compare.enabled:
         if not cfg.sdq.enabled:
             raise UserError("fp_teacher/compare need sdq.enabled=true")
-        metrics = run_with_teacher(cfg, run_dir)
+        from lightning.pytorch.utilities import rank_zero_only
+
+        with contextlib.nullcontext() if rank_zero_only.rank == 0 else contextlib.redirect_stdout(io.StringIO()):
+            metrics = run_with_teacher(cfg, run_dir)  # its table once, from rank zero
         # the compare path prints its own table and run folder
         _log_summary(summary_lines(metrics, run_dir), printed=not cfg.compare.enabled)
         return metrics
