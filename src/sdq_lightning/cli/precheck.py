@@ -113,17 +113,17 @@ def _check_data(cfg: DictConfig) -> None:
     from sdq_lightning.data import CIFAR10DataModule, ImageFolderDataModule
 
     cls = _dataset_class(cfg)
-    root = cfg.dataset.get("root") if "root" in cfg.dataset.keys() and not OmegaConf.is_missing(cfg.dataset, "root") \
-        else None
     if "root" in cfg.dataset.keys() and OmegaConf.is_missing(cfg.dataset, "root"):
         raise FileNotFoundError("dataset.root is not set; pass dataset.root=/path/to/data")
+    root = cfg.dataset.get("root")
     if issubclass(cls, CIFAR10DataModule):
         from sdq_lightning.data.cifar10 import OFFLINE_HINT, _is_folder_tree
 
         if _is_folder_tree(root) or (Path(root) / "cifar-10-batches-py").is_dir():
             return
         if not cfg.dataset.get("download", True):
-            raise FileNotFoundError(f"CIFAR-10 not found under dataset.root='{root}' and download=false; {OFFLINE_HINT}")
+            raise FileNotFoundError(f"CIFAR-10 not found under dataset.root='{root}' and download=false; "
+                                    f"{OFFLINE_HINT}")
         reason = _download_unreachable()
         if reason:
             raise FileNotFoundError(f"CIFAR-10 not found under dataset.root='{root}' and it cannot be downloaded "
