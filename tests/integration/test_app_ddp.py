@@ -54,6 +54,9 @@ def test_two_gloo_ranks_test_metrics_equal_single_process(tmp_path):
     assert n == 101
     assert metrics["test/acc"] == pytest.approx(acc, abs=1e-6)
     assert metrics["test/loss"] == pytest.approx(loss, rel=1e-5)
+    # digits validates on the test split: validation saw every sample once too, with the same final weights
+    assert metrics["val/acc"] == pytest.approx(acc, abs=1e-6)
+    assert metrics["val/loss"] == pytest.approx(loss, rel=1e-5)
     assert f"run folder: {run_dir}" in proc.stdout
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 import warnings
@@ -122,8 +123,33 @@ def _trainer_cfg(cfg: DictConfig, sdq: Callback | None, max_epochs: int | None) 
     return trainer_cfg
 
 
+def _unrepeated(loader: Any, trainer: pl.Trainer, mode: Any) -> Any:
+    """``loader`` over this rank's disjoint shard of its dataset, without DistributedSampler's padding."""
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                           shuffle=False)
+    return _update_dataloader(loader, sampler, mode=mode)
+
+
+def shard_validation_exactly(trainer: pl.Trainer, datamodule: pl.LightningDataModule) -> None:
+    """With several ranks, validation sees every sample once too (Lightning leaves a DistributedSampler alone)."""
+    if trainer.world_size <= 1:
+        return
+    from lightning.pytorch.trainer.states import RunningStage
+
+    original = datamodule.val_dataloader
+
+    @functools.wraps(original)
+    def val_dataloader() -> Any:
+        return _unrepeated(original(), trainer, RunningStage.VALIDATING)
+
+    datamodule.val_dataloader = val_dataloader  # type: ignore[method-assign]
+
+
 def evaluate_test_split(trainer: pl.Trainer, module: pl.LightningModule,
-                      datamodule: pl.LightningDataModule) -> dict[str, float]:
+                        datamodule: pl.LightningDataModule) -> dict[str, float]:
     """``trainer.test`` over every test sample exactly once, also with several ranks.
 
     Lightning's DistributedSampler pads the ranks' shards to equal length with repeated samples; here each rank
@@ -132,15 +158,10 @@ def evaluate_test_split(trainer: pl.Trainer, module: pl.LightningModule,
     if trainer.world_size <= 1:
         results = trainer.test(module, datamodule=datamodule, verbose=False)
     else:
-        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
         from lightning.pytorch.trainer.states import RunningStage
-        from lightning.pytorch.utilities.data import _update_dataloader
 
         datamodule.setup("test")
-        loader = datamodule.test_dataloader()
-        sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=trainer.world_size,
-                                               rank=trainer.global_rank, shuffle=False)
-        loader = _update_dataloader(loader, sampler, mode=RunningStage.TESTING)
+        loader = _unrepeated(datamodule.test_dataloader(), trainer, RunningStage.TESTING)
         results = trainer.test(module, dataloaders=loader, verbose=False)
     return {k: float(v) for res in results for k, v in res.items()}
 
@@ -214,6 +235,7 @@ def fit_one(cfg: DictConfig, run_dir: str | Path, *, label: str = "sdq", sdq_ena
     callbacks, recorder, throughput = _build_callbacks(cfg, run_dir, sdq)
     logger = build_logger(cfg, run_dir, name=f"{cfg.name}-{label}")
     trainer = build_trainer(_trainer_cfg(cfg, sdq, max_epochs), callbacks, logger, run_dir)
+    shard_validation_exactly(trainer, datamodule)
     trainer.fit(module, datamodule=datamodule)
     fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     if cfg.run_test and not cfg.phase.get("search_only"):
