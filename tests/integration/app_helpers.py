@@ -40,6 +40,9 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(SDQ_OUTPUT_DIR=str(tmp_path / "outputs"), WANDB_MODE="offline", WANDB_SILENT="true")
     env.pop("HYDRA_FULL_ERROR", None)
+    # the subprocess imports the same sources as this test process (a relative PYTHONPATH would not survive cwd)
+    src = str(Path(sdq_lightning.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     return env
 
 

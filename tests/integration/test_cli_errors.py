@@ -12,6 +12,8 @@ CASES = {
     "impossible_budget": (["experiment=digits_demo", "hardware.target=1.01"], "impossible budget"),
     "bad_activation_bits": (["experiment=digits_demo", "hardware.activation_bits=1"], "activation_bits"),
     "unknown_experiment": (["experiment=no_such_experiment"], "Could not find 'experiment/no_such_experiment'"),
+    # found inside the run (after Hydra made the run folder): the folder is removed again
+    "late_error_in_run": (["experiment=digits_demo", "dataset.batch_size=0"], "dataset.batch_size must be positive"),
 }
 
 
@@ -36,6 +38,67 @@ def test_bad_command_line(case, tmp_path):
     assert (earlier / "metrics.json").read_text() == "{}"
 
 
+# Checked before Hydra starts (in-process here: main() exits before Hydra runs anything).
+PRECHECK_CASES = {
+    # issue 10.7: found before the FP teacher trains (it used to train first, then fail and leave a run folder)
+    "search_longer_than_run": (["experiment=digits_demo", "trainer.max_epochs=3", "phase.search_epochs=4"],
+                               "phase.search_epochs=4 must be smaller than trainer.max_epochs=3"),
+    "bad_sdq_argument": (["experiment=digits_demo", "sdq.dbp_lr=-1"], "dbp_lr must be a number > 0"),
+    "train_without_plan": (["experiment=digits_demo", "phase=train"], "phase.plan"),
+    "missing_init_checkpoint": (["experiment=digits_demo", "model.init_checkpoint=/no/such.pt"],
+                                "model.init_checkpoint file not found: /no/such.pt"),
+    "unknown_dataset_name": (["dataset=custom", "dataset.name=nope"], "unknown dataset.name='nope'; registered: "),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PRECHECK_CASES))
+def test_bad_command_line_in_process(case, tmp_path, monkeypatch, capsys):
+    from sdq_lightning.cli.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDQ_OUTPUT_DIR", str(tmp_path / "outputs"))
+    args, needle = PRECHECK_CASES[case]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_cifar10_offline(tmp_path):
     proc = run_cli(["dataset=cifar10", f"dataset.root={tmp_path}/nothing", "dataset.download=false"], tmp_path)
     _assert_one_line_error(proc, "dataset=imagefolder dataset.root=")
+
+
+def test_cifar10_download_offline_leaves_no_folders(tmp_path):
+    """Issue 10.7: offline, the CIFAR-10 download error used to leave empty outputs/runs/sdq/ and data/cifar10/."""
+    from sdq_lightning.cli.precheck import _download_unreachable
+
+    if _download_unreachable(timeout=3) is None:
+        pytest.skip("the CIFAR-10 host is reachable: this test is about an offline machine")
+    proc = run_cli(["dataset=cifar10"], tmp_path)  # root ${paths.data_dir}/cifar10 = data/cifar10 under tmp_path
+    _assert_one_line_error(proc, "cannot be downloaded")
+    assert "dataset.root=" in proc.stderr
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "data").exists()
+
+
+def test_model_without_conv_or_linear_is_refused():
+    """Issue 10.7: a model with nothing to quantize gave an empty plan that 'met' avg_bits 0."""
+    from timm.models import register_model
+    from torch import nn
+
+    from app_helpers import compose_cfg
+    from sdq_lightning.cli.errors import UserError
+    from sdq_lightning.cli.precheck import check_config
+
+    @register_model
+    def sdq_test_no_layers(pretrained=False, num_classes=10, in_chans=1, **kwargs):
+        return nn.Sequential(nn.Flatten(), nn.Identity())
+
+    cfg = compose_cfg(["experiment=digits_demo", "model.backbone=sdq_test_no_layers"])
+    with pytest.raises(UserError, match="has no Conv2d/Linear layer for SDQ to quantize"):
+        check_config(cfg)
+    cfg = compose_cfg(["experiment=digits_demo", "sdq.exclude=[model.conv2,model.conv3]", "sdq.first_last=fp"])
+    with pytest.raises(UserError, match="no Conv2d/Linear layer left after sdq.include/sdq.exclude"):
+        check_config(cfg)

@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from app_helpers import CONF_DIR, EXPERIMENTS, compose_cfg
+from sdq_lightning.data import registered_datasets
 
 PAPER = {  # experiment: (avg weight-bit target, activation bits) from the paper's table
     "cifar10_resnet20": (1.93, None),
@@ -27,7 +28,8 @@ def test_experiment_composes(name):
     cfg = compose_cfg([f"experiment={name}"])
     assert cfg.name == name
     assert cfg.model._target_.startswith("sdq_lightning.")
-    assert cfg.dataset._target_.startswith("sdq_lightning.")
+    assert cfg.dataset.name in registered_datasets()  # the app's datamodule builder looks it up
+    assert cfg.sdq._target_ == "sdq_lightning.SDQ"
     if name in PAPER:
         target, abits = PAPER[name]
         assert cfg.hardware.target == pytest.approx(target)
@@ -47,6 +49,7 @@ def test_every_group_option_composes(group):
     assert options
     for option in options:
         cfg = compose_cfg([f"{group}={option}", "++dataset.root=/data" if group == "dataset" else "seed=0",
+                           "dataset.name=digits" if option == "custom" else "seed=0",
                            "phase.plan=p.yaml" if option == "train" else "seed=0"])
         OmegaConf.to_container(cfg.trainer, resolve=True)
 
@@ -58,7 +61,7 @@ def test_groups_have_the_issue_options():
     assert {"cifar10", "imagefolder", "digits"} <= have["dataset"]
     assert {"avg_bits", "size", "bitops", "tensorcore_int4_int8", "bitfusion"} <= have["hardware"]
     assert {"full", "search", "train"} <= have["phase"]
-    assert {"cpu", "gpu", "ddp", "ddp_multinode"} <= have["trainer"]
+    assert {"cpu", "gpu", "ddp", "ddp_cpu", "ddp_multinode"} <= have["trainer"]
     assert {"wandb", "csv", "none"} <= have["logger"]
 
 

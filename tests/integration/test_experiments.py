@@ -89,7 +89,6 @@ def test_phase_search_then_train(tmp_path):
 def test_logger_none_and_fp_run(tmp_path):
     cfg = compose_cfg(["experiment=digits_demo", "compare.enabled=false", "fp_teacher.enabled=false",
                        "sdq.enabled=false", "logger=none", *[t for t in TINY if not t.startswith("logger")]])
-    cfg.logger.kind = "none"
     metrics = run(cfg, tmp_path / "run")
     assert metrics["avg_bits"] == pytest.approx(32.0)
 

@@ -20,7 +20,12 @@ USER_ERRORS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseExcep
 
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line (Hydra's option lists folded in, OmegaConf's context dropped)."""
+    cause = err.__cause__
+    if isinstance(err, HydraException) and cause is not None and str(err).startswith("Error in call to target"):
+        return one_line(cause)  # hydra.utils.instantiate wraps the constructor's own error
     text = str(err).strip() or type(err).__name__
+    if isinstance(err, OSError) and getattr(err, "filename", None) and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if len(lines) > 1 and lines[1].startswith("Available options in"):
         options = []

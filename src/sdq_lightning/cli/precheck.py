@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sdq_lightning.cli.errors import UserError
+from sdq_lightning.cli.errors import UserError, one_line
 
 
 def _first_of_sweeps(overrides: list[str]) -> list[str]:
@@ -33,8 +33,8 @@ def compose(argv: list[str], conf_dir: Path) -> DictConfig | None:
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun:
-        return None
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun or args.cfg:
+        return None  # printing help or a config (--cfg job|hydra|all) never needs data or a valid run
     if args.config_path or args.config_dir:
         return None  # a user-supplied config tree: let Hydra validate it
     overrides = _first_of_sweeps(list(args.overrides)) if args.multirun else list(args.overrides)
@@ -67,34 +67,96 @@ def check_config(cfg: DictConfig) -> None:
                         f"candidate {min(weight_bits)} of hardware.weight_bits")
     if cfg.phase.get("plan") and not Path(str(cfg.phase.plan)).is_file():
         raise FileNotFoundError(f"phase.plan file not found: {cfg.phase.plan}")
+    init = cfg.model.get("init_checkpoint")
+    if init and not Path(str(init)).is_file():
+        raise FileNotFoundError(f"model.init_checkpoint file not found: {init} (a .pt state dict or a .ckpt)")
+    if cfg.sdq.enabled:
+        _check_schedule(cfg, searching)
+        _check_sdq_arguments(cfg)
     _check_data(cfg)
-    if searching and cfg.sdq.enabled:
-        _check_feasible(cfg, weight_bits, budget)
+    if cfg.sdq.enabled:
+        _check_quantizable(cfg, weight_bits, budget, searching)
+
+
+def _check_schedule(cfg: DictConfig, searching: bool) -> None:
+    """The search must end before the run does (else the FP teacher trains first and the SDQ fit then fails)."""
+    if not searching or cfg.phase.get("search_only"):
+        return
+    search, max_epochs = int(cfg.phase.search_epochs), cfg.trainer.get("max_epochs")
+    if search <= 0:
+        raise UserError(f"phase.search_epochs={search}: a search over several hardware.weight_bits needs at least "
+                        "1 epoch (or phase=train phase.plan=<plan.yaml>, or a single weight bitwidth)")
+    if max_epochs not in (None, -1) and search >= int(max_epochs):
+        raise UserError(f"phase.search_epochs={search} must be smaller than trainer.max_epochs={max_epochs} so that "
+                        f"phase 2 trains under the frozen plan (e.g. trainer.max_epochs={search + 1} or more, or "
+                        "phase=search to search only)")
+
+
+def _check_sdq_arguments(cfg: DictConfig) -> None:
+    """Construct the SDQ callback once from ``cfg.sdq``: any argument it refuses is refused here, before work."""
+    from sdq_lightning.utils.instantiate import build_sdq
+
+    try:
+        build_sdq(cfg, save_dir=None)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise UserError(f"sdq: {one_line(err)}") from None
+
+
+def _dataset_class(cfg: DictConfig) -> type:
+    from sdq_lightning.data.registry import _builder
+
+    node = {k: cfg.dataset[k] for k in ("name", "module", "_target_") if k in cfg.dataset}
+    return _builder(node)[0]
 
 
 def _check_data(cfg: DictConfig) -> None:
-    target = str(cfg.dataset.get("_target_", ""))
-    root = cfg.dataset.get("root")
-    if OmegaConf.is_missing(cfg.dataset, "root") if "root" in cfg.dataset.keys() else False:
+    from sdq_lightning.data import CIFAR10DataModule, ImageFolderDataModule
+
+    cls = _dataset_class(cfg)
+    if "root" in cfg.dataset.keys() and OmegaConf.is_missing(cfg.dataset, "root"):
         raise FileNotFoundError("dataset.root is not set; pass dataset.root=/path/to/data")
-    if target.endswith("ImageFolderDataModule"):
+    root = cfg.dataset.get("root")
+    if issubclass(cls, CIFAR10DataModule):
+        from sdq_lightning.data.cifar10 import OFFLINE_HINT, _is_folder_tree
+
+        if _is_folder_tree(root) or (Path(root) / "cifar-10-batches-py").is_dir():
+            return
+        if not cfg.dataset.get("download", True):
+            raise FileNotFoundError(f"CIFAR-10 not found under dataset.root='{root}' and download=false; "
+                                    f"{OFFLINE_HINT}")
+        reason = _download_unreachable()
+        if reason:
+            raise FileNotFoundError(f"CIFAR-10 not found under dataset.root='{root}' and it cannot be downloaded "
+                                    f"({reason}); {OFFLINE_HINT}")
+    elif issubclass(cls, ImageFolderDataModule):
         from sdq_lightning.data.imagefolder import find_split_dirs
 
         find_split_dirs(root, cfg.dataset.get("val_dir"))
-    elif target.endswith("CIFAR10DataModule") and not cfg.dataset.get("download", True):
-        from sdq_lightning.data.cifar10 import OFFLINE_HINT, _is_folder_tree
-
-        if not (_is_folder_tree(root) or (Path(root) / "cifar-10-batches-py").is_dir()):
-            raise FileNotFoundError(f"CIFAR-10 not found under dataset.root='{root}' and download=false; {OFFLINE_HINT}")
 
 
-def _check_feasible(cfg: DictConfig, weight_bits: tuple[int, ...], budget: object) -> None:
-    """Build the model once on CPU and ask the cost model whether the lowest bits meet the budget."""
+CIFAR10_HOST = ("www.cs.toronto.edu", 443)
+
+
+def _download_unreachable(timeout: float = 5.0) -> str | None:
+    """Why torchvision's CIFAR-10 download host cannot be reached (``None``: it can)."""
+    import socket
+
+    try:
+        with socket.create_connection(CIFAR10_HOST, timeout=timeout):
+            return None
+    except OSError as err:
+        return f"no network: {CIFAR10_HOST[0]} unreachable, {type(err).__name__}"
+
+
+def _check_quantizable(cfg: DictConfig, weight_bits: tuple[int, ...], budget: object, searching: bool) -> None:
+    """Build the model once on CPU: it must have layers to quantize, and (searching) the lowest bits must meet the
+    budget."""
     import timm
     import torch
+    from torch import nn
 
     from sdq_lightning.budget import CostModel, profile_model
-    from sdq_lightning.surgery import QuantSpec, quantize_model
+    from sdq_lightning.surgery import QuantSpec, quant_layers, quantize_model
 
     ds = cfg.dataset
     in_chans = int(ds.get("in_chans") or 3)
@@ -102,10 +164,28 @@ def _check_feasible(cfg: DictConfig, weight_bits: tuple[int, ...], budget: objec
     num_classes = int(ds.get("num_classes") or 10)
     try:
         model = timm.create_model(cfg.model.backbone, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    except Exception:  # noqa: BLE001 - the run itself reports it
+        return
+    no_layers = (f"model.backbone={cfg.model.backbone} has no Conv2d/Linear layer for SDQ to quantize, so there is "
+                 "no bit plan to search or train; pick a model with conv/linear layers or train it in floating "
+                 "point with sdq.enabled=false")
+    if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()):
+        raise UserError(no_layers)
+    try:
         spec = QuantSpec(weight_bits=weight_bits, activation_bits=cfg.hardware.activation_bits,
                          first_last=cfg.sdq.first_last, include=tuple(cfg.sdq.include or ()),
                          exclude=tuple(cfg.sdq.exclude or ()))
-        quantize_model(model, spec)
+        holder = nn.Module()  # names as the SDQ callback sees them in SDQClassifier: model.<layer>
+        holder.model = model
+        quantize_model(holder, spec)
+    except Exception:  # noqa: BLE001 - the run itself reports anything else
+        return
+    if not quant_layers(model):
+        raise UserError(no_layers.replace("has no Conv2d/Linear layer", "has no Conv2d/Linear layer left after "
+                                          "sdq.include/sdq.exclude"))
+    if not searching:
+        return
+    try:
         model.eval()
         with torch.no_grad():
             profile = profile_model(model, torch.zeros(1, in_chans, size, size))
@@ -118,8 +198,10 @@ def _check_feasible(cfg: DictConfig, weight_bits: tuple[int, ...], budget: objec
         raise UserError(f"impossible budget: {err}") from None
 
 
-def precheck(argv: list[str], conf_dir: Path) -> None:
-    """Compose the command line and check it; raises on the first problem."""
+def precheck(argv: list[str], conf_dir: Path) -> DictConfig | None:
+    """Compose the command line and check it; raises on the first problem. Returns the composed config (first job
+    of a sweep), or ``None`` for help and config-printing requests."""
     cfg = compose(argv, conf_dir)
     if cfg is not None:
         check_config(cfg)
+    return cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 import warnings
@@ -12,11 +13,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from sdq_lightning.report import plan_rows, write_report
-from sdq_lightning.utils import build_datamodule, build_logger, build_model, build_sdq, build_trainer, get_logger
+from sdq_lightning.utils import (
+    build_callbacks,
+    build_datamodule,
+    build_logger,
+    build_model,
+    build_sdq,
+    build_trainer,
+    get_logger,
+)
+from sdq_lightning.utils.instantiate import wandb_loggers
 from sdq_lightning.utils.throughput import ThroughputRecorder
 from sdq_lightning.utils.wandb import finish_wandb, log_plan_and_plots
 
@@ -94,78 +104,174 @@ def _scalar(metrics: dict[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def fit_one(cfg: DictConfig, run_dir: str | Path, *, label: str = "sdq", sdq_enabled: bool | None = None,
-            teacher: torch.nn.Module | None = None, init_state: dict[str, torch.Tensor] | None = None,
-            sdq_overrides: dict[str, Any] | None = None, max_epochs: int | None = None) -> RunResult:
-    """Fit (and test) one model into ``run_dir``; writes metrics.json, plan.yaml, report.md and the checkpoint."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = build_datamodule(cfg)
-    module = build_model(cfg, datamodule)
-    if init_state is not None:
-        module.model.load_state_dict(init_state)
-    enabled = cfg.sdq.enabled if sdq_enabled is None else sdq_enabled
-    overrides = dict(sdq_overrides or {})
-    if teacher is not None:
-        overrides["teacher"] = teacher
-    sdq = build_sdq(cfg, run_dir, **overrides) if enabled else None
+def _build_callbacks(cfg: DictConfig, run_dir: Path, sdq: Callback | None) -> tuple[list[Callback], EpochRecorder,
+                                                                                    ThroughputRecorder]:
+    """SDQ, the epoch and throughput recorders, phase=search's stop, then the named ``callbacks.*`` entries."""
     recorder, throughput = EpochRecorder(), ThroughputRecorder()
     callbacks: list[Callback] = [c for c in (sdq, recorder, throughput) if c is not None]
+    if sdq is not None and cfg.phase.get("search_only"):
+        callbacks.append(StopAfterSearch(sdq))
+    return [*callbacks, *build_callbacks(cfg, run_dir)], recorder, throughput
+
+
+def _trainer_cfg(cfg: DictConfig, sdq: Callback | None, max_epochs: int | None) -> DictConfig:
     trainer_cfg = copy.deepcopy(cfg)
     if max_epochs is not None:
         trainer_cfg.trainer.max_epochs = max_epochs
     if sdq is not None and cfg.phase.get("search_only"):
-        callbacks.append(StopAfterSearch(sdq))
         trainer_cfg.trainer.max_epochs = int(cfg.phase.search_epochs) + 1
-    if cfg.save_checkpoint:
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None,
-                                         save_top_k=1, enable_version_counter=False))
-    logger = build_logger(cfg, run_dir, name=f"{cfg.name}-{label}")
-    trainer = build_trainer(trainer_cfg, callbacks, logger, run_dir)
-    trainer.fit(module, datamodule=datamodule)
-    fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
-    if cfg.run_test and not cfg.phase.get("search_only"):
-        for res in trainer.test(module, datamodule=datamodule, verbose=False):
-            fitted.update({k: float(v) for k, v in res.items()})
-    plan = _final_plan(sdq, module, datamodule)
+    return trainer_cfg
+
+
+def _unrepeated(loader: Any, trainer: pl.Trainer, mode: Any) -> Any:
+    """``loader`` over this rank's disjoint shard of its dataset, without DistributedSampler's padding."""
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                           shuffle=False)
+    return _update_dataloader(loader, sampler, mode=mode)
+
+
+def shard_validation_exactly(trainer: pl.Trainer, datamodule: pl.LightningDataModule) -> None:
+    """With several ranks, validation sees every sample once too (Lightning leaves a DistributedSampler alone)."""
+    if trainer.world_size <= 1:
+        return
+    from lightning.pytorch.trainer.states import RunningStage
+
+    original = datamodule.val_dataloader
+
+    @functools.wraps(original)
+    def val_dataloader() -> Any:
+        return _unrepeated(original(), trainer, RunningStage.VALIDATING)
+
+    datamodule.val_dataloader = val_dataloader  # type: ignore[method-assign]
+
+
+def evaluate_test_split(trainer: pl.Trainer, module: pl.LightningModule,
+                        datamodule: pl.LightningDataModule) -> dict[str, float]:
+    """``trainer.test`` over every test sample exactly once, also with several ranks.
+
+    Lightning's DistributedSampler pads the ranks' shards to equal length with repeated samples; here each rank
+    gets a disjoint shard without padding (``UnrepeatedDistributedSampler``), the accuracy metrics (torchmetrics)
+    sum their counts over the ranks and the loss is a sample-weighted mean over the ranks (``sync_dist``)."""
+    if trainer.world_size <= 1:
+        results = trainer.test(module, datamodule=datamodule, verbose=False)
+    else:
+        from lightning.pytorch.trainer.states import RunningStage
+
+        datamodule.setup("test")
+        loader = _unrepeated(datamodule.test_dataloader(), trainer, RunningStage.TESTING)
+        results = trainer.test(module, dataloaders=loader, verbose=False)
+    return {k: float(v) for res in results for k, v in res.items()}
+
+
+def _write_plan(sdq: Any, plan: dict[str, Any], run_dir: Path) -> None:
     if sdq is None or sdq.plan is None or not (run_dir / "plan.yaml").exists():
         from sdq_lightning.budget import BitPlan
 
         BitPlan.from_dict(plan).save(run_dir / "plan.yaml")
+
+
+def _metrics(cfg: DictConfig, label: str, enabled: bool, sdq: Any, fitted: dict[str, float], plan: dict[str, Any],
+             trainer: pl.Trainer, throughput: ThroughputRecorder, start: float) -> dict[str, Any]:
     budget = {"metric": cfg.hardware.metric, "target": float(cfg.hardware.target)}
     costs = plan.get("costs", {})
-    metrics = {
+    return {
         "name": f"{cfg.name}-{label}" if label != "sdq" else cfg.name,
         "run": label,
         "val/acc": _scalar(fitted, "val/acc"),
         "val/loss": _scalar(fitted, "val/loss"),
         "test/acc": _scalar(fitted, "test/acc"),
+        "test/loss": _scalar(fitted, "test/loss"),
         "avg_bits": costs.get("avg_bits"),
         "size_bytes": costs.get("size"),
         "bitops": costs.get("bitops"),
         "budget_metric": budget["metric"] if enabled else None,
         "budget_target": budget["target"] if enabled else None,
+        "budget_cost": costs.get(budget["metric"]) if enabled else None,
         "budget_met": (costs.get(budget["metric"], float("inf")) <= budget["target"] * (1 + 1e-9)) if enabled else None,
         "weight_bits": list(sdq.spec.weight_bits) if sdq is not None else None,
         "activation_bits": sdq.spec.activation_bits if sdq is not None else None,
         "epochs": int(trainer.current_epoch),
+        "world_size": int(trainer.world_size),
         "wall_time_s": round(time.time() - start, 2),
         "train_images_per_s": None if throughput.images_per_s is None else round(throughput.images_per_s, 1),
         "overrides": job_overrides(),
     }
+
+
+def _write_outputs(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], history: list[dict[str, Any]],
+                   plan: dict[str, Any], logger: Any, enabled: bool) -> dict[str, Path]:
+    """metrics.json, history.json, report.md with its plots; the plan table and plots to any wandb logger."""
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    history = _merge_history(sdq.history if sdq is not None else [], recorder.history)
     (run_dir / "history.json").write_text(json.dumps(history, indent=2, default=str))
-    images = write_report(run_dir, plan, history, metrics, budget if enabled else {}, title=f"{metrics['name']}")
-    if cfg.logger.kind == "wandb" and logger:
-        log_plan_and_plots(logger, plan_rows(plan), images,
+    budget = {"metric": cfg.hardware.metric, "target": float(cfg.hardware.target)} if enabled else {}
+    images = write_report(run_dir, plan, history, metrics, budget, title=f"{metrics['name']}")
+    for wandb_logger in wandb_loggers(logger):
+        log_plan_and_plots(wandb_logger, plan_rows(plan), images,
                            {k: v for k, v in metrics.items() if k not in ("overrides", "weight_bits")})
-        finish_wandb(logger)
+        finish_wandb(wandb_logger)
+    return images
+
+
+def fit_one(cfg: DictConfig, run_dir: str | Path, *, label: str = "sdq", sdq_enabled: bool | None = None,
+            teacher: torch.nn.Module | None = None, init_state: dict[str, torch.Tensor] | None = None,
+            sdq_overrides: dict[str, Any] | None = None, max_epochs: int | None = None) -> RunResult:
+    """Fit (and test) one model into ``run_dir``; writes metrics.json, plan.yaml, report.md and the checkpoint.
+
+    The steps: data, model, SDQ callback (``cfg.sdq``; ``teacher``/``sdq_overrides`` replace its values),
+    callbacks, loggers and trainer, fit, test (every test sample once, also data-parallel), plan, metrics, files
+    (rank zero only)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    module = build_model(cfg, datamodule, init_state)
+    enabled = bool(cfg.sdq.enabled if sdq_enabled is None else sdq_enabled)
+    overrides = {**(sdq_overrides or {}), **({"teacher": teacher} if teacher is not None else {})}
+    sdq = build_sdq(cfg, run_dir, **overrides) if enabled else None
+    callbacks, recorder, throughput = _build_callbacks(cfg, run_dir, sdq)
+    logger = build_logger(cfg, run_dir, name=f"{cfg.name}-{label}")
+    trainer = build_trainer(_trainer_cfg(cfg, sdq, max_epochs), callbacks, logger, run_dir)
+    shard_validation_exactly(trainer, datamodule)
+    trainer.fit(module, datamodule=datamodule)
+    fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    if cfg.run_test and not cfg.phase.get("search_only"):
+        fitted.update(evaluate_test_split(trainer, module, datamodule))
+    plan = _final_plan(sdq, module, datamodule)
+    metrics = _metrics(cfg, label, enabled, sdq, fitted, plan, trainer, throughput, start)
+    history = _merge_history(sdq.history if sdq is not None else [], recorder.history)
+    images: dict[str, Path] = {}
+    if trainer.is_global_zero:
+        _write_plan(sdq, plan, run_dir)
+        images = _write_outputs(cfg, run_dir, metrics, history, plan, logger, enabled)
     return RunResult(metrics, plan, history, module, images)
 
 
+def summary_lines(metrics: dict[str, Any], run_dir: str | Path) -> list[str]:
+    """The end-of-run summary: accuracy, average bits, plan cost against the budget, run folder."""
+    def pct(key: str) -> str:
+        return "n/a" if metrics.get(key) is None else f"{100 * float(metrics[key]):.2f} %"
+
+    lines = [f"{metrics.get('name', 'run')}: test/acc {pct('test/acc')}, val/acc {pct('val/acc')}, "
+             f"avg bits {metrics['avg_bits']:.3f}" if metrics.get("avg_bits") is not None else
+             f"{metrics.get('name', 'run')}: test/acc {pct('test/acc')}, val/acc {pct('val/acc')}"]
+    if metrics.get("budget_metric"):
+        cost, target = metrics.get("budget_cost"), metrics["budget_target"]
+        verdict = "met" if metrics.get("budget_met") else "NOT met"
+        lines.append(f"plan cost {metrics['budget_metric']} = {cost:.6g} vs budget <= {target:.6g}: {verdict}"
+                     if cost is not None else f"budget {metrics['budget_metric']} <= {target:.6g}")
+    else:
+        lines.append("floating point (no SDQ, no budget)")
+    lines.append(f"run folder: {Path(run_dir).resolve()}")
+    return lines
+
+
 def save_resolved_config(cfg: DictConfig, run_dir: str | Path) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:
+        (Path(run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -78,7 +78,10 @@ class SDQClassifier(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         loss, logits, y = self._shared(batch)
         self.train_acc(logits.detach(), y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        # Losses: sample-weighted means over all ranks (sync_dist). batch_size as a float: Lightning averages the ranks'
+        # sample counts with "mean", which truncates an integer count (51 and 50 samples would count as 50 each).
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=float(len(y)),
+                 sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return {"loss": loss}
 
@@ -86,7 +89,7 @@ class SDQClassifier(pl.LightningModule):
         loss, logits, y = self._shared(batch)
         self.val_acc(logits, y)
         self.val_acc5(logits, y)
-        self.log("val/loss", loss, prog_bar=False, batch_size=len(y))
+        self.log("val/loss", loss, prog_bar=False, batch_size=float(len(y)), sync_dist=True)  # see training_step
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(y))
         self.log("val/acc_top5", self.val_acc5, batch_size=len(y))
         return {"loss": loss}
@@ -95,7 +98,7 @@ class SDQClassifier(pl.LightningModule):
         loss, logits, y = self._shared(batch)
         self.test_acc(logits, y)
         self.test_acc5(logits, y)
-        self.log("test/loss", loss, batch_size=len(y))
+        self.log("test/loss", loss, batch_size=float(len(y)), sync_dist=True)  # see training_step
         self.log("test/acc", self.test_acc, batch_size=len(y))
         self.log("test/acc_top5", self.test_acc5, batch_size=len(y))
         return {"loss": loss}

@@ -1,4 +1,10 @@
-"""Build the data module, model, SDQ callback, logger and trainer from the composed Hydra config."""
+"""Build the data module, model, SDQ callback, loggers, callbacks and trainer from the composed Hydra config.
+
+Every object comes from a config node with a ``_target_`` (``hydra.utils.instantiate``), as in the
+lightning-hydra-template: ``sdq`` (the callback), ``logger.<name>`` and ``callbacks.<name>`` (any number of named
+entries). The dataset comes from the registry (``dataset.name``, see :mod:`sdq_lightning.data.registry`) or a
+``_target_``. A ``null`` in the ``sdq`` node means the callback's own default: the key is not passed.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdq_lightning.utils.wandb import setup_wandb_env
 
-LOGGERS = ("wandb", "csv", "none")
+# Keys of the sdq node that are the app's, not the callback's.
+SDQ_APP_KEYS = ("enabled",)
+# Keys of the sdq node whose null is a value (floating-point activations), not "use the callback's default".
+SDQ_NULL_IS_VALUE = ("activation_bits",)
 
 
 def to_dict(node: Any) -> dict[str, Any]:
@@ -23,81 +32,138 @@ def to_dict(node: Any) -> dict[str, Any]:
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    """The LightningDataModule named by ``cfg.dataset._target_``."""
-    return instantiate(cfg.dataset, _convert_="all")
+    """The LightningDataModule registered as ``cfg.dataset.name`` (or named by ``cfg.dataset._target_``)."""
+    from sdq_lightning.data.registry import _builder
+
+    cls, kwargs = _builder(to_dict(cfg.dataset))
+    return cls(**kwargs)
 
 
-def build_model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
-    """The LightningModule of ``cfg.model``; ``num_classes``/``in_chans`` default to the data module's."""
+def build_model(cfg: DictConfig, datamodule: pl.LightningDataModule,
+                init_state: dict[str, Any] | None = None) -> pl.LightningModule:
+    """The LightningModule of ``cfg.model``; ``num_classes``/``in_chans`` default to the data module's;
+    ``init_state``: a backbone state dict to start from."""
     kwargs = to_dict(cfg.model)
     target = kwargs.pop("_target_", "sdq_lightning.lit.SDQClassifier")
     for key in ("num_classes", "in_chans"):
         if kwargs.get(key) is None and hasattr(datamodule, key):
             kwargs[key] = getattr(datamodule, key)
-    return instantiate({"_target_": target, **kwargs})
+    module = instantiate({"_target_": target, **kwargs})
+    if init_state is not None:
+        module.model.load_state_dict(init_state)
+    return module
+
+
+def sdq_node(cfg: DictConfig) -> dict[str, Any]:
+    """The ``sdq`` node as ``instantiate`` gets it: resolved, app keys and "use the default" nulls removed."""
+    node = to_dict(cfg.sdq)
+    out = {}
+    for key, value in node.items():
+        if key in SDQ_APP_KEYS or (value is None and key not in SDQ_NULL_IS_VALUE):
+            continue
+        out[key] = value
+    if isinstance(out.get("weight_bits"), list):
+        out["weight_bits"] = tuple(out["weight_bits"])
+    if isinstance(out.get("temperature"), list):
+        out["temperature"] = tuple(out["temperature"])
+    budget = out.get("budget")
+    if isinstance(budget, dict) and budget.get("target") is not None:
+        out["budget"] = {**budget, "target": float(budget["target"])}
+    if out.get("plan") is not None:
+        out["plan"] = str(out["plan"])
+    return out
 
 
 def sdq_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """Keyword arguments of :class:`sdq_lightning.SDQ` from ``hardware``, ``phase`` and ``sdq``."""
-    hw, phase = cfg.hardware, cfg.phase
-    kwargs = {k: v for k, v in to_dict(cfg.sdq).items() if k != "enabled" and v is not None}
-    if isinstance(kwargs.get("temperature"), list):
-        kwargs["temperature"] = tuple(kwargs["temperature"])
-    kwargs.update(
-        weight_bits=tuple(hw.weight_bits),
-        activation_bits=hw.activation_bits,
-        budget={"metric": hw.metric, "target": float(hw.target)},
-        search_epochs=int(phase.search_epochs),
-        seed=int(cfg.seed),
-    )
-    if phase.get("plan"):
-        kwargs["plan"] = str(phase.plan)
-    return kwargs
+    """Keyword arguments of :class:`sdq_lightning.SDQ` from the ``sdq`` node (without ``_target_``)."""
+    return {k: v for k, v in sdq_node(cfg).items() if k != "_target_"}
 
 
 def build_sdq(cfg: DictConfig, save_dir: str | Path, **overrides: Any) -> pl.Callback | None:
-    """The SDQ callback (``None`` when ``sdq.enabled`` is false: a floating-point run)."""
+    """The SDQ callback from ``cfg.sdq`` (``None`` when ``sdq.enabled`` is false: a floating-point run).
+
+    ``overrides`` (a teacher module, the uniform baseline's bits, ...) replace config values."""
     if not cfg.sdq.get("enabled", True):
         return None
-    from sdq_lightning.callbacks import SDQ
-
-    kwargs = sdq_kwargs(cfg)
-    kwargs.update(overrides)
-    return SDQ(save_dir=str(save_dir), **kwargs)
+    partial = instantiate(sdq_node(cfg), _partial_=True, _convert_="all")
+    return partial(**{"save_dir": str(save_dir), **overrides})
 
 
-def build_logger(cfg: DictConfig, run_dir: str | Path, name: str | None = None) -> Any:
-    """``logger.kind`` = wandb (offline unless WANDB_MODE says otherwise), csv or none (returns False)."""
-    kind = cfg.logger.kind
-    if kind not in LOGGERS:
-        raise ValueError(f"logger.kind must be one of {LOGGERS}, got {kind!r}")
-    if kind == "none":
-        return False
-    if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+def _named_entries(node: Any, group: str) -> dict[str, dict[str, Any]]:
+    entries = {}
+    for name, entry in to_dict(node).items():
+        if not isinstance(entry, dict) or "_target_" not in entry:
+            raise ValueError(f"{group}.{name} must be a config node with a _target_ (a class path), got {entry!r}")
+        entries[name] = entry
+    return entries
 
-        return CSVLogger(save_dir=str(run_dir), name="", version="")
-    setup_wandb_env(cfg.logger.get("mode", "offline"))
-    from lightning.pytorch.loggers import WandbLogger
 
-    logger = WandbLogger(
-        name=name or cfg.name,
-        project=cfg.logger.project,
-        entity=cfg.logger.get("entity"),
-        group=cfg.logger.get("group"),
-        tags=list(cfg.logger.get("tags") or []),
-        save_dir=str(run_dir),
-        offline=os.environ.get("WANDB_MODE") == "offline",
-        log_model=False,
-    )
-    logger.log_hyperparams(to_dict(cfg))
-    return logger
+def build_logger(cfg: DictConfig, run_dir: str | Path, name: str | None = None) -> list[Any] | bool:
+    """Every named ``_target_`` entry of ``cfg.logger`` (``save_dir`` null: ``run_dir``); ``False`` when none.
+
+    A WandbLogger gets ``name`` (null: the run name), runs offline unless ``WANDB_MODE`` says otherwise, and logs
+    the resolved config as hyperparameters."""
+    loggers = []
+    for key, entry in _named_entries(cfg.get("logger"), "logger").items():
+        if entry.get("save_dir", None) is None:
+            entry["save_dir"] = str(run_dir)
+        wandb = str(entry["_target_"]).endswith("WandbLogger")
+        if wandb:
+            setup_wandb_env(entry.pop("mode", "offline"))
+            entry["offline"] = os.environ.get("WANDB_MODE") == "offline"
+            entry["name"] = entry.get("name") or name or cfg.name
+        logger = instantiate(entry, _convert_="all")
+        if wandb:
+            logger.log_hyperparams(to_dict(cfg))
+        loggers.append(logger)
+    return loggers or False
+
+
+def wandb_loggers(loggers: Any) -> list[Any]:
+    """The WandbLoggers among what :func:`build_logger` returned."""
+    return [lg for lg in (loggers or []) if type(lg).__name__ == "WandbLogger"]
+
+
+def build_callbacks(cfg: DictConfig, run_dir: str | Path) -> list[pl.Callback]:
+    """Every named ``_target_`` entry of ``cfg.callbacks`` (a ModelCheckpoint's ``dirpath`` null:
+    ``run_dir/checkpoints``; ``model_checkpoint`` is skipped when ``save_checkpoint`` is false)."""
+    out = []
+    for key, entry in _named_entries(cfg.get("callbacks"), "callbacks").items():
+        is_ckpt = str(entry["_target_"]).endswith("ModelCheckpoint")
+        if is_ckpt and not cfg.get("save_checkpoint", True):
+            continue
+        if is_ckpt and entry.get("dirpath") is None:
+            entry["dirpath"] = str(Path(run_dir) / "checkpoints")
+        out.append(instantiate(entry, _convert_="all"))
+    return out
+
+
+def _uses_gpu(accelerator: Any) -> bool:
+    import torch
+
+    name = str(accelerator or "auto").lower()
+    return name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
+
+
+def resolve_trainer_kwargs(trainer_cfg: Any) -> dict[str, Any]:
+    """``cfg.trainer`` as ``lightning.Trainer`` keyword arguments: nulls dropped, ``precision: auto`` (bf16-mixed
+    on a GPU that supports it, else 16-mixed; 32-true on the CPU) and ``sync_batchnorm: auto`` (GPU only)."""
+    kwargs = {k: v for k, v in to_dict(trainer_cfg).items() if v is not None}
+    gpu = _uses_gpu(kwargs.get("accelerator"))
+    if kwargs.get("precision") == "auto":
+        if gpu:
+            import torch
+
+            kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
+                else "16-mixed"
+        else:
+            kwargs["precision"] = "32-true"
+    if kwargs.get("sync_batchnorm") == "auto":
+        kwargs["sync_batchnorm"] = gpu
+    return kwargs
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Any, run_dir: str | Path) -> pl.Trainer:
     """``lightning.Trainer(**cfg.trainer)`` writing into ``run_dir``."""
-    kwargs = {k: v for k, v in to_dict(cfg.trainer).items() if v is not None}
-    return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger, **kwargs)
-
-
-
+    return pl.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
+                      **resolve_trainer_kwargs(cfg.trainer))
