@@ -50,6 +50,17 @@ def test_single_run_prints_summary(tmp_path, capsys):
     assert f"run folder: {(tmp_path / 'run').resolve()}" in out
     assert f"avg bits {metrics['avg_bits']:.3f}" in out and "vs budget <= 2: met" in out
     assert metrics["budget_cost"] == pytest.approx(metrics["avg_bits"])
+    # issue 13: the search is visible: per-layer expected bits and the controller over the steps, in the report
+    import json
+
+    trace = json.loads((tmp_path / "run" / "search_trace.json").read_text())
+    assert trace["step"] and len(trace["expected_bits"]) == len(trace["step"]) == len(trace["control"])
+    assert (tmp_path / "run" / "plots" / "search_trace.png").stat().st_size > 10_000
+    assert "plots/search_trace.png" in (tmp_path / "run" / "report.md").read_text()
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    frozen = [h for h in history if h.get("frozen")]
+    assert len(frozen) == 1 and isinstance(frozen[0]["projection_changed_layers"], int)
+    assert "expected_avg_bits" in frozen[0]
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from sdq_lightning.report import plan_rows, write_report
+from sdq_lightning.report.search_trace import plot_search_trace
 from sdq_lightning.utils import (
     build_callbacks,
     build_datamodule,
@@ -201,13 +202,32 @@ def _metrics(cfg: DictConfig, label: str, enabled: bool, sdq: Any, fitted: dict[
     }
 
 
+def _write_search_trace(run_dir: Path, sdq: Any, budget: dict[str, Any]) -> dict[str, Path]:
+    """search_trace.json and plots/search_trace.png (each layer's expected bits and the controller over the search
+    steps), linked from report.md."""
+    trace = getattr(sdq, "search_trace", None) if sdq is not None else None
+    if not trace or not trace.get("step"):
+        return {}
+    (run_dir / "search_trace.json").write_text(json.dumps(trace))
+    png = plot_search_trace(trace, run_dir / "plots" / "search_trace.png", budget.get("target"),
+                            budget.get("metric", "avg_bits"), getattr(sdq, "budget_control", "dual"))
+    report = run_dir / "report.md"
+    if png is not None and report.is_file():
+        with report.open("a") as fh:
+            fh.write("\n## The search\n\nEach searched layer's expected bits, the expected cost against the budget and "
+                     "the budget controller over the search steps (data: `search_trace.json`).\n\n"
+                     "![search trace](plots/search_trace.png)\n")
+    return {"search_trace": png} if png is not None else {}
+
+
 def _write_outputs(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], history: list[dict[str, Any]],
-                   plan: dict[str, Any], logger: Any, enabled: bool) -> dict[str, Path]:
+                   plan: dict[str, Any], logger: Any, enabled: bool, sdq: Any = None) -> dict[str, Path]:
     """metrics.json, history.json, report.md with its plots; the plan table and plots to any wandb logger."""
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (run_dir / "history.json").write_text(json.dumps(history, indent=2, default=str))
     budget = {"metric": cfg.hardware.metric, "target": float(cfg.hardware.target)} if enabled else {}
     images = write_report(run_dir, plan, history, metrics, budget, title=f"{metrics['name']}")
+    images.update(_write_search_trace(run_dir, sdq, budget))
     for wandb_logger in wandb_loggers(logger):
         log_plan_and_plots(wandb_logger, plan_rows(plan), images,
                            {k: v for k, v in metrics.items() if k not in ("overrides", "weight_bits")})
@@ -246,7 +266,7 @@ def fit_one(cfg: DictConfig, run_dir: str | Path, *, label: str = "sdq", sdq_ena
     images: dict[str, Path] = {}
     if trainer.is_global_zero:
         _write_plan(sdq, plan, run_dir)
-        images = _write_outputs(cfg, run_dir, metrics, history, plan, logger, enabled)
+        images = _write_outputs(cfg, run_dir, metrics, history, plan, logger, enabled, sdq)
     return RunResult(metrics, plan, history, module, images)
 
 
