@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+
+from sdq_lightning.utils.instantiate import build_datamodule
 
 from export_helpers import APP_TINY, compose_app
 from sdq_lightning.cli.train import run
@@ -32,7 +33,7 @@ def main() -> None:
             summary = export_run(Path(tmp) / "run", Path(tmp) / "out")
             seconds = time.perf_counter() - t0
             net, plan, _ = load_run_model(Path(tmp) / "run")
-            dm = instantiate(cfg.dataset, _convert_="all")
+            dm = build_datamodule(cfg)
             dm.setup("test")
             x = torch.cat([b[0] for b in dm.test_dataloader()])
             with torch.no_grad():

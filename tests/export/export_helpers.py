@@ -110,9 +110,9 @@ def compose_app(overrides: list[str]):
 
 def app_test_batch(cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """The first test batch of the run's data module (real digits): what the run's test/acc was measured on."""
-    from hydra.utils import instantiate
+    from sdq_lightning.utils.instantiate import build_datamodule
 
-    dm = instantiate(cfg.dataset, _convert_="all")
+    dm = build_datamodule(cfg)
     dm.setup("test")
     x, y = next(iter(dm.test_dataloader()))[:2]
     return x, y
