@@ -1,8 +1,9 @@
 """Divergence guard: stop a run whose training loss is not finite or whose val accuracy collapsed to chance.
 
 Cheap by construction: every training step adds two tiny device ops (``isfinite`` and a ``where``) and no host
-sync; the flag is read every ``check_every_n_steps`` steps (default: every step on CPU, where reading is free, every
-50 steps on an accelerator), at every epoch end and before every validation check. Each validation whose metrics are sane replaces
+sync: each step's detached loss is kept in a list, and the list is read (one ``isfinite`` over the stacked losses,
+one sync) every ``check_every_n_steps`` steps (default: every step on one CPU process, where reading is free, every
+50 steps otherwise), at every epoch end and before every validation check. Each validation whose metrics are sane replaces
 ``last_good.ckpt`` (a whole Lightning checkpoint: weights, optimizers, callback state), so the error can say
 where the last sane state is.
 """
@@ -58,8 +59,8 @@ class DivergenceGuard(Callback):
     """Stops training when the loss is NaN/inf or val accuracy falls to chance while it had been above it.
 
     Args:
-        check_every_n_steps: read the device-side finiteness flag every this many steps (and at epoch ends and
-            before validation); None: every step on CPU (no sync to save), every 50 steps on an accelerator.
+        check_every_n_steps: read the losses every this many steps (and at epoch ends and before validation); None:
+            every step in a single CPU process (no sync to save), every 50 steps on an accelerator or with DDP.
         monitor: the accuracy metric in ``trainer.callback_metrics`` (a fraction in [0, 1]).
         num_classes: chance is ``1/num_classes``; None reads it from the module (``num_classes`` or the last Linear).
         tolerance: accuracy <= ``chance + tolerance * (1 - chance)`` counts as chance (10 classes: 0.145).
@@ -107,11 +108,8 @@ class DivergenceGuard(Callback):
         self.initial_acc: float | None = None
         self.last_good: dict[str, Any] | None = None   # {"path", "epoch", "step", "acc"}
         self._at_chance = 0
-        self._first_bad: Tensor | None = None   # device: window step index of the first non-finite loss, -1 = none
-        self._bad_value: Tensor | None = None
-        self._window_step: Tensor | None = None
+        self._window: list[Tensor] = []   # detached losses since the last read (device tensors)
         self._window_start = 0
-        self._since_read = 0
 
     # ------------------------------------------------------------------ thresholds
     def _classes(self, pl_module: nn.Module) -> int | None:
@@ -123,42 +121,40 @@ class DivergenceGuard(Callback):
         return chance, chance + self.tolerance * (1 - chance), chance + 3 * self.tolerance * (1 - chance)
 
     # ------------------------------------------------------------------ loss (device side)
-    def _reset_window(self, trainer: pl.Trainer, device: torch.device) -> None:
-        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self._bad_value = torch.zeros((), dtype=torch.float32, device=device)
-        self._window_step = torch.zeros((), dtype=torch.long, device=device)
-        self._window_start = trainer.global_step
-        self._since_read = 0
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = _loss_of(outputs)
-        if loss is None:
+        if loss is None or self.message is not None:
             return
         loss = loss.detach()
-        if self._first_bad is None or self._first_bad.device != loss.device:
-            self._reset_window(trainer, loss.device)
+        if loss.device.type == "cpu" and self.check_every_n_steps is None and trainer.world_size == 1:
+            value = float(loss) if loss.numel() == 1 else float(loss.float().sum())  # reading is free on CPU
+            if not math.isfinite(value):
+                self._stop(trainer, f"training loss is {value} at epoch {trainer.current_epoch}, step "
+                                    f"{trainer.global_step}; {LOSS_CAUSES}")
+            return
+        if not self._window:
             self._window_start = trainer.global_step - 1
-        new = (~torch.isfinite(loss)).reshape(()) & (self._first_bad < 0)
-        self._first_bad = torch.where(new, self._window_step, self._first_bad)
-        self._bad_value = torch.where(new, loss.float().reshape(()), self._bad_value)
-        self._window_step = self._window_step + 1
-        self._since_read += 1
-        every = self.check_every_n_steps or (1 if loss.device.type == "cpu" else ACCELERATOR_READ_EVERY)
-        if self._since_read >= every:
+        self._window.append(loss.reshape(-1)[:1])   # no device op, no sync: read in check_loss
+        if len(self._window) >= (self.check_every_n_steps or ACCELERATOR_READ_EVERY):
             self.check_loss(trainer, pl_module)
 
     def check_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Read the device-side flag (one host sync) and stop if a loss since the last read was not finite."""
-        if self._first_bad is None or self._since_read == 0 or self.message is not None:
+        """Read the losses since the last read (one host sync) and stop if one was not finite (on any rank)."""
+        if self.message is not None:
             return
-        first = int(self._first_bad.item())
-        value = float(self._bad_value.item())
+        first, value = -1, float("nan")
+        if self._window:
+            losses = torch.cat(self._window).float()
+            bad = ~torch.isfinite(losses)
+            if bool(bad.any()):
+                first = int(bad.nonzero()[0, 0])
+                value = float(losses[first])
         start = self._window_start
-        self._reset_window(trainer, self._first_bad.device)
+        self._window = []
         if not trainer.strategy.reduce_boolean_decision(first >= 0, all=False):
             return
-        where = f"step {start + first + 1}" if first >= 0 else "another rank"
+        where = f"step {start + first + 1}" if first >= 0 else "step <= " + str(trainer.global_step) + " on another rank"
         self._stop(trainer, f"training loss is {value} at epoch {trainer.current_epoch}, {where}; {LOSS_CAUSES}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

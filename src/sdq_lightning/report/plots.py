@@ -141,7 +141,7 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
     if bits:
         ax.plot(*zip(*bits), "o-", color="tab:blue", label="expected avg bits")
     if budget_target is not None and budget_metric == "avg_bits":
-        ax.axhline(budget_target, color="tab:blue", ls=":", label="avg-bits target")
+        ax.axhline(budget_target, color="tab:red", ls="--", lw=1.2, label=f"budget: avg bits <= {budget_target:g}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("average weight bits", color="tab:blue")
     boundary = [e for e, h in zip(epochs, history) if h.get("frozen")]
@@ -155,8 +155,9 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
     ax2.set_ylim(0, 1.02)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     if handles:
-        ax.legend(handles=handles, loc="lower left", fontsize=8)
-    ax.set_title("search and training")
+        ax.legend(handles=handles, loc="center right", fontsize=8)
+    ax.set_title("search and training" + (f" (budget {budget_metric} <= {budget_target:g})"
+                                          if budget_target is not None and budget_metric else ""))
     return _save(fig, path)
 
 
