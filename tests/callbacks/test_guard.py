@@ -141,3 +141,28 @@ def test_infer_num_classes() -> None:
 def test_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         DivergenceGuard(**kwargs)
+
+
+def test_real_divergence_from_a_huge_learning_rate(make_trainer, digits) -> None:
+    from sdq_lightning import SDQClassifier
+
+    guard = DivergenceGuard()
+    module = SDQClassifier("digits_cnn", in_chans=1, lr=1e12, scheduler="none")
+    trainer = make_trainer(max_epochs=3, callbacks=[guard])
+    with pytest.raises(DivergenceError, match=r"divergence guard: training loss is (nan|inf) at epoch \d+, step \d+;"):
+        trainer.fit(module, digits.train(), digits.test())
+
+
+@pytest.mark.slow
+def test_healthy_sdq_run_with_guard_is_untouched(make_trainer, digits, fp_teacher) -> None:
+    from sdq_lightning import SDQ, SDQClassifier
+
+    student = SDQClassifier("digits_cnn", in_chans=1, lr=0.02)
+    student.model.load_state_dict(fp_teacher.model.state_dict())
+    guard = DivergenceGuard(reference_acc=0.95)
+    sdq = SDQ(search_epochs=1, budget={"metric": "avg_bits", "target": 3.0}, activation_bits=None)
+    trainer = make_trainer(max_epochs=2, limit_train_batches=6, callbacks=[sdq, guard])
+    L.seed_everything(0, verbose=False)
+    trainer.fit(student, digits.train(), digits.test())
+    assert guard.message is None and trainer.current_epoch == 2 and sdq.plan is not None
+    assert guard.best_acc > 0.9 and guard.last_good["epoch"] == 1

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from sdq_lightning.cli.run import RunResult, fit_one
 from sdq_lightning.report import write_report
-from sdq_lightning.report.writer import _fmt, budget_check, markdown_table
+from sdq_lightning.report.writer import METRIC_LABELS, _fmt, budget_check, markdown_table
 
 
 def uniform_bits(cfg: DictConfig) -> int:
@@ -59,11 +59,13 @@ def verdict(sdq: dict[str, Any], uniform: dict[str, Any], budget: dict[str, Any]
     if diff < 0:
         return f"SDQ is NOT ahead of uniform here: {-diff:.2f} points behind ({where})."
     if c_s <= c_u * (1 + 1e-9):
-        return f"SDQ is ahead of uniform by {diff:.2f} points at the same or lower {metric} ({where})."
+        return (f"SDQ is ahead of uniform by {diff:.2f} points at the same or lower {METRIC_LABELS.get(metric, metric)} "
+                f"({where}).")
     ok = [str(r.get("budget", "")).startswith("meets") for r in (sdq, uniform)]
     meets = {(True, True): "both meet", (True, False): "only SDQ meets", (False, True): "only uniform meets",
              (False, False): "neither meets"}[tuple(ok)]
-    return (f"SDQ is {diff:.2f} points more accurate but uses more {metric} than uniform ({where}); "
+    return (f"SDQ is {diff:.2f} points more accurate but uses more {METRIC_LABELS.get(metric, metric)} than uniform "
+            f"({where}); "
             f"{meets} the budget, so this is not a same-cost win.")
 
 
