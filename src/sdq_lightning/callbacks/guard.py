@@ -1,10 +1,10 @@
 """Divergence guard: stop a run whose training loss is not finite or whose val accuracy collapsed to chance.
 
-Cheap by construction: every training step adds two tiny device ops (``isfinite`` and a ``where``) and no host
-sync: each step's detached loss is kept in a list, and the list is read (one ``isfinite`` over the stacked losses,
-one sync) every ``check_every_n_steps`` steps (default: every step on one CPU process, where reading is free, every
-50 steps otherwise), at every epoch end and before every validation check. Each validation whose metrics are sane replaces
-``last_good.ckpt`` (a whole Lightning checkpoint: weights, optimizers, callback state), so the error can say
+Cheap by construction: a training step adds no device op and no host sync: its detached loss is kept in a list, and
+the list is read (one ``isfinite`` over the stacked losses, one sync) every ``check_every_n_steps`` steps (default:
+every step in one CPU process, where reading is free, else every 50 steps), at every epoch end and before every
+validation check. Each validation whose metrics are sane
+replaces ``last_good.ckpt`` (a whole Lightning checkpoint: weights, optimizers, callback state), so the error can say
 where the last sane state is.
 """
 
@@ -154,7 +154,7 @@ class DivergenceGuard(Callback):
         self._window = []
         if not trainer.strategy.reduce_boolean_decision(first >= 0, all=False):
             return
-        where = f"step {start + first + 1}" if first >= 0 else "step <= " + str(trainer.global_step) + " on another rank"
+        where = f"step {start + first + 1}" if first >= 0 else f"step <= {trainer.global_step} on another rank"
         self._stop(trainer, f"training loss is {value} at epoch {trainer.current_epoch}, {where}; {LOSS_CAUSES}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -59,8 +59,8 @@ def verdict(sdq: dict[str, Any], uniform: dict[str, Any], budget: dict[str, Any]
     if diff < 0:
         return f"SDQ is NOT ahead of uniform here: {-diff:.2f} points behind ({where})."
     if c_s <= c_u * (1 + 1e-9):
-        return (f"SDQ is ahead of uniform by {diff:.2f} points at the same or lower {METRIC_LABELS.get(metric, metric)} "
-                f"({where}).")
+        label = METRIC_LABELS.get(metric, metric)
+        return f"SDQ is ahead of uniform by {diff:.2f} points at the same or lower {label} ({where})."
     ok = [str(r.get("budget", "")).startswith("meets") for r in (sdq, uniform)]
     meets = {(True, True): "both meet", (True, False): "only SDQ meets", (False, True): "only uniform meets",
              (False, False): "neither meets"}[tuple(ok)]
@@ -87,8 +87,9 @@ def run_with_teacher(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                  comparison=rows, comparison_note=note)
     from sdq_lightning.budget import BitPlan
 
-    first_last = {"8bit": "first/last layers at 8 bits count towards it", "fp": "first/last layers in floating "
-                  "point count at 32 bits", "search": "first/last layers are searched too"}.get(str(cfg.sdq.first_last), "")
+    first_last = {"8bit": "first/last layers at 8 bits count towards it",
+                  "fp": "first/last layers in floating point count at 32 bits",
+                  "search": "first/last layers are searched too"}.get(str(cfg.sdq.first_last), "")
     print(f"\n{cfg.name}: budget {budget['metric']} <= {budget['target']:g} ({first_last})\n")
     print(markdown_table(rows))
     print(note + "\n")
