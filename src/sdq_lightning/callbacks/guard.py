@@ -3,9 +3,8 @@
 Cheap by construction: a training step adds no device op and no host sync: its detached loss is kept in a list, and
 the list is read (one ``isfinite`` over the stacked losses, one sync) every ``check_every_n_steps`` steps (default:
 every step in one CPU process, where reading is free, else every 50 steps), at every epoch end and before every
-validation check. Each validation whose metrics are sane
-replaces ``last_good.ckpt`` (a whole Lightning checkpoint: weights, optimizers, callback state), so the error can say
-where the last sane state is.
+validation check. Each validation whose metrics are sane replaces ``last_good.ckpt`` (a whole Lightning checkpoint:
+weights, optimizers, callback state), so the error can say where the last sane state is.
 """
 
 from __future__ import annotations
