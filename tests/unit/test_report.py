@@ -132,3 +132,10 @@ def test_sweep_summary_labels_points_by_overrides(tmp_path, figures) -> None:
     assert "| 0 | hardware.target=2 |" in text and "| 1 | hardware.target=3 |" in text
     annotations = [c.get_text() for c in figures[-1].axes[0].texts]
     assert annotations == ["hardware.target=2", "hardware.target=3"]
+
+
+def test_uniform_plan_marks_middle_layers_not_searched(figures, tmp_path) -> None:
+    plan = _plan({"conv1": 8, "conv2": 1, "conv3": 1, "fc": 8}, fixed=("conv1", "conv2", "conv3", "fc"))
+    plots.plot_bits_per_layer(plan, tmp_path / "u.png", {"metric": "avg_bits", "target": 1.5})
+    legend = _texts(figures[-1].axes[0].get_legend().get_texts())
+    assert legend == ["budget: average over layers <= 1.5", "fixed (first/last layer)", "fixed (not searched)"]

@@ -32,7 +32,9 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
 
 
 FP_ROW = 9.5          # where floating-point layers are drawn on a bits axis (labelled "FP (32)")
-COLORS = {"searched": "tab:blue", "fixed": "tab:orange", "fp": "tab:gray"}
+COLORS = {"searched": "tab:blue", "edge": "tab:orange", "fixed": "tab:olive", "fp": "tab:gray"}
+LABELS = {"searched": "searched", "edge": "fixed (first/last layer)", "fixed": "fixed (not searched)",
+          "fp": "floating point"}
 
 
 def _budget(plan: Mapping[str, Any], budget: Mapping[str, Any] | None) -> tuple[str | None, float | None]:
@@ -42,10 +44,13 @@ def _budget(plan: Mapping[str, Any], budget: Mapping[str, Any] | None) -> tuple[
 
 
 def _kinds(plan: Mapping[str, Any]) -> dict[str, str]:
-    """``fp`` (floating point), ``fixed`` (first/last layers outside the search) or ``searched``, per layer."""
+    """Per layer: ``fp`` (floating point), ``edge`` (first or last layer, fixed outside the search), ``fixed``
+    (another layer outside the search, e.g. a uniform run) or ``searched``."""
     fixed = plan.get("metadata", {}).get("fixed_layers") or {}
-    return {name: "fp" if lb.get("w_bits") is None else "fixed" if name in fixed else "searched"
-            for name, lb in _layers(plan).items()}
+    names = list(_layers(plan))
+    ends = {names[0], names[-1]} if names else set()
+    return {name: "fp" if lb.get("w_bits") is None else ("edge" if name in ends else "fixed") if name in fixed
+            else "searched" for name, lb in _layers(plan).items()}
 
 
 def _bits_axis(ax: plt.Axes, show_fp: bool) -> None:
@@ -75,18 +80,18 @@ def _target_line(ax: plt.Axes, metric: str | None, target: float | None) -> None
 
 def plot_bits_per_layer(plan: Mapping[str, Any], path: str | Path, budget: Mapping[str, Any] | None = None) -> Path:
     """Bar chart of weight bits per layer, in network order: searched layers blue, fixed first/last layers orange,
-    floating-point layers grey at the "FP (32)" row; each bar labelled with its bits; the avg-bits budget dashed."""
+    other fixed layers (uniform runs) olive, floating-point layers grey at the "FP (32)" row; each bar labelled with
+    its bits; the avg-bits budget dashed."""
     layers = _layers(plan)
     kinds = _kinds(plan)
     names = list(layers)
     heights = [FP_ROW if lb.get("w_bits") is None else int(lb["w_bits"]) for lb in layers.values()]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(names) + 2.5), 4.2))
     seen: set[str] = set()
-    labels = {"searched": "searched", "fixed": "fixed (first/last layer)", "fp": "floating point"}
     for i, (name, h) in enumerate(zip(names, heights)):
         kind = kinds[name]
         ax.bar(i, h, color=COLORS[kind], edgecolor="black", linewidth=0.5, hatch="//" if kind == "fp" else None,
-               label=None if kind in seen else labels[kind])
+               label=None if kind in seen else LABELS[kind])
         seen.add(kind)
         if len(names) <= 60:
             ax.annotate("FP" if kind == "fp" else str(h), (i, h), ha="center", va="bottom", fontsize=7,
@@ -107,15 +112,14 @@ def plot_bits_vs_params(plan: Mapping[str, Any], path: str | Path, budget: Mappi
     layers = {n: lb for n, lb in _layers(plan).items() if lb.get("params")}
     kinds = _kinds(plan)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    markers = {"searched": "o", "fixed": "s", "fp": "X"}
-    labels = {"searched": "searched", "fixed": "fixed (first/last layer)", "fp": "floating point"}
-    for kind in ("searched", "fixed", "fp"):
+    markers = {"searched": "o", "edge": "s", "fixed": "D", "fp": "X"}
+    for kind in ("searched", "edge", "fixed", "fp"):
         pts = [(lb["params"], FP_ROW if lb.get("w_bits") is None else lb["w_bits"], n) for n, lb in layers.items()
                if kinds[n] == kind]
         if not pts:
             continue
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=COLORS[kind], marker=markers[kind],
-                   edgecolor="black", zorder=3, label=labels[kind])
+                   edgecolor="black", zorder=3, label=LABELS[kind])
         if len(layers) <= 30:
             for x, y, n in pts:
                 ax.annotate(n.split(".")[-1] if len(n) > 18 else n, (x, y), fontsize=6, xytext=(4, 3),
