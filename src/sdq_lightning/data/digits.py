@@ -13,12 +13,14 @@ from sdq_lightning.data._common import TensorImageDataset, check_subset, make_lo
 
 
 class DigitsDataModule(L.LightningDataModule):
-    """Digits with a fixed stratified train/test split (``seed`` 0, 25 % test).
+    """Digits with a fixed stratified train/test split (``seed`` 0, 25 % test) and an optional validation split.
 
     Images are scaled to [0, 1] and normalised with the training split's mean and std (or the
     given ``mean``/``std``). With ``image_size`` (e.g. 32) and ``in_chans`` 3 they are resized
     bilinearly and repeated over channels so that CIFAR-style timm backbones accept them.
-    There is no separate validation split: validation and test both use the test split.
+    With ``val_size`` > 0 a stratified part of the training split (same seed) is held out for validation, so
+    validation accuracy (model selection, the divergence guard, Optuna) never sees the test split; with
+    ``val_size`` 0 validation and test both use the test split.
 
     Args:
         batch_size: Samples per batch.
@@ -30,6 +32,8 @@ class DigitsDataModule(L.LightningDataModule):
         subset: Keep only this many (class-balanced) training samples.
         val_subset: Keep only this many validation/test samples; ``None`` uses ``subset``.
         test_size: Fraction of the data held out for test.
+        val_size: Part of the training split held out for validation: a fraction in (0, 1) or a sample count;
+            0 (default) validates on the test split.
         seed: Seed of the split and subsets.
         num_classes: Must be 10 (accepted so configs can state it).
         in_memory: Accepted for interface parity; digits always live in memory.
@@ -47,6 +51,7 @@ class DigitsDataModule(L.LightningDataModule):
         subset: int | None = None,
         val_subset: int | None = None,
         test_size: float = 0.25,
+        val_size: float | int = 0,
         seed: int = 0,
         num_classes: int = 10,
         in_memory: bool = True,
@@ -68,10 +73,15 @@ class DigitsDataModule(L.LightningDataModule):
         self.mean, self.std = mean, std
         self.subset = check_subset("dataset.subset", subset)
         self.val_subset = check_subset("dataset.val_subset", val_subset) if val_subset is not None else self.subset
+        if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size < 0 or (
+                isinstance(val_size, float) and not val_size < 1):
+            raise ValueError(f"dataset.val_size must be 0, a fraction in (0, 1) or a sample count >= 1, got "
+                             f"{val_size!r}")
         self.test_size = test_size
+        self.val_size = val_size
         self.seed = seed
         self.num_classes = 10
-        self.train_set = self.val_set = None
+        self.train_set = self.val_set = self.test_set = None
 
     def _tensors(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(-1, 1, 8, 8)
@@ -88,6 +98,13 @@ class DigitsDataModule(L.LightningDataModule):
         idx_train, idx_test = train_test_split(
             list(range(len(y))), test_size=self.test_size, random_state=self.seed, stratify=data.target
         )
+        idx_val: list[int] = []
+        if self.val_size:
+            if isinstance(self.val_size, int) and not 10 <= self.val_size <= len(idx_train) - 10:
+                raise ValueError(f"dataset.val_size must leave >= 10 samples on each side of the "
+                                 f"{len(idx_train)}-sample training split, got {self.val_size}")
+            idx_train, idx_val = train_test_split(idx_train, test_size=self.val_size, random_state=self.seed,
+                                                  stratify=data.target[idx_train])
         x_train, x_test = self._tensors(x[idx_train]), self._tensors(x[idx_test])
         mean = torch.tensor(x_train.mean().item() if self.mean is None else self.mean, dtype=torch.float32)
         std = torch.tensor(x_train.std().item() if self.std is None else self.std, dtype=torch.float32)
@@ -96,7 +113,12 @@ class DigitsDataModule(L.LightningDataModule):
         train = TensorImageDataset(x_train, y[idx_train])
         test = TensorImageDataset(x_test, y[idx_test])
         self.train_set = maybe_subset(train, train.targets.tolist(), self.subset, self.seed)
-        self.val_set = maybe_subset(test, test.targets.tolist(), self.val_subset, self.seed)
+        self.test_set = maybe_subset(test, test.targets.tolist(), self.val_subset, self.seed)
+        if idx_val:
+            val = TensorImageDataset((self._tensors(x[idx_val]) - mean) / std, y[idx_val])
+            self.val_set = maybe_subset(val, val.targets.tolist(), self.val_subset, self.seed)
+        else:
+            self.val_set = self.test_set
 
     def train_dataloader(self) -> DataLoader:
         return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True)
@@ -105,4 +127,4 @@ class DigitsDataModule(L.LightningDataModule):
         return make_loader(self.val_set, self.batch_size, self.num_workers, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return make_loader(self.test_set, self.batch_size, self.num_workers, shuffle=False)

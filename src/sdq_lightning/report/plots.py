@@ -31,37 +31,108 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_bits_per_layer(plan: Mapping[str, Any], path: str | Path) -> Path:
-    """Bar chart of weight bits per layer, in network order (FP layers drawn at 32 with a hatch)."""
-    layers = _layers(plan)
-    names = list(layers)
-    bits = [_bits(lb.get("w_bits")) for lb in layers.values()]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(names) + 2), 4))
-    bars = ax.bar(range(len(names)), bits, color="tab:blue")
-    for bar, lb in zip(bars, layers.values()):
-        if lb.get("w_bits") is None:
-            bar.set_hatch("//")
-            bar.set_color("tab:gray")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+FP_ROW = 9.5          # where floating-point layers are drawn on a bits axis (labelled "FP (32)")
+COLORS = {"searched": "tab:blue", "edge": "tab:orange", "fixed": "tab:olive", "fp": "tab:gray"}
+LABELS = {"searched": "searched", "edge": "fixed (first/last layer)", "fixed": "fixed (not searched)",
+          "fp": "floating point"}
+
+
+def _budget(plan: Mapping[str, Any], budget: Mapping[str, Any] | None) -> tuple[str | None, float | None]:
+    budget = budget if budget and budget.get("metric") else plan.get("metadata", {}).get("budget") or {}
+    target = budget.get("target")
+    return budget.get("metric"), None if target is None else float(target)
+
+
+def _kinds(plan: Mapping[str, Any]) -> dict[str, str]:
+    """Per layer: ``fp`` (floating point), ``edge`` (first or last layer, fixed outside the search), ``fixed``
+    (another layer outside the search, e.g. a uniform run) or ``searched``."""
+    fixed = plan.get("metadata", {}).get("fixed_layers") or {}
+    names = list(_layers(plan))
+    ends = {names[0], names[-1]} if names else set()
+    return {name: "fp" if lb.get("w_bits") is None else ("edge" if name in ends else "fixed") if name in fixed
+            else "searched" for name, lb in _layers(plan).items()}
+
+
+def _bits_axis(ax: plt.Axes, show_fp: bool) -> None:
+    ticks = list(range(9))
+    ax.set_yticks(ticks + ([FP_ROW] if show_fp else []), [str(t) for t in ticks] + (["FP (32)"] if show_fp else []))
+    ax.set_ylim(0, FP_ROW + 1 if show_fp else 9)
     ax.set_ylabel("weight bits")
-    ax.set_ylim(0, max([8, *[b for b in bits if b < FP_BITS]]) + 1)
-    ax.set_title("bits per layer")
+
+
+def _title(plan: Mapping[str, Any], metric: str | None, target: float | None, what: str) -> str:
+    costs = plan.get("costs", {})
+    avg = costs.get("avg_bits")
+    text = what if avg is None else f"{what}: plan {avg:.3g} avg bits"
+    if metric and target is not None:
+        achieved = costs.get(metric)
+        met = "" if achieved is None else (" (met)" if achieved <= target * (1 + 1e-9) else " (MISSED)")
+        text += f"; budget {metric} <= {target:g}{met}"
+    elif not any(lb.get("w_bits") is not None for lb in _layers(plan).values()):
+        text += " (floating-point model, no budget)"
+    return text
+
+
+def _target_line(ax: plt.Axes, metric: str | None, target: float | None) -> None:
+    if metric == "avg_bits" and target is not None:
+        ax.axhline(target, color="tab:red", ls="--", lw=1.2, label=f"budget: average over layers <= {target:g}")
+
+
+def plot_bits_per_layer(plan: Mapping[str, Any], path: str | Path, budget: Mapping[str, Any] | None = None) -> Path:
+    """Bar chart of weight bits per layer, in network order: searched layers blue, fixed first/last layers orange,
+    other fixed layers (uniform runs) olive, floating-point layers grey at the "FP (32)" row; each bar labelled with
+    its bits; the avg-bits budget dashed."""
+    layers = _layers(plan)
+    kinds = _kinds(plan)
+    names = list(layers)
+    heights = [FP_ROW if lb.get("w_bits") is None else int(lb["w_bits"]) for lb in layers.values()]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(names) + 2.5), 4.2))
+    seen: set[str] = set()
+    for i, (name, h) in enumerate(zip(names, heights)):
+        kind = kinds[name]
+        ax.bar(i, h, color=COLORS[kind], edgecolor="black", linewidth=0.5, hatch="//" if kind == "fp" else None,
+               label=None if kind in seen else LABELS[kind])
+        seen.add(kind)
+        if len(names) <= 60:
+            ax.annotate("FP" if kind == "fp" else str(h), (i, h), ha="center", va="bottom", fontsize=7,
+                        xytext=(0, 1), textcoords="offset points")
+    metric, target = _budget(plan, budget)
+    _target_line(ax, metric, target)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    _bits_axis(ax, "fp" in seen)
+    ax.set_ylim(0, ax.get_ylim()[1] + 0.6)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(_title(plan, metric, target, "bits per layer"), fontsize=9)
     return _save(fig, path)
 
 
-def plot_bits_vs_params(plan: Mapping[str, Any], path: str | Path) -> Path:
-    """Scatter of weight bits against a layer's parameter count (log x): do larger layers get fewer bits?"""
-    layers = {n: lb for n, lb in _layers(plan).items() if lb.get("w_bits") is not None and lb.get("params")}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [lb["params"] for lb in layers.values()]
-    ys = [lb["w_bits"] for lb in layers.values()]
-    ax.scatter(xs, ys, color="tab:orange", edgecolor="black", zorder=3)
-    if xs:
+def plot_bits_vs_params(plan: Mapping[str, Any], path: str | Path, budget: Mapping[str, Any] | None = None) -> Path:
+    """Scatter of weight bits against a layer's parameter count (log x): do larger layers get fewer bits?
+    Fixed first/last layers are orange squares, floating-point layers grey at the "FP (32)" row."""
+    layers = {n: lb for n, lb in _layers(plan).items() if lb.get("params")}
+    kinds = _kinds(plan)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    markers = {"searched": "o", "edge": "s", "fixed": "D", "fp": "X"}
+    for kind in ("searched", "edge", "fixed", "fp"):
+        pts = [(lb["params"], FP_ROW if lb.get("w_bits") is None else lb["w_bits"], n) for n, lb in layers.items()
+               if kinds[n] == kind]
+        if not pts:
+            continue
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=COLORS[kind], marker=markers[kind],
+                   edgecolor="black", zorder=3, label=LABELS[kind])
+        if len(layers) <= 30:
+            for x, y, n in pts:
+                ax.annotate(n.split(".")[-1] if len(n) > 18 else n, (x, y), fontsize=6, xytext=(4, 3),
+                            textcoords="offset points")
+    if layers:
         ax.set_xscale("log")
+    metric, target = _budget(plan, budget)
+    _target_line(ax, metric, target)
+    _bits_axis(ax, any(k == "fp" for k in kinds.values()))
     ax.set_xlabel("parameters in layer (log)")
-    ax.set_ylabel("weight bits")
     ax.grid(True, alpha=0.3)
-    ax.set_title("bits against layer size")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(_title(plan, metric, target, "bits against layer size"), fontsize=9)
     return _save(fig, path)
 
 
@@ -74,7 +145,7 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
     if bits:
         ax.plot(*zip(*bits), "o-", color="tab:blue", label="expected avg bits")
     if budget_target is not None and budget_metric == "avg_bits":
-        ax.axhline(budget_target, color="tab:blue", ls=":", label="avg-bits target")
+        ax.axhline(budget_target, color="tab:red", ls="--", lw=1.2, label=f"budget: avg bits <= {budget_target:g}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("average weight bits", color="tab:blue")
     boundary = [e for e, h in zip(epochs, history) if h.get("frozen")]
@@ -88,8 +159,9 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
     ax2.set_ylim(0, 1.02)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     if handles:
-        ax.legend(handles=handles, loc="lower left", fontsize=8)
-    ax.set_title("search and training")
+        ax.legend(handles=handles, loc="center right", fontsize=8)
+    ax.set_title("search and training" + (f" (budget {budget_metric} <= {budget_target:g})"
+                                          if budget_target is not None and budget_metric else ""))
     return _save(fig, path)
 
 

@@ -35,6 +35,32 @@ def budget_rows(plan: Mapping[str, Any], budget: Mapping[str, Any]) -> list[dict
     return rows
 
 
+def cost_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What the plan costs in every metric (runs without a budget: floating point)."""
+    costs = plan.get("costs", {})
+    return [{"metric": m, "achieved": costs.get(m)} for m in ("avg_bits", "size", "bitops")]
+
+
+def budget_heading(budget: Mapping[str, Any]) -> str:
+    """``## Budget (average weight bits <= 2)``, or ``## Costs (no budget: floating-point run)``."""
+    metric = budget.get("metric") if budget else None
+    if not metric:
+        return "\n## Costs (no budget: floating-point run)\n"
+    return f"\n## Budget ({METRIC_LABELS.get(metric, metric)} <= {_fmt(budget.get('target'))})\n"
+
+
+def budget_check(metrics: Mapping[str, Any], budget: Mapping[str, Any]) -> str:
+    """``meets (1.314 <= 1.5)`` or ``MISSES by 0.1172 (2.117 > 2)`` for a run's achieved cost; ``-`` when unknown."""
+    key = {"size": "size_bytes"}.get(budget.get("metric"), budget.get("metric"))
+    achieved, target = metrics.get(key), budget.get("target")
+    if achieved is None or target is None:
+        return "-"
+    achieved, target = float(achieved), float(target)
+    if achieved <= target * (1 + 1e-9):
+        return f"meets ({_fmt(achieved)} <= {_fmt(target)})"
+    return f"MISSES by {_fmt(achieved - target)} ({_fmt(achieved)} > {_fmt(target)})"
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -56,14 +82,15 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
 
 def write_report(run_dir: str | Path, plan: Mapping[str, Any] | None, history: Sequence[Mapping[str, Any]],
                  metrics: Mapping[str, Any], budget: Mapping[str, Any], title: str = "SDQ run",
-                 comparison: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Path]:
+                 comparison: Sequence[Mapping[str, Any]] | None = None,
+                 comparison_note: str | None = None) -> dict[str, Path]:
     """Write ``report.md`` and ``plots/*.png`` into ``run_dir``; returns the images by key."""
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
     images: dict[str, Path] = {}
     if plan is not None:
-        images["bits_per_layer"] = plot_bits_per_layer(plan, plots / "bits_per_layer.png")
-        images["bits_vs_params"] = plot_bits_vs_params(plan, plots / "bits_vs_params.png")
+        images["bits_per_layer"] = plot_bits_per_layer(plan, plots / "bits_per_layer.png", budget)
+        images["bits_vs_params"] = plot_bits_vs_params(plan, plots / "bits_vs_params.png", budget)
     if history:
         images["training_curves"] = plot_training_curves(history, plots / "training_curves.png",
                                                          budget.get("target"), budget.get("metric"))
@@ -72,9 +99,11 @@ def write_report(run_dir: str | Path, plan: Mapping[str, Any] | None, history: S
     out += ["## Final metrics\n", markdown_table([{"key": k, "value": v} for k, v in scalar.items()])]
     if comparison:
         out += ["\n## FP vs SDQ vs uniform\n", markdown_table(comparison)]
+        if comparison_note:
+            out.append(f"\n{comparison_note}\n")
     if plan is not None:
-        out += [f"\n## Budget ({METRIC_LABELS.get(budget.get('metric'), budget.get('metric'))} target "
-                f"{_fmt(budget.get('target'))})\n", markdown_table(budget_rows(plan, budget))]
+        rows = budget_rows(plan, budget) if budget.get("metric") else cost_rows(plan)
+        out += [budget_heading(budget), markdown_table(rows)]
         convention = plan.get("metadata", {}).get("convention")
         if convention:
             out.append(f"\nCounting convention: {convention}\n")
