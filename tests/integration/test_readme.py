@@ -39,9 +39,7 @@ SKIP = {
 }
 # README commands that fail today, each reported to the lead; the test checks they still fail, so a fix is noticed
 # (then delete the entry).
-KNOWN_FAILURES = {
-    "--cfg job experiment=imagenet_resnet18": "the app's precheck demands dataset.root even for --cfg job",
-}
+KNOWN_FAILURES: dict[str, str] = {}  # command fragment -> why it still fails (none now)
 
 
 def readme_blocks() -> list[tuple[int, str, str]]:

@@ -35,7 +35,8 @@ from sdq_lightning.budget.profile import LayerProfile
 from sdq_lightning.budget.search import PENALTIES
 from sdq_lightning.callbacks.search import BUDGET_CONTROLS, PROJECTION_SENSITIVITIES, SEARCH_SIGNALS, BitSearch
 from sdq_lightning.callbacks.schedule import Schedule, resolve_schedule
-from sdq_lightning.callbacks.teacher import load_teacher
+from sdq_lightning.callbacks.guard import DivergenceGuard
+from sdq_lightning.callbacks.teacher import check_teacher_file, load_teacher
 from sdq_lightning.losses import EntropyBinRegularizer, kd_loss
 from sdq_lightning.modules.fused import KERNELS, set_kernels
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer, validate_candidates
@@ -123,6 +124,12 @@ class SDQ(Callback):
         compile: None (default) or a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"`` (CUDA graphs),
             ``"max-autotune"``): the network is compiled whole, ``fullgraph=True``, at the first training batch
             (``nn.Module.compile``: the state dict keeps its keys). It recompiles once, at the freeze.
+        teacher_cls: how to rebuild a teacher checkpoint of your own LightningModule: its class, an import path
+            (``"pkg.mod.LitNet"``) or a factory (see :func:`~sdq_lightning.callbacks.teacher.load_teacher`).
+        guard: ``True`` (default), ``False`` or keyword arguments of
+            :class:`~sdq_lightning.callbacks.guard.DivergenceGuard`: a non-finite training loss, or validation
+            accuracy falling to chance after it had been above, stops the run with one line and keeps
+            ``checkpoints/last_good.ckpt``.
     """
 
     def __init__(
@@ -167,6 +174,8 @@ class SDQ(Callback):
         budget_reach: float = 0.75,
         projection_sensitivity: str = "task_grad",
         compile: str | None = None,
+        teacher_cls: Any = None,
+        guard: bool | dict = True,
     ) -> None:
         super().__init__()
         if kernels is not None and kernels not in KERNELS:
@@ -213,6 +222,13 @@ class SDQ(Callback):
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
             raise ValueError(f"teacher must be None, an nn.Module, a timm model name or a checkpoint path, got "
                              f"{type(teacher).__name__}")
+        if isinstance(teacher, (str, Path)):
+            check_teacher_file(teacher, teacher_arch, teacher_cls)
+        self.teacher_cls = teacher_cls
+        if not isinstance(guard, (bool, dict)) and not hasattr(guard, "items"):
+            raise ValueError(f"guard must be True, False or a dict of DivergenceGuard arguments, got {guard!r}")
+        self.guard = DivergenceGuard(**dict(guard)) if (guard is not False and not isinstance(guard, bool)) else \
+            (DivergenceGuard() if guard else None)
         if isinstance(plan, (str, Path)):
             plan = BitPlan.load(plan)
         if plan is not None and not isinstance(plan, BitPlan):
@@ -299,7 +315,8 @@ class SDQ(Callback):
         if example is not None:
             self._init_profile(pl_module, example)
         if self.teacher_spec is not None and stage == "fit" and self.teacher is None:
-            self.teacher = load_teacher(self.teacher_spec, self._num_classes(pl_module), self.teacher_arch)
+            self.teacher = load_teacher(self.teacher_spec, self._num_classes(pl_module), self.teacher_arch,
+                                        teacher_cls=self.teacher_cls)
             if example is not None:
                 self._check_teacher(example)
 
@@ -381,6 +398,19 @@ class SDQ(Callback):
         last = self.report.last_layer
         if last is not None and self.teacher is not None:
             self._hook_handle = pl_module.get_submodule(last).register_forward_hook(self._capture_logits)
+
+    # ---- the divergence guard's hooks (composed, so one SDQ(...) line brings it along)
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.guard is not None:
+            self.guard.on_train_start(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.guard is not None:
+            self.guard.on_validation_start(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.guard is not None:
+            self.guard.on_validation_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._hook_handle is not None:
@@ -506,6 +536,8 @@ class SDQ(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self.guard is not None:
+            self.guard.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         for key, value in self._terms.items():
             pl_module.log(f"sdq/{key}", value, on_step=True, on_epoch=True, prog_bar=key in ("kd", "expected_cost"),
                           batch_size=1)
@@ -522,6 +554,8 @@ class SDQ(Callback):
             self.freeze(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.guard is not None:
+            self.guard.on_train_epoch_end(trainer, pl_module)
         if self.search is not None:
             self.search.flush_trace()
         record = self._epoch_record(trainer, pl_module)
@@ -581,10 +615,12 @@ class SDQ(Callback):
         levels = {n: abs(self.search.quantizers[self.search.names.index(n)].candidates.index(b) -
                          self.search.quantizers[self.search.names.index(n)].candidates.index(d))
                   for n, (d, b) in changed.items() if n in self.search.names}
+        cost = "" if self.budget.metric == "avg_bits" else \
+            f", {self.budget.metric} {self.plan.cost(self.budget.metric):.6g}"
         rank_zero_info(f"[SDQ] froze the plan at epoch {trainer.current_epoch}: avg bits "
-                       f"{self.plan.average_bits:.4f}, {self.budget.metric} {self.plan.cost(self.budget.metric):.6g} "
-                       f"(target {self.budget.target:g}); expected before the projection {expected_cost:.6g}; "
-                       f"projection changed {len(changed)} layers {changed}")
+                       f"{self.plan.average_bits:.4f}{cost} (target {self.budget.metric} <= {self.budget.target:g}); "
+                       f"expected before the projection {expected_cost:.6g}; projection changed {len(changed)} "
+                       f"layers {changed}")
         if trainer.is_global_zero:
             self.plan.save(self._plan_path(trainer))
         return {"expected_avg_bits": expected_avg, "expected_cost": expected_cost,
@@ -613,6 +649,7 @@ class SDQ(Callback):
             "search": self.search.state_dict() if self.search is not None else self._pending_search,
             "freeze_record": getattr(self, "_freeze_record", None),
             "step_opt": self._step_opt.state_dict() if self._step_opt is not None else None,
+            "guard": self.guard.state_dict() if self.guard is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -623,3 +660,5 @@ class SDQ(Callback):
         self._pending_search = state_dict.get("search")
         self._freeze_record = state_dict.get("freeze_record")
         self._pending_opt_states = {"step": state_dict.get("step_opt")}
+        if self.guard is not None and state_dict.get("guard") is not None:
+            self.guard.load_state_dict(state_dict["guard"])

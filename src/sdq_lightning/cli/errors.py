@@ -15,7 +15,10 @@ class UserError(ValueError):
     """A configuration the app refuses, with a message meant for the user."""
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException, MisconfigurationException)
+from sdq_lightning.callbacks.guard import DivergenceError  # noqa: E402
+
+USER_ERRORS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException, MisconfigurationException,
+               DivergenceError)
 
 
 def one_line(err: BaseException) -> str:
