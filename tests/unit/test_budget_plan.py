@@ -132,3 +132,13 @@ def test_resnet20_plan_at_two_bits_meets_the_budget():
     plan.apply(model)
     assert 1.95 < plan.average_bits <= 2.0
     assert plan["conv1"] == 8 and plan["fc"] == 8
+
+
+def test_projection_fill_can_be_limited_to_one_level_per_layer():
+    model, prof = _searched(cands=(1, 2, 3, 4, 5, 6, 7, 8))
+    cm = sq.CostModel(model, prof)
+    low = {n: 1 for n in NAMES}
+    free = sq.project_to_budget(cm, low, sq.Budget("avg_bits", 4.0))
+    assert max(free[n] - 1 for n in NAMES) > 1  # the greedy fill raises some layer several levels
+    capped = sq.project_to_budget(cm, low, sq.Budget("avg_bits", 4.0), max_raise_levels=1)
+    assert all(capped[n] - 1 <= 1 for n in NAMES) and cm.of_bits(capped, "avg_bits") <= 4.0

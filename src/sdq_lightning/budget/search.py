@@ -96,13 +96,16 @@ def quantization_mse(layer: nn.Module) -> dict[int, float]:
 
 
 def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], budget: Budget,
-                      sensitivity: Mapping[str, Mapping[int, float]] | None = None) -> dict[str, int | None]:
+                      sensitivity: Mapping[str, Mapping[int, float]] | None = None,
+                      max_raise_levels: int | None = None) -> dict[str, int | None]:
     """Greedy projection of a frozen plan onto the budget.
 
     Above the target: repeatedly lower the searchable layer with the smallest sensitivity increase per unit of cost
     saved. Then fill: repeatedly raise the layer with the largest sensitivity decrease per unit of cost added while
     the cost stays within the target. ``sensitivity[name][bits]`` defaults to :func:`quantization_mse`.
-    The result's cost is <= target, and no single one-level raise fits under it.
+    The result's cost is <= target, and no single one-level raise fits under it. ``max_raise_levels``: the fill
+    raises a layer at most this many levels above ``bits`` (the search's freeze uses 1: a correction, not a
+    re-plan); then a one-level raise that fits may remain.
     """
     cost_model.check_feasible(budget)
     bits = dict(bits)
@@ -116,6 +119,7 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
         i = cands[n].index(bits[n]) + step
         return cands[n][i] if 0 <= i < len(cands[n]) else None
 
+    start = dict(bits)
     cost = cost_model.of_bits(bits, metric)
     while cost > target:
         best, best_score = None, None
@@ -134,6 +138,9 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
         for n in names:
             hi = moved(n, +1)
             if hi is None:
+                continue
+            if max_raise_levels is not None and start[n] is not None and \
+                    cands[n].index(hi) - cands[n].index(start[n]) > max_raise_levels:
                 continue
             new_cost = cost_model.of_bits({**bits, n: hi}, metric)
             if new_cost > target:

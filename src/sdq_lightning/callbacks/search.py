@@ -230,7 +230,8 @@ class BitSearch:
         if not self.moves:  # the controls that do not search start the projection from the top candidates
             for n, q in zip(self.names, self.quantizers):
                 decided[n] = q.candidates[-1]
-        projected = project_to_budget(self.cost_model, decided, self.budget, self.sensitivities())
+        projected = project_to_budget(self.cost_model, decided, self.budget, self.sensitivities(),
+                                      max_raise_levels=1 if self.moves else None)
         return decided, projected, expected_avg
 
     # ------------------------------------------------------------------ state

@@ -183,7 +183,10 @@ class DBPOptimizer(torch.optim.Optimizer):
         d_task = torch.stack([(b * t).sum() for b, t in zip(self._budget_grads, task)]).sum()
         d_lam = torch.stack([(b * f).sum() for b, f in zip(self._budget_grads, forces)]).sum()
         excess = self._expected - self._target_next - lr * d_task
-        lam = (excess / (lr * d_lam).clamp_min(1e-30)).clamp(-self.max_multiplier, self.max_multiplier)
+        # two-sided while the schedule descends and holds (the search ends AT the budget); one-sided while hardening,
+        # so the DBPs can settle on 0/1 under the budget instead of being held fractional on it
+        low = 0.0 if self._harden > 0 else -self.max_multiplier
+        lam = (excess / (lr * d_lam).clamp_min(1e-30)).clamp(low, self.max_multiplier)
         lam = torch.where(d_lam > 0, lam, torch.zeros_like(lam))
         self.multiplier.copy_(lam)
         for p, t, f in zip(params, task, forces):
@@ -205,7 +208,7 @@ class DBPOptimizer(torch.optim.Optimizer):
             beta = p.index_select(0, lvl.view(1))[0]
             ok = (step - st["last_drop"]) >= self.min_steps_between_drops
             drop = (beta <= self.drop_threshold) & (lvl > 0) & above & ok
-            rise = up & (lvl < p.shape[0] - 1) & below & ok & (self.control == "dual")
+            rise = up & (lvl < p.shape[0] - 1) & below & ok & (self.control == "dual") & (self._harden == 0)
             new = lvl - drop.long() + rise.long()
             value = torch.where(drop, torch.full_like(beta, self.reinit_dbp),
                                 torch.where(rise, torch.full_like(beta, 2 * self.drop_threshold),
