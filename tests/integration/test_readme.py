@@ -36,6 +36,7 @@ APP = ("sdq-train", "python -m sdq_lightning.train")
 # substring of a command -> why it cannot run here
 SKIP = {
     "pip install": "needs the network (package index)",
+    "sdq-export": "needs a finished run folder; tests/export/test_app_export.py runs sdq-export end to end",
 }
 # README commands that fail today, each reported to the lead; the test checks they still fail, so a fix is noticed
 # (then delete the entry).
@@ -149,16 +150,38 @@ def lightning_prelude(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     return {"user_module": SDQClassifier("digits_cnn", in_chans=1, lr=0.05), "datamodule": datamodule}
 
 
+def reload_prelude(tmp_path: Path) -> dict:
+    """For the reload/export block: a user's own LightningModule class (``LitNet``, from tests/export) trained with
+    SDQ for a few batches and saved as ``checkpoints/last.ckpt``, and an input batch ``x``."""
+    import lightning.pytorch as pl
+
+    sys.path.insert(0, str(REPO / "tests" / "export"))
+    from user_litnet import LitNet, digits, digits_loader
+
+    pl.seed_everything(0, verbose=False)
+    sdq = sdq_lightning.SDQ(weight_bits=(2, 4, 8), activation_bits=4, budget={"metric": "avg_bits", "target": 3.0},
+                            search_epochs=1, kernels="eager", save_dir=tmp_path)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, callbacks=[sdq], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(LitNet(), digits_loader())
+    (tmp_path / "checkpoints").mkdir(exist_ok=True)
+    trainer.save_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    return {"LitNet": LitNet, "x": digits(8)[0]}
+
+
 def check_python_block(code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     namespace: dict = {"__name__": "readme_block"}
     if "user_module" in code:
         namespace.update(lightning_prelude(tmp_path, monkeypatch))
+    if "load_quantized(" in code:
+        namespace.update(reload_prelude(tmp_path))
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own examples
     return namespace
 
 
 def _param(line: int, lang: str, code: str):
-    slow = lang == "python" and "user_module" in code or "--cfg" in code
+    slow = lang == "python" and ("user_module" in code or "load_quantized(" in code) or "--cfg" in code
     return pytest.param(lang, code, id=f"line{line}-{lang or 'text'}", marks=[pytest.mark.slow] if slow else [])
 
 

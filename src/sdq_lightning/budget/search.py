@@ -104,8 +104,8 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
     saved. Then fill: repeatedly raise the layer with the largest sensitivity decrease per unit of cost added while
     the cost stays within the target. ``sensitivity[name][bits]`` defaults to :func:`quantization_mse`.
     The result's cost is <= target, and no single one-level raise fits under it. ``max_raise_levels``: the fill
-    raises a layer at most this many levels above ``bits`` (the search's freeze uses 1: a correction, not a
-    re-plan); then a one-level raise that fits may remain.
+    first raises layers at most this many levels above ``bits`` (the search's freeze uses 1, spreading the room
+    over layers as a correction rather than a re-plan), then fills what room is left without the cap.
     """
     cost_model.check_feasible(budget)
     bits = dict(bits)
@@ -133,14 +133,14 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
                 best, best_score = (n, lo), score
         bits[best[0]] = best[1]
         cost = cost_model.of_bits(bits, metric)
+    capped = max_raise_levels is not None
     while True:
         best, best_score = None, None
         for n in names:
             hi = moved(n, +1)
             if hi is None:
                 continue
-            if max_raise_levels is not None and start[n] is not None and \
-                    cands[n].index(hi) - cands[n].index(start[n]) > max_raise_levels:
+            if capped and start[n] is not None and cands[n].index(hi) - cands[n].index(start[n]) > max_raise_levels:
                 continue
             new_cost = cost_model.of_bits({**bits, n: hi}, metric)
             if new_cost > target:
@@ -149,6 +149,9 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
             if best_score is None or score > best_score:
                 best, best_score = (n, hi), score
         if best is None:
+            if capped:  # the capped pass is done: fill what room is left without the cap
+                capped = False
+                continue
             return bits
         bits[best[0]] = best[1]
         cost = cost_model.of_bits(bits, metric)
