@@ -126,6 +126,8 @@ def test_fp16_with_scaler_matches_fp32(make_trainer, digits):
         assert _rel(amp.first[key], g) <= 0.6, (key, _rel(amp.first[key], g))
     dbps = [k for k in ref.first if k.endswith(".dbp")]
     assert dbps and all(_rel(amp.first[k], ref.first[k]) <= 0.15 for k in dbps)
-    for a, b in zip(ref.history[:3], amp.history[:3]):
+    # expected bits after each search epoch before the freeze epoch (in the freeze epoch the hardening lets the
+    # expected cost settle under the target, and what is compared there is the plan)
+    for a, b in zip(ref.history[:2], amp.history[:2]):
         assert abs(a["expected_avg_bits"] - b["expected_avg_bits"]) <= 0.15, (a, b)
-    assert dict(amp.plan) == dict(ref.plan)
+    assert dict(amp.plan) == dict(ref.plan), (dict(amp.plan), dict(ref.plan))
