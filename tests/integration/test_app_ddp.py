@@ -15,7 +15,8 @@ from sdq_lightning.utils.instantiate import resolve_trainer_kwargs
 # 101 test samples: 2 ranks cannot split them evenly, so a DistributedSampler would repeat one.
 DDP_RUN = ["experiment=digits_demo", "compare.enabled=false", "fp_teacher.enabled=false", "trainer.max_epochs=2",
            "phase.search_epochs=1", "trainer.limit_train_batches=2", "trainer.enable_progress_bar=false",
-           "dataset.val_subset=101", "dataset.batch_size=16", "name=ddp", "hardware.activation_bits=4"]
+           "dataset.val_subset=101", "dataset.batch_size=16", "name=ddp", "hardware.activation_bits=4",
+           "dataset.val_size=0"]  # validate on the test split (digits_demo holds out a validation split)
 
 
 def _single_process_eval(run_dir, val_subset: int) -> tuple[float, float, int]:
