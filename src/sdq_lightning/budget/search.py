@@ -105,7 +105,8 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
     the cost stays within the target. ``sensitivity[name][bits]`` defaults to :func:`quantization_mse`.
     The result's cost is <= target, and no single one-level raise fits under it. ``max_raise_levels``: the fill
     first raises layers at most this many levels above ``bits`` (the search's freeze uses 1, spreading the room
-    over layers as a correction rather than a re-plan), then fills what room is left without the cap.
+    over layers as a correction rather than a re-plan), then, if more than 1 % of the target is still unused,
+    fills it without the cap (then the "no single raise fits" guarantee holds; under 1 % it may not).
     """
     cost_model.check_feasible(budget)
     bits = dict(bits)
@@ -149,7 +150,10 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
             if best_score is None or score > best_score:
                 best, best_score = (n, hi), score
         if best is None:
-            if capped:  # the capped pass is done: fill what room is left without the cap
+            # the capped pass is done: fill the room left without the cap only when it is more than 1 % of the
+            # target (a 2-layer digits net kept 1.31 of 2.0 bits under the cap; on ResNet20 the room left is
+            # ~0.1 %, and filling it raised a 0.2 %-of-weights layer by 2-3 more levels)
+            if capped and target - cost > 0.01 * target:
                 capped = False
                 continue
             return bits
