@@ -612,9 +612,8 @@ class SDQ(Callback):
         self.phase = Phase.TRAIN
         self.plan = self._make_plan(pl_module)
         changed = {n: (decided[n], bits[n]) for n in bits if decided[n] != bits[n]}
-        levels = {n: abs(self.search.quantizers[self.search.names.index(n)].candidates.index(b) -
-                         self.search.quantizers[self.search.names.index(n)].candidates.index(d))
-                  for n, (d, b) in changed.items() if n in self.search.names}
+        cands = {n: q.candidates for n, q in zip(self.search.names, self.search.quantizers)}
+        levels = {n: abs(cands[n].index(b) - cands[n].index(d)) for n, (d, b) in changed.items() if n in cands}
         cost = "" if self.budget.metric == "avg_bits" else \
             f", {self.budget.metric} {self.plan.cost(self.budget.metric):.6g}"
         rank_zero_info(f"[SDQ] froze the plan at epoch {trainer.current_epoch}: avg bits "

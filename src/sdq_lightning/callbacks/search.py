@@ -159,11 +159,7 @@ class BitSearch:
             else:
                 opt.step()
         else:  # measure only: the sensitivity EMA, no move
-            with torch.no_grad():
-                for p, g, q in zip(dbps, opt._grads(), self.quantizers):
-                    m = opt._live_mask(q, p)
-                    s = opt.state[p]["sens"]
-                    s.copy_(torch.where(m, opt.sens_decay * s - (1 - opt.sens_decay) * g.float(), s))
+            opt.update_sensitivity()
             opt._budget_grads = None
         opt.zero_grad(set_to_none=True)
         self.steps_done += 1

@@ -138,10 +138,7 @@ class DBPOptimizer(torch.optim.Optimizer):
         grads = [g.float() for g in self._grads()]
         live = [self._live_mask(q, p) for q, p in zip(self.quantizers, params)]
         lr = self.param_groups[0]["lr"]
-        # sensitivity: EMA of -dL/dbeta on the live entries (loss decrease per level up), for the projection
-        for p, g, m in zip(params, grads, live):
-            sens = self.state[p]["sens"]
-            sens.copy_(torch.where(m, self.sens_decay * sens - (1 - self.sens_decay) * g, sens))
+        self.update_sensitivity(grads, live)
         if self.control == "penalty":
             for p, g, b, m in zip(params, grads, self._budget_grads, live):
                 p.sub_(lr * (g + b) * m)
@@ -156,6 +153,17 @@ class DBPOptimizer(torch.optim.Optimizer):
             self._drop_levels(params, pushed_up)
         self._budget_grads = None
         return None
+
+    @torch.no_grad()
+    def update_sensitivity(self, grads: list[Tensor] | None = None, live: list[Tensor] | None = None) -> None:
+        """EMA of -dL/dbeta on the live entries (the loss decrease per level up), for the projection. Called by
+        :meth:`step`, and alone by the controls that measure without moving."""
+        params = [g["params"][0] for g in self.param_groups]
+        grads = [g.float() for g in self._grads()] if grads is None else grads
+        live = [self._live_mask(q, p) for q, p in zip(self.quantizers, params)] if live is None else live
+        for p, g, m in zip(params, grads, live):
+            sens = self.state[p]["sens"]
+            sens.copy_(torch.where(m, self.sens_decay * sens - (1 - self.sens_decay) * g, sens))
 
     @staticmethod
     def _live_mask(q: nn.Module, p: Tensor) -> Tensor:

@@ -59,7 +59,6 @@ __all__ = ["ESTIMATORS", "READINGS", "SDQWeightQuantizer", "validate_candidates"
 
 READINGS = ("progressive", "cascade")
 ESTIMATORS = ("gumbel", "ste")
-_EPS = 1e-6
 _LEGACY_CANDIDATES = tuple(range(1, 9))  # state dicts written before the candidates were saved
 
 
