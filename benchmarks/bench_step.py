@@ -108,7 +108,8 @@ def _sync() -> None:
 
 
 class Runner:
-    def __init__(self, model: nn.Module, compiled: bool = False, kernels: str = "eager", bf16: bool = False) -> None:
+    def __init__(self, model: nn.Module, compiled: str | None = None, kernels: str = "eager",
+                 bf16: bool = False) -> None:
         from sdq_lightning.quantizers.optim import LogStepAdam
 
         self.model, self.kernels, self.bf16 = model, kernels, bf16
@@ -118,7 +119,9 @@ class Runner:
         steps = [p for n, p in model.named_parameters() if n.endswith(("steps", "step"))]
         self.step_opt = LogStepAdam(steps) if steps else None
         self.search = getattr(model, "_bench_search", None)
-        self.fwd = torch.compile(model) if compiled else model
+        # compiled: a torch.compile mode ("default", "reduce-overhead": CUDA graphs, ...), whole model, one graph
+        self.fwd = model if compiled is None else \
+            torch.compile(model, mode=None if compiled == "default" else compiled, fullgraph=True)
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(BATCH, 3, 32, 32, generator=g).to(DEVICE)
         self.y = torch.randint(0, 10, (BATCH,), generator=g).to(DEVICE)
@@ -241,6 +244,9 @@ def main() -> None:
                     help="LSQ kernels of the quantized modes (compile: sdq_lightning.set_kernels('compile'))")
     ap.add_argument("--bf16", action="store_true", help="every mode under CPU bf16 autocast")
     ap.add_argument("--compile", action="store_true", help="also time whole-model torch.compile variants")
+    ap.add_argument("--compile-modes", default="default",
+                    help="comma-separated torch.compile modes for --compile (default, reduce-overhead, "
+                         "max-autotune-no-cudagraphs); one table each")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -289,24 +295,23 @@ def main() -> None:
     result = {"command": cmd, "env": env, "eager": times, "saved_mib": saved, "rss_delta_mib": rss}
     print("\n".join(parts), flush=True)  # the eager table first: compiling takes minutes on a small CPU
 
-    if args.compile:
+    for cmode in (args.compile_modes.split(",") if args.compile else []):
         try:
             t0 = time.perf_counter()
-            cr = {m: Runner(build(m), compiled=True, bf16=args.bf16) for m in MODES}
+            cr = {m: Runner(build(m), compiled=cmode, bf16=args.bf16) for m in MODES}
             for r in cr.values():  # compile (and recompile after the first draws) outside the timing
-                for _ in range(2):
+                for _ in range(3):
                     r.step()
             ctimes = time_modes(cr, args.repeats, args.steps, args.warmup)
-            parts += ["", table(f"torch.compile (compile+warmup {time.perf_counter() - t0:.0f} s incl. timing)",
-                                ctimes)]
-            result["compiled"] = ctimes
+            parts += ["", table(f"torch.compile(mode={cmode!r}, fullgraph=True), whole model "
+                                f"(compile+warmup {time.perf_counter() - t0:.0f} s incl. timing)", ctimes)]
+            result[f"compiled_{cmode}"] = ctimes
         except Exception as err:  # noqa: BLE001  (report, don't hide)
-            parts += ["", f"torch.compile failed: {type(err).__name__}: {str(err)[:300]}"]
-            result["compiled_error"] = repr(err)[:1000]
+            parts += ["", f"torch.compile(mode={cmode!r}) failed: {type(err).__name__}: {str(err)[:300]}"]
+            result[f"compiled_{cmode}_error"] = repr(err)[:1000]
+        print("\n".join(parts[-2:]), flush=True)
 
     text = "\n".join(parts)
-    if args.compile:
-        print("\n".join(parts[5:]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_step.md").write_text(text + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -47,7 +48,9 @@ class SDQClassifier(pl.LightningModule):
             self.model = backbone
         if init_checkpoint:
             self.load_backbone(init_checkpoint)
-        metric = dict(num_classes=num_classes)
+        # validate_args=False: the argument checks read the targets back to the host (torch.unique) on every
+        # update, a host-device sync per step on a GPU; cross_entropy already rejects out-of-range labels.
+        metric = dict(num_classes=num_classes, validate_args=False)
         self.train_acc = MulticlassAccuracy(**metric, top_k=1)
         self.val_acc = MulticlassAccuracy(**metric, top_k=1)
         self.val_acc5 = MulticlassAccuracy(**metric, top_k=min(5, num_classes))
@@ -133,7 +136,7 @@ class SDQClassifier(pl.LightningModule):
                 if step < warm:
                     return (step + 1) / warm
                 t = (step - warm) / max(total - warm, 1)
-                return 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(t, 1.0))).item())
+                return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
