@@ -264,7 +264,8 @@ def main() -> None:
 
     modes = modes_for(args.kernels)
     runners = {m: make_runner(m, args.bf16) for m in modes}
-    frozen_plan_bits = sq.BitPlan.from_model(runners["frozen"].model, torch.randn(1, 3, 32, 32)).average_bits
+    frozen_plan_bits = sq.BitPlan.from_model(runners["frozen"].model,
+                                            torch.randn(1, 3, 32, 32, device=DEVICE)).average_bits
     times = time_modes(runners, args.repeats, args.steps, args.warmup)
 
     mem: dict[str, dict[str, str]] = {}
@@ -294,6 +295,14 @@ def main() -> None:
     parts = [f"Command: `{cmd}`", "", env, "", table("model in eager mode (+ck: LSQ kernels compiled)", times, mem)]
     result = {"command": cmd, "env": env, "eager": times, "saved_mib": saved, "rss_delta_mib": rss}
     print("\n".join(parts), flush=True)  # the eager table first: compiling takes minutes on a small CPU
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every table, so a run stopped while compiling keeps what it measured
+        (out / "bench_step.md").write_text("\n".join(parts) + "\n")
+        (out / "bench_step.json").write_text(json.dumps(result, indent=2))
+
+    save()
 
     for cmode in (args.compile_modes.split(",") if args.compile else []):
         try:
@@ -310,12 +319,8 @@ def main() -> None:
             parts += ["", f"torch.compile(mode={cmode!r}) failed: {type(err).__name__}: {str(err)[:300]}"]
             result[f"compiled_{cmode}_error"] = repr(err)[:1000]
         print("\n".join(parts[-2:]), flush=True)
+        save()
 
-    text = "\n".join(parts)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_step.md").write_text(text + "\n")
-    (out / "bench_step.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

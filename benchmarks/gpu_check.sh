@@ -2,10 +2,11 @@
 # Issue 14, one device call (about 4 minutes on an H100/H200): what a GPU session checks first.
 #   1. the `gpu`-marked tests (search and frozen training steps under torch.cuda.set_sync_debug_mode("error"));
 #   2. benchmarks/bench_step.py at batch 128, bf16 autocast: fp / search / frozen, eager model, then the whole
-#      model under torch.compile(fullgraph=True) in mode "default" and "reduce-overhead" (CUDA graphs);
+#      model under torch.compile(fullgraph=True) in the modes of COMPILE_MODES (default "default,reduce-overhead";
+#      reduce-overhead = CUDA graphs; empty: eager only), stopped after BENCH_TIMEOUT seconds (default 200);
 #   3. the Hydra app (experiment=cifar10_resnet20: KD from the FP checkpoint + EBR, on-device data, 4096-image
 #      subset, 1 search epoch + 1 frozen epoch) with two SyncAudit windows (search, frozen): every host-device
-#      synchronisation of the app's training step, by call site.
+#      synchronisation of the app's training step, by call site (APP_AUDIT=0 skips it).
 # Before the call, HERE: bash experiments/gpu_wheels.sh && bash experiments/gpu_pack_data.sh
 # Device call: run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".data"], timeout_s=330)
 # Writes into $OUT (or benchmarks/results/gpu/): gpu_check.log, bench_step.md, bench_step.json, sync_search.json,
@@ -14,6 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
 OUT_DIR="${OUT:-benchmarks/results/gpu}"
+COMPILE_MODES="${COMPILE_MODES-default,reduce-overhead}"
 mkdir -p "$OUT_DIR"
 PY="${PY:-python3}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -28,17 +30,19 @@ echo "=== 1. gpu tests ($((SECONDS - T0)) s)"
 timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_compile.py
 
 echo "=== 2. step benchmark ($((SECONDS - T0)) s)"
-timeout 200 "$PY" benchmarks/bench_step.py --device cuda --batch 128 --bf16 --kernels eager --compile \
-  --compile-modes default,reduce-overhead --repeats 7 --steps 20 --warmup 3 --out "$OUT_DIR/bench"
+timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_step.py --device cuda --batch 128 --bf16 --kernels eager \
+  ${COMPILE_MODES:+--compile --compile-modes "$COMPILE_MODES"} --repeats 7 --steps 20 --warmup 3 --out "$OUT_DIR/bench"
 for f in bench_step.md bench_step.json; do [[ -f "$OUT_DIR/bench/$f" ]] && mv "$OUT_DIR/bench/$f" "$OUT_DIR/$f"; done
 rmdir "$OUT_DIR/bench" 2>/dev/null
 
 echo "=== 3. app sync audit ($((SECONDS - T0)) s)"
 ROOT="${CIFAR10_ROOT:-}"
-if [[ -z "$ROOT" && -f .data/cifar10.tar.gz ]]; then
+if [[ "${APP_AUDIT:-1}" == 1 && -z "$ROOT" && -f .data/cifar10.tar.gz ]]; then
   mkdir -p /tmp/sdq_data && tar -xzf .data/cifar10.tar.gz -C /tmp/sdq_data && ROOT=/tmp/sdq_data/cifar10
 fi
-if [[ -n "$ROOT" ]]; then
+if [[ "${APP_AUDIT:-1}" != 1 ]]; then
+  echo "APP_AUDIT=${APP_AUDIT:-}: app audit skipped"
+elif [[ -n "$ROOT" ]]; then
   audit=sdq_lightning.utils.sync_audit.SyncAudit
   timeout 150 "$PY" -m sdq_lightning.train experiment=cifar10_resnet20 trainer=gpu trainer.precision=bf16-mixed \
     dataset.root="$ROOT" dataset.download=false dataset.on_device=true dataset.subset=4096 dataset.val_subset=1024 \

@@ -53,25 +53,60 @@ if [[ -z "$ROOT" ]]; then
 fi
 echo "data: $ROOT after $((SECONDS - T0)) s"
 
-# --- Schedule.
+# --- Schedule. With BENCH_JSON (benchmarks/bench_step.py --device cuda ... output, same call), the epoch counts
+# that fill FP_S / SDQ_S seconds are computed from the measured ms/step (measure throughput first, then size).
 if [[ "$SMOKE" == 1 ]]; then
   hw=(trainer=cpu trainer.precision=32-true dataset.subset=256 dataset.num_workers=0)
   BATCH=32 FP_EPOCHS=1 SDQ_EPOCHS=2 SEARCH_EPOCHS=1 FP_MAX_TIME=00:00:02:00 SDQ_MAX_TIME=00:00:02:00 TOTAL_S="${TOTAL_S:-300}"
 else
-  hw=(trainer=gpu trainer.precision=bf16-mixed dataset.num_workers=8)
+  hw=(trainer=gpu trainer.precision=bf16-mixed dataset.num_workers=8 sdq.kernels="${KERNELS:-eager}")
+  BATCH="${BATCH:-256}" TOTAL_S="${TOTAL_S:-510}"
+  if [[ -n "${BENCH_JSON:-}" && -f "${BENCH_JSON}" && -z "${FP_EPOCHS:-}" ]]; then
+    read -r FP_EPOCHS SDQ_EPOCHS SEARCH_EPOCHS FP_MAX_TIME SDQ_MAX_TIME FP_KILL < <("$PY" - "$BENCH_JSON" "$BATCH" \
+      "${FP_S:-$(( (TOTAL_S - (SECONDS - T0) - 90) * 40 / 100 ))}" \
+      "${SDQ_S:-$(( (TOTAL_S - (SECONDS - T0) - 90) * 60 / 100 ))}" <<'PY'
+import json, statistics, sys
+bench, batch, fp_s, sdq_s = json.load(open(sys.argv[1])), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+ms = {m: statistics.median(bench["eager"][m]) for m in ("fp", "search", "frozen")}
+steps = 50000 // batch
+scale = 1.6 * max(batch / 128, 1.0) ** 0.35   # app over raw loop, and a larger batch than the benchmark's 128
+val = 2.0                                       # validation of 10,000 images and epoch-end work, seconds
+fp_epoch = steps * ms["fp"] * scale / 1e3 + val
+kd = 0.5 * ms["fp"]                             # the teacher's forward (KD)
+search_epoch = steps * (ms["search"] + kd) * scale / 1e3 + val
+frozen_epoch = steps * (ms["frozen"] + kd) * scale / 1e3 + val
+fp_epochs = int(min(max(fp_s // fp_epoch, 5), 80))
+n = 2
+for total in range(2, 81):  # the longest SDQ schedule, a quarter of it searching, that fits sdq_s
+    if max(total // 4, 1) * search_epoch + (total - max(total // 4, 1)) * frozen_epoch <= sdq_s:
+        n = total
+s = max(n // 4, 1)
+hms = lambda t: f"00:00:{int(t) // 60:02d}:{int(t) % 60:02d}"
+print(fp_epochs, n, s, hms(fp_s * 1.25 + 30), hms(sdq_s * 1.25 + 30), int(fp_s * 1.25 + 90))
+print(f"sizing: ms/step at batch 128 {ms}; est. s/epoch fp {fp_epoch:.1f}, search {search_epoch:.1f}, "
+      f"frozen {frozen_epoch:.1f} at batch {batch}", file=sys.stderr)
+PY
+)
+  fi
   FP_EPOCHS="${FP_EPOCHS:-30}" SDQ_EPOCHS="${SDQ_EPOCHS:-18}" SEARCH_EPOCHS="${SEARCH_EPOCHS:-6}"
-  FP_MAX_TIME="${FP_MAX_TIME:-00:00:02:30}" SDQ_MAX_TIME="${SDQ_MAX_TIME:-00:00:04:15}" TOTAL_S="${TOTAL_S:-510}"
+  FP_MAX_TIME="${FP_MAX_TIME:-00:00:02:30}" SDQ_MAX_TIME="${SDQ_MAX_TIME:-00:00:04:15}"
+fi
+audit=()
+if [[ "${AUDIT:-0}" == 1 ]]; then  # count the host-device syncs of 20 training steps (printed in the log)
+  audit=("+callbacks.sync_audit._target_=sdq_lightning.utils.sync_audit.SyncAudit" +callbacks.sync_audit.start=30)
 fi
 common=(experiment=cifar10_resnet20 "${hw[@]}" dataset.root="$ROOT" dataset.download=false
-  dataset.in_memory=true dataset.on_device=true dataset.batch_size="${BATCH:-128}"
-  fp_teacher.enabled=false save_checkpoint=true trainer.enable_progress_bar=false trainer.log_every_n_steps=50 logger=csv)
+  dataset.in_memory=true dataset.on_device=true dataset.batch_size="$BATCH"
+  fp_teacher.enabled=false save_checkpoint=true trainer.enable_progress_bar=false trainer.log_every_n_steps=50 logger=csv
+  "${audit[@]}")
 left() { echo $(( TOTAL_S - (SECONDS - T0) )); }
 
 # --- 1. FP teacher.
 echo "=== FP: $FP_EPOCHS epochs, max_time $FP_MAX_TIME, $(left) s left"
-timeout --signal=INT --kill-after=10 "$(( $(left) - 200 > 60 ? $(left) - 200 : 60 ))" \
+FP_KILL="${FP_KILL:-$(( $(left) - 200 ))}"  # hard stop of the FP run (max_time is the soft one)
+timeout --signal=INT --kill-after=10 "$(( FP_KILL > 60 ? FP_KILL : 60 ))" \
   "$PY" -m sdq_lightning.train "${common[@]}" name=gpu_c10_r20_fp hydra.run.dir="$WORK/fp" sdq.enabled=false \
-  model.scheduler=onecycle model.lr="${FP_LR:-0.2}" trainer.max_epochs="$FP_EPOCHS" trainer.max_time="$FP_MAX_TIME"
+  model.scheduler=onecycle model.lr="${FP_LR:-$(awk "BEGIN{print 0.2*$BATCH/128}")}" trainer.max_epochs="$FP_EPOCHS" trainer.max_time="$FP_MAX_TIME"
 fp_rc=$?
 FP_PT="$WORK/fp/resnet20_fp.pt"
 "$PY" - "$WORK/fp" "$FP_PT" <<'PY' || fp_rc=3
@@ -89,14 +124,16 @@ if [[ $fp_rc == 0 ]]; then
   timeout --signal=INT --kill-after=10 "$(( $(left) - 20 > 30 ? $(left) - 20 : 30 ))" \
     "$PY" -m sdq_lightning.train "${common[@]}" name=gpu_c10_r20_sdq hydra.run.dir="$WORK/sdq" \
     model.init_checkpoint="$FP_PT" sdq.teacher="$FP_PT" sdq.teacher_arch=resnet20 sdq.ebr_weight=0.1 \
-    model.scheduler=cosine model.lr="${SDQ_LR:-0.02}" trainer.max_epochs="$SDQ_EPOCHS" \
+    model.scheduler=cosine model.lr="${SDQ_LR:-$(awk "BEGIN{print 0.02*$BATCH/128}")}" trainer.max_epochs="$SDQ_EPOCHS" \
     phase.search_epochs="$SEARCH_EPOCHS" trainer.max_time="$SDQ_MAX_TIME"
   sdq_rc=$?
 fi
 
 # --- Results: print, then copy into $OUT (at most 8 files, 1 folder deep).
 for run in fp sdq; do
-  for f in metrics.json plan.yaml report.md; do [[ -f "$WORK/$run/$f" ]] && cp "$WORK/$run/$f" "$OUT_DIR/$run/$f"; done
+  files="metrics.json plan.yaml report.md"
+  [[ "${SLIM:-0}" == 1 ]] && { files=metrics.json; [[ $run == sdq ]] && files="metrics.json plan.yaml"; }
+  for f in $files; do [[ -f "$WORK/$run/$f" ]] && cp "$WORK/$run/$f" "$OUT_DIR/$run/$f"; done
 done
 "$PY" - "$WORK" "$OUT_DIR/summary.json" "$FP_EPOCHS" "$SDQ_EPOCHS" "$fp_rc" "$sdq_rc" "$((SECONDS - T0))" <<'PY'
 import json, sys

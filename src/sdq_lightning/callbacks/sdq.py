@@ -470,8 +470,8 @@ class SDQ(Callback):
                 self._pending_search = None
             tau = self._temperature(self._progress(trainer, batch_idx), self.search_epochs)
             self.search.begin_step(trainer.global_step, tau)
-            self._terms["temperature"] = tau
-        if self.compile is not None and not self._compiled:
+            self._terms["temperature"] = torch.tensor(tau)  # a host tensor: logging a float copies it to the device
+        if self.compile is not None and not self._compiled and self._act_quant_ready(pl_module):
             self._compile_network(pl_module)
         self._captured, self._teacher_logits = None, None
         if self.teacher is not None and (self.phase is Phase.TRAIN or self.kd_in_search):
@@ -486,6 +486,12 @@ class SDQ(Callback):
                          drop_threshold=self.drop_threshold, reinit_dbp=self.reinit_dbp,
                          min_steps_between_drops=self.min_steps_between_drops,
                          projection_sensitivity=self.projection_sensitivity, seed=self.spec.seed)
+
+    @staticmethod
+    def _act_quant_ready(pl_module: pl.LightningModule) -> bool:
+        """Whether every activation quantizer has seen its first batch: their initialisation reads the data (the
+        sign mode), so the first training step runs eager and the network is compiled from the second."""
+        return all(m._initialized for m in pl_module.modules() if isinstance(m, ActQuantizer))
 
     def _compile_network(self, pl_module: pl.LightningModule) -> None:
         """Compile the network in place, whole graph (its LSQ kernels then run eager inside the graph)."""
@@ -538,9 +544,10 @@ class SDQ(Callback):
                            batch_idx: int) -> None:
         if self.guard is not None:
             self.guard.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar = trainer.progress_bar_callback is not None  # a prog_bar value is read back every step (a sync)
         for key, value in self._terms.items():
-            pl_module.log(f"sdq/{key}", value, on_step=True, on_epoch=True, prog_bar=key in ("kd", "expected_cost"),
-                          batch_size=1)
+            pl_module.log(f"sdq/{key}", value, on_step=True, on_epoch=True,
+                          prog_bar=bar and key in ("kd", "expected_cost"), batch_size=1)
         n = trainer.num_training_batches
         last_batch = isinstance(n, int) and batch_idx + 1 >= n
         if self.phase is Phase.SEARCH and last_batch and trainer.current_epoch + 1 >= self.search_epochs:

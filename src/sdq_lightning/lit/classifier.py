@@ -51,7 +51,6 @@ class SDQClassifier(pl.LightningModule):
         # validate_args=False: the argument checks read the targets back to the host (torch.unique) on every
         # update, a host-device sync per step on a GPU; cross_entropy already rejects out-of-range labels.
         metric = dict(num_classes=num_classes, validate_args=False)
-        self.train_acc = MulticlassAccuracy(**metric, top_k=1)
         self.val_acc = MulticlassAccuracy(**metric, top_k=1)
         self.val_acc5 = MulticlassAccuracy(**metric, top_k=min(5, num_classes))
         self.test_acc = MulticlassAccuracy(**metric, top_k=1)
@@ -78,14 +77,22 @@ class SDQClassifier(pl.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         return loss, logits, y
 
+    def _progress_bar(self) -> bool:
+        """Whether the trainer shows a progress bar. Lightning reads every ``prog_bar`` value back to the host after
+        every step (a device sync) even when no bar is shown, so values go to the bar only when there is one."""
+        trainer = self._trainer
+        return trainer is not None and trainer.progress_bar_callback is not None
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         loss, logits, y = self._shared(batch)
-        self.train_acc(logits.detach(), y)
+        # Training accuracy as a device-side mean over the epoch (micro average): torchmetrics' multiclass update
+        # calls bincount, which reads the device back on every step.
+        acc = (logits.detach().argmax(-1) == y).float().mean()
         # Losses: sample-weighted means over all ranks (sync_dist). batch_size as a float: Lightning averages the ranks'
         # sample counts with "mean", which truncates an integer count (51 and 50 samples would count as 50 each).
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=float(len(y)),
-                 sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train/loss", loss, prog_bar=self._progress_bar(), on_step=True, on_epoch=True,
+                 batch_size=float(len(y)), sync_dist=True)
+        self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=float(len(y)), sync_dist=True)
         return {"loss": loss}
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:

@@ -303,7 +303,8 @@ class SDQWeightQuantizer(nn.Module):
         with every DBP mixed as ``eps + (1 - 2 eps) beta`` (the relaxation the gradient goes through)."""
         n = len(self.candidates)
         if self.frozen:
-            return nn.functional.one_hot(torch.tensor(self._frozen_index), n).to(self.dbp.dtype)
+            # built on the device: a host tensor copied over would synchronise the step
+            return (torch.arange(n, device=self.dbp.device) == self._frozen_index).to(self.dbp.dtype)
         if self.reading == "progressive":
             hi, lo = self._pair()
             beta = torch.where(hi == 0, torch.ones((), dtype=self.dbp.dtype, device=self.dbp.device),
@@ -325,8 +326,7 @@ class SDQWeightQuantizer(nn.Module):
     def expected_bits(self) -> Tensor:
         """Differentiable expected bitwidth under the DBPs (a constant when frozen or at the lowest level)."""
         if self.frozen:
-            return torch.tensor(float(self.candidates[self._frozen_index]), dtype=self.dbp.dtype,
-                                device=self.dbp.device)
+            return self.bits_table.select(0, self._frozen_index).to(self.dbp.dtype)  # a view: no host copy
         table = self.bits_table.to(self.dbp.dtype)
         if self.reading == "progressive":
             hi, lo = self._pair()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 14: everything a GPU session measures, in ONE device call of at most 10 minutes (a session has 15 minutes
+# of device time in all, starts included):
+#   1. benchmarks/gpu_check.sh without its app audit: the `gpu` tests (no host sync in search and frozen steps)
+#      and the step benchmark at batch 128 bf16 (eager; whole-model torch.compile in COMPILE_MODES, default
+#      reduce-overhead), at most BENCH_TIMEOUT (default 130) seconds for the benchmark;
+#   2. experiments/gpu_cifar10_resnet20.sh (the paper row: FP then SDQ with KD + EBR, through the Hydra app) with
+#      the epochs sized from that benchmark's ms/step (BENCH_JSON) to fill what is left of SESSION_S (default 570)
+#      seconds, a SyncAudit window in both runs (AUDIT=1) and the 5 result files (SLIM=1).
+# $OUT gets 7 files: gpu_check.log, bench_step.md, log.txt, summary.json, fp/metrics.json, sdq/metrics.json,
+# sdq/plan.yaml.
+# Before the call, HERE: bash experiments/gpu_wheels.sh && bash experiments/gpu_pack_data.sh
+# Device call: run(command="bash experiments/gpu_session.sh", carry=[".whl", ".data"], timeout_s=600)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+T0=$SECONDS
+SESSION_S="${SESSION_S:-570}"
+OUT_DIR="${OUT:-outputs/gpu_session/$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$OUT_DIR"
+APP_AUDIT=0 COMPILE_MODES="${COMPILE_MODES-reduce-overhead}" BENCH_TIMEOUT="${BENCH_TIMEOUT:-130}" OUT="$OUT_DIR" \
+  bash benchmarks/gpu_check.sh
+BENCH_JSON=/tmp/sdq_bench_step.json
+mv "$OUT_DIR/bench_step.json" "$BENCH_JSON" 2>/dev/null || BENCH_JSON=
+[[ -d /tmp/site ]] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+echo "=== paper row: $(( SESSION_S - (SECONDS - T0) )) s left"
+OUT="$OUT_DIR" TOTAL_S=$(( SESSION_S - (SECONDS - T0) )) BENCH_JSON="$BENCH_JSON" SLIM=1 AUDIT="${AUDIT:-1}" \
+  bash experiments/gpu_cifar10_resnet20.sh
