@@ -16,6 +16,7 @@ __all__ = [
     "MIN_BITS",
     "binary_quantize",
     "counter_uniform",
+    "fake_quantize_dynamic",
     "stream_key",
     "grad_scale",
     "int_range",
@@ -61,38 +62,74 @@ def lsq_grad_factor(numel: int, qp: int) -> float:
     return 1.0 / math.sqrt(max(numel, 1) * max(qp, 1))
 
 
-def lsq_quantize(x: Tensor, step: Tensor, qn: int, qp: int, grad_factor: float = 1.0) -> Tensor:
+class _FakeQuant(torch.autograd.Function):
+    """LSQ fake quantization (and its 1-bit form) as ONE autograd node: a handful of elementwise kernels forward and
+    backward, where the composite of ``grad_scale``, ``clamp`` and a straight-through ``round`` recorded a dozen
+    nodes (on a GPU each is a kernel launch, and the quantized step was bound by launches).
+
+    ``qn``, ``qp``, ``grad_factor``: numbers or 0-dim tensors on the device; ``binary``: ``False``, ``True`` or a 0-dim
+    bool tensor (chosen per call on the device, for the search's dynamic bitwidth). The inputs are saved and the
+    codes recomputed in backward (weights are small; nothing else is kept)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, qn, qp, grad_factor, binary) -> Tensor:  # noqa: D102
+        extra = (qn, qp, grad_factor, binary)  # device tensors among them are saved as tensors, numbers as-is
+        ctx.tensor_at = [i for i, a in enumerate(extra) if isinstance(a, Tensor)]
+        ctx.numbers = [None if isinstance(a, Tensor) else a for a in extra]
+        ctx.save_for_backward(x, step, *[extra[i] for i in ctx.tensor_at])
+        # x * (1/s), not x / s: PyTorch's fake-quantize kernels multiply by the float32 reciprocal, and the two
+        # differ at exact rounding ties (e.g. x = 2.5 s), so this keeps the integer codes identical to torch's.
+        multi = None if binary is True else torch.round(torch.clamp(x * (1.0 / step), qn, qp)) * step
+        if binary is False:
+            return multi
+        sign = torch.where(x / step >= 0, 1.0, -1.0).to(x.dtype) * step
+        return sign if binary is True else torch.where(binary, sign, multi)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        x, step, *saved = ctx.saved_tensors
+        extra = list(ctx.numbers)
+        for i, t in zip(ctx.tensor_at, saved):
+            extra[i] = t
+        qn, qp, g, binary = extra
+        gx = gs = None
+        if binary is not True:  # LSQ (Esser et al. 2020): masks on x/s, boundaries inside (as clamp's gradient)
+            v = x * (1.0 / step)
+            inside = (v >= qn) & (v <= qp)
+            gx = grad * inside
+            gs = grad * (torch.round(torch.clamp(v, qn, qp)) - v * inside)
+        if binary is not False:  # sign with a hard-tanh straight-through: |x/s| <= 1 passes
+            u = x / step
+            near = u.abs() <= 1
+            bx = grad * near
+            bs = grad * (torch.where(u >= 0, 1.0, -1.0).to(u.dtype) - u * near)
+            gx = bx if binary is True else torch.where(binary, bx, gx)
+            gs = bs if binary is True else torch.where(binary, bs, gs)
+        gs = gs.sum_to_size(step.shape) * g
+        return gx, gs.to(step.dtype), None, None, None, None
+
+
+def lsq_quantize(x: Tensor, step: Tensor, qn, qp, grad_factor=1.0) -> Tensor:
     """LSQ fake quantization ``s * clamp(round(x / s), Qn, Qp)``.
 
     Gradients: straight-through for ``x`` inside the range (zero outside); for ``s`` the LSQ gradient
     ``round(x/s) - x/s`` inside, ``Qn`` / ``Qp`` outside, multiplied by ``grad_factor``. ``step`` may be a scalar or
-    broadcastable to ``x`` (per-channel).
+    broadcastable to ``x`` (per-channel); ``qn``, ``qp`` and ``grad_factor`` numbers or 0-dim device tensors.
     """
-    s = grad_scale(step, grad_factor)
-    # x * (1/s), not x / s: PyTorch's fake-quantize kernels multiply by the float32 reciprocal, and the two differ at
-    # exact rounding ties (e.g. x = 2.5 s), so this keeps the integer codes identical to torch's.
-    v = torch.clamp(x * (1.0 / s), qn, qp)
-    return round_ste(v) * s
+    return _FakeQuant.apply(x, step, qn, qp, grad_factor, False)
 
 
-class _BinarySign(torch.autograd.Function):
-    """sign with sign(0) = +1; gradient passes where |x| <= 1 (hard-tanh STE)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
-        ctx.save_for_backward(x)
-        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
-        (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1).to(grad.dtype)
+def binary_quantize(x: Tensor, step: Tensor, grad_factor=1.0) -> Tensor:
+    """1-bit weights: ``s * sign(x)`` with levels ``{-s, +s}`` (never the degenerate ``{-1, 0}`` grid); gradient of
+    ``x`` straight through where ``|x/s| <= 1``, of ``s``: ``sign(x/s) - x/s`` there and ``sign(x/s)`` outside."""
+    return _FakeQuant.apply(x, step, -1, 1, grad_factor, True)
 
 
-def binary_quantize(x: Tensor, step: Tensor, grad_factor: float = 1.0) -> Tensor:
-    """1-bit weights: ``s * sign(x)`` with levels ``{-s, +s}`` (never the degenerate ``{-1, 0}`` grid)."""
-    s = grad_scale(step, grad_factor)
-    return _BinarySign.apply(x / s) * s
+def fake_quantize_dynamic(x: Tensor, step: Tensor, qn: Tensor, qp: Tensor, grad_factor: Tensor,
+                          binary: Tensor) -> Tensor:
+    """:func:`lsq_quantize` or, where the 0-dim bool ``binary`` is set, :func:`binary_quantize`: range, grad factor
+    and choice are device tensors (no host read, one autograd node)."""
+    return _FakeQuant.apply(x, step, qn, qp, grad_factor, binary)
 
 
 def quantize_weight(w: Tensor, step: Tensor, bits: int, grad_factor: float = 1.0) -> Tensor:

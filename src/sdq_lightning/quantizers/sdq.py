@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from sdq_lightning.quantizers.functional import (
     MAX_BITS,
     MIN_BITS,
-    binary_quantize,
     counter_uniform,
+    fake_quantize_dynamic,
     int_range,
     lsq_grad_factor,
     lsq_quantize,
@@ -56,6 +56,10 @@ from sdq_lightning.quantizers.functional import (
 )
 
 __all__ = ["ESTIMATORS", "READINGS", "SDQWeightQuantizer", "validate_candidates"]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 READINGS = ("progressive", "cascade")
 ESTIMATORS = ("gumbel", "ste")
@@ -370,10 +374,10 @@ class SDQWeightQuantizer(nn.Module):
         qn = -torch.exp2(b - 1)
         numel = w.numel() // (w.shape[0] if self.per_channel else 1)
         g = torch.rsqrt(qp.clamp_min(1.0) * float(max(numel, 1))).to(w.dtype)
-        multi = lsq_quantize(w, s, qn.to(w.dtype), qp.to(w.dtype), g)
+        qn, qp = qn.to(w.dtype), qp.to(w.dtype)
         if self.candidates[0] > 1:
-            return multi
-        return torch.where(b == 1, binary_quantize(w, s, g), multi)
+            return lsq_quantize(w, s, qn, qp, g)
+        return fake_quantize_dynamic(w, s, qn, qp, g, b == 1)
 
     @torch.no_grad()
     def integer_weight(self, w: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -399,8 +403,9 @@ class SDQWeightQuantizer(nn.Module):
 
     def _touch_dbp(self, out: Tensor) -> Tensor:
         """Keep a DBP that takes no part in this forward in the graph (zero gradient), so DDP without
-        ``find_unused_parameters`` sees every parameter used."""
-        if self.training and self.dbp.requires_grad and torch.is_grad_enabled():
+        ``find_unused_parameters`` sees every parameter used. Only in a distributed run: elsewhere the extra sum,
+        cast and add (and their backward) are kernel launches for nothing."""
+        if self.training and self.dbp.requires_grad and torch.is_grad_enabled() and _distributed():
             return out + 0.0 * self.dbp.sum().to(out.dtype)
         return out
 

@@ -28,12 +28,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 _SYNC_MESSAGE = r".*synchroniz.*"
-_SKIP_FILES = ("warnings.py", "sync_audit.py")
 
 
 def _site(stack: list[traceback.FrameSummary], depth: int) -> str:
     """The innermost ``depth`` frames outside this module and ``warnings``, innermost first."""
-    frames = [f for f in reversed(stack) if not f.filename.endswith(_SKIP_FILES)]
+    frames = [f for f in reversed(stack) if f.filename != __file__ and Path(f.filename).name != "warnings.py"]
     parts = []
     for f in frames[:depth]:
         name = "/".join(Path(f.filename).parts[-2:])
@@ -59,7 +58,9 @@ class SyncAudit(Callback):
     # ---- recording
     def _record(self, message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
         if "synchroniz" in str(message):
-            self.counts[_site(traceback.extract_stack()[:-1], self.depth)] += 1
+            stack = traceback.extract_stack()[:-1]
+            if not any(f.name == "set_sync_debug_mode" for f in stack[-3:]):  # the audit's own switch, not the step
+                self.counts[_site(stack, self.depth)] += 1
             return
         assert self._saved is not None
         self._saved[0](message, category, filename, lineno, file, line)
