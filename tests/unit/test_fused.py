@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from sdq_lightning.modules.fused import lsq_act_quantize, quant_conv2d, quant_linear
 from sdq_lightning.quantizers import lsq_quantize
+from sdq_lightning.quantizers.functional import grad_scale, round_ste
 
 
 def _grads(fn, tensors, gy):
@@ -83,10 +84,16 @@ def test_fused_saves_less_for_backward():
             fn()
         return sum(seen.values())
 
-    composite = saved_bytes(lambda: F.conv2d(lsq_quantize(x, s, -8, 7, 0.01), w, None, 1, 1))
+    def composite_lsq(x, s):  # LSQ written as autograd primitives (what lsq_quantize was before its own node)
+        sg = grad_scale(s, 0.01)
+        return round_ste(torch.clamp(x * (1.0 / sg), -8, 7)) * sg
+
+    composite = saved_bytes(lambda: F.conv2d(composite_lsq(x, s), w, None, 1, 1))
+    one_node = saved_bytes(lambda: F.conv2d(lsq_quantize(x, s, -8, 7, 0.01), w, None, 1, 1))
     fused = saved_bytes(lambda: quant_conv2d(x, s, w, None, -8, 7, 0.01, (1, 1), (1, 1), (1, 1), 1))
     assert fused <= x.numel() * 4 + w.numel() * 4 + 64
     assert composite >= 2 * fused
+    assert one_node > fused  # lsq_quantize keeps x and s, the conv then keeps x_q: still more than the fused conv
 
 
 @pytest.fixture

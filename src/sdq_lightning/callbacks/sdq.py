@@ -123,7 +123,9 @@ class SDQ(Callback):
             set for the process at ``setup``. None (default) keeps the process setting (``SDQ_KERNELS``, else eager).
         compile: None (default) or a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"`` (CUDA graphs),
             ``"max-autotune"``): the network is compiled whole, ``fullgraph=True``, at the first training batch
-            (``nn.Module.compile``: the state dict keeps its keys). It recompiles once, at the freeze.
+            after the activation quantizers have seen data (their sign mode is read from it: with activation
+            quantizers the first step runs eager) (``nn.Module.compile``: the state dict keeps its keys). It
+            recompiles once, at the freeze. Not measured on a GPU yet (docs/RESULTS.md section 17).
         teacher_cls: how to rebuild a teacher checkpoint of your own LightningModule: its class, an import path
             (``"pkg.mod.LitNet"``) or a factory (see :func:`~sdq_lightning.callbacks.teacher.load_teacher`).
         guard: ``True`` (default), ``False`` or keyword arguments of

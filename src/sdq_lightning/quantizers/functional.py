@@ -93,9 +93,9 @@ class _FakeQuant(torch.autograd.Function):
             extra[i] = t
         qn, qp, g, binary = extra
         gx = gs = None
-        if binary is not True:  # LSQ (Esser et al. 2020): masks on x/s, boundaries inside (as clamp's gradient)
-            v = x * (1.0 / step)
-            inside = (v >= qn) & (v <= qp)
+        if binary is not True:  # LSQ (Esser et al. 2020): masks on x/s; boundary values count as clipped (as in
+            v = x * (1.0 / step)  # torch.clamp's gradient, which the composite form of this function used)
+            inside = (v > qn) & (v < qp)
             gx = grad * inside
             gs = grad * (torch.round(torch.clamp(v, qn, qp)) - v * inside)
         if binary is not False:  # sign with a hard-tanh straight-through: |x/s| <= 1 passes
