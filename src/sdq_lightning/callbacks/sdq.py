@@ -36,8 +36,8 @@ from sdq_lightning.budget.search import PENALTIES
 from sdq_lightning.callbacks.search import BUDGET_CONTROLS, PROJECTION_SENSITIVITIES, SEARCH_SIGNALS, BitSearch
 from sdq_lightning.callbacks.schedule import Schedule, resolve_schedule
 from sdq_lightning.callbacks.guard import DivergenceGuard
-from sdq_lightning.callbacks.teacher import check_teacher_file, load_teacher
-from sdq_lightning.losses import EntropyBinRegularizer, kd_loss
+from sdq_lightning.callbacks.losses import AddedLosses
+from sdq_lightning.callbacks.teacher import check_teacher_file
 from sdq_lightning.modules.fused import KERNELS, set_kernels
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer, validate_candidates
 from sdq_lightning.quantizers.optim import LogStepAdam
@@ -90,7 +90,8 @@ class SDQ(Callback):
         search_epochs: length of phase 1; the phase boundary is the end of that epoch. Must be < max_epochs.
         first_last: ``"8bit"`` (default), ``"fp"`` or ``"search"``; ``first_last_bits``: bits under ``"8bit"``.
         include / exclude: layer names or regexes (see :class:`QuantSpec`).
-        reading: ``"progressive"`` (default) or ``"cascade"``. estimator: ``"gumbel"`` (default) or ``"ste"``.
+        reading: ``"progressive"`` (default) or ``"cascade"``. estimator: ``"gumbel"`` (default), ``"ste"`` or one
+            added with :func:`sdq_lightning.quantizers.register_estimator`.
         temperature: Gumbel temperature: a value, ``(start, end)`` annealed geometrically over the search (default
             ``(1.0, 0.1)``) or a function of the (fractional) epoch.
         budget_control: ``"dual"`` (default): a multiplier solved every step drives the expected cost along a
@@ -226,7 +227,6 @@ class SDQ(Callback):
                              f"{type(teacher).__name__}")
         if isinstance(teacher, (str, Path)):
             check_teacher_file(teacher, teacher_arch, teacher_cls)
-        self.teacher_cls = teacher_cls
         if not isinstance(guard, (bool, dict)) and not hasattr(guard, "items"):
             raise ValueError(f"guard must be True, False or a dict of DivergenceGuard arguments, got {guard!r}")
         self.guard = DivergenceGuard(**dict(guard)) if (guard is not False and not isinstance(guard, bool)) else \
@@ -245,10 +245,8 @@ class SDQ(Callback):
         self.step_lr = float(step_lr)
         self.drop_threshold, self.reinit_dbp = float(drop_threshold), float(reinit_dbp)
         self.min_steps_between_drops = int(min_steps_between_drops)
-        self.ebr_weight = float(ebr_weight)
-        self.ebr = EntropyBinRegularizer(ebr_weighting, ebr_entropy_weight)
-        self.teacher_spec, self.teacher_arch = teacher, teacher_arch
-        self.kd_temperature, self.kd_weight, self.ce_weight = float(kd_temperature), float(kd_weight), float(ce_weight)
+        self.losses = AddedLosses(ebr_weight, ebr_weighting, ebr_entropy_weight, teacher, teacher_arch, teacher_cls,
+                                  kd_temperature, kd_weight, ce_weight)
         self.kd_in_search = bool(kd_in_search)
         self.input_fn = input_fn or _default_input_fn
         self.example_input = example_input
@@ -258,7 +256,6 @@ class SDQ(Callback):
         self._given_plan = plan is not None
         self.phase = Phase.SEARCH if self.searching_enabled else Phase.TRAIN
         self.history: list[dict[str, Any]] = []
-        self.teacher: nn.Module | None = None
         self.profile: dict[str, LayerProfile] | None = None
         self.cost_model: CostModel | None = None
         self.report = None
@@ -268,13 +265,18 @@ class SDQ(Callback):
         self._pending_opt_states: dict[str, Any] | None = None
         self._compiled = False
         self._root: nn.Module | None = None
-        self._captured: Tensor | None = None
-        self._teacher_logits: Tensor | None = None
-        self._extra_grads: list[tuple[nn.Parameter, Tensor]] = []
-        self._hook_handle = None
         self._terms: dict[str, Tensor | float] = {}
 
     # ================================================================ structure
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The KD teacher (built at setup from ``teacher=``), or None."""
+        return self.losses.teacher
+
+    @property
+    def ebr_weight(self) -> float:
+        return self.losses.ebr_weight
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(weight_bits=self.spec.weight_bits, budget=(self.budget.metric,
@@ -316,24 +318,15 @@ class SDQ(Callback):
         example = self._find_example_input(trainer, pl_module, stage)
         if example is not None:
             self._init_profile(pl_module, example)
-        if self.teacher_spec is not None and stage == "fit" and self.teacher is None:
-            self.teacher = load_teacher(self.teacher_spec, self._num_classes(pl_module), self.teacher_arch,
-                                        teacher_cls=self.teacher_cls)
+        if stage == "fit" and self.losses.teacher is None and self.losses.teacher_spec is not None:
+            self.losses.load_teacher(self._num_classes(pl_module))
             if example is not None:
-                self._check_teacher(example)
+                self.losses.check_teacher(example, self._num_classes(pl_module))
 
     def _num_classes(self, root: nn.Module) -> int | None:
         last = self.report.last_layer if self.report else None
         mod = root.get_submodule(last) if last else None
         return getattr(mod, "out_features", None)
-
-    def _check_teacher(self, example: Tensor) -> None:
-        with torch.no_grad():
-            out = self.teacher(example[:1].to(next(self.teacher.parameters()).device))
-        student = self._num_classes(self._root)
-        if student is not None and out.shape[-1] != student:
-            raise ValueError(f"teacher outputs {out.shape[-1]} classes but the student has {student}; the teacher "
-                             f"must be trained on the same classes")
 
     def _find_example_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Tensor | None:
         if self.example_input is not None:
@@ -395,11 +388,7 @@ class SDQ(Callback):
             if self._step_opt is not None and self._pending_opt_states.get("step"):
                 self._step_opt.load_state_dict(self._pending_opt_states["step"])
             self._pending_opt_states = None
-        if self.teacher is not None:
-            self.teacher.to(pl_module.device)
-        last = self.report.last_layer
-        if last is not None and self.teacher is not None:
-            self._hook_handle = pl_module.get_submodule(last).register_forward_hook(self._capture_logits)
+        self.losses.attach(pl_module, self.report.last_layer, pl_module.device)
 
     # ---- the divergence guard's hooks (composed, so one SDQ(...) line brings it along)
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -415,13 +404,7 @@ class SDQ(Callback):
             self.guard.on_validation_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
-            self._hook_handle = None
-
-    def _capture_logits(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
-        if module.training and torch.is_grad_enabled():
-            self._captured = output
+        self.losses.detach()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if optimizer is not trainer.optimizers[0]:
@@ -462,8 +445,7 @@ class SDQ(Callback):
         if self.profile is None:
             x = self.input_fn(batch)
             self._init_profile(pl_module, x)
-            if self.teacher is not None:
-                self._check_teacher(x)
+            self.losses.check_teacher(x, self._num_classes(pl_module))
         if self.phase is Phase.SEARCH:
             if self.search is None:
                 self.search = self._make_search()
@@ -475,11 +457,10 @@ class SDQ(Callback):
             self._terms["temperature"] = torch.tensor(tau)  # a host tensor: logging a float copies it to the device
         if self.compile is not None and not self._compiled and self._act_quant_ready(pl_module):
             self._compile_network(pl_module)
-        self._captured, self._teacher_logits = None, None
-        if self.teacher is not None and (self.phase is Phase.TRAIN or self.kd_in_search):
-            x = self.input_fn(batch) if x is None else x
-            with torch.no_grad():
-                self._teacher_logits = self.teacher(x.to(pl_module.device))
+        kd = self.losses.teacher is not None and (self.phase is Phase.TRAIN or self.kd_in_search)
+        if kd and x is None:
+            x = self.input_fn(batch)
+        self.losses.before_batch(x, pl_module.device, kd)
 
     def _make_search(self) -> BitSearch:
         return BitSearch(self.cost_model, self.budget, control=self.budget_control, signal=self.search_signal,
@@ -509,38 +490,13 @@ class SDQ(Callback):
         # ``loss`` arrives scaled by the gradient scaler (16-mixed): the added gradients are scaled the same way
         scale = _scale_of(grad_scaler(trainer))
         scale = scale / self._accumulate(trainer)
-        self._extra_grads = []
-        if self.phase is Phase.TRAIN and self.ebr_weight > 0:
+        layers = None
+        if self.phase is Phase.TRAIN and self.losses.ebr_weight > 0:
             layers = [m for m in quant_layers(pl_module).values() if m.weight_quant is not None]
-            ebr = self.ebr_weight * self.ebr(layers)
-            if ebr.requires_grad:
-                weights = [m.weight for m in layers]
-                grads = torch.autograd.grad(ebr * scale, weights, allow_unused=True)
-                self._extra_grads += [(p, g) for p, g in zip(weights, grads) if g is not None]
-            self._terms["ebr"] = ebr.detach()
-        if self._teacher_logits is not None and self._captured is not None and self._captured.requires_grad:
-            student = self._captured
-            if student.shape != self._teacher_logits.shape:
-                raise ValueError(f"KD needs the classifier output {tuple(student.shape)} to match the teacher's "
-                                 f"{tuple(self._teacher_logits.shape)}")
-            z = student.detach().float().requires_grad_()
-            kd = kd_loss(z, self._teacher_logits, self.kd_temperature)
-            (g,) = torch.autograd.grad(kd * self.kd_weight, z)
-            g = g * scale
-            student.register_hook(lambda grad, g=g: grad + g.to(grad.dtype))
-            if self.ce_weight != 1.0:
-                loss.register_hook(lambda grad, w=self.ce_weight: grad * w)
-            self._terms["kd"] = kd.detach()
-        self._captured = None
+        self._terms.update(self.losses.before_backward(loss, scale, layers))
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        with torch.no_grad():
-            for p, g in self._extra_grads:
-                if p.grad is None:
-                    p.grad = g.to(p.dtype).clone()
-                else:
-                    p.grad.add_(g.to(p.grad.dtype))
-        self._extra_grads = []
+        self.losses.after_backward()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from sdq_lightning.quantizers.estimators import estimator_index, estimator_name, get_estimator
 from sdq_lightning.quantizers.functional import (
     MAX_BITS,
     MIN_BITS,
@@ -62,7 +63,7 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 READINGS = ("progressive", "cascade")
-ESTIMATORS = ("gumbel", "ste")
+ESTIMATORS = ("gumbel", "ste")  # the built-in estimators; estimator_names() lists every registered one
 _LEGACY_CANDIDATES = tuple(range(1, 9))  # state dicts written before the candidates were saved
 
 
@@ -122,8 +123,7 @@ class SDQWeightQuantizer(nn.Module):
         self.candidates = validate_candidates(candidates)
         if reading not in READINGS:
             raise ValueError(f"reading must be one of {READINGS}, got {reading!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self._estimator = get_estimator(estimator, reading)  # raises a one-line error naming the registered ones
         if not 0.0 <= init_dbp <= 1.0:
             raise ValueError(f"init_dbp must be in [0, 1], got {init_dbp!r}")
         if not 0.0 <= mix_eps < 0.5:
@@ -162,14 +162,14 @@ class SDQWeightQuantizer(nn.Module):
     def get_extra_state(self) -> Tensor:
         """The quantizer's identity as a small int64 tensor (so every state-dict value stays a tensor):
         ``[1 (format), reading index, estimator index, per_channel, n, b_1, ..., b_n]``."""
-        return torch.tensor([1, READINGS.index(self.reading), ESTIMATORS.index(self.estimator), int(self.per_channel),
+        return torch.tensor([1, READINGS.index(self.reading), estimator_index(self.estimator), int(self.per_channel),
                              len(self.candidates), *self.candidates], dtype=torch.long)
 
     @staticmethod
     def decode_extra_state(state: Tensor) -> dict:
         v = [int(x) for x in state.tolist()]
         n = v[4]
-        return {"reading": READINGS[v[1]], "estimator": ESTIMATORS[v[2]], "per_channel": bool(v[3]),
+        return {"reading": READINGS[v[1]], "estimator": estimator_name(v[2]), "per_channel": bool(v[3]),
                 "candidates": tuple(v[5:5 + n])}
 
     def set_extra_state(self, state: Tensor) -> None:
@@ -429,16 +429,7 @@ class SDQWeightQuantizer(nn.Module):
             self.last_index.copy_(torch.where(take, hi_i[0], lo_i[0]))
             return self._touch_dbp(torch.where(take, hi, lo))
         u = self._uniforms(1)[0]
-        if self.estimator == "gumbel":
-            # hard: logit(beta) + logit(u) > 0, i.e. u > 1 - beta (probability beta); soft: the same noise on the
-            # mixed b, so that beta = 1 still has a gradient
-            b = self._mixed(beta)
-            z = torch.log(b) - torch.log1p(-b) + (torch.log(u) - torch.log1p(-u))
-            hard = (u > 1.0 - beta.detach()).to(beta.dtype)
-            soft = torch.sigmoid(z / self.temperature.to(beta.dtype))
-        else:
-            hard = (u < beta.detach()).to(beta.dtype)
-            soft = beta
+        hard, soft = self._estimator.progressive(beta, self._mixed(beta), u, self.temperature)
         mask = hard + soft - soft.detach()
         mask = torch.where(at_bottom, torch.ones_like(mask), mask)
         self.last_index.copy_(torch.where(hard.bool() | at_bottom, hi_i[0], lo_i[0]))
@@ -455,15 +446,8 @@ class SDQWeightQuantizer(nn.Module):
             onehot = nn.functional.one_hot(i, n).to(w.dtype).view(shape)
             return self._touch_dbp((onehot * qs).sum(0))
         u = self._uniforms(n)
-        p, pm = probs, self.probabilities(mixed=True)
-        if self.estimator == "gumbel":
-            gumbel = -torch.log(-torch.log(u))
-            i = (torch.log(p.detach().clamp_min(1e-30)) + gumbel).argmax()
-            soft = torch.softmax((torch.log(pm) + gumbel) / self.temperature.to(p.dtype), dim=0)
-        else:
-            cdf = torch.cumsum(p.detach(), 0)
-            i = (cdf < u[0] * cdf[-1]).sum().clamp_max(n - 1)
-            soft = pm
+        p = probs
+        i, soft = self._estimator.cascade(p, self.probabilities(mixed=True), u, self.temperature)
         hard = nn.functional.one_hot(i, n).to(p.dtype)
         mask = (hard + soft - soft.detach()).to(w.dtype)
         self.last_index.copy_(i)

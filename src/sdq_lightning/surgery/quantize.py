@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from sdq_lightning.modules import QuantConv2d, QuantLinear, is_quant_layer
-from sdq_lightning.quantizers import ESTIMATORS, READINGS, ActQuantizer, SDQWeightQuantizer, validate_candidates
+from sdq_lightning.quantizers import READINGS, ActQuantizer, SDQWeightQuantizer, validate_candidates
+from sdq_lightning.quantizers.estimators import get_estimator
 
 __all__ = [
     "FIRST_LAST_POLICIES",
@@ -79,8 +80,7 @@ class QuantSpec:
         validate_candidates((self.first_last_bits,), "first_last_bits")
         if self.reading not in READINGS:
             raise ValueError(f"reading must be one of {READINGS}, got {self.reading!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        get_estimator(self.estimator, self.reading)  # one-line error naming the registered estimators
         for key in ("include", "exclude"):
             pats = getattr(self, key)
             pats = (pats,) if isinstance(pats, str) else tuple(pats or ())
