@@ -12,6 +12,12 @@ its own (DBPs: :class:`~sdq_lightning.quantizers.optim.DBPOptimizer`; steps:
 :class:`~sdq_lightning.quantizers.optim.LogStepAdam`; no weight decay), and adds its loss terms to the gradient
 through autograd hooks (KD enters through the classifier's output, so the network is traversed by ONE backward pass).
 
+The parts it composes, each in its own module with its own tests: the bit search and its controller
+(:mod:`.search`, :mod:`sdq_lightning.quantizers.optim`), the added losses (:mod:`.losses`: EBR and KD gradients),
+the teacher (:mod:`.teacher`), the divergence guard (:mod:`.guard`), monitoring (:mod:`.monitor`: what is logged and
+recorded per step and epoch) and the temperature schedule (:mod:`.schedule`). This module keeps the Lightning hooks,
+the quantization of the model at setup, the freeze and the callback's state.
+
 Precision: under a gradient scaler (``precision="16-mixed"``) the added gradients are multiplied by the scaler's
 current scale like the loss, and the callback's optimizers go through the scaler exactly like the user's
 (``unscale_`` then ``step``: skipped on inf/NaN), see :func:`grad_scaler`.
@@ -37,6 +43,7 @@ from sdq_lightning.callbacks.search import BUDGET_CONTROLS, PROJECTION_SENSITIVI
 from sdq_lightning.callbacks.schedule import Schedule, resolve_schedule
 from sdq_lightning.callbacks.guard import DivergenceGuard
 from sdq_lightning.callbacks.losses import AddedLosses
+from sdq_lightning.callbacks.monitor import epoch_record, log_epoch, log_step_terms
 from sdq_lightning.callbacks.teacher import check_teacher_file
 from sdq_lightning.modules.fused import KERNELS, set_kernels
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer, validate_candidates
@@ -502,10 +509,7 @@ class SDQ(Callback):
                            batch_idx: int) -> None:
         if self.guard is not None:
             self.guard.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        bar = trainer.progress_bar_callback is not None  # a prog_bar value is read back every step (a sync)
-        for key, value in self._terms.items():
-            pl_module.log(f"sdq/{key}", value, on_step=True, on_epoch=True,
-                          prog_bar=bar and key in ("kd", "expected_cost"), batch_size=1)
+        log_step_terms(trainer, pl_module, self._terms)
         n = trainer.num_training_batches
         last_batch = isinstance(n, int) and batch_idx + 1 >= n
         if self.phase is Phase.SEARCH and last_batch and trainer.current_epoch + 1 >= self.search_epochs:
@@ -532,37 +536,14 @@ class SDQ(Callback):
                            f"plan_{self.budget.metric}": self.plan.cost(self.budget.metric), **freeze_info})
             self._freeze_record = None
         self.history.append(record)
-        for key in ("expected_avg_bits", "expected_cost"):
-            if key in record:
-                pl_module.log(f"sdq/{key}_epoch", record[key], batch_size=1)
-        pl_module.log("sdq/phase", 0.0 if self.phase is Phase.SEARCH else 1.0, batch_size=1)
-        pl_module.log("sdq/budget_target", float(self.budget.target), batch_size=1)
-        for name, bits in record["bits"].items():
-            if bits is not None:
-                pl_module.log(f"sdq/bits/{name}", float(bits), batch_size=1)
+        log_epoch(pl_module, record, self.phase is Phase.SEARCH, self.budget.target)
 
     def _epoch_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         freeze_info = getattr(self, "_freeze_record", None)
         phase = Phase.SEARCH.value if freeze_info is not None else self.phase.value  # the epoch that froze searched
-        rec: dict[str, Any] = {"epoch": trainer.current_epoch, "phase": phase,
-                               "budget_target": self.budget.target, "metric": self.budget.metric}
-        if self.cost_model is not None:
-            rec["expected_avg_bits"] = float(self.cost_model.expected("avg_bits").detach())
-            rec["expected_cost"] = float(self.cost_model.expected(self.budget.metric).detach())
-            rec["bits"] = self.cost_model.current_bits()
-        else:
-            rec["bits"] = {}
-        if freeze_info is not None:  # at the freeze epoch: the search's own figures, before the projection
-            rec["expected_avg_bits"] = freeze_info["expected_avg_bits"]
-            rec["expected_cost"] = freeze_info["expected_cost"]
-        if "temperature" in self._terms:
-            rec["temperature"] = float(self._terms["temperature"])
-        if self.search is not None and self.search.optimizer is not None and self.budget_control == "dual":
-            rec["multiplier"] = float(self.search.optimizer.multiplier)
-        for key in ("val/acc", "val/loss", "train/loss", "train/acc"):
-            if key in trainer.callback_metrics:
-                rec[key] = float(trainer.callback_metrics[key])
-        return rec
+        dual = self.search is not None and self.search.optimizer is not None and self.budget_control == "dual"
+        return epoch_record(trainer.current_epoch, phase, self.budget, self.cost_model, self._terms,
+                            self.search.optimizer.multiplier if dual else None, freeze_info, trainer.callback_metrics)
 
     def freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """The phase boundary: decide, project onto the budget, freeze every layer, write ``plan.yaml``.

@@ -89,6 +89,13 @@ class DBPOptimizer(torch.optim.Optimizer):
             st = self.state[q.dbp]
             st["sens"] = torch.zeros_like(q.dbp.detach())
             st["last_drop"] = torch.full((), -(10**9), dtype=torch.long, device=dev)
+        # One [layers, candidates] step instead of a loop over layers when every searched layer reads its DBPs
+        # progressively over the same number of candidates (the usual case): a few dozen kernels per step in all,
+        # where the loop issued about 100 per layer (on a GPU the step was bound by kernel launches).
+        lengths = {q.dbp.shape[0] for q in quantizers}
+        self.vectorised = bool(quantizers) and len(lengths) == 1 and all(
+            getattr(q, "reading", "progressive") == "progressive" for q in quantizers)
+        self._units = torch.tensor([float(u) for u in units], device=dev).view(-1, 1) if quantizers else None
 
     # ------------------------------------------------------------------ inputs of one step
     def prepare(self, budget_grads: Sequence[Tensor], expected: Tensor, target_now: float,
@@ -134,6 +141,10 @@ class DBPOptimizer(torch.optim.Optimizer):
                 closure()
         if self._budget_grads is None:
             raise RuntimeError("DBPOptimizer.step needs prepare(...) first (the SDQ callback calls it)")
+        if self.vectorised and self.control == "dual":
+            self._step_stacked()
+            self._budget_grads = None
+            return None
         params = [g["params"][0] for g in self.param_groups]
         grads = [g.float() for g in self._grads()]
         live = [self._live_mask(q, p) for q, p in zip(self.quantizers, params)]
@@ -199,6 +210,63 @@ class DBPOptimizer(torch.optim.Optimizer):
         self.multiplier.copy_(lam)
         for p, t, f in zip(params, task, forces):
             p.sub_(lr * (t + lam * f))
+
+    def _step_stacked(self) -> None:
+        """:meth:`step` under ``dual`` on the stacked ``[layers, candidates]`` DBPs: the same arithmetic as the
+        per-layer loop (:meth:`update_sensitivity`, :meth:`_dual_step`, :meth:`_drop_levels`), summed in another
+        order (equal up to float rounding; ``tests/unit/test_search_controller.py`` compares the two)."""
+        params = [g["params"][0] for g in self.param_groups]
+        p = torch.stack([x.detach() for x in params])
+        g = torch.stack([x.float() for x in self._grads()])
+        b = torch.stack(self._budget_grads).float()
+        levels = torch.stack([q.level for q in self.quantizers])
+        lv = levels.view(-1, 1)
+        idx = torch.arange(p.shape[1], device=p.device).view(1, -1)
+        live = (idx == lv) & (lv > 0)
+        sens_list = [self.state[x]["sens"] for x in params]
+        sens = torch.stack(sens_list)
+        torch._foreach_copy_(sens_list, torch.where(live, self.sens_decay * sens - (1 - self.sens_decay) * g,
+                                                    sens).unbind(0))
+        lr, units = self.param_groups[0]["lr"], self._units
+        task, forces = g * live / units, b * live / units
+        n_live = live.sum().clamp_min(1)
+        ms = (task * task).sum() / n_live
+        first = self.rms == 0
+        self.rms.copy_(torch.where(first, ms.sqrt(), self.rms * self.rms_decay + (1 - self.rms_decay) * ms.sqrt()))
+        scale = torch.where(self.rms > 0, 1.0 / self.rms.clamp_min(1e-30), torch.zeros_like(self.rms))
+        task = task * scale * self.task_weight
+        if self._harden > 0:
+            task = task - self._harden * torch.sign(p - 0.5) * live
+        norm = forces.abs().sum() / n_live
+        forces = forces / norm.clamp_min(1e-30)
+        d_task, d_lam = (b * task).sum(), (b * forces).sum()
+        excess = self._expected - self._target_next - lr * d_task
+        low = 0.0 if self._harden > 0 else -self.max_multiplier
+        lam = (excess / (lr * d_lam).clamp_min(1e-30)).clamp(low, self.max_multiplier)
+        lam = torch.where(d_lam > 0, lam, torch.zeros_like(lam))
+        self.multiplier.copy_(lam)
+        p = p - lr * (task + lam * forces)
+        pushed_up = p.gather(1, lv).view(-1) > 1.0
+        p = p.clamp(0.0, 1.0)
+        self.step_count.add_(1)
+        if self.drop_threshold is not None:
+            last_list = [self.state[x]["last_drop"] for x in params]
+            last = torch.stack(last_list)
+            step = self.step_count
+            beta = p.gather(1, lv).view(-1)
+            ok = (step - last) >= self.min_steps_between_drops
+            above = self._expected > self._target_now
+            below = self._expected < self._target_now
+            drop = (beta <= self.drop_threshold) & (levels > 0) & above & ok
+            rise = pushed_up & (levels < p.shape[1] - 1) & below & ok & (self._harden == 0)
+            new = levels - drop.long() + rise.long()
+            value = torch.where(drop, torch.full_like(beta, self.reinit_dbp),
+                                torch.where(rise, torch.full_like(beta, 2 * self.drop_threshold),
+                                            p.gather(1, new.view(-1, 1)).view(-1)))
+            p = p.scatter(1, new.view(-1, 1), value.view(-1, 1))
+            torch._foreach_copy_([q.level for q in self.quantizers], new.unbind(0))
+            torch._foreach_copy_(last_list, torch.where(drop | rise, step, last).unbind(0))
+        torch._foreach_copy_(params, p.to(params[0].dtype).unbind(0))
 
     def _drop_levels(self, params: list[Tensor], pushed_up: list[Tensor]) -> None:
         """Level changes on the device: down when the live DBP reached the threshold and the cost is above the

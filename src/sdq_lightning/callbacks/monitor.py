@@ -1,0 +1,72 @@
+"""What the SDQ callback records and logs (monitoring), apart from what it does.
+
+* every training step: the callback's terms (``sdq/expected_cost``, ``sdq/multiplier``, ``sdq/temperature``,
+  ``sdq/kd``, ``sdq/ebr``, ...) logged on step and as epoch means; values stay device tensors (or host tensors) and go
+  to the progress bar only when there is one, because Lightning reads every progress-bar value back to the host after
+  every step (a device sync on a GPU);
+* every epoch end: one history record (the rows of ``history.json`` and of the report) with the expected cost, the
+  layers' bits, the controller's multiplier and the trainer's metrics, and, at the freeze epoch, the search's own
+  figures before the projection; logged as ``sdq/*_epoch``, ``sdq/phase``, ``sdq/budget_target``, ``sdq/bits/<layer>``.
+
+Plain functions over what the callback holds, tested on their own in ``tests/unit/test_monitor.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+__all__ = ["PROGRESS_BAR_TERMS", "epoch_record", "log_epoch", "log_step_terms"]
+
+PROGRESS_BAR_TERMS = ("kd", "expected_cost")
+RECORDED_METRICS = ("val/acc", "val/loss", "train/loss", "train/acc")
+
+
+def log_step_terms(trainer: pl.Trainer, pl_module: pl.LightningModule, terms: Mapping[str, Tensor]) -> None:
+    """Log the step's terms as ``sdq/<name>`` (on step and as the epoch mean)."""
+    bar = trainer.progress_bar_callback is not None
+    for key, value in terms.items():
+        pl_module.log(f"sdq/{key}", value, on_step=True, on_epoch=True, prog_bar=bar and key in PROGRESS_BAR_TERMS,
+                      batch_size=1)
+
+
+def epoch_record(epoch: int, phase: str, budget: Any, cost_model: Any, terms: Mapping[str, Any],
+                 multiplier: Tensor | None, freeze_info: Mapping[str, Any] | None,
+                 callback_metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The history record of an epoch (reads the device once per value: call at epoch ends only).
+
+    ``phase``: the phase the epoch ran in ("search" for the epoch that froze); ``freeze_info``: what the freeze
+    returned when this epoch froze the plan (its expected cost is the search's own, before the projection)."""
+    rec: dict[str, Any] = {"epoch": epoch, "phase": phase, "budget_target": budget.target, "metric": budget.metric}
+    if cost_model is not None:
+        rec["expected_avg_bits"] = float(cost_model.expected("avg_bits").detach())
+        rec["expected_cost"] = float(cost_model.expected(budget.metric).detach())
+        rec["bits"] = cost_model.current_bits()
+    else:
+        rec["bits"] = {}
+    if freeze_info is not None:
+        rec["expected_avg_bits"] = freeze_info["expected_avg_bits"]
+        rec["expected_cost"] = freeze_info["expected_cost"]
+    if "temperature" in terms:
+        rec["temperature"] = float(terms["temperature"])
+    if multiplier is not None:
+        rec["multiplier"] = float(multiplier)
+    for key in RECORDED_METRICS:
+        if key in callback_metrics:
+            rec[key] = float(callback_metrics[key])
+    return rec
+
+
+def log_epoch(pl_module: pl.LightningModule, record: Mapping[str, Any], searching: bool, budget_target: float) -> None:
+    """Log an epoch's record: expected cost, phase (0 search, 1 train), budget target and each layer's bits."""
+    for key in ("expected_avg_bits", "expected_cost"):
+        if key in record:
+            pl_module.log(f"sdq/{key}_epoch", record[key], batch_size=1)
+    pl_module.log("sdq/phase", 0.0 if searching else 1.0, batch_size=1)
+    pl_module.log("sdq/budget_target", float(budget_target), batch_size=1)
+    for name, bits in record["bits"].items():
+        if bits is not None:
+            pl_module.log(f"sdq/bits/{name}", float(bits), batch_size=1)
