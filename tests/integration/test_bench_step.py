@@ -35,3 +35,18 @@ def test_bench_step_refuses_cuda_without_a_gpu(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--device", "cuda",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "no CUDA device" in out.stderr
+
+
+@pytest.mark.slow
+def test_count_ops_prints_every_part_and_the_quantized_steps_issue_more(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "count_ops.py"), "--batch", "2"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): [int(c) for c in line.split("|")[2:8]]
+            for line in out.stdout.splitlines() if line.startswith(("| fp", "| search", "| frozen"))}
+    assert set(rows) == {"fp", "search", "frozen"}
+    fwd, bwd, sgd, dbp, stp, total = rows["search"]
+    assert dbp > 0 and stp > 0 and total == fwd + bwd + sgd + dbp + stp
+    assert rows["fp"][3] == rows["fp"][4] == 0 and rows["frozen"][3] == 0
+    assert rows["search"][5] > rows["frozen"][5] > rows["fp"][5]
