@@ -71,6 +71,9 @@ def _scale_of(scaler: Any) -> Tensor | float:
     return scale if isinstance(scale, Tensor) else float(scaler.get_scale())
 
 
+RECOMPILE_LIMIT = 32  # Dynamo recompiles allowed to a network compiled by SDQ(compile=...)
+
+
 class Phase(str, enum.Enum):
     SEARCH = "search"
     TRAIN = "train"
@@ -310,7 +313,9 @@ class SDQ(Callback):
                              f"({max_epochs}) so that phase 2 trains under the frozen plan")
         self._root = pl_module
         if self.kernels is not None:
-            set_kernels(self.kernels)
+            # a compiled network fuses the LSQ arithmetic itself and runs the eager kernels inside its graph; switching
+            # the kernels back here (the test stage's setup) would recompile it
+            set_kernels("eager" if self.compile is not None and self._compiled else self.kernels)
         if self._given_plan:
             self.plan = self.plan.rebased(pl_module)
             self.plan.check_model(pl_module)
@@ -487,6 +492,11 @@ class SDQ(Callback):
         """Compile the network in place, whole graph (its LSQ kernels then run eager inside the graph)."""
         _, net = self._network(pl_module)
         set_kernels("eager")
+        # One graph per variant the run meets: train / eval, grad / no grad / inference mode, searching / frozen, the
+        # smaller last batch (then dynamic). That is about 8-12, at Dynamo's default limit of 8, where fullgraph=True
+        # fails hard (an app run with compile did, in trainer.test after training): allow more.
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         net.compile(mode=None if self.compile == "default" else self.compile, fullgraph=True)
         self._compiled = True
 
