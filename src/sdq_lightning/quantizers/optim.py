@@ -19,7 +19,8 @@ optimizer does (``scaler.unscale_(opt)`` then ``scaler.step(opt)``: skipped when
   ascent; negative when the task alone would undershoot the schedule, so the search ends AT the budget, not
   below it);
 * in the holding part of the schedule a hardening force, growing from 0 to 1, pushes each live DBP towards the
-  nearer of 0 and 1, so the freeze's rounding (and the projection after it) is a small correction;
+  nearer of 0 and 1, so the freeze's rounding (and the projection after it) is a small correction; the multiplier is
+  then one-sided (>= 0) within ``HARDEN_SLACK`` under the target and two-sided further under it;
 * progressive level changes on the device: a live DBP at or below ``drop_threshold`` moves the layer one level down
   (re-initialised to ``reinit_dbp``) while the expected cost is above the schedule; a live DBP pushed past 1 while
   the cost is below the schedule moves it one level up (re-initialised to twice the threshold), so the task can
