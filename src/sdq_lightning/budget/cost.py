@@ -21,13 +21,13 @@ It must accept ``w_bits`` as a tensor (the differentiable expected bits during t
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from sdq_lightning.registry import Registry, RegistryNames
 
 __all__ = ["CONVENTION", "FP_BITS", "METRICS", "Budget", "LayerCost", "MetricFn", "bits_or_fp", "cost_of",
            "get_metric", "register_metric", "unregister_metric"]
@@ -49,40 +49,8 @@ class LayerCost:
 
 
 MetricFn = Callable[[Sequence[LayerCost], int], "float | Tensor"]
-_METRICS: dict[str, MetricFn] = {}
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-
-
-class RegistryNames(Sequence[str]):
-    """A live, read-only view of a registry's names (compares equal to the tuple of names); ``keep(value)`` selects
-    the entries shown."""
-
-    def __init__(self, registry: Mapping[str, Any], keep: Callable[[Any], bool] | None = None) -> None:
-        self._registry, self._keep = registry, keep
-
-    def _names(self) -> tuple[str, ...]:
-        return tuple(n for n, v in self._registry.items() if self._keep is None or self._keep(v))
-
-    def __getitem__(self, index):  # noqa: ANN001 - int or slice, as tuple's
-        return self._names()[index]
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names()
-
-    def __eq__(self, other: object) -> bool:
-        return self._names() == (tuple(other) if isinstance(other, (tuple, list, RegistryNames)) else other)
-
-    def __hash__(self) -> int:
-        return hash(self._names())
-
-    def __repr__(self) -> str:
-        return repr(self._names())
+_METRICS: Registry[MetricFn] = Registry("metric",
+                                        hint=" (register a new one with sdq_lightning.budget.register_metric)")
 
 
 METRICS = RegistryNames(_METRICS)
@@ -93,33 +61,25 @@ def register_metric(name: str, *, replace: bool = False) -> Callable[[MetricFn],
     """Decorator registering ``fn(layers, other_params) -> cost`` under ``name`` (usable in ``Budget``, the SDQ
     callback's ``budget``, ``BitPlan.cost`` and the app's ``hardware.metric``). ``replace=True`` overrides an existing
     metric of that name; otherwise a second registration raises ``ValueError``."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"metric name must be a letter followed by letters, digits or '_', got {name!r}")
-    if name in _METRICS and not replace:
-        raise ValueError(f"metric {name!r} is already registered (pass replace=True to override it)")
+    _METRICS.check(name, replace)
 
     def decorate(fn: MetricFn) -> MetricFn:
         if not callable(fn):
             raise ValueError(f"register_metric({name!r}) decorates a function (layers, other_params) -> cost, "
                              f"got {type(fn).__name__}")
-        _METRICS[name] = fn
-        return fn
+        return _METRICS.add(name, fn, replace=True)
 
     return decorate
 
 
 def unregister_metric(name: str) -> None:
     """Remove a registered metric (``ValueError`` for an unknown name)."""
-    get_metric(name)
-    del _METRICS[name]
+    _METRICS.remove(name)
 
 
 def get_metric(name: str) -> MetricFn:
     """The cost function registered under ``name``; ``ValueError`` naming the registered metrics otherwise."""
-    if not isinstance(name, str) or name not in _METRICS:
-        raise ValueError(f"metric must be one of {tuple(_METRICS)}, got {name!r} (register a new one with "
-                         f"sdq_lightning.budget.register_metric)")
-    return _METRICS[name]
+    return _METRICS.lookup(name)
 
 
 def bits_or_fp(bits: float | Tensor | None) -> float | Tensor:

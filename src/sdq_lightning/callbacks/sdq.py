@@ -274,6 +274,7 @@ class SDQ(Callback):
         self._step_opt: torch.optim.Optimizer | None = None
         self._pending_opt_states: dict[str, Any] | None = None
         self._compiled = False
+        self._weight_layers: list[nn.Module] | None = None
         self._root: nn.Module | None = None
         self._terms: dict[str, Tensor | float] = {}
 
@@ -315,7 +316,7 @@ class SDQ(Callback):
         if self.kernels is not None:
             # a compiled network fuses the LSQ arithmetic itself and runs the eager kernels inside its graph; switching
             # the kernels back here (the test stage's setup) would recompile it
-            set_kernels("eager" if self.compile is not None and self._compiled else self.kernels)
+            set_kernels("eager" if self._compiled else self.kernels)
         if self._given_plan:
             self.plan = self.plan.rebased(pl_module)
             self.plan.check_model(pl_module)
@@ -401,6 +402,7 @@ class SDQ(Callback):
                 self._step_opt.load_state_dict(self._pending_opt_states["step"])
             self._pending_opt_states = None
         self.losses.attach(pl_module, self.report.last_layer, pl_module.device)
+        self._weight_layers = None
 
     # ---- the divergence guard's hooks (composed, so one SDQ(...) line brings it along)
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -509,7 +511,9 @@ class SDQ(Callback):
         scale = scale / self._accumulate(trainer)
         layers = None
         if self.phase is Phase.TRAIN and self.losses.ebr_weight > 0:
-            layers = [m for m in quant_layers(pl_module).values() if m.weight_quant is not None]
+            if self._weight_layers is None:  # the quantized layers do not change after setup: listed once per fit
+                self._weight_layers = [m for m in quant_layers(pl_module).values() if m.weight_quant is not None]
+            layers = self._weight_layers
         self._terms.update(self.losses.before_backward(loss, scale, layers))
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sdq_lightning.budget import BitPlan
-from sdq_lightning.budget.cost import RegistryNames
+from sdq_lightning.registry import Registry, RegistryNames
 
 __all__ = ["DEFAULT_FORMATS", "FORMATS", "ExportContext", "ExportFn", "export_format_help", "get_export_format",
            "register_export_format", "unregister_export_format"]
@@ -57,8 +57,8 @@ class _Format:
     default: bool
 
 
-_FORMATS: dict[str, _Format] = {}
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_FORMATS: Registry[_Format] = Registry(
+    "export format", (re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$"), "a letter followed by letters, digits, '_' or '-'"))
 
 FORMATS = RegistryNames(_FORMATS)
 """Names of every registered export format (live)."""
@@ -72,16 +72,14 @@ def register_export_format(name: str, *, description: str = "", default: bool = 
                            replace: bool = False) -> Callable[[ExportFn], ExportFn]:
     """Decorator registering ``fn(ctx: ExportContext) -> dict`` as export format ``name``. ``default=True`` writes it
     whenever no formats are named; ``replace=True`` overrides an existing format (else ``ValueError``)."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"export format name must be a letter followed by letters, digits, '_' or '-', got {name!r}")
-    if name in _FORMATS and not replace:
-        raise ValueError(f"export format {name!r} is already registered (pass replace=True to override it)")
+    _FORMATS.check(name, replace)
 
     def decorate(fn: ExportFn) -> ExportFn:
         if not callable(fn):
             raise ValueError(f"register_export_format({name!r}) decorates a function (ctx) -> dict, "
                              f"got {type(fn).__name__}")
-        _FORMATS[name] = _Format(fn, description or (fn.__doc__ or "").strip().split("\n")[0], bool(default))
+        _FORMATS.add(name, _Format(fn, description or (fn.__doc__ or "").strip().split("\n")[0], bool(default)),
+                     replace=True)
         return fn
 
     return decorate
@@ -89,15 +87,12 @@ def register_export_format(name: str, *, description: str = "", default: bool = 
 
 def unregister_export_format(name: str) -> None:
     """Remove a registered export format (``ValueError`` for an unknown name)."""
-    get_export_format(name)
-    del _FORMATS[name]
+    _FORMATS.remove(name)
 
 
 def get_export_format(name: str) -> ExportFn:
     """The exporter registered as ``name``; ``ValueError`` naming the registered formats otherwise."""
-    if not isinstance(name, str) or name not in _FORMATS:
-        raise ValueError(f"export format must be one of {tuple(_FORMATS)}, got {name!r}")
-    return _FORMATS[name].fn
+    return _FORMATS.lookup(name).fn
 
 
 def export_format_help() -> str:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sdq_lightning.registry import Registry
+
 __all__ = ["Estimator", "estimator_index", "estimator_names", "get_estimator", "register_estimator",
            "unregister_estimator"]
 
@@ -40,21 +42,17 @@ class Estimator:
     cascade: Cascade | None = None
 
 
-_REGISTRY: dict[str, Estimator] = {}
-_ORDER: list[str] = []  # registration order: a quantizer's saved state records its estimator by this index
+_REGISTRY: Registry[Estimator] = Registry("estimator", hint=" (register_estimator adds one)")
+_ORDER: list[str] = []  # every name ever registered: a quantizer's saved state records its estimator by this index
 
 
 def register_estimator(name: str, progressive: Progressive, cascade: Cascade | None = None,
                        replace: bool = False) -> Estimator:
     """Register an estimator under ``name`` (``cascade`` may be None: then only the progressive reading takes it)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"an estimator name must be a non-empty string, got {name!r}")
-    if name in _REGISTRY and not replace:
-        raise ValueError(f"estimator {name!r} is already registered (replace=True to override)")
+    _REGISTRY.check(name, replace)
     if not callable(progressive) or (cascade is not None and not callable(cascade)):
         raise ValueError(f"estimator {name!r}: progressive (and cascade, if given) must be functions")
-    est = Estimator(name, progressive, cascade)
-    _REGISTRY[name] = est
+    est = _REGISTRY.add(name, Estimator(name, progressive, cascade), replace=True)
     if name not in _ORDER:
         _ORDER.append(name)
     return est
@@ -64,7 +62,7 @@ def unregister_estimator(name: str) -> None:
     """Remove a registered estimator (the built-in ones stay)."""
     if name in ("gumbel", "ste"):
         raise ValueError(f"{name!r} is built in and cannot be unregistered")
-    _REGISTRY.pop(name, None)
+    _REGISTRY.remove(name)
 
 
 def estimator_names() -> tuple[str, ...]:
@@ -73,9 +71,7 @@ def estimator_names() -> tuple[str, ...]:
 
 def get_estimator(name: str, reading: str = "progressive") -> Estimator:
     """The estimator ``name``; raises a one-line ``ValueError`` naming the allowed ones."""
-    est = _REGISTRY.get(name)
-    if est is None:
-        raise ValueError(f"estimator must be one of {estimator_names()}, got {name!r} (register_estimator adds one)")
+    est = _REGISTRY.lookup(name)
     if reading == "cascade" and est.cascade is None:
         with_cascade = tuple(n for n in estimator_names() if _REGISTRY[n].cascade is not None)
         raise ValueError(f"estimator {name!r} has no cascade form; with reading='cascade' use one of {with_cascade}")

@@ -58,13 +58,13 @@ from sdq_lightning.quantizers.functional import (
 
 __all__ = ["ESTIMATORS", "READINGS", "SDQWeightQuantizer", "validate_candidates"]
 
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
 READINGS = ("progressive", "cascade")
 ESTIMATORS = ("gumbel", "ste")  # the built-in estimators; estimator_names() lists every registered one
 _LEGACY_CANDIDATES = tuple(range(1, 9))  # state dicts written before the candidates were saved
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def validate_candidates(candidates: Sequence[int], name: str = "candidates") -> tuple[int, ...]:
@@ -446,9 +446,8 @@ class SDQWeightQuantizer(nn.Module):
             onehot = nn.functional.one_hot(i, n).to(w.dtype).view(shape)
             return self._touch_dbp((onehot * qs).sum(0))
         u = self._uniforms(n)
-        p = probs
-        i, soft = self._estimator.cascade(p, self.probabilities(mixed=True), u, self.temperature)
-        hard = nn.functional.one_hot(i, n).to(p.dtype)
+        i, soft = self._estimator.cascade(probs, self.probabilities(mixed=True), u, self.temperature)
+        hard = nn.functional.one_hot(i, n).to(probs.dtype)
         mask = (hard + soft - soft.detach()).to(w.dtype)
         self.last_index.copy_(i)
         # the chosen candidate carries gradient to the weight and its step; the others reach the DBPs through the mask
