@@ -13,7 +13,8 @@ Modes (all in one process, interleaved round robin so that machine noise hits ev
   arithmetic goes through ``torch.compile``, the model stays eager). This is what ``SDQ(kernels="compile")`` and the
   Hydra app's default ``sdq.kernels=compile`` run.
 * with ``--compile``, fp/search/frozen with the whole model under ``torch.compile`` (a second table; skipped if it
-  fails).
+  fails); ``--compile-modes cuda-graphs`` (and ``cuda-graphs+ck``) instead captures forward + backward as CUDA graphs
+  (:class:`sdq_lightning.modules.graphs.GraphedNetwork`, what ``SDQ(compile="cuda-graphs")`` runs; no compiler).
 * ``--bf16``: every mode under ``torch.autocast(device, torch.bfloat16)`` (the ``bf16-mixed`` training precision).
 * ``--device cuda --batch N``: on a GPU (CUDA-synchronised wall time per step; memory columns from the CUDA
   allocator instead of saved tensors / RSS).
@@ -119,8 +120,13 @@ class Runner:
         steps = [p for n, p in model.named_parameters() if n.endswith(("steps", "step"))]
         self.step_opt = LogStepAdam(steps) if steps else None
         self.search = getattr(model, "_bench_search", None)
-        # compiled: a torch.compile mode ("default", "reduce-overhead": CUDA graphs, ...), whole model, one graph
-        self.fwd = model if compiled is None else \
+        # compiled: a torch.compile mode ("default", "reduce-overhead": CUDA graphs, ...), whole model, one graph;
+        # "cuda-graphs": no compiler, forward + backward captured by sdq_lightning.modules.graphs.GraphedNetwork
+        if compiled == "cuda-graphs":
+            from sdq_lightning.modules.graphs import GraphedNetwork
+
+            self.graphs = GraphedNetwork(model)
+        self.fwd = model if compiled in (None, "cuda-graphs") else \
             torch.compile(model, mode=None if compiled == "default" else compiled, fullgraph=True)
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(BATCH, 3, 32, 32, generator=g).to(DEVICE)
@@ -246,7 +252,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time whole-model torch.compile variants")
     ap.add_argument("--compile-modes", default="default",
                     help="comma-separated torch.compile modes for --compile (default, reduce-overhead, "
-                         "max-autotune-no-cudagraphs); one table each")
+                         "max-autotune-no-cudagraphs) or cuda-graphs / cuda-graphs+ck (no compiler: "
+                         "GraphedNetwork, CUDA only); one table each")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -307,15 +314,23 @@ def main() -> None:
     for cmode in (args.compile_modes.split(",") if args.compile else []):
         try:
             t0 = time.perf_counter()
-            cr = {m: Runner(build(m), compiled=cmode, bf16=args.bf16) for m in MODES}
+            # "cuda-graphs+ck": CUDA graphs around the compiled LSQ kernels
+            base, ck = cmode.removesuffix(CK), cmode.endswith(CK)
+            cr = {m: Runner(build(m), compiled=base, kernels="compile" if ck and m != "fp" else "eager",
+                            bf16=args.bf16) for m in MODES}
             for r in cr.values():  # compile (and recompile after the first draws) outside the timing
                 for _ in range(3):
                     r.step()
             ctimes = time_modes(cr, args.repeats, args.steps, args.warmup)
-            parts += ["", table(f"torch.compile(mode={cmode!r}, fullgraph=True), whole model "
+            what = f"CUDA graphs ({'compiled' if ck else 'eager'} LSQ kernels), forward + backward captured" \
+                if base == "cuda-graphs" else f"torch.compile(mode={cmode!r}, fullgraph=True), whole model"
+            parts += ["", table(f"{what} "
                                 f"(compile+warmup {time.perf_counter() - t0:.0f} s incl. timing)", ctimes)]
             result[f"compiled_{cmode}"] = ctimes
         except Exception as err:  # noqa: BLE001  (report, don't hide)
+            import traceback
+
+            traceback.print_exc()
             parts += ["", f"torch.compile(mode={cmode!r}) failed: {type(err).__name__}: {str(err)[:300]}"]
             result[f"compiled_{cmode}_error"] = repr(err)[:1000]
         print("\n".join(parts[-2:]), flush=True)

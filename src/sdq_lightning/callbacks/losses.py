@@ -86,6 +86,11 @@ class AddedLosses:
         if module.training and torch.is_grad_enabled():
             self._captured = output
 
+    def capture_output(self, output: Any) -> None:
+        """Take ``output`` (a training forward's classifier output) as the student logits of this step: for a
+        network whose inner forward hooks do not run (CUDA graphs replay, :mod:`sdq_lightning.modules.graphs`)."""
+        self._captured = output if isinstance(output, Tensor) else None
+
     # ---------------------------------------------------------------- per step
     def before_batch(self, x: Tensor | None, device: torch.device, kd: bool) -> None:
         """Reset the step's captures; with ``kd``, run the teacher on the batch's input ``x``."""

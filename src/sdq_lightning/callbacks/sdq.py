@@ -46,13 +46,14 @@ from sdq_lightning.callbacks.losses import AddedLosses
 from sdq_lightning.callbacks.monitor import epoch_record, log_epoch, log_step_terms
 from sdq_lightning.callbacks.teacher import check_teacher_file
 from sdq_lightning.modules.fused import KERNELS, set_kernels
+from sdq_lightning.modules.graphs import GraphedNetwork
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer, validate_candidates
 from sdq_lightning.quantizers.optim import LogStepAdam
 from sdq_lightning.surgery import QuantSpec, quant_layers, quantize_model, validate_activation_bits
 
 __all__ = ["COMPILE_MODES", "SDQ", "Phase", "grad_scaler"]
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "cuda-graphs")
 
 
 def grad_scaler(trainer: pl.Trainer) -> Any:
@@ -136,7 +137,10 @@ class SDQ(Callback):
             ``"max-autotune"``): the network is compiled whole, ``fullgraph=True``, at the first training batch
             after the activation quantizers have seen data (their sign mode is read from it: with activation
             quantizers the first step runs eager) (``nn.Module.compile``: the state dict keeps its keys). It
-            recompiles once, at the freeze. Not measured on a GPU yet (docs/RESULTS.md section 17).
+            recompiles once, at the freeze. ``"cuda-graphs"``: no compiler; the network's training forward and
+            backward are captured as CUDA graphs from the second batch and replayed every step
+            (:class:`~sdq_lightning.modules.graphs.GraphedNetwork`; re-captured at the freeze; CUDA, one device;
+            KD then reads the network's output). GPU figures: docs/RESULTS.md section 17.
         teacher_cls: how to rebuild a teacher checkpoint of your own LightningModule: its class, an import path
             (``"pkg.mod.LitNet"``) or a factory (see :func:`~sdq_lightning.callbacks.teacher.load_teacher`).
         guard: ``True`` (default), ``False`` or keyword arguments of
@@ -274,6 +278,7 @@ class SDQ(Callback):
         self._step_opt: torch.optim.Optimizer | None = None
         self._pending_opt_states: dict[str, Any] | None = None
         self._compiled = False
+        self._graphs: GraphedNetwork | None = None
         self._weight_layers: list[nn.Module] | None = None
         self._root: nn.Module | None = None
         self._terms: dict[str, Tensor | float] = {}
@@ -401,7 +406,16 @@ class SDQ(Callback):
             if self._step_opt is not None and self._pending_opt_states.get("step"):
                 self._step_opt.load_state_dict(self._pending_opt_states["step"])
             self._pending_opt_states = None
-        self.losses.attach(pl_module, self.report.last_layer, pl_module.device)
+        if self.compile == "cuda-graphs":
+            if pl_module.device.type != "cuda":
+                raise ValueError(f"compile='cuda-graphs' needs a CUDA device, but this run is on "
+                                 f"{pl_module.device.type}; use compile=None or a torch.compile mode")
+            if trainer.world_size > 1:
+                raise ValueError(f"compile='cuda-graphs' runs on one device, but this run has {trainer.world_size} "
+                                 f"processes; use compile=None or a torch.compile mode")
+        # under CUDA graphs the classifier's forward hook would not run on replay: KD takes the network's output
+        self.losses.attach(pl_module, None if self.compile == "cuda-graphs" else self.report.last_layer,
+                           pl_module.device)
         self._weight_layers = None
 
     # ---- the divergence guard's hooks (composed, so one SDQ(...) line brings it along)
@@ -419,6 +433,9 @@ class SDQ(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.losses.detach()
+        if self._graphs is not None:  # evaluation after fit runs the network's own forward
+            self._graphs.remove()
+            self._graphs, self._compiled = None, False
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if optimizer is not trainer.optimizers[0]:
@@ -491,8 +508,13 @@ class SDQ(Callback):
         return all(m._initialized for m in pl_module.modules() if isinstance(m, ActQuantizer))
 
     def _compile_network(self, pl_module: pl.LightningModule) -> None:
-        """Compile the network in place, whole graph (its LSQ kernels then run eager inside the graph)."""
+        """Compile the network in place, whole graph (its LSQ kernels then run eager inside the graph), or install
+        the CUDA-graph replay (``compile="cuda-graphs"``; the kernels stay as set)."""
         _, net = self._network(pl_module)
+        if self.compile == "cuda-graphs":
+            self._graphs = GraphedNetwork(net, on_output=self.losses.capture_output)
+            self._compiled = True
+            return
         set_kernels("eager")
         # One graph per variant the run meets: train / eval, grad / no grad / inference mode, searching / frozen, the
         # smaller last batch (then dynamic). That is about 8-12, at Dynamo's default limit of 8, where fullgraph=True

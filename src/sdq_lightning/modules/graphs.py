@@ -1,0 +1,143 @@
+"""CUDA graphs for the quantized network's training step, without a compiler.
+
+A quantized training step on a GPU is bound by kernel launches: a searched ResNet20 runs about 10,000 small kernels per
+step (``benchmarks/count_ops.py``), so the host, not the GPU, sets its pace. :class:`GraphedNetwork` captures the
+network's training-mode forward AND backward once as two CUDA graphs
+(:func:`torch.cuda.make_graphed_callables`) and replays them: two launches instead of thousands. It needs no
+compiler (capture takes a few forward/backward passes, not minutes of Inductor), and it is correct for SDQ because
+the quantizers' training forward never reads the device from the host: the live level, the DBPs, the draw counter
+and the temperature are device tensors changed in place, so a replay sees the values of this step (see
+:mod:`sdq_lightning.quantizers.sdq`).
+
+What changes the captured work, and is therefore checked on every call (a Python key; no device read):
+
+* the frozen bitwidth of each weight quantizer (the freeze) and the activation quantizers' initialised flags;
+* which parameters require gradients, and the module's train/eval mode;
+* the input's shape, dtype and device, and the autocast dtype.
+
+A call that matches the captured key replays; a changed quantizer state or ``requires_grad`` re-captures; any
+other call (evaluation, no-grad, the smaller last batch, another autocast dtype) runs the module's own forward.
+Capture runs ``warmup`` untimed passes plus one captured pass; the buffers they move (BatchNorm running statistics,
+draw counters) are restored afterwards, so a graphed run sees the same buffer values as an eager one.
+
+Limits: CUDA only, one device (not under data parallelism), the network's output must be a tensor or a tuple of
+tensors, and forward hooks INSIDE the network do not run on replay (``on_output`` receives the network's output
+instead: this is how the SDQ callback takes the classifier's output for KD).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GraphedNetwork"]
+
+CaptureFn = Callable[..., nn.Module]
+
+
+def _make_graphed(net: nn.Module, sample: tuple[Tensor, ...], warmup: int) -> nn.Module:
+    return torch.cuda.make_graphed_callables(net, sample, num_warmup_iters=warmup, allow_unused_input=True)
+
+
+class GraphedNetwork:
+    """Install on ``net`` (replacing its ``forward``): see the module docstring.
+
+    Args:
+        net: the network (e.g. ``SDQClassifier.model``), already on its CUDA device.
+        warmup: untimed passes before the capture (cuDNN and allocator warm-up).
+        on_output: called with the network's output on every training call with gradients (graphed or not).
+        capture_fn: how to capture (default :func:`torch.cuda.make_graphed_callables`); tests pass a CPU stand-in.
+    """
+
+    def __init__(self, net: nn.Module, warmup: int = 3, on_output: Callable[[Any], None] | None = None,
+                 capture_fn: CaptureFn | None = None) -> None:
+        if "forward" in vars(net):
+            raise ValueError(f"{type(net).__name__}.forward is already replaced on the instance (another graph or "
+                             f"wrapper); GraphedNetwork needs the class's own forward")
+        self.net, self.warmup, self.on_output = net, int(warmup), on_output
+        self._capture_fn = capture_fn or _make_graphed
+        self._graphed: Callable[..., Any] | None = None
+        self._key: tuple | None = None
+        self.captures = 0  # how many times the step was captured (a re-capture follows a freeze)
+        self.replays = 0
+        from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
+
+        self._weight_q = [m for m in net.modules() if isinstance(m, SDQWeightQuantizer)]
+        self._act_q = [m for m in net.modules() if isinstance(m, ActQuantizer)]
+        self._params = list(net.parameters())
+        net.forward = self  # an instance attribute: nn.Module.__call__ finds it first
+
+    # ---------------------------------------------------------------- keys
+    def _state_key(self) -> tuple:
+        return (tuple(q._frozen_index for q in self._weight_q), tuple(q._initialized for q in self._act_q),
+                tuple(p.requires_grad for p in self._params))
+
+    @staticmethod
+    def _autocast_dtype(device_type: str) -> torch.dtype | None:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+    def _call_key(self, args: tuple) -> tuple | None:
+        """The key of a call that may be graphed (training, gradients on, tensor inputs), else None."""
+        if not (self.net.training and torch.is_grad_enabled()) or not args or \
+                not all(isinstance(a, Tensor) for a in args):
+            return None
+        dev = args[0].device.type
+        return (tuple((a.shape, a.dtype, a.device, a.requires_grad) for a in args), self._autocast_dtype(dev),
+                self._state_key())
+
+    # ---------------------------------------------------------------- call
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = None if kwargs else self._call_key(args)
+        if key is None:
+            out = self._eager(*args, **kwargs)
+        else:
+            if self._graphed is None or key[-1] != self._key[-1]:
+                self.capture(*args)
+            if key == self._key:
+                out = self._graphed(*args)
+                self.replays += 1
+            else:  # a shape, dtype or autocast the graph was not captured for (e.g. the smaller last batch)
+                out = self._eager(*args)
+        if self.on_output is not None and self.net.training and torch.is_grad_enabled():
+            self.on_output(out)
+        return out
+
+    def _eager(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.net).forward(self.net, *args, **kwargs)
+
+    def capture(self, *args: Tensor) -> None:
+        """(Re-)capture the training forward and backward for inputs shaped like ``args``."""
+        net = self.net
+        del net.forward  # the capture wraps the class's own forward
+        self._graphed = None
+        sample = tuple(a.detach().clone() for a in args)
+        dev = sample[0].device.type
+        dtype = self._autocast_dtype(dev)
+        # make_graphed_callables refuses autocast's weight cache: the same autocast, cache off, around the capture
+        ctx = torch.autocast(dev, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
+        saved = [b.detach().clone() for b in net.buffers()]
+        try:
+            with ctx:
+                graphed_net = self._capture_fn(net, sample, self.warmup)
+            graphed = vars(graphed_net).get("forward")
+            if graphed is None:
+                raise RuntimeError("the capture did not install a graphed forward on the network")
+        finally:
+            vars(net).pop("forward", None)
+            with torch.no_grad():  # the warm-up and captured passes moved BatchNorm statistics and draw counters
+                for b, s in zip(net.buffers(), saved):
+                    b.copy_(s)
+            net.forward = self
+        self._graphed = graphed
+        self._key = self._call_key(args)
+        self.captures += 1
+
+    def remove(self) -> None:
+        """Give the network its own forward back (and drop the graphs)."""
+        if vars(self.net).get("forward") is self:
+            del self.net.forward
+        self._graphed, self._key = None, None

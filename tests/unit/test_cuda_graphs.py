@@ -1,0 +1,230 @@
+"""GraphedNetwork (sdq_lightning.modules.graphs): CUDA-graph replay of the quantized network's training step.
+
+On the CPU the capture is a stand-in that behaves like ``torch.cuda.make_graphed_callables`` as far as the
+network sees it (warm-up passes that move the buffers, then a forward installed on the instance): these tests check
+the dispatch (when to replay, re-capture or run eager), the buffer restore and the KD output routing. The ``gpu``
+tests capture real CUDA graphs and compare the training steps with eager ones.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+from torch import nn
+
+import sdq_lightning as sq
+from sdq_lightning.modules.graphs import GraphedNetwork
+
+
+def _stand_in(log: list):
+    """A CPU stand-in for make_graphed_callables: ``warmup`` + 1 forward/backward passes, then an instance forward."""
+
+    def capture(net, sample, warmup):
+        for _ in range(warmup + 1):
+            out = type(net).forward(net, *sample)
+            grads = [p for p in net.parameters() if p.requires_grad]
+            torch.autograd.grad(out.float().sum(), grads, allow_unused=True)
+        orig = type(net).forward
+
+        def graphed(*args):
+            log.append(tuple(a.shape for a in args))
+            return orig(net, *args)
+
+        net.forward = graphed
+        return net
+
+    return capture
+
+
+def _searched_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet20", num_classes=10)
+    sq.quantize_model(model, sq.QuantSpec(weight_bits=tuple(range(1, 9)), activation_bits=4))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))  # the activation quantizers' initialisation reads data: before capture
+    return model
+
+
+def _buffers(net: nn.Module) -> list[torch.Tensor]:
+    return [b.detach().clone() for b in net.buffers()]
+
+
+def test_replay_recapture_and_eager_fallback_with_buffers_restored():
+    net = _searched_net()
+    twin = copy.deepcopy(net)
+    replays: list = []
+    outputs: list = []
+    g = GraphedNetwork(net, warmup=2, on_output=outputs.append, capture_fn=_stand_in(replays))
+    x = torch.randn(8, 3, 32, 32)
+    before = _buffers(net)
+    out = net(x)
+    assert g.captures == 1 and g.replays == 1 and len(replays) == 1
+    # the capture's warm-up passes moved BatchNorm statistics and draw counters; they were put back, so the graphed
+    # network's buffers after one step equal those of an eager twin after one step
+    ref = twin(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for a, b in zip(net.buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, _buffers(net)))  # the step itself did move them
+    assert outputs and outputs[-1] is out
+
+    net(x)  # same key: replay, no capture
+    assert (g.captures, g.replays) == (1, 2)
+    net(x[:5])  # the smaller last batch: eager
+    assert (g.captures, g.replays) == (1, 2)
+    with torch.no_grad():
+        net(x)  # no gradients: eager
+    net.eval()
+    n_out = len(outputs)
+    net(x)  # evaluation: eager, and not a KD output
+    assert (g.captures, g.replays) == (1, 2) and len(outputs) == n_out
+    net.train()
+
+    q = next(m for m in net.modules() if isinstance(m, sq.SDQWeightQuantizer) and len(m.candidates) > 1)
+    q.freeze(2)  # the freeze changes the captured work: re-capture
+    net(x)
+    assert (g.captures, g.replays) == (2, 3)
+    g.remove()
+    assert "forward" not in vars(net)
+    net(x)
+    assert g.replays == 3
+
+
+def test_graphed_training_equals_eager_training():
+    """Five SGD steps through the dispatcher (stand-in capture) equal five eager steps exactly."""
+    torch.manual_seed(1)
+    data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(5)]
+    nets = [_searched_net(), _searched_net()]
+    GraphedNetwork(nets[1], capture_fn=_stand_in([]))
+    losses = []
+    for net in nets:
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        run = []
+        for i, (x, y) in enumerate(data):
+            for q in net.modules():
+                if isinstance(q, sq.SDQWeightQuantizer):
+                    q.set_draw_step(i)
+            loss = nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[0] == losses[1]
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_replaced_forward_is_refused():
+    net = _searched_net()
+    GraphedNetwork(net, capture_fn=_stand_in([]))
+    with pytest.raises(ValueError, match="already replaced"):
+        GraphedNetwork(net, capture_fn=_stand_in([]))
+
+
+class _Lit(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, _):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _fit(tmp_path, cuda: bool, **sdq_kwargs):
+    torch.manual_seed(0)
+    x, y = torch.randn(96, 3, 16, 16), torch.randint(0, 4, (96,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    cb = sq.SDQ(weight_bits=(2, 4, 8), budget={"metric": "avg_bits", "target": 4.0}, search_epochs=1,
+                save_dir=tmp_path, **sdq_kwargs)
+    hw = {"accelerator": "cuda", "devices": 1, "precision": "bf16-mixed"} if cuda else {"accelerator": "cpu"}
+    trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **hw)
+    lit = _Lit()
+    trainer.fit(lit, loader)
+    return cb, lit
+
+
+def test_sdq_cuda_graphs_on_cpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="compile='cuda-graphs' needs a CUDA device, but this run is on cpu"):
+        _fit(tmp_path, cuda=False, compile="cuda-graphs")
+
+
+# ----------------------------------------------------------------------------------------------------- GPU
+def _train(net: nn.Module, data, frozen: bool) -> list[float]:
+    from sdq_lightning.quantizers.optim import LogStepAdam
+
+    steps = [m.steps for m in net.modules() if isinstance(m, sq.SDQWeightQuantizer)]
+    sgd = torch.optim.SGD([p for n, p in net.named_parameters() if not n.endswith(("dbp", "steps", "step"))],
+                          lr=0.02, momentum=0.9)
+    dbp = torch.optim.SGD([m.dbp for m in net.modules() if isinstance(m, sq.SDQWeightQuantizer)], lr=0.05)
+    step_opt = LogStepAdam(steps)
+    losses = []
+    for i, (x, y) in enumerate(data):
+        for q in net.modules():
+            if isinstance(q, sq.SDQWeightQuantizer):
+                q.set_draw_step(i)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        for opt in (sgd, step_opt) if frozen else (sgd, step_opt, dbp):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return [float(v) for v in losses]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("frozen", [False, True], ids=["search", "frozen"])
+def test_cuda_graph_steps_match_eager_and_never_synchronise(frozen):
+    nets = []
+    for _ in range(2):
+        net = _searched_net().cuda()
+        if frozen:
+            for q in net.modules():
+                if isinstance(q, sq.SDQWeightQuantizer) and 2 in q.candidates:
+                    q.freeze(2)
+        nets.append(net)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    data = [(torch.randn(128, 3, 32, 32, device="cuda", generator=g),
+             torch.randint(0, 10, (128,), device="cuda", generator=g)) for _ in range(6)]
+    graphs = GraphedNetwork(nets[1])
+    eager = _train(nets[0], data, frozen)
+    _train(nets[1], data[:1], frozen)  # captures
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graphed = [eager[0]] + _train(nets[1], data[1:], frozen)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert graphs.captures == 1 and graphs.replays == 6
+    # the same kernels replayed: equal up to cuDNN's non-deterministic weight-gradient sums, compounded over 5 steps
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-2, atol=2e-2)
+    bits = [[q.last_bits for q in n.modules() if isinstance(q, sq.SDQWeightQuantizer)] for n in nets]
+    assert bits[0] == bits[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sdq_callback_with_cuda_graphs_searches_freezes_and_distils(tmp_path):
+    teacher = _Lit().model
+    cb_e, _ = _fit(tmp_path / "eager", cuda=True, teacher=copy.deepcopy(teacher), activation_bits=None)
+    cb_g, _ = _fit(tmp_path / "graphs", cuda=True, teacher=copy.deepcopy(teacher), activation_bits=None,
+                   compile="cuda-graphs")
+    assert cb_g.plan is not None and cb_g.plan.average_bits <= 4.0
+    assert [h["phase"] for h in cb_g.history] == ["search", "train"]
+    # KD reached the graphed network's output in phase 2 (the term is logged only when the teacher's gradient was added)
+    assert "kd" in cb_g._terms and float(cb_g._terms["kd"]) > 0
+    assert cb_g.history[0]["expected_avg_bits"] == pytest.approx(cb_e.history[0]["expected_avg_bits"], abs=0.25)
