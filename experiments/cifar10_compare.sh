@@ -19,12 +19,19 @@ TARGET="${TARGET:-2.0}"
 ROWS="${ROWS:-uniform2_kd sdq sdq_noebr sdq_nokd}"
 SUBSET="${SUBSET:-null}"
 FP="${FP_CKPT:-checkpoints/resnet20_cifar10_fp.pt}"
+BATCH="${BATCH:-128}"             # GPU: BATCH=256 LR=0.04 TRAINER=gpu ON_DEVICE=true COMPILE=cuda-graphs
+LR="${LR:-0.02}"
+TRAINER="${TRAINER:-cpu}"
+ON_DEVICE="${ON_DEVICE:-false}"
+COMPILE="${COMPILE:-null}"
+WORKERS="${WORKERS:-2}"
 PY="${PY:-.venv/bin/python}"
 test -f "$FP" || { echo "error: $FP not found; run experiments/cifar10_fp_baseline.sh first" >&2; exit 2; }
 common=(dataset=imagefolder dataset.root="$ROOT" dataset.image_size=32
   'dataset.mean=[0.4914,0.4822,0.4465]' 'dataset.std=[0.2470,0.2435,0.2616]'
-  dataset.in_memory=true dataset.num_workers=2 dataset.batch_size=128 dataset.subset="$SUBSET" dataset.val_subset=10000
-  model.init_checkpoint="$FP" model.lr=0.02 model.scheduler=cosine
+  dataset.in_memory=true dataset.num_workers="$WORKERS" dataset.batch_size="$BATCH" dataset.subset="$SUBSET"
+  dataset.val_subset=10000 dataset.on_device="$ON_DEVICE" trainer="$TRAINER" sdq.compile="$COMPILE"
+  model.init_checkpoint="$FP" model.lr="$LR" model.scheduler=cosine
   trainer.max_epochs="$EPOCHS" trainer.precision=bf16-mixed trainer.enable_progress_bar=false
   hardware.activation_bits="$ABITS" seed="$SEED" logger=csv)
 kd=(sdq.teacher="$FP" sdq.teacher_arch=resnet20)

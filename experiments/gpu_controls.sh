@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue 13 on one GPU, ONE device call: the search against its controls with a longer schedule than the CPU allows.
+# Rows (experiments/cifar10_compare.sh, all without KD, FP activations, avg_bits <= 2.0, from
+# checkpoints/resnet20_cifar10_fp.pt, the full training set): sdq_nokd budget_only projection_only random uniform2,
+# seeds SEEDS (default "0 1"), EPOCHS (default 6) with SEARCH (default 3) search epochs (the CPU table: 4 and 2),
+# batch 128 at lr 0.02 as on the CPU, bf16, on-device data, sdq.compile=cuda-graphs. Every run is its own process
+# and all run AT ONCE (16 cores decode the data in parallel; the GPU interleaves the graphed steps); each stops
+# training at MAX_TIME (default 00:00:07:00, then tests: its metrics.json says how many epochs it ran) and is killed
+# after RUN_TIMEOUT seconds (default 480).
+# Before the call, HERE: bash experiments/gpu_wheels.sh && bash experiments/gpu_pack_data.sh
+# Device call: run(command="bash experiments/gpu_controls.sh", carry=[".whl", ".data"], timeout_s=540)
+# $OUT gets log.txt, one log per run and, per run, metrics.json, history.json and plan.yaml under
+# runs/c10cmp_<row>_<tag>/<run>/: then, here, python experiments/controls_table.py <that folder>/runs/c10cmp_*
+# SDQ_GPU_CONTROLS_CPU_SMOKE=1: the same on the CPU with a 256-image subset, 2 epochs (1 search), batch 32.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+T0=$SECONDS
+SMOKE="${SDQ_GPU_CONTROLS_CPU_SMOKE:-0}"
+OUT_DIR="${OUT:-outputs/gpu_controls/$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$OUT_DIR/runs"
+exec > >(tee "$OUT_DIR/log.txt") 2>&1
+if [[ -z "${PY:-}" ]]; then PY=python3; [[ -x .venv/bin/python ]] && PY=.venv/bin/python; fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PY
+if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+ROOT="${CIFAR10_ROOT:-}"
+if [[ -z "$ROOT" && -f .data/cifar10.tar.gz ]]; then
+  mkdir -p /tmp/sdq_data && tar -xzf .data/cifar10.tar.gz -C /tmp/sdq_data && ROOT=/tmp/sdq_data/cifar10
+fi
+[[ -n "$ROOT" ]] || { echo "error: no data: set CIFAR10_ROOT or carry .data (experiments/gpu_pack_data.sh)" >&2; exit 2; }
+export CIFAR10_ROOT="$ROOT"
+if [[ "$SMOKE" == 1 ]]; then
+  knobs=(EPOCHS=2 SEARCH=1 BATCH=32 LR=0.02 TRAINER=cpu ON_DEVICE=false COMPILE=null WORKERS=0 SUBSET=256)
+  extra=(dataset.val_subset=256 run_test=false)
+else
+  knobs=(EPOCHS="${EPOCHS:-6}" SEARCH="${SEARCH:-3}" BATCH="${BATCH:-128}" LR="${LR:-0.02}" TRAINER=gpu
+         ON_DEVICE=true COMPILE="${COMPILE:-cuda-graphs}" WORKERS=0 SUBSET=null)
+  extra=(sdq.kernels=eager trainer.max_time="${MAX_TIME:-00:00:07:00}")
+fi
+TAG="${TAG:-gpu}"
+echo "=== gpu_controls $(date -u +%FT%TZ) smoke=$SMOKE ${knobs[*]} tag=$TAG"
+pids=()
+for seed in ${SEEDS:-0 1}; do
+  for row in ${ROWS:-sdq_nokd budget_only projection_only random uniform2}; do
+    env "${knobs[@]}" SEED="$seed" ROWS="$row" TAG="$TAG" timeout "${RUN_TIMEOUT:-480}" \
+      bash experiments/cifar10_compare.sh "${extra[@]}" >"$OUT_DIR/${row}_s${seed}.log" 2>&1 &
+    pids+=($!)
+  done
+done
+fails=0
+for p in "${pids[@]}"; do wait "$p" || fails=$((fails + 1)); done
+echo "=== all runs ended after $((SECONDS - T0)) s, $fails failed"
+for top in outputs/runs/c10cmp_*_"$TAG"*; do
+  [[ -d "$top" ]] || continue
+  for run in "$top"/*/; do
+    [[ -f "$run/metrics.json" ]] || continue
+    dst="$OUT_DIR/runs/$(basename "$top")/$(basename "$run")"
+    mkdir -p "$dst" && cp "$run"/{metrics.json,history.json,plan.yaml} "$dst"/ 2>/dev/null
+  done
+done
+for f in "$OUT_DIR"/*_s*.log; do echo "--- $(basename "$f"): $(grep -E 'test/acc|froze the plan|error' "$f" | tail -3)"; done
+"$PY" experiments/controls_table.py "$OUT_DIR"/runs/c10cmp_* 2>&1 | tail -30
+echo "=== done in $((SECONDS - T0)) s"
