@@ -9,8 +9,8 @@
 # after RUN_TIMEOUT seconds (default 480).
 # Before the call, HERE: bash experiments/gpu_wheels.sh && bash experiments/gpu_pack_data.sh
 # Device call: run(command="bash experiments/gpu_controls.sh", carry=[".whl", ".data"], timeout_s=540)
-# $OUT gets log.txt, one log per run and, per run, metrics.json, history.json and plan.yaml under
-# runs/c10cmp_<row>_<tag>/<run>/: then, here, python experiments/controls_table.py <that folder>/runs/c10cmp_*
+# $OUT gets log.txt and runs.tar.gz (one log per run and, per run, metrics.json, history.json and plan.yaml under
+# runs/c10cmp_<row>_<tag>/<run>/): then, here, unpack it and python experiments/controls_table.py runs/c10cmp_*
 # SDQ_GPU_CONTROLS_CPU_SMOKE=1: the same on the CPU with a 256-image subset, 2 epochs (1 search), batch 32.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,4 +62,6 @@ for top in outputs/runs/c10cmp_*_"$TAG"*; do
 done
 for f in "$OUT_DIR"/*_s*.log; do echo "--- $(basename "$f"): $(grep -E 'test/acc|froze the plan|error' "$f" | tail -3)"; done
 "$PY" experiments/controls_table.py "$OUT_DIR"/runs/c10cmp_* 2>&1 | tail -30
+# a device call returns a few files, not deep trees: the run folders and logs travel as one archive
+tar -czf "$OUT_DIR/runs.tar.gz" -C "$OUT_DIR" runs $(cd "$OUT_DIR" && ls ./*_s*.log) && rm -rf "$OUT_DIR"/runs "$OUT_DIR"/*_s*.log
 echo "=== done in $((SECONDS - T0)) s"
