@@ -120,6 +120,27 @@ def test_graphed_training_equals_eager_training():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _failing_capture(net, sample, warmup):
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_raises_or_falls_back_to_eager_with_a_warning():
+    net, twin = _searched_net(), _searched_net()
+    x = torch.randn(8, 3, 32, 32)
+    GraphedNetwork(net, capture_fn=_failing_capture)
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        net(x)
+    del net.forward
+    outputs: list = []
+    g = GraphedNetwork(net, capture_fn=_failing_capture, fallback=True, on_output=outputs.append)
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture of .* failed .*stream is capturing.*runs eager"):
+        out = net(x)
+    torch.testing.assert_close(out, twin(x), rtol=0, atol=0)  # eager, buffers untouched by the failed capture
+    assert g.failed and g.captures == 0 and outputs[-1] is out
+    net(x)  # no second attempt, no second warning
+    assert g.captures == 0
+
+
 def test_a_replaced_forward_is_refused():
     net = _searched_net()
     GraphedNetwork(net, capture_fn=_stand_in([]))
@@ -160,6 +181,12 @@ def _fit(tmp_path, cuda: bool, **sdq_kwargs):
 def test_sdq_cuda_graphs_on_cpu_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="compile='cuda-graphs' needs a CUDA device, but this run is on cpu"):
         _fit(tmp_path, cuda=False, compile="cuda-graphs")
+
+
+def test_sdq_compile_auto_is_eager_on_cpu(tmp_path):
+    cb, lit = _fit(tmp_path, cuda=False, compile="auto")
+    assert cb.compile is None and cb._graphs is None and "forward" not in vars(lit.model)
+    assert cb.plan is not None and cb.plan.average_bits <= 4.0
 
 
 # ----------------------------------------------------------------------------------------------------- GPU

@@ -53,7 +53,7 @@ from sdq_lightning.surgery import QuantSpec, quant_layers, quantize_model, valid
 
 __all__ = ["COMPILE_MODES", "SDQ", "Phase", "grad_scaler"]
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "cuda-graphs")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "cuda-graphs", "auto")
 
 
 def grad_scaler(trainer: pl.Trainer) -> Any:
@@ -140,7 +140,9 @@ class SDQ(Callback):
             recompiles once, at the freeze. ``"cuda-graphs"``: no compiler; the network's training forward and
             backward are captured as CUDA graphs from the second batch and replayed every step
             (:class:`~sdq_lightning.modules.graphs.GraphedNetwork`; re-captured at the freeze; CUDA, one device;
-            KD then reads the network's output). GPU figures: docs/RESULTS.md section 17.
+            KD then reads the network's output). ``"auto"`` (the Hydra app's default): ``"cuda-graphs"`` on one
+            CUDA device, falling back to eager with a warning if the capture fails; None elsewhere (CPU, several
+            processes). GPU figures: docs/RESULTS.md section 17.
         teacher_cls: how to rebuild a teacher checkpoint of your own LightningModule: its class, an import path
             (``"pkg.mod.LitNet"``) or a factory (see :func:`~sdq_lightning.callbacks.teacher.load_teacher`).
         guard: ``True`` (default), ``False`` or keyword arguments of
@@ -210,7 +212,8 @@ class SDQ(Callback):
                 not 0 < budget_reach <= 1:
             raise ValueError(f"budget_reach must be a number in (0, 1], got {budget_reach!r}")
         self.kernels = kernels
-        self.compile = compile
+        self.compile = None if compile == "auto" else compile  # "auto" is resolved at fit start
+        self._compile_request = compile
         self.budget_control, self.search_signal = budget_control, search_signal
         self.task_weight, self.budget_reach = float(task_weight), float(budget_reach)
         self.projection_sensitivity = projection_sensitivity
@@ -406,6 +409,9 @@ class SDQ(Callback):
             if self._step_opt is not None and self._pending_opt_states.get("step"):
                 self._step_opt.load_state_dict(self._pending_opt_states["step"])
             self._pending_opt_states = None
+        if self._compile_request == "auto":  # measured: docs/RESULTS.md section 17
+            single_cuda = pl_module.device.type == "cuda" and trainer.world_size == 1
+            self.compile = "cuda-graphs" if single_cuda else None
         if self.compile == "cuda-graphs":
             if pl_module.device.type != "cuda":
                 raise ValueError(f"compile='cuda-graphs' needs a CUDA device, but this run is on "
@@ -512,7 +518,8 @@ class SDQ(Callback):
         the CUDA-graph replay (``compile="cuda-graphs"``; the kernels stay as set)."""
         _, net = self._network(pl_module)
         if self.compile == "cuda-graphs":
-            self._graphs = GraphedNetwork(net, on_output=self.losses.capture_output)
+            self._graphs = GraphedNetwork(net, on_output=self.losses.capture_output,
+                                          fallback=self._compile_request == "auto")
             self._compiled = True
             return
         set_kernels("eager")
@@ -587,6 +594,8 @@ class SDQ(Callback):
         if self.search is None:
             self.search = self._make_search()
         expected_cost = float(self.cost_model.expected(self.budget.metric).detach())
+        # how converged the search is: layers whose most probable bitwidth still has probability < 0.9
+        undecided = sum(int(q.probabilities().detach().max() < 0.9) for q in self.search.quantizers if not q.frozen)
         decided, bits, expected_avg = self.search.freeze_bits()
         for name, layer in quant_layers(pl_module).items():
             if layer.weight_quant is not None and bits.get(name) is not None:
@@ -600,12 +609,12 @@ class SDQ(Callback):
             f", {self.budget.metric} {self.plan.cost(self.budget.metric):.6g}"
         rank_zero_info(f"[SDQ] froze the plan at epoch {trainer.current_epoch}: avg bits "
                        f"{self.plan.average_bits:.4f}{cost} (target {self.budget.metric} <= {self.budget.target:g}); "
-                       f"expected before the projection {expected_cost:.6g}; projection changed {len(changed)} "
-                       f"layers {changed}")
+                       f"expected before the projection {expected_cost:.6g} ({undecided} layers undecided: top "
+                       f"probability < 0.9); projection changed {len(changed)} layers {changed}")
         if trainer.is_global_zero:
             self.plan.save(self._plan_path(trainer))
         return {"expected_avg_bits": expected_avg, "expected_cost": expected_cost,
-                "projection_changed_layers": len(changed),
+                "projection_changed_layers": len(changed), "undecided_layers": undecided,
                 "projection_max_levels": max(levels.values()) if levels else 0,
                 "decided_bits": decided}
 

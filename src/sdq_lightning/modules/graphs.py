@@ -27,6 +27,7 @@ instead: this is how the SDQ callback takes the classifier's output for KD).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -51,10 +52,11 @@ class GraphedNetwork:
         warmup: untimed passes before the capture (cuDNN and allocator warm-up).
         on_output: called with the network's output on every training call with gradients (graphed or not).
         capture_fn: how to capture (default :func:`torch.cuda.make_graphed_callables`); tests pass a CPU stand-in.
+        fallback: a capture that fails warns once and leaves the network eager (True), or raises (False, default).
     """
 
     def __init__(self, net: nn.Module, warmup: int = 3, on_output: Callable[[Any], None] | None = None,
-                 capture_fn: CaptureFn | None = None) -> None:
+                 capture_fn: CaptureFn | None = None, fallback: bool = False) -> None:
         if "forward" in vars(net):
             raise ValueError(f"{type(net).__name__}.forward is already replaced on the instance (another graph or "
                              f"wrapper); GraphedNetwork needs the class's own forward")
@@ -64,6 +66,8 @@ class GraphedNetwork:
         self._key: tuple | None = None
         self.captures = 0  # how many times the step was captured (a re-capture follows a freeze)
         self.replays = 0
+        self.fallback = bool(fallback)
+        self.failed: str | None = None  # why the capture failed (then every call runs eager)
         from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 
         self._weight_q = [m for m in net.modules() if isinstance(m, SDQWeightQuantizer)]
@@ -91,12 +95,20 @@ class GraphedNetwork:
 
     # ---------------------------------------------------------------- call
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        key = None if kwargs else self._call_key(args)
+        key = None if kwargs or self.failed else self._call_key(args)
+        if key is not None and (self._graphed is None or key[-1] != self._key[-1]):
+            try:
+                self.capture(*args)
+            except Exception as err:  # noqa: BLE001 - reported, then eager (fallback) or raised
+                if not self.fallback:
+                    raise
+                self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                warnings.warn(f"CUDA-graph capture of {type(self.net).__name__} failed ({self.failed}); it runs "
+                              f"eager from now on", RuntimeWarning, stacklevel=2)
+                key = None
         if key is None:
             out = self._eager(*args, **kwargs)
         else:
-            if self._graphed is None or key[-1] != self._key[-1]:
-                self.capture(*args)
             if key == self._key:
                 out = self._graphed(*args)
                 self.replays += 1
