@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -58,3 +59,36 @@ def test_frozen_layer_has_at_most_2_to_the_b_values(bits, seed, per_channel, gro
             assert row.unique().numel() <= (2 if bits == 1 else 2**bits)
     codes, step, b = wq.integer_weight(conv.weight.detach())
     assert b == bits and torch.equal(codes.float() * step, layer.quantized_weight().detach())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("candidates", [tuple(range(1, 9)), (2, 4, 8)])
+def test_dynamic_candidate_equals_the_fixed_quantizer(per_channel, candidates):
+    """The searching forward gathers Qn, Qp and the LSQ gradient factor from a per-candidate table on the device:
+    values and weight gradients equal quantize_at's, step gradients up to float32 rounding of the factor."""
+    torch.manual_seed(0)
+    w0 = torch.randn(6, 3, 3, 3) * 0.2
+    q = SDQWeightQuantizer(candidates, weight=w0, per_channel=per_channel)
+    for i in range(len(candidates)):
+        outs = []
+        for dynamic in (False, True):
+            q.zero_grad()
+            w = w0.clone().requires_grad_()
+            y = q.quantize_dynamic(w, torch.tensor([i])) if dynamic else q.quantize_at(w, i)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            outs.append((y.detach(), w.grad.clone(), q.steps.grad.clone()))
+        (ya, gwa, gsa), (yb, gwb, gsb) = outs
+        torch.testing.assert_close(yb, ya, rtol=0, atol=0)
+        torch.testing.assert_close(gwb, gwa, rtol=0, atol=0)
+        torch.testing.assert_close(gsb, gsa, rtol=1e-6, atol=1e-9)
+        assert gsa[i].abs().sum() > 0
+
+
+def test_a_quantizer_built_without_its_weight_fills_its_table_at_the_first_forward():
+    w = torch.randn(4, 8) * 0.1
+    late, early = SDQWeightQuantizer((1, 2, 4)), SDQWeightQuantizer((1, 2, 4), weight=w)
+    late.steps.data.copy_(early.steps.data)
+    for i in range(3):
+        torch.testing.assert_close(late.quantize_dynamic(w, torch.tensor([i])),
+                                   early.quantize_dynamic(w, torch.tensor([i])), rtol=0, atol=0)
+    torch.testing.assert_close(late.lsq_table, early.lsq_table, rtol=0, atol=0)

@@ -15,8 +15,9 @@ through autograd hooks (KD enters through the classifier's output, so the networ
 The parts it composes, each in its own module with its own tests: the bit search and its controller
 (:mod:`.search`, :mod:`sdq_lightning.quantizers.optim`), the added losses (:mod:`.losses`: EBR and KD gradients),
 the teacher (:mod:`.teacher`), the divergence guard (:mod:`.guard`), monitoring (:mod:`.monitor`: what is logged and
-recorded per step and epoch) and the temperature schedule (:mod:`.schedule`). This module keeps the Lightning hooks,
-the quantization of the model at setup, the freeze and the callback's state.
+recorded per step and epoch), the temperature schedule (:mod:`.schedule`), the model's quantization at setup
+(:mod:`.setup`), the freeze (:mod:`.freeze`) and the CUDA-graph replay (:mod:`sdq_lightning.modules.graphs`). This
+module keeps the Lightning hooks and the callback's state.
 
 Precision: under a gradient scaler (``precision="16-mixed"``) the added gradients are multiplied by the scaler's
 current scale like the loss, and the callback's optimizers go through the scaler exactly like the user's
@@ -36,7 +37,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from sdq_lightning.budget import BitPlan, Budget, CostModel, profile_model
+from sdq_lightning.budget import BitPlan, Budget, CostModel
 from sdq_lightning.budget.profile import LayerProfile
 from sdq_lightning.budget.search import PENALTIES
 from sdq_lightning.callbacks.search import BUDGET_CONTROLS, PROJECTION_SENSITIVITIES, SEARCH_SIGNALS, BitSearch
@@ -44,12 +45,23 @@ from sdq_lightning.callbacks.schedule import Schedule, resolve_schedule
 from sdq_lightning.callbacks.guard import DivergenceGuard
 from sdq_lightning.callbacks.losses import AddedLosses
 from sdq_lightning.callbacks.monitor import epoch_record, log_epoch, log_step_terms
+from sdq_lightning.callbacks.freeze import freeze_message, freeze_searched
+from sdq_lightning.callbacks.setup import (
+    default_input_fn,
+    find_example_input,
+    network_of,
+    num_classes_of,
+    profile_network,
+    quantize,
+    quantizer_params,
+    take_from_optimizers,
+)
 from sdq_lightning.callbacks.teacher import check_teacher_file
 from sdq_lightning.modules.fused import KERNELS, set_kernels
 from sdq_lightning.modules.graphs import GraphedNetwork
-from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer, validate_candidates
+from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.quantizers.optim import LogStepAdam
-from sdq_lightning.surgery import QuantSpec, quant_layers, quantize_model, validate_activation_bits
+from sdq_lightning.surgery import QuantSpec, quant_layers
 
 __all__ = ["COMPILE_MODES", "SDQ", "Phase", "grad_scaler"]
 
@@ -78,17 +90,6 @@ RECOMPILE_LIMIT = 32  # Dynamo recompiles allowed to a network compiled by SDQ(c
 class Phase(str, enum.Enum):
     SEARCH = "search"
     TRAIN = "train"
-
-
-def _default_input_fn(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, dict):
-        for key in ("image", "images", "input", "inputs", "x"):
-            if key in batch:
-                return batch[key]
-        raise ValueError("cannot find the model input in a dict batch; pass input_fn=lambda batch: ...")
-    return batch[0]
 
 
 class SDQ(Callback):
@@ -265,7 +266,7 @@ class SDQ(Callback):
         self.losses = AddedLosses(ebr_weight, ebr_weighting, ebr_entropy_weight, teacher, teacher_arch, teacher_cls,
                                   kd_temperature, kd_weight, ce_weight)
         self.kd_in_search = bool(kd_in_search)
-        self.input_fn = input_fn or _default_input_fn
+        self.input_fn = input_fn or default_input_fn
         self.example_input = example_input
         self.save_dir = Path(save_dir) if save_dir is not None else None
 
@@ -301,19 +302,6 @@ class SDQ(Callback):
         return self._generate_state_key(weight_bits=self.spec.weight_bits, budget=(self.budget.metric,
                                                                                    self.budget.target))
 
-    def _quant_params(self, root: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        dbps, steps = [], []
-        for m in root.modules():
-            if isinstance(m, SDQWeightQuantizer):
-                if len(m.candidates) > 1:
-                    dbps.append(m.dbp)
-                else:
-                    m.dbp.requires_grad_(False)
-                steps.append(m.steps)
-            elif isinstance(m, ActQuantizer):
-                steps.append(m.step)
-        return dbps, steps
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         max_epochs = trainer.max_epochs
         if stage == "fit" and self.searching_enabled and max_epochs not in (None, -1) and \
@@ -325,18 +313,12 @@ class SDQ(Callback):
             # a compiled network fuses the LSQ arithmetic itself and runs the eager kernels inside its graph; switching
             # the kernels back here (the test stage's setup) would recompile it
             set_kernels("eager" if self._compiled else self.kernels)
-        if self._given_plan:
-            self.plan = self.plan.rebased(pl_module)
-            self.plan.check_model(pl_module)
-            spec = QuantSpec(layer_bits={n: lb.w_bits for n, lb in self.plan.layers.items()},
-                             layer_act_bits={n: lb.a_bits for n, lb in self.plan.layers.items()}, seed=self.spec.seed)
-            self.report = quantize_model(pl_module, spec)
-            self.plan.apply(pl_module)
-        else:
-            self.report = quantize_model(pl_module, self.spec)
+        self.report, rebased = quantize(pl_module, self.spec, self.plan if self._given_plan else None)
+        if rebased is not None:
+            self.plan = rebased
         if self.report.changed:
             rank_zero_info(f"[SDQ] {self.report}")
-        example = self._find_example_input(trainer, pl_module, stage)
+        example = find_example_input(trainer, pl_module, stage, self.input_fn, self.example_input)
         if example is not None:
             self._init_profile(pl_module, example)
         if stage == "fit" and self.losses.teacher is None and self.losses.teacher_spec is not None:
@@ -345,45 +327,10 @@ class SDQ(Callback):
                 self.losses.check_teacher(example, self._num_classes(pl_module))
 
     def _num_classes(self, root: nn.Module) -> int | None:
-        last = self.report.last_layer if self.report else None
-        mod = root.get_submodule(last) if last else None
-        return getattr(mod, "out_features", None)
-
-    def _find_example_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Tensor | None:
-        if self.example_input is not None:
-            return self.example_input
-        if isinstance(getattr(pl_module, "example_input_array", None), Tensor):
-            return pl_module.example_input_array
-        dm = trainer.datamodule if hasattr(trainer, "datamodule") else None
-        if dm is not None:
-            loader_fn = {"fit": "train_dataloader", "validate": "val_dataloader", "test": "test_dataloader",
-                         "predict": "predict_dataloader"}.get(stage)
-            try:
-                batch = next(iter(getattr(dm, loader_fn)()))
-                return self.input_fn(batch)[:1]
-            except Exception:  # noqa: BLE001 - fall back to the first training batch
-                return None
-        return None
-
-    @staticmethod
-    def _network(root: nn.Module) -> tuple[str, nn.Module]:
-        """The innermost module holding every Conv2d/Linear (e.g. ``model`` of SDQClassifier): profiled instead of
-        the LightningModule, whose own ``forward`` may not exist."""
-        names = [n for n, m in root.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        parts = [n.split(".")[:-1] for n in names]
-        common = []
-        for level in zip(*parts) if parts else ():
-            if len(set(level)) != 1:
-                break
-            common.append(level[0])
-        prefix = ".".join(common)
-        return prefix, (root.get_submodule(prefix) if prefix else root)
+        return num_classes_of(root, self.report.last_layer if self.report else None)
 
     def _init_profile(self, root: nn.Module, example: Tensor) -> None:
-        device = next(root.parameters()).device
-        prefix, net = self._network(root)
-        profile = profile_model(net, example[:1].to(device))
-        self.profile = {(f"{prefix}.{n}" if prefix else n): p for n, p in profile.items()}
+        self.profile = profile_network(root, example)
         self.cost_model = CostModel(root, self.profile)
         if self.searching_enabled and self.phase is Phase.SEARCH:
             self.cost_model.check_feasible(self.budget)
@@ -398,12 +345,9 @@ class SDQ(Callback):
 
     # ================================================================ optimizers
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dbps, steps = self._quant_params(pl_module)
-        ids = {id(p) for p in dbps + steps} | {id(m.dbp) for m in pl_module.modules()
-                                                  if isinstance(m, SDQWeightQuantizer)}
-        for opt in trainer.optimizers:
-            for group in opt.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) not in ids]
+        dbps, steps = quantizer_params(pl_module)
+        all_dbps = [m.dbp for m in pl_module.modules() if isinstance(m, SDQWeightQuantizer)]
+        take_from_optimizers(trainer.optimizers, dbps + steps + all_dbps)
         self._step_opt = LogStepAdam(steps, lr=self.step_lr) if steps else None
         if self._pending_opt_states:
             if self._step_opt is not None and self._pending_opt_states.get("step"):
@@ -462,10 +406,6 @@ class SDQ(Callback):
             self._step_opt.zero_grad(set_to_none=True)
 
     # ================================================================ per step
-    def _searchable(self, root: nn.Module) -> list[tuple[str, SDQWeightQuantizer]]:
-        return [(n, m.weight_quant) for n, m in quant_layers(root).items()
-                if m.weight_quant is not None and len(m.weight_quant.candidates) > 1 and not m.weight_quant.frozen]
-
     def _progress(self, trainer: pl.Trainer, batch_idx: int) -> float:
         n = trainer.num_training_batches
         n = n if isinstance(n, int) and n > 0 else 1
@@ -516,7 +456,7 @@ class SDQ(Callback):
     def _compile_network(self, pl_module: pl.LightningModule) -> None:
         """Compile the network in place, whole graph (its LSQ kernels then run eager inside the graph), or install
         the CUDA-graph replay (``compile="cuda-graphs"``; the kernels stay as set)."""
-        _, net = self._network(pl_module)
+        _, net = network_of(pl_module)
         if self.compile == "cuda-graphs":
             self._graphs = GraphedNetwork(net, on_output=self.losses.capture_output,
                                           fallback=self._compile_request == "auto")
@@ -593,30 +533,13 @@ class SDQ(Callback):
         Returns what the history records at the freeze epoch."""
         if self.search is None:
             self.search = self._make_search()
-        expected_cost = float(self.cost_model.expected(self.budget.metric).detach())
-        # how converged the search is: layers whose most probable bitwidth still has probability < 0.9
-        undecided = sum(int(q.probabilities().detach().max() < 0.9) for q in self.search.quantizers if not q.frozen)
-        decided, bits, expected_avg = self.search.freeze_bits()
-        for name, layer in quant_layers(pl_module).items():
-            if layer.weight_quant is not None and bits.get(name) is not None:
-                layer.weight_quant.freeze(bits[name])
+        result = freeze_searched(self.search, pl_module, self.budget.metric)
         self.phase = Phase.TRAIN
         self.plan = self._make_plan(pl_module)
-        changed = {n: (decided[n], bits[n]) for n in bits if decided[n] != bits[n]}
-        cands = {n: q.candidates for n, q in zip(self.search.names, self.search.quantizers)}
-        levels = {n: abs(cands[n].index(b) - cands[n].index(d)) for n, (d, b) in changed.items() if n in cands}
-        cost = "" if self.budget.metric == "avg_bits" else \
-            f", {self.budget.metric} {self.plan.cost(self.budget.metric):.6g}"
-        rank_zero_info(f"[SDQ] froze the plan at epoch {trainer.current_epoch}: avg bits "
-                       f"{self.plan.average_bits:.4f}{cost} (target {self.budget.metric} <= {self.budget.target:g}); "
-                       f"expected before the projection {expected_cost:.6g} ({undecided} layers undecided: top "
-                       f"probability < 0.9); projection changed {len(changed)} layers {changed}")
+        rank_zero_info(freeze_message(trainer.current_epoch, self.plan, self.budget, result))
         if trainer.is_global_zero:
             self.plan.save(self._plan_path(trainer))
-        return {"expected_avg_bits": expected_avg, "expected_cost": expected_cost,
-                "projection_changed_layers": len(changed), "undecided_layers": undecided,
-                "projection_max_levels": max(levels.values()) if levels else 0,
-                "decided_bits": decided}
+        return result.record
 
     def _plan_path(self, trainer: pl.Trainer) -> Path:
         root = self.save_dir or (Path(trainer.log_dir) if trainer.log_dir else Path(trainer.default_root_dir))

@@ -147,6 +147,9 @@ class SDQWeightQuantizer(nn.Module):
         self.register_buffer("temperature", torch.tensor(1.0))
         self.register_buffer("last_index", torch.tensor(n - 1, dtype=torch.long), persistent=False)
         self.register_buffer("bits_table", torch.tensor(self.candidates, dtype=torch.float32), persistent=False)
+        # per candidate: Qn, Qp, the LSQ gradient factor and 1-bit flag, gathered by the dynamic (searching) forward
+        self.register_buffer("lsq_table", torch.zeros(n, 4), persistent=False)
+        self._table_numel = -1
         self._frozen_index = -1
         self.register_load_state_dict_post_hook(lambda module, keys: module._sync())
         if n == 1:  # a fixed bitwidth: no DBP to learn
@@ -271,6 +274,22 @@ class SDQWeightQuantizer(nn.Module):
         """Initialise the step of every candidate from ``weight`` (copied into the existing parameter)."""
         for i, b in enumerate(self.candidates):
             self.steps[i].copy_(weight_step_init(weight, b, self.per_channel).to(self.steps.dtype))
+        self._fill_table(weight)
+
+    def _numel(self, w: Tensor) -> int:
+        return w.numel() // (w.shape[0] if self.per_channel else 1)
+
+    @torch.no_grad()
+    def _fill_table(self, w: Tensor) -> None:
+        """``lsq_table`` for weights shaped like ``w``: the same numbers :meth:`quantize_at` uses (host arithmetic,
+        once; a layer's weight shape never changes)."""
+        numel = self._numel(w)
+        rows = []
+        for b in self.candidates:
+            qn, qp = int_range(b, signed=True)
+            rows.append([qn, qp, lsq_grad_factor(numel, qp), float(b == 1)])
+        self.lsq_table.copy_(torch.tensor(rows, dtype=self.lsq_table.dtype))
+        self._table_numel = numel
 
     def index_of(self, bits: int) -> int:
         if bits not in self.candidates:
@@ -367,17 +386,15 @@ class SDQWeightQuantizer(nn.Module):
     def quantize_dynamic(self, w: Tensor, index: Tensor) -> Tensor:
         """``Q_{b_index}(w)`` for a 1-element device index tensor: the same values and gradients as
         :meth:`quantize_at`, with the step, range and LSQ gradient scale gathered on the device (no host read)."""
+        if self._table_numel != self._numel(w):  # a quantizer built without its weight: filled at the first forward
+            self._fill_table(w)
         s = self.steps.index_select(0, index)
         s = (s.view(-1, *([1] * (w.dim() - 1))) if self.per_channel else s.view(())).to(w.dtype)
-        b = self.bits_table.index_select(0, index).view(())
-        qp = torch.exp2(b - 1) - 1
-        qn = -torch.exp2(b - 1)
-        numel = w.numel() // (w.shape[0] if self.per_channel else 1)
-        g = torch.rsqrt(qp.clamp_min(1.0) * float(max(numel, 1))).to(w.dtype)
-        qn, qp = qn.to(w.dtype), qp.to(w.dtype)
+        row = self.lsq_table.index_select(0, index).view(4)
+        qn, qp, g = row[:3].to(w.dtype).unbind(0)
         if self.candidates[0] > 1:
             return lsq_quantize(w, s, qn, qp, g)
-        return fake_quantize_dynamic(w, s, qn, qp, g, b == 1)
+        return fake_quantize_dynamic(w, s, qn, qp, g, row[3] > 0)
 
     @torch.no_grad()
     def integer_weight(self, w: Tensor) -> tuple[Tensor, Tensor, int]:

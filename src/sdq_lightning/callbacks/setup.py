@@ -1,0 +1,127 @@
+"""The SDQ callback's setup: quantize the user's model, find an example input, profile the network for the cost
+model, and take the quantizer parameters out of the user's optimizers.
+
+Functions of the model and the trainer only (no callback state), composed by
+:class:`~sdq_lightning.callbacks.sdq.SDQ` at ``setup`` and ``on_fit_start`` and tested on their own
+(``tests/callbacks/test_setup.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from sdq_lightning.budget import BitPlan, profile_model
+from sdq_lightning.budget.profile import LayerProfile
+from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
+from sdq_lightning.surgery import QuantReport, QuantSpec, quantize_model
+
+__all__ = ["default_input_fn", "find_example_input", "network_of", "num_classes_of", "profile_network",
+           "quantize", "quantizer_params", "take_from_optimizers"]
+
+
+def default_input_fn(batch: Any) -> Tensor:
+    """The model input of a batch: the batch itself, a known key of a dict batch, else ``batch[0]``."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, dict):
+        for key in ("image", "images", "input", "inputs", "x"):
+            if key in batch:
+                return batch[key]
+        raise ValueError("cannot find the model input in a dict batch; pass input_fn=lambda batch: ...")
+    return batch[0]
+
+
+def quantize(root: nn.Module, spec: QuantSpec, plan: BitPlan | None = None) -> tuple[QuantReport, BitPlan | None]:
+    """Swap the layers of ``root`` for quantized ones: searchable under ``spec``, or fixed at a given ``plan`` (its
+    layer names rebased onto ``root`` and checked against it). Returns the surgery report and the rebased plan."""
+    if plan is None:
+        return quantize_model(root, spec), None
+    plan = plan.rebased(root)
+    plan.check_model(root)
+    fixed = QuantSpec(layer_bits={n: lb.w_bits for n, lb in plan.layers.items()},
+                      layer_act_bits={n: lb.a_bits for n, lb in plan.layers.items()}, seed=spec.seed)
+    report = quantize_model(root, fixed)
+    plan.apply(root)
+    return report, plan
+
+
+def network_of(root: nn.Module) -> tuple[str, nn.Module]:
+    """The innermost module holding every Conv2d/Linear (e.g. ``model`` of SDQClassifier) and its name: profiled
+    (and graphed or compiled) instead of the LightningModule, whose own ``forward`` may not exist."""
+    names = [n for n, m in root.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    parts = [n.split(".")[:-1] for n in names]
+    common: list[str] = []
+    for level in zip(*parts) if parts else ():
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    prefix = ".".join(common)
+    return prefix, (root.get_submodule(prefix) if prefix else root)
+
+
+def profile_network(root: nn.Module, example: Tensor) -> dict[str, LayerProfile]:
+    """Per-layer parameters and MACs of ``root``'s network on one example, keyed by names relative to ``root``."""
+    device = next(root.parameters()).device
+    prefix, net = network_of(root)
+    profile = profile_model(net, example[:1].to(device))
+    return {(f"{prefix}.{n}" if prefix else n): p for n, p in profile.items()}
+
+
+def find_example_input(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str,
+                       input_fn: Callable[[Any], Tensor], example_input: Tensor | None = None) -> Tensor | None:
+    """An input to profile with: ``example_input``, else the module's ``example_input_array``, else one sample of the
+    datamodule's loader for ``stage``; None if there is none (then the first training batch is used)."""
+    if example_input is not None:
+        return example_input
+    if isinstance(getattr(pl_module, "example_input_array", None), Tensor):
+        return pl_module.example_input_array
+    dm = trainer.datamodule if hasattr(trainer, "datamodule") else None
+    if dm is not None:
+        loader_fn = {"fit": "train_dataloader", "validate": "val_dataloader", "test": "test_dataloader",
+                     "predict": "predict_dataloader"}.get(stage)
+        try:
+            batch = next(iter(getattr(dm, loader_fn)()))
+            return input_fn(batch)[:1]
+        except Exception:  # noqa: BLE001 - fall back to the first training batch
+            return None
+    return None
+
+
+def num_classes_of(root: nn.Module, last_layer: str | None) -> int | None:
+    """Output features of the classifier ``last_layer`` (None if unknown)."""
+    mod = root.get_submodule(last_layer) if last_layer else None
+    return getattr(mod, "out_features", None)
+
+
+def quantizer_params(root: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(DBPs of the searchable weight quantizers, step sizes of every quantizer). The DBP of a single-candidate
+    quantizer has nothing to learn: its ``requires_grad`` is turned off here."""
+    dbps, steps = [], []
+    for m in root.modules():
+        if isinstance(m, SDQWeightQuantizer):
+            if len(m.candidates) > 1:
+                dbps.append(m.dbp)
+            else:
+                m.dbp.requires_grad_(False)
+            steps.append(m.steps)
+        elif isinstance(m, ActQuantizer):
+            steps.append(m.step)
+    return dbps, steps
+
+
+def take_from_optimizers(optimizers: Iterable[torch.optim.Optimizer], params: Iterable[nn.Parameter]) -> int:
+    """Remove ``params`` from every parameter group of ``optimizers`` (the callback steps them itself). Returns how
+    many entries were removed."""
+    ids = {id(p) for p in params}
+    removed = 0
+    for opt in optimizers:
+        for group in opt.param_groups:
+            kept = [p for p in group["params"] if id(p) not in ids]
+            removed += len(group["params"]) - len(kept)
+            group["params"] = kept
+    return removed

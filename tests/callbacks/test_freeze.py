@@ -1,0 +1,68 @@
+"""callbacks/freeze.py: the phase boundary on its own (decide, project, freeze, record)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import sdq_lightning as sq
+from sdq_lightning.callbacks.freeze import UNDECIDED_BELOW, freeze_message, freeze_searched
+from sdq_lightning.callbacks.search import BitSearch
+
+
+def _searched(target: float):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                        nn.Flatten(), nn.Linear(8 * 2 * 2, 4))
+    x = torch.randn(2, 3, 8, 8)
+    prof = sq.profile_model(net, x[:1])
+    sq.quantize_model(net, sq.QuantSpec(weight_bits=(2, 4, 8), activation_bits=None))
+    search = BitSearch(sq.CostModel(net, prof), sq.Budget("avg_bits", target))
+    search.start(10, 1)
+    return net, search
+
+
+def _set_live(q, level: int, beta: float) -> None:
+    q.set_level(level, reinit_dbp=beta)
+
+
+def test_a_decided_search_within_budget_is_frozen_as_decided():
+    net, search = _searched(target=6.5)  # the two inner convs are searched; the first conv and classifier stay at 8
+    assert len(search.quantizers) == 2
+    for q, (level, beta) in zip(search.quantizers, [(1, 1.0), (2, 1.0)]):
+        _set_live(q, level, beta)  # decisions 4 and 8 bits: 6.46 average bits, and 4 -> 8 would cost 8.0
+    result = freeze_searched(search, net, "avg_bits")
+    assert [q.bits for q in search.quantizers] == [4, 8]
+    assert all(q.frozen for q in search.quantizers)
+    rec = result.record
+    assert rec["projection_changed_layers"] == 0 and result.changed == {}
+    assert rec["undecided_layers"] == 0 and rec["projection_max_levels"] == 0
+    assert rec["decided_bits"] == result.bits
+
+
+def test_an_over_budget_decision_is_projected_and_undecided_layers_are_counted():
+    net, search = _searched(target=4.0)
+    for q in search.quantizers:
+        _set_live(q, 2, 0.5)  # half way between 4 and 8 bits: undecided, rounds up to 8
+    result = freeze_searched(search, net, "avg_bits")
+    rec = result.record
+    n = len(search.quantizers)
+    assert rec["undecided_layers"] == n  # top probability 0.5 < UNDECIDED_BELOW
+    assert UNDECIDED_BELOW == 0.9
+    assert all(d == 8 for d in result.decided.values() if d is not None)
+    cm = search.cost_model
+    plan_bits = {name: q.bits for name, q in zip(search.names, search.quantizers)}
+    assert cm.of_bits({**cm.current_bits(), **plan_bits}, "avg_bits") <= 4.0 + 1e-9
+    assert rec["projection_changed_layers"] == len(result.changed) > 0
+    assert all(result.decided[k] == d and result.bits[k] == b for k, (d, b) in result.changed.items())
+    assert 5.0 < rec["expected_avg_bits"] < 8.0  # every layer at E = 6 bits, the fixed ones at 8
+
+    class _Plan:
+        average_bits = 2.9
+
+        def cost(self, metric):
+            return 2.9
+
+    msg = freeze_message(3, _Plan(), sq.Budget("avg_bits", 4.0), result)
+    assert msg.startswith("[SDQ] froze the plan at epoch 3: avg bits 2.9000 (target avg_bits <= 4)")
+    assert f"({n} layers undecided: top probability < 0.9); projection changed {len(result.changed)} layers" in msg
