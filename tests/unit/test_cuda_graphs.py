@@ -257,3 +257,20 @@ def test_sdq_callback_with_cuda_graphs_searches_freezes_and_distils(tmp_path):
     # KD reached the graphed network's output in phase 2 (the term is logged only when the teacher's gradient was added)
     assert "kd" in cb_g._terms and float(cb_g._terms["kd"]) > 0
     assert cb_g.history[0]["expected_avg_bits"] == pytest.approx(cb_e.history[0]["expected_avg_bits"], abs=0.25)
+
+
+def test_kernels_auto_compiles_the_lsq_kernels_on_the_cpu(tmp_path):
+    from sdq_lightning.modules.fused import get_kernels, set_kernels
+
+    before = get_kernels()
+    try:
+        set_kernels("eager")
+        cb = sq.SDQ(budget={"metric": "avg_bits", "target": 4.0}, weight_bits=(2, 4, 8), kernels="auto")
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        cb.setup(trainer, _Lit(), "validate")
+        assert get_kernels() == "compile"
+    finally:
+        set_kernels(before)
+    with pytest.raises(ValueError, match=r"kernels must be one of \('eager', 'compile', 'auto'\) or None"):
+        sq.SDQ(kernels="fast")

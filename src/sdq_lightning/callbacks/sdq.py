@@ -134,6 +134,9 @@ class SDQ(Callback):
         kernels: ``"eager"`` or ``"compile"``: the LSQ fake-quantization arithmetic in eager PyTorch or through
             ``torch.compile`` (about 10x faster on CPU, bit-identical forward; see :mod:`sdq_lightning.modules.fused`);
             set for the process at ``setup``. None (default) keeps the process setting (``SDQ_KERNELS``, else eager).
+            ``"auto"`` (the Hydra app's default): ``"compile"`` on the CPU, ``"eager"`` on a CUDA device (where the
+            CUDA graphs of ``compile="auto"`` remove the launch cost and the compiled kernels did not pay for their
+            compilation: docs/RESULTS.md section 18).
         compile: None (default) or a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"`` (CUDA graphs),
             ``"max-autotune"``): the network is compiled whole, ``fullgraph=True``, at the first training batch
             after the activation quantizers have seen data (their sign mode is read from it: with activation
@@ -143,7 +146,7 @@ class SDQ(Callback):
             (:class:`~sdq_lightning.modules.graphs.GraphedNetwork`; re-captured at the freeze; CUDA, one device;
             KD then reads the network's output). ``"auto"`` (the Hydra app's default): ``"cuda-graphs"`` on one
             CUDA device, falling back to eager with a warning if the capture fails; None elsewhere (CPU, several
-            processes). GPU figures: docs/RESULTS.md section 17.
+            processes). GPU figures: docs/RESULTS.md sections 17-18.
         teacher_cls: how to rebuild a teacher checkpoint of your own LightningModule: its class, an import path
             (``"pkg.mod.LitNet"``) or a factory (see :func:`~sdq_lightning.callbacks.teacher.load_teacher`).
         guard: ``True`` (default), ``False`` or keyword arguments of
@@ -198,8 +201,8 @@ class SDQ(Callback):
         guard: bool | dict = True,
     ) -> None:
         super().__init__()
-        if kernels is not None and kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {KERNELS} or None, got {kernels!r}")
+        if kernels is not None and kernels not in (*KERNELS, "auto"):
+            raise ValueError(f"kernels must be one of {(*KERNELS, 'auto')} or None, got {kernels!r}")
         for name, value, allowed in (("budget_control", budget_control, BUDGET_CONTROLS),
                                      ("search_signal", search_signal, SEARCH_SIGNALS),
                                      ("projection_sensitivity", projection_sensitivity, PROJECTION_SENSITIVITIES)):
@@ -312,7 +315,10 @@ class SDQ(Callback):
         if self.kernels is not None:
             # a compiled network fuses the LSQ arithmetic itself and runs the eager kernels inside its graph; switching
             # the kernels back here (the test stage's setup) would recompile it
-            set_kernels("eager" if self._compiled else self.kernels)
+            kernels = self.kernels
+            if kernels == "auto":  # measured (docs/RESULTS.md 16, 18): compiled on the CPU, eager under CUDA graphs
+                kernels = "eager" if trainer.strategy.root_device.type == "cuda" else "compile"
+            set_kernels("eager" if self._compiled else kernels)
         self.report, rebased = quantize(pl_module, self.spec, self.plan if self._given_plan else None)
         if rebased is not None:
             self.plan = rebased
