@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -65,4 +66,40 @@ def test_an_over_budget_decision_is_projected_and_undecided_layers_are_counted()
 
     msg = freeze_message(3, _Plan(), sq.Budget("avg_bits", 4.0), result)
     assert msg.startswith("[SDQ] froze the plan at epoch 3: avg bits 2.9000 (target avg_bits <= 4)")
-    assert f"({n} layers undecided: top probability < 0.9); projection changed {len(result.changed)} layers" in msg
+    assert (f"({n} layers undecided: top probability < 0.9; the budget rounding moved 0); projection changed "
+            f"{len(result.changed)} layers") in msg
+
+
+def _three_searched(target: float, rounding: str):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 2 * 2, 4))
+    x = torch.randn(2, 3, 10, 10)
+    prof = sq.profile_model(net, x[:1])
+    sq.quantize_model(net, sq.QuantSpec(weight_bits=(2, 4, 8), activation_bits=None))
+    search = BitSearch(sq.CostModel(net, prof), sq.Budget("avg_bits", target), rounding=rounding)
+    search.start(10, 1)
+    return net, search
+
+
+def test_budget_rounding_decides_a_fractional_search_by_its_dbps():
+    """Three equal searched layers between 4 and 8 bits (live DBPs 0.6, 0.7, 0.55): argmax rounds all three up, far
+    over a budget that has room for one; the budget rounding takes the most confident one up, the others down,
+    and the projection has nothing left to change."""
+    plans = {}
+    for rounding in ("argmax", "budget"):
+        net, search = _three_searched(target=6.0, rounding=rounding)
+        assert len(search.quantizers) == 3
+        for q, beta in zip(search.quantizers, (0.6, 0.7, 0.55)):
+            q.set_level(2, reinit_dbp=beta)
+        argmax_cost = search.cost_model.of_bits(search.cost_model.current_bits(), "avg_bits")
+        result = freeze_searched(search, net, "avg_bits")
+        plans[rounding] = (result, argmax_cost)
+    (arg, arg_cost), (bud, _) = plans["argmax"], plans["budget"]
+    assert arg_cost > 6.0  # the per-layer argmax (all three at 8) is over the budget; one layer at 8 fits (5.78)
+    _, search = _three_searched(target=6.0, rounding="budget")
+    assert [bud.decided[n] for n in search.names] == [4, 8, 4]  # the 0.7 layer goes up
+    assert bud.record["rounding_changed_layers"] == 2 and arg.record["rounding_changed_layers"] == 0
+    assert bud.record["projection_changed_layers"] == 0 < arg.record["projection_changed_layers"]
+    with pytest.raises(ValueError, match=r"rounding must be one of \('budget', 'argmax'\), got 'nearest'"):
+        BitSearch(search.cost_model, sq.Budget("avg_bits", 6.0), rounding="nearest")

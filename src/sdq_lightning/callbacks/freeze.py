@@ -45,6 +45,7 @@ def freeze_searched(search: Any, root: nn.Module, metric: str) -> FreezeResult:
     levels = {n: abs(cands[n].index(b) - cands[n].index(d)) for n, (d, b) in changed.items() if n in cands}
     record = {"expected_avg_bits": expected_avg, "expected_cost": expected_cost,
               "projection_changed_layers": len(changed), "undecided_layers": undecided,
+              "rounding_changed_layers": int(getattr(search, "argmax_changed", 0)),
               "projection_max_levels": max(levels.values()) if levels else 0, "decided_bits": decided}
     return FreezeResult(bits=bits, decided=decided, changed=changed, record=record)
 
@@ -56,5 +57,5 @@ def freeze_message(epoch: int, plan: Any, budget: Any, result: FreezeResult) -> 
     rec = result.record
     return (f"[SDQ] froze the plan at epoch {epoch}: avg bits {plan.average_bits:.4f}{cost} (target {budget.metric} "
             f"<= {budget.target:g}); expected before the projection {rec['expected_cost']:.6g} "
-            f"({rec['undecided_layers']} layers undecided: top probability < {UNDECIDED_BELOW}); projection changed "
-            f"{len(result.changed)} layers {result.changed}")
+            f"({rec['undecided_layers']} layers undecided: top probability < {UNDECIDED_BELOW}; the budget rounding "
+            f"moved {rec['rounding_changed_layers']}); projection changed {len(result.changed)} layers {result.changed}")

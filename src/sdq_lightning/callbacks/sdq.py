@@ -40,7 +40,13 @@ from torch import Tensor, nn
 from sdq_lightning.budget import BitPlan, Budget, CostModel
 from sdq_lightning.budget.profile import LayerProfile
 from sdq_lightning.budget.search import PENALTIES
-from sdq_lightning.callbacks.search import BUDGET_CONTROLS, PROJECTION_SENSITIVITIES, SEARCH_SIGNALS, BitSearch
+from sdq_lightning.callbacks.search import (
+    BUDGET_CONTROLS,
+    PROJECTION_SENSITIVITIES,
+    ROUNDINGS,
+    SEARCH_SIGNALS,
+    BitSearch,
+)
 from sdq_lightning.callbacks.schedule import Schedule, resolve_schedule
 from sdq_lightning.callbacks.guard import DivergenceGuard
 from sdq_lightning.callbacks.losses import AddedLosses
@@ -115,6 +121,10 @@ class SDQ(Callback):
         budget_reach: fraction of the search after which the schedule holds the target (0 < x <= 1).
         projection_sensitivity: how the freeze's projection ranks layers: ``"task_grad"`` (default: accumulated
             DBP task gradients) or ``"weight_mse"`` (data-free weight quantization error).
+        rounding: the freeze's decision before the projection: ``"argmax"`` (default: each live DBP rounded at 0.5
+            on its own) or ``"budget"`` (the lower live bitwidth everywhere, then the higher one in order of
+            decreasing DBP wherever the budget allows: the DBPs, not the projection, decide what a search that ended
+            fractional leaves over; see :meth:`~sdq_lightning.callbacks.search.BitSearch.round_to_budget`).
         dbp_lr: DBP travel per step. None (default): ``dual`` derives it from the search length and the budget;
             ``penalty`` uses 0.05 (SGD). step_lr: learning rate of the quantizer step sizes (Adam on log s).
         drop_threshold: a live DBP at or below it moves the layer one level down (progressive), only while the
@@ -197,6 +207,7 @@ class SDQ(Callback):
         budget_reach: float = 0.75,
         projection_sensitivity: str = "task_grad",
         compile: str | None = None,
+        rounding: str = "argmax",
         teacher_cls: Any = None,
         guard: bool | dict = True,
     ) -> None:
@@ -205,7 +216,8 @@ class SDQ(Callback):
             raise ValueError(f"kernels must be one of {(*KERNELS, 'auto')} or None, got {kernels!r}")
         for name, value, allowed in (("budget_control", budget_control, BUDGET_CONTROLS),
                                      ("search_signal", search_signal, SEARCH_SIGNALS),
-                                     ("projection_sensitivity", projection_sensitivity, PROJECTION_SENSITIVITIES)):
+                                     ("projection_sensitivity", projection_sensitivity, PROJECTION_SENSITIVITIES),
+                                     ("rounding", rounding, ROUNDINGS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if compile is not None and compile not in COMPILE_MODES:
@@ -221,6 +233,7 @@ class SDQ(Callback):
         self.budget_control, self.search_signal = budget_control, search_signal
         self.task_weight, self.budget_reach = float(task_weight), float(budget_reach)
         self.projection_sensitivity = projection_sensitivity
+        self.rounding = rounding
         self.spec = QuantSpec(weight_bits=tuple(weight_bits), activation_bits=activation_bits, first_last=first_last,
                               first_last_bits=first_last_bits, include=tuple(include or ()),
                               exclude=tuple(exclude or ()), reading=reading, estimator=estimator,
@@ -451,7 +464,8 @@ class SDQ(Callback):
                          penalty_weight=self.penalty_weight, penalty=self.penalty_kind,
                          drop_threshold=self.drop_threshold, reinit_dbp=self.reinit_dbp,
                          min_steps_between_drops=self.min_steps_between_drops,
-                         projection_sensitivity=self.projection_sensitivity, seed=self.spec.seed)
+                         projection_sensitivity=self.projection_sensitivity, seed=self.spec.seed,
+                         rounding=self.rounding)
 
     @staticmethod
     def _act_quant_ready(pl_module: pl.LightningModule) -> bool:

@@ -33,6 +33,7 @@ __all__ = ["BUDGET_CONTROLS", "PROJECTION_SENSITIVITIES", "SEARCH_SIGNALS", "Bit
 BUDGET_CONTROLS = ("dual", "penalty")
 SEARCH_SIGNALS = ("task+budget", "budget_only", "projection_only", "random")
 PROJECTION_SENSITIVITIES = ("task_grad", "weight_mse")
+ROUNDINGS = ("budget", "argmax")
 
 
 class BitSearch:
@@ -42,7 +43,10 @@ class BitSearch:
                  signal: str = "task+budget", dbp_lr: float | None = None, task_weight: float = 1.0,
                  budget_reach: float = 0.75, penalty_weight: float = 1.0, penalty: str = "squared_hinge",
                  drop_threshold: float = 0.05, reinit_dbp: float = 1.0, min_steps_between_drops: int = 1,
-                 projection_sensitivity: str = "task_grad", seed: int = 0) -> None:
+                 projection_sensitivity: str = "task_grad", seed: int = 0, rounding: str = "argmax") -> None:
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        self.rounding = rounding
         self.cost_model, self.budget = cost_model, budget
         self.control, self.signal = control, signal
         self.dbp_lr, self.task_weight, self.budget_reach = dbp_lr, float(task_weight), float(budget_reach)
@@ -223,12 +227,42 @@ class BitSearch:
         """(decided bits, projected bits, expected avg bits before the projection)."""
         expected_avg = float(self.cost_model.expected("avg_bits").detach())
         decided = self.cost_model.current_bits()
+        self.argmax_changed = 0
         if not self.moves:  # the controls that do not search start the projection from the top candidates
             for n, q in zip(self.names, self.quantizers):
                 decided[n] = q.candidates[-1]
+        elif self.rounding == "budget":
+            rounded = self.round_to_budget(decided)
+            self.argmax_changed = sum(int(rounded[n] != decided[n]) for n in decided)
+            decided = rounded
         projected = project_to_budget(self.cost_model, decided, self.budget, self.sensitivities(),
                                       max_raise_levels=1 if self.moves else None)
         return decided, projected, expected_avg
+
+    def round_to_budget(self, argmax: Mapping[str, int | None]) -> dict[str, int | None]:
+        """The search's own rounding at the budget (``rounding="budget"``; the default ``"argmax"`` rounds each live
+        DBP at 0.5 on its own; progressive reading): every searched layer
+        takes the lower of its two live bitwidths, then, in order of decreasing live DBP (the most confident first),
+        the higher one wherever the cost stays within the target. Equal to the per-layer argmax when that plan is
+        within the budget and leaves no layer that fits; when the search ends fractional (a large layer half way
+        between two levels holds the expected cost at the target), it decides by the DBPs instead of leaving the
+        correction to the projection. Reads the device (once, at the freeze)."""
+        bits = dict(argmax)
+        options = []
+        for n, q in zip(self.names, self.quantizers):
+            if q.frozen or getattr(q, "reading", "progressive") != "progressive":
+                continue
+            level = int(q.level)
+            if level == 0:
+                continue
+            bits[n] = q.candidates[level - 1]
+            options.append((float(q.dbp.detach()[level].clamp(0.0, 1.0)), n, q.candidates[level]))
+        metric, target = self.budget.metric, self.budget.target
+        for _, n, up in sorted(options, key=lambda o: -o[0]):
+            trial = {**bits, n: up}
+            if self.cost_model.of_bits(trial, metric) <= target:
+                bits = trial
+        return bits
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
