@@ -18,12 +18,8 @@ OUT_DIR="${OUT:-benchmarks/results/gpu}"
 COMPILE_MODES="${COMPILE_MODES-default,reduce-overhead}"
 mkdir -p "$OUT_DIR"
 PY="${PY:-python3}"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
-if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PYTHONPATH"
-fi
+source experiments/gpu_env.sh
 "$PY" -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')"
 
 echo "=== 1. gpu tests ($((SECONDS - T0)) s)"

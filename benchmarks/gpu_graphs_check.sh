@@ -16,12 +16,8 @@ T0=$SECONDS
 OUT_DIR="${OUT:-benchmarks/results/gpu_graphs}"
 mkdir -p "$OUT_DIR"
 PY="${PY:-python3}"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec > >(tee "$OUT_DIR/log.txt") 2>&1
-if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PYTHONPATH"
-fi
+source experiments/gpu_env.sh
 "$PY" -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')"
 
 echo "=== 1. gpu tests ($((SECONDS - T0)) s)"
@@ -36,10 +32,7 @@ for f in bench_step.md bench_step.json; do [[ -f "$OUT_DIR/bench/$f" ]] && mv "$
 rmdir "$OUT_DIR/bench" 2>/dev/null
 
 echo "=== 3. app with sdq.compile=cuda-graphs ($((SECONDS - T0)) s)"
-ROOT="${CIFAR10_ROOT:-}"
-if [[ -z "$ROOT" && -f .data/cifar10.tar.gz ]]; then
-  mkdir -p /tmp/sdq_data && tar -xzf .data/cifar10.tar.gz -C /tmp/sdq_data && ROOT=/tmp/sdq_data/cifar10
-fi
+ROOT="$(gpu_data_root)"
 if [[ -n "$ROOT" && "${APP:-1}" == 1 ]]; then
   timeout "${APP_TIMEOUT:-120}" "$PY" -m sdq_lightning.train experiment=cifar10_resnet20 trainer=gpu \
     trainer.precision=bf16-mixed dataset.root="$ROOT" dataset.download=false dataset.on_device=true \

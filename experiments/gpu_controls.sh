@@ -20,15 +20,9 @@ OUT_DIR="${OUT:-outputs/gpu_controls/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$OUT_DIR/runs"
 exec > >(tee "$OUT_DIR/log.txt") 2>&1
 if [[ -z "${PY:-}" ]]; then PY=python3; [[ -x .venv/bin/python ]] && PY=.venv/bin/python; fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PY
-if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PYTHONPATH"
-fi
-ROOT="${CIFAR10_ROOT:-}"
-if [[ -z "$ROOT" && -f .data/cifar10.tar.gz ]]; then
-  mkdir -p /tmp/sdq_data && tar -xzf .data/cifar10.tar.gz -C /tmp/sdq_data && ROOT=/tmp/sdq_data/cifar10
-fi
+export OMP_NUM_THREADS=1 PY
+source experiments/gpu_env.sh
+ROOT="$(gpu_data_root)"
 [[ -n "$ROOT" ]] || { echo "error: no data: set CIFAR10_ROOT or carry .data (experiments/gpu_pack_data.sh)" >&2; exit 2; }
 export CIFAR10_ROOT="$ROOT"
 if [[ "$SMOKE" == 1 ]]; then

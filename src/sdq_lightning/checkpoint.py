@@ -22,7 +22,8 @@ from torch import nn
 
 from sdq_lightning.budget import BitPlan
 
-__all__ = ["load_checkpoint", "load_quantized", "load_quantized_state", "network_of", "plan_from_checkpoint"]
+__all__ = ["load_checkpoint", "load_quantized", "load_quantized_state", "network_of", "network_prefix",
+           "plan_from_checkpoint"]
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -53,9 +54,8 @@ def plan_from_checkpoint(ckpt: Mapping[str, Any] | str | Path) -> BitPlan | None
     return BitPlan.from_dict(plans[0]) if plans else None
 
 
-def network_of(module: nn.Module) -> nn.Module:
-    """The innermost submodule holding every Conv2d/Linear of ``module`` (``SDQClassifier.model``, a user's
-    ``self.net``), else ``module`` itself: what gets exported."""
+def network_prefix(module: nn.Module) -> str:
+    """The name of the innermost submodule of ``module`` holding every Conv2d/Linear ("" for ``module`` itself)."""
     names = [n for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     parts = [n.split(".")[:-1] for n in names]
     common: list[str] = []
@@ -63,7 +63,14 @@ def network_of(module: nn.Module) -> nn.Module:
         if len(set(level)) != 1:
             break
         common.append(level[0])
-    return module.get_submodule(".".join(common)) if common else module
+    return ".".join(common)
+
+
+def network_of(module: nn.Module) -> nn.Module:
+    """The innermost submodule holding every Conv2d/Linear of ``module`` (``SDQClassifier.model``, a user's
+    ``self.net``), else ``module`` itself: what gets exported (and what the SDQ callback profiles and graphs)."""
+    prefix = network_prefix(module)
+    return module.get_submodule(prefix) if prefix else module
 
 
 def _state_of(ckpt: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:

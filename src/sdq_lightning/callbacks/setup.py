@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from sdq_lightning.budget import BitPlan, profile_model
 from sdq_lightning.budget.profile import LayerProfile
+from sdq_lightning.checkpoint import network_prefix
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.surgery import QuantReport, QuantSpec, quantize_model
 
@@ -53,14 +54,7 @@ def quantize(root: nn.Module, spec: QuantSpec, plan: BitPlan | None = None) -> t
 def network_of(root: nn.Module) -> tuple[str, nn.Module]:
     """The innermost module holding every Conv2d/Linear (e.g. ``model`` of SDQClassifier) and its name: profiled
     (and graphed or compiled) instead of the LightningModule, whose own ``forward`` may not exist."""
-    names = [n for n, m in root.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    parts = [n.split(".")[:-1] for n in names]
-    common: list[str] = []
-    for level in zip(*parts) if parts else ():
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-    prefix = ".".join(common)
+    prefix = network_prefix(root)
     return prefix, (root.get_submodule(prefix) if prefix else root)
 
 
