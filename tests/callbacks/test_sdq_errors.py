@@ -82,5 +82,5 @@ def test_missing_plan_file(tmp_path):
 
 
 def test_unknown_kernels():
-    with pytest.raises(ValueError, match=r"kernels must be one of \('eager', 'compile'\) or None, got 'cuda'"):
+    with pytest.raises(ValueError, match=r"kernels must be one of \('eager', 'compile', 'auto'\) or None, got 'cuda'"):
         SDQ(kernels="cuda")

@@ -272,5 +272,3 @@ def test_kernels_auto_compiles_the_lsq_kernels_on_the_cpu(tmp_path):
         assert get_kernels() == "compile"
     finally:
         set_kernels(before)
-    with pytest.raises(ValueError, match=r"kernels must be one of \('eager', 'compile', 'auto'\) or None"):
-        sq.SDQ(kernels="fast")
