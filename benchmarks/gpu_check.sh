@@ -20,7 +20,6 @@ mkdir -p "$OUT_DIR"
 PY="${PY:-python3}"
 exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
 source experiments/gpu_env.sh
-"$PY" -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')"
 
 echo "=== 1. gpu tests ($((SECONDS - T0)) s)"
 timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_compile.py
