@@ -33,6 +33,10 @@ else
          ON_DEVICE=true COMPILE="${COMPILE:-cuda-graphs}" WORKERS=0 SUBSET=null)
   extra=(sdq.kernels=eager trainer.max_time="${MAX_TIME:-00:00:07:00}")
 fi
+# EXTRA: more app overrides for every run, e.g. EXTRA="sdq.rounding=budget" TAG=gpu_budget (a separate tag keeps the
+# run folders apart)
+read -r -a more <<<"${EXTRA:-}"
+extra+=("${more[@]}")
 TAG="${TAG:-gpu}"
 echo "=== gpu_controls $(date -u +%FT%TZ) smoke=$SMOKE ${knobs[*]} tag=$TAG"
 pids=()
