@@ -125,7 +125,7 @@ class Runner:
         if compiled == "cuda-graphs":
             from sdq_lightning.modules.graphs import GraphedNetwork
 
-            self.graphs = GraphedNetwork(model)
+            GraphedNetwork(model)  # installs itself as model.forward
         self.fwd = model if compiled in (None, "cuda-graphs") else \
             torch.compile(model, mode=None if compiled == "default" else compiled, fullgraph=True)
         g = torch.Generator().manual_seed(0)

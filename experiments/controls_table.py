@@ -30,26 +30,24 @@ def _runs(paths: list[str]):
             metrics = json.loads((run / "metrics.json").read_text())
             history = json.loads((run / "history.json").read_text()) if (run / "history.json").exists() else []
             frozen = next((h for h in history if h.get("frozen")), {})
-            plan = json.loads(json.dumps(metrics.get("plan_bits") or {}))
-            if not plan and (run / "plan.yaml").exists():
+            layers = {}
+            if (run / "plan.yaml").exists():
                 import yaml
 
-                data = yaml.safe_load((run / "plan.yaml").read_text())
-                plan = {n: lb.get("w_bits") for n, lb in data.get("layers", {}).items()}
+                layers = yaml.safe_load((run / "plan.yaml").read_text()).get("layers", {})
+            plan = dict(metrics.get("plan_bits") or {}) or {n: lb.get("w_bits") for n, lb in layers.items()}
             yield {"row": row, "seed": seed, "data": "full" if "sub" not in tag else tag.split("_")[-1],
                    "acc": 100 * (metrics.get("test/acc") or 0.0), "avg_bits": metrics["avg_bits"],
                    "expected": frozen.get("expected_avg_bits"), "changed": frozen.get("projection_changed_layers"),
                    "levels": frozen.get("projection_max_levels"), "plan": plan, "run": str(run),
-                   "rounded": _rounded_avg_bits(run, frozen.get("decided_bits"))}
+                   "rounded": _rounded_avg_bits(layers, frozen.get("decided_bits"))}
 
 
-def _rounded_avg_bits(run: Path, decided: dict | None) -> float | None:
-    """Average bits of the search's own rounding at the freeze (before the projection), weighted by parameters."""
-    if not decided or not (run / "plan.yaml").exists():
+def _rounded_avg_bits(layers: dict, decided: dict | None) -> float | None:
+    """Average bits of the search's own rounding at the freeze (before the projection), weighted by parameters
+    (``layers``: the plan file's layer table)."""
+    if not decided or not layers:
         return None
-    import yaml
-
-    layers = yaml.safe_load((run / "plan.yaml").read_text()).get("layers", {})
     total = sum(lb["params"] for lb in layers.values())
     bits = {n: decided.get(n) if decided.get(n) is not None else lb["w_bits"] for n, lb in layers.items()}
     return sum(layers[n]["params"] * bits[n] for n in layers) / total if total else None

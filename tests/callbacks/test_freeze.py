@@ -32,7 +32,7 @@ def test_a_decided_search_within_budget_is_frozen_as_decided():
     assert len(search.quantizers) == 2
     for q, (level, beta) in zip(search.quantizers, [(1, 1.0), (2, 1.0)]):
         _set_live(q, level, beta)  # decisions 4 and 8 bits: 6.46 average bits, and 4 -> 8 would cost 8.0
-    result = freeze_searched(search, net, "avg_bits")
+    result = freeze_searched(search, net)
     assert [q.bits for q in search.quantizers] == [4, 8]
     assert all(q.frozen for q in search.quantizers)
     rec = result.record
@@ -45,7 +45,7 @@ def test_an_over_budget_decision_is_projected_and_undecided_layers_are_counted()
     net, search = _searched(target=4.0)
     for q in search.quantizers:
         _set_live(q, 2, 0.5)  # half way between 4 and 8 bits: undecided, rounds up to 8
-    result = freeze_searched(search, net, "avg_bits")
+    result = freeze_searched(search, net)
     rec = result.record
     n = len(search.quantizers)
     assert rec["undecided_layers"] == n  # top probability 0.5 < UNDECIDED_BELOW
@@ -93,7 +93,7 @@ def test_budget_rounding_decides_a_fractional_search_by_its_dbps():
         for q, beta in zip(search.quantizers, (0.6, 0.7, 0.55)):
             q.set_level(2, reinit_dbp=beta)
         argmax_cost = search.cost_model.of_bits(search.cost_model.current_bits(), "avg_bits")
-        result = freeze_searched(search, net, "avg_bits")
+        result = freeze_searched(search, net)
         plans[rounding] = (result, argmax_cost)
     (arg, arg_cost), (bud, _) = plans["argmax"], plans["budget"]
     assert arg_cost > 6.0  # the per-layer argmax (all three at 8) is over the budget; one layer at 8 fits (5.78)

@@ -30,10 +30,10 @@ class FreezeResult:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def freeze_searched(search: Any, root: nn.Module, metric: str) -> FreezeResult:
+def freeze_searched(search: Any, root: nn.Module) -> FreezeResult:
     """Decide (the search's rounding), project onto the budget (``search.freeze_bits``) and freeze every quantized
     layer of ``root`` at its bitwidth. Reads the device (once, at the boundary)."""
-    expected_cost = float(search.cost_model.expected(metric).detach())
+    expected_cost = float(search.cost_model.expected(search.budget.metric).detach())
     undecided = sum(int(q.probabilities().detach().max() < UNDECIDED_BELOW) for q in search.quantizers
                     if not q.frozen)
     decided, bits, expected_avg = search.freeze_bits()
@@ -45,7 +45,7 @@ def freeze_searched(search: Any, root: nn.Module, metric: str) -> FreezeResult:
     levels = {n: abs(cands[n].index(b) - cands[n].index(d)) for n, (d, b) in changed.items() if n in cands}
     record = {"expected_avg_bits": expected_avg, "expected_cost": expected_cost,
               "projection_changed_layers": len(changed), "undecided_layers": undecided,
-              "rounding_changed_layers": int(getattr(search, "argmax_changed", 0)),
+              "rounding_changed_layers": search.argmax_changed,
               "projection_max_levels": max(levels.values()) if levels else 0, "decided_bits": decided}
     return FreezeResult(bits=bits, decided=decided, changed=changed, record=record)
 

@@ -364,15 +364,15 @@ class SDQ(Callback):
 
     # ================================================================ optimizers
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dbps, steps = quantizer_params(pl_module)
+        _, steps = quantizer_params(pl_module)  # (also turns off the gradient of single-candidate DBPs)
         all_dbps = [m.dbp for m in pl_module.modules() if isinstance(m, SDQWeightQuantizer)]
-        take_from_optimizers(trainer.optimizers, dbps + steps + all_dbps)
+        take_from_optimizers(trainer.optimizers, steps + all_dbps)
         self._step_opt = LogStepAdam(steps, lr=self.step_lr) if steps else None
         if self._pending_opt_states:
             if self._step_opt is not None and self._pending_opt_states.get("step"):
                 self._step_opt.load_state_dict(self._pending_opt_states["step"])
             self._pending_opt_states = None
-        if self._compile_request == "auto":  # measured: docs/RESULTS.md section 17
+        if self._compile_request == "auto":  # measured: docs/RESULTS.md section 18
             single_cuda = pl_module.device.type == "cuda" and trainer.world_size == 1
             self.compile = "cuda-graphs" if single_cuda else None
         if self.compile == "cuda-graphs":
@@ -553,7 +553,7 @@ class SDQ(Callback):
         Returns what the history records at the freeze epoch."""
         if self.search is None:
             self.search = self._make_search()
-        result = freeze_searched(self.search, pl_module, self.budget.metric)
+        result = freeze_searched(self.search, pl_module)
         self.phase = Phase.TRAIN
         self.plan = self._make_plan(pl_module)
         rank_zero_info(freeze_message(trainer.current_epoch, self.plan, self.budget, result))

@@ -47,6 +47,7 @@ class BitSearch:
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         self.rounding = rounding
+        self.argmax_changed = 0  # layers the last freeze_bits' budget rounding moved from the per-layer argmax
         self.cost_model, self.budget = cost_model, budget
         self.control, self.signal = control, signal
         self.dbp_lr, self.task_weight, self.budget_reach = dbp_lr, float(task_weight), float(budget_reach)
