@@ -23,13 +23,13 @@ import sdq_lightning as sq
 from sdq_lightning.callbacks.search import BitSearch
 
 
-def run(steps: int, noise: float, seed: int) -> str:
+def run(steps: int, noise: float, seed: int, settle: bool) -> str:
     torch.manual_seed(0)
     model = timm.create_model("resnet20", num_classes=10)
     prof = sq.profile_model(model, torch.randn(1, 3, 32, 32))
     sq.quantize_model(model, sq.QuantSpec(weight_bits=tuple(range(1, 9)), activation_bits=None, estimator="ste"))
     cm = sq.CostModel(model, prof)
-    search = BitSearch(cm, sq.Budget("avg_bits", 2.0))
+    search = BitSearch(cm, sq.Budget("avg_bits", 2.0), settle=settle)
     search.start(steps_per_epoch=steps, search_epochs=1)
     gen = torch.Generator().manual_seed(seed)
     slope = -torch.rand(len(search.quantizers), generator=gen)
@@ -49,7 +49,7 @@ def run(steps: int, noise: float, seed: int) -> str:
         changed = sum(int(decided[k] != plan[k]) for k in decided)
         cells += [f"{cm.of_bits(decided, 'avg_bits'):.3f}", f"{cm.of_bits(plan, 'avg_bits'):.3f}",
                   f"{search.argmax_changed} + {changed}"]
-    return f"| {noise:g} | {seed} | {expected:.3f} | {undecided} | " + " | ".join(cells) + " |"
+    return f"| {'on' if settle else 'off'} | {noise:g} | {seed} | {expected:.3f} | {undecided} | " + " | ".join(cells) + " |"
 
 
 def main() -> None:
@@ -57,15 +57,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1170)
     ap.add_argument("--noise", type=float, nargs="+", default=[0.0, 3.0, 10.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--settle", choices=["on", "off", "both"], default="both",
+                    help="sequential settling while hardening (the default search: on)")
     args = ap.parse_args()
     print(f"{args.steps} search steps, avg_bits <= 2.0; 'rounding + projection' = layers the rounding moved from the "
           f"per-layer argmax + layers the projection then changed")
-    print("| noise | seed | E[avg bits] | undecided layers | argmax: decided | argmax: plan | argmax: rounding + "
+    print("| settle | noise | seed | E[avg bits] | undecided layers | argmax: decided | argmax: plan | argmax: rounding + "
           "projection | budget: decided | budget: plan | budget: rounding + projection |")
-    print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---|")
-    for noise in args.noise:
-        for seed in args.seeds:
-            print(run(args.steps, noise, seed), flush=True)
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|")
+    settles = {"on": [True], "off": [False], "both": [False, True]}[args.settle]
+    for settle in settles:
+        for noise in args.noise:
+            for seed in args.seeds:
+                print(run(args.steps, noise, seed, settle), flush=True)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,9 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
     """Greedy projection of a frozen plan onto the budget.
 
     Above the target: repeatedly lower the searchable layer with the smallest sensitivity increase per unit of cost
-    saved. Then fill: repeatedly raise the layer with the largest sensitivity decrease per unit of cost added while
+    saved; once a single one-level drop reaches the target, among those that free the least room (within 10 %) the
+    one with the smallest sensitivity increase (so a small excess costs a small layer one level, not a large layer
+    whose freed room the fill then spreads over many others). Then fill: repeatedly raise the layer with the largest sensitivity decrease per unit of cost added while
     the cost stays within the target. ``sensitivity[name][bits]`` defaults to :func:`quantization_mse`.
     The result's cost is <= target, and no single one-level raise fits under it. ``max_raise_levels``: the fill
     first raises layers at most this many levels above ``bits`` (the search's freeze uses 1, spreading the room
@@ -123,15 +125,25 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
     start = dict(bits)
     cost = cost_model.of_bits(bits, metric)
     while cost > target:
-        best, best_score = None, None
+        best, best_score, enough = None, None, []
         for n in names:
             lo = moved(n, -1)
             if lo is None:
                 continue
-            saved = cost - cost_model.of_bits({**bits, n: lo}, metric)
-            score = (sensitivity[n][lo] - sensitivity[n][bits[n]]) / max(saved, 1e-12)
+            new_cost = cost_model.of_bits({**bits, n: lo}, metric)
+            increase = sensitivity[n][lo] - sensitivity[n][bits[n]]
+            score = increase / max(cost - new_cost, 1e-12)
             if best_score is None or score < best_score:
                 best, best_score = (n, lo), score
+            if new_cost <= target:
+                enough.append((cost - new_cost, increase, n, lo))
+        if enough:
+            # the last drop: among the single drops that reach the target and free the least room (within 10 %),
+            # the one that costs the least loss. Per unit of cost a large layer often won here, and the fill then
+            # spent the room it freed raising many small layers: 3-11 layers changed for a 0.3 % excess.
+            least = min(e[0] for e in enough)
+            _, _, n, lo = min((e for e in enough if e[0] <= 1.1 * least), key=lambda e: e[1])
+            best = (n, lo)
         bits[best[0]] = best[1]
         cost = cost_model.of_bits(bits, metric)
     capped = max_raise_levels is not None

@@ -43,10 +43,12 @@ class BitSearch:
                  signal: str = "task+budget", dbp_lr: float | None = None, task_weight: float = 1.0,
                  budget_reach: float = 0.75, penalty_weight: float = 1.0, penalty: str = "squared_hinge",
                  drop_threshold: float = 0.05, reinit_dbp: float = 1.0, min_steps_between_drops: int = 1,
-                 projection_sensitivity: str = "task_grad", seed: int = 0, rounding: str = "argmax") -> None:
+                 projection_sensitivity: str = "task_grad", seed: int = 0, rounding: str = "argmax",
+                 settle: bool = True) -> None:
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         self.rounding = rounding
+        self.settle = bool(settle)
         self.argmax_changed = 0  # layers the last freeze_bits' budget rounding moved from the per-layer argmax
         self.cost_model, self.budget = cost_model, budget
         self.control, self.signal = control, signal
@@ -97,7 +99,7 @@ class BitSearch:
         self.optimizer = DBPOptimizer(self.quantizers, self.units, lr=lr, control=self.control,
                                       task_weight=self.task_weight if self.signal == "task+budget" else 0.0,
                                       drop_threshold=self.drop_threshold, reinit_dbp=self.reinit_dbp,
-                                      min_steps_between_drops=self.min_steps_between_drops)
+                                      min_steps_between_drops=self.min_steps_between_drops, settle=self.settle)
         if pending_state and pending_state.get("optimizer") is not None:
             self.optimizer.load_state_dict(pending_state["optimizer"])
 

@@ -64,7 +64,7 @@ class DBPOptimizer(torch.optim.Optimizer):
     def __init__(self, quantizers: Sequence[nn.Module], units: Sequence[float], lr: float, control: str = "dual",
                  task_weight: float = 1.0, drop_threshold: float | None = 0.05, reinit_dbp: float = 1.0,
                  min_steps_between_drops: int = 1, rms_decay: float = 0.98, sens_decay: float = 0.99,
-                 max_multiplier: float = 20.0) -> None:
+                 max_multiplier: float = 20.0, settle: bool = True) -> None:
         if control not in ("dual", "penalty"):
             raise ValueError(f"control must be 'dual' or 'penalty', got {control!r}")
         if len(quantizers) != len(units):
@@ -79,6 +79,7 @@ class DBPOptimizer(torch.optim.Optimizer):
         self.min_steps_between_drops = int(min_steps_between_drops)
         self.rms_decay, self.sens_decay = float(rms_decay), float(sens_decay)
         self.max_multiplier = float(max_multiplier)
+        self.settle = bool(settle) and control == "dual"
         dev = quantizers[0].dbp.device if quantizers else torch.device("cpu")
         self.multiplier = torch.zeros((), device=dev)
         self.rms = torch.zeros((), device=dev)
@@ -92,6 +93,7 @@ class DBPOptimizer(torch.optim.Optimizer):
             st = self.state[q.dbp]
             st["sens"] = torch.zeros_like(q.dbp.detach())
             st["last_drop"] = torch.full((), -(10**9), dtype=torch.long, device=dev)
+            st["settled"] = torch.zeros((), device=dev)  # 1.0 once settled (float: torch casts state on load)
         # One [layers, candidates] step instead of a loop over layers when every searched layer reads its DBPs
         # progressively over the same number of candidates (the usual case): a few dozen kernels per step in all,
         # where the loop issued about 100 per layer (on a GPU the step was bound by kernel launches).
@@ -129,6 +131,8 @@ class DBPOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         controller = state_dict.pop("controller", None)
         super().load_state_dict(state_dict)
+        for g in self.param_groups:  # checkpoints from before settling existed
+            self.state[g["params"][0]].setdefault("settled", torch.zeros((), device=g["params"][0].device))
         if controller is not None:
             self.load_controller_state(controller)
 
@@ -150,6 +154,8 @@ class DBPOptimizer(torch.optim.Optimizer):
             return None
         params = [g["params"][0] for g in self.param_groups]
         grads = [g.float() for g in self._grads()]
+        if self.settle and self._harden > 0:
+            self._settle_loop(params)
         live = [self._live_mask(q, p) for q, p in zip(self.quantizers, params)]
         lr = self.param_groups[0]["lr"]
         self.update_sensitivity(grads, live)
@@ -157,7 +163,8 @@ class DBPOptimizer(torch.optim.Optimizer):
             for p, g, b, m in zip(params, grads, self._budget_grads, live):
                 p.sub_(lr * (g + b) * m)
         else:
-            self._dual_step(params, grads, live, lr)
+            moving = [m & (self.state[p]["settled"] < 0.5) for p, m in zip(params, live)]
+            self._dual_step(params, grads, moving, lr)
         # a live DBP pushed past 1 asks for the next level up (used below when the cost is under the schedule)
         pushed_up = [p.index_select(0, q.level.view(1))[0] > 1.0 for q, p in zip(self.quantizers, params)]
         for p in params:
@@ -191,9 +198,11 @@ class DBPOptimizer(torch.optim.Optimizer):
         budget). While hardening, one-sided (>= 0) as long as the expected cost is within ``HARDEN_SLACK`` of the
         target, so the DBPs can settle on 0/1 under the budget instead of being held fractional on it; below that,
         two-sided again: the hardening force (DBPs under 0.5 pushed to 0) must not carry the search under the budget
-        (it did, on a CIFAR-10 seed: 2.0 -> 1.69 expected bits, docs/RESULTS.md section 14)."""
+        (it did, on a CIFAR-10 seed: 2.0 -> 1.69 expected bits, docs/RESULTS.md section 14). With sequential
+        settling (``settle=True``) always two-sided: the layers still moving hold the target exactly and absorb
+        each settled layer's rounding."""
         two_sided = torch.full_like(self.multiplier, -self.max_multiplier)
-        if self._harden <= 0:
+        if self._harden <= 0 or self.settle:
             return two_sided
         return torch.where(self._expected >= self._target_next * (1 - HARDEN_SLACK), torch.zeros_like(two_sided),
                            two_sided)
@@ -239,6 +248,17 @@ class DBPOptimizer(torch.optim.Optimizer):
         sens = torch.stack(sens_list)
         torch._foreach_copy_(sens_list, torch.where(live, self.sens_decay * sens - (1 - self.sens_decay) * g,
                                                     sens).unbind(0))
+        settled_list = [self.state[x]["settled"] for x in params]
+        settled = torch.stack(settled_list) > 0.5
+        if self.settle and self._harden > 0:  # before the multiplier is solved, so this step absorbs the rounding
+            beta = p.gather(1, lv).view(-1)
+            now = self._settle_now(beta, levels, settled, self._units.view(-1))
+            rounded = torch.where(now, (beta >= 0.5).to(beta.dtype), beta)
+            self._expected = self._expected + (b.gather(1, lv).view(-1) * (rounded - beta)).sum()  # exact: linear
+            p = p.scatter(1, lv, rounded.view(-1, 1))
+            settled = settled | now
+            torch._foreach_copy_(settled_list, settled.to(settled_list[0].dtype).unbind(0))
+        live = live & ~settled.view(-1, 1)  # a settled layer no longer moves (its sensitivity is still measured)
         lr, units = self.param_groups[0]["lr"], self._units
         task, forces = g * live / units, b * live / units
         n_live = live.sum().clamp_min(1)
@@ -265,11 +285,11 @@ class DBPOptimizer(torch.optim.Optimizer):
             last = torch.stack(last_list)
             step = self.step_count
             beta = p.gather(1, lv).view(-1)
-            ok = (step - last) >= self.min_steps_between_drops
+            ok = ((step - last) >= self.min_steps_between_drops) & ~settled
             above = self._expected > self._target_now
             below = self._expected < self._target_now
             drop = (beta <= self.drop_threshold) & (levels > 0) & above & ok
-            rise = pushed_up & (levels < p.shape[1] - 1) & below & ok & (self._harden == 0)
+            rise = pushed_up & (levels < p.shape[1] - 1) & below & ok & (self._harden == 0 or self.settle)
             new = levels - drop.long() + rise.long()
             value = torch.where(drop, torch.full_like(beta, self.reinit_dbp),
                                 torch.where(rise, torch.full_like(beta, 2 * self.drop_threshold),
@@ -278,6 +298,46 @@ class DBPOptimizer(torch.optim.Optimizer):
             torch._foreach_copy_([q.level for q in self.quantizers], new.unbind(0))
             torch._foreach_copy_(last_list, torch.where(drop | rise, step, last).unbind(0))
         torch._foreach_copy_(params, p.to(params[0].dtype).unbind(0))
+
+    def _settle_now(self, beta: Tensor, levels: Tensor, settled: Tensor, units: Tensor,
+                    eligible: Tensor | None = None) -> Tensor:
+        """Which layers settle at this step (sequential settling, ``settle=True``, while hardening).
+
+        A settled layer's live DBP is rounded to 0 or 1 and no longer moves; the multiplier then holds the budget
+        with the layers still moving, which absorb the rounding. The number of decided layers (settled, or at the
+        lowest candidate) follows ``floor(n * harden)``: none when hardening starts, all but the last one at the
+        last step, so the freeze's rounding only decides the last (smallest) layers. Largest unit cost first, ties
+        by the most decided DBP: a large layer's rounding moves the cost by much, and the smaller layers still
+        moving can absorb it; the small layers settle last, where a rounding costs little. All on the device."""
+        n = beta.shape[0]
+        decided = settled | (levels == 0)
+        if eligible is not None:
+            decided = decided | ~eligible
+        short = int(n * self._harden) - decided.sum()
+        score = torch.where(decided, torch.full_like(beta, -1.0), units * (1 + (beta - 0.5).abs()))
+        order = score.argsort(descending=True)
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=beta.device))
+        return ~decided & (rank < short)
+
+    def _settle_loop(self, params: list[Tensor]) -> None:
+        """:meth:`_settle_now` for the per-layer path (progressive layers only; cascade layers never settle), with
+        the expected cost moved by the rounding (exact: linear in the live DBP) before the multiplier is solved."""
+        progressive = torch.tensor([getattr(q, "reading", "progressive") == "progressive" for q in self.quantizers],
+                                   device=params[0].device)
+        levels = torch.stack([q.level for q in self.quantizers])
+        beta = torch.stack([p.index_select(0, q.level.view(1))[0] for q, p in zip(self.quantizers, params)])
+        settled_list = [self.state[p]["settled"] for p in params]
+        settled = torch.stack(settled_list) > 0.5
+        units = torch.tensor([g["unit"] for g in self.param_groups], device=beta.device)
+        now = self._settle_now(beta, levels, settled, units, eligible=progressive)
+        jump = torch.zeros_like(self._expected)
+        for q, p, flag, dc in zip(self.quantizers, params, now.unbind(0), self._budget_grads):
+            b = p.index_select(0, q.level.view(1))
+            rounded = torch.where(flag, (b >= 0.5).to(b.dtype), b)
+            jump = jump + (dc.index_select(0, q.level.view(1)) * (rounded - b)).sum()
+            p.index_put_((q.level.view(1),), rounded)
+        self._expected = self._expected + jump
+        torch._foreach_copy_(settled_list, (settled | now).to(settled_list[0].dtype).unbind(0))
 
     def _drop_levels(self, params: list[Tensor], pushed_up: list[Tensor]) -> None:
         """Level changes on the device: down when the live DBP reached the threshold and the cost is above the
@@ -293,9 +353,9 @@ class DBPOptimizer(torch.optim.Optimizer):
             st = self.state[p]
             lvl = q.level
             beta = p.index_select(0, lvl.view(1))[0]
-            ok = (step - st["last_drop"]) >= self.min_steps_between_drops
+            ok = ((step - st["last_drop"]) >= self.min_steps_between_drops) & (st["settled"] < 0.5)
             drop = (beta <= self.drop_threshold) & (lvl > 0) & above & ok
-            rise = up & (lvl < p.shape[0] - 1) & below & ok & (self.control == "dual") & (self._harden == 0)
+            rise = up & (lvl < p.shape[0] - 1) & below & ok & (self.control == "dual") & (self._harden == 0 or self.settle)
             new = lvl - drop.long() + rise.long()
             value = torch.where(drop, torch.full_like(beta, self.reinit_dbp),
                                 torch.where(rise, torch.full_like(beta, 2 * self.drop_threshold),
