@@ -125,6 +125,11 @@ class SDQ(Callback):
             on its own) or ``"budget"`` (the lower live bitwidth everywhere, then the higher one in order of
             decreasing DBP wherever the budget allows: the DBPs, not the projection, decide what a search that ended
             fractional leaves over; see :meth:`~sdq_lightning.callbacks.search.BitSearch.round_to_budget`).
+        settle: sequential settling while the schedule holds the target (``budget_control="dual"``; default True):
+            one layer after another, the largest first, has its live DBP rounded to 0 or 1 and stops moving, while
+            the layers still moving hold the budget, so the freeze decides only the last (smallest) layer and the
+            projection is a one-layer correction. False: the hardening force alone (measured to leave up to 12 of
+            20 layers fractional; docs/RESULTS.md section 19).
         dbp_lr: DBP travel per step. None (default): ``dual`` derives it from the search length and the budget;
             ``penalty`` uses 0.05 (SGD). step_lr: learning rate of the quantizer step sizes (Adam on log s).
         drop_threshold: a live DBP at or below it moves the layer one level down (progressive), only while the
@@ -208,6 +213,7 @@ class SDQ(Callback):
         projection_sensitivity: str = "task_grad",
         compile: str | None = None,
         rounding: str = "argmax",
+        settle: bool = True,
         teacher_cls: Any = None,
         guard: bool | dict = True,
     ) -> None:
@@ -234,6 +240,9 @@ class SDQ(Callback):
         self.task_weight, self.budget_reach = float(task_weight), float(budget_reach)
         self.projection_sensitivity = projection_sensitivity
         self.rounding = rounding
+        if not isinstance(settle, bool):
+            raise ValueError(f"settle must be true or false, got {settle!r}")
+        self.settle = settle
         self.spec = QuantSpec(weight_bits=tuple(weight_bits), activation_bits=activation_bits, first_last=first_last,
                               first_last_bits=first_last_bits, include=tuple(include or ()),
                               exclude=tuple(exclude or ()), reading=reading, estimator=estimator,
@@ -465,7 +474,7 @@ class SDQ(Callback):
                          drop_threshold=self.drop_threshold, reinit_dbp=self.reinit_dbp,
                          min_steps_between_drops=self.min_steps_between_drops,
                          projection_sensitivity=self.projection_sensitivity, seed=self.spec.seed,
-                         rounding=self.rounding)
+                         rounding=self.rounding, settle=self.settle)
 
     @staticmethod
     def _act_quant_ready(pl_module: pl.LightningModule) -> bool:
