@@ -123,3 +123,16 @@ def test_cuda_training_step_never_synchronises(frozen):
             step_opt.zero_grad()
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "eager"), ("compile", "compile"), ("eager", "eager")])
+def test_sdq_kernels_env_accepts_what_the_app_config_passes(monkeypatch, value, expected):
+    """The app's ``kernels: ${oc.env:SDQ_KERNELS,auto}`` and the module's process default read the same variable:
+    ``auto`` (the callback resolves it per device) must not fail at import, and a typo names what is allowed."""
+    from sdq_lightning.modules import fused
+
+    monkeypatch.setenv("SDQ_KERNELS", value)
+    assert fused._env_kernels() == expected
+    monkeypatch.setenv("SDQ_KERNELS", "fast")
+    with pytest.raises(ValueError, match="SDQ_KERNELS must be one of .*auto"):
+        fused._env_kernels()

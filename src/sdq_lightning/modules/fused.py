@@ -39,7 +39,18 @@ def _check_kernels(mode: object, what: str) -> str:
     return str(mode)
 
 
-_mode = _check_kernels(os.environ.get("SDQ_KERNELS", "eager"), "SDQ_KERNELS")
+def _env_kernels() -> str:
+    """The process default from ``SDQ_KERNELS``: ``eager``, ``compile``, or ``auto`` (what the app's config
+    defaults to; the callback resolves it per device, and the process default stays ``eager``)."""
+    value = os.environ.get("SDQ_KERNELS", "eager")
+    if value == "auto":
+        return "eager"
+    if value not in KERNELS:
+        raise ValueError(f"SDQ_KERNELS must be one of {(*KERNELS, 'auto')}, got {value!r}")
+    return value
+
+
+_mode = _env_kernels()
 _compiled: dict[str, object] = {}
 
 
