@@ -249,7 +249,10 @@ def test_stacked_dbp_step_equals_the_per_layer_loop(harden):
             torch.testing.assert_close(a.dbp, b.dbp, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(oa.state[a.dbp]["sens"], ob.state[b.dbp]["sens"], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(oa.multiplier, ob.multiplier, rtol=1e-5, atol=1e-6)
+        assert [float(oa.state[q.dbp]["settled"]) for q in qa] == [float(ob.state[q.dbp]["settled"]) for q in qb]
     assert changes >= 3  # levels moved: the drop/rise path was exercised
+    settled = sum(float(oa.state[q.dbp]["settled"]) for q in qa)
+    assert settled == (2 if harden else 0)  # hardening at 0.5 settles floor(5 * 0.5) layers, the same in both paths
 
 
 def test_hardening_does_not_undershoot_the_budget():
@@ -270,3 +273,72 @@ def test_hardening_does_not_undershoot_the_budget():
     under = [t for t in traj[reach:] if t < 2.0 * (1 - 0.02)]
     assert len(under) <= 0.02 * len(traj[reach:]), (under, traj[-1])
     assert min(traj[-20:]) >= 2.0 * (1 - 0.02), traj[-20:]
+
+
+def _noisy_task(search, seed=0, noise=3.0):
+    """A synthetic task signal on the live DBPs: a fixed per-layer slope (more bits lower the loss) plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    slope = -torch.rand(len(search.quantizers), generator=gen)
+
+    def task(model, t):
+        for i, q in enumerate(search.quantizers):
+            grad = torch.zeros_like(q.dbp)
+            grad[int(q.level)] = slope[i] + noise * float(slope.abs().mean()) * torch.randn((), generator=gen)
+            q.dbp.grad = grad
+    return task
+
+
+WIDTHS9 = (32, 96, 64, 160, 48, 128, 32, 96, 64, 16)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_settling_leaves_the_freeze_one_layer_to_decide(seed):
+    """Sequential settling (the default): at the end every searched layer but at most one has its live DBP at 0 or 1
+    (or sits at its lowest candidate), a settled DBP never moves again, the expected cost is at the target, and the
+    projection changes at most one layer by one level."""
+    model, cm, search = _searched(widths=WIDTHS9)
+    task = _noisy_task(search, seed)
+    settled_at = {}
+
+    def watch(model, t):
+        task(model, t)
+        for n, q in zip(search.names, search.quantizers):
+            st = search.optimizer.state[q.dbp]
+            if float(st["settled"]) > 0.5:
+                settled_at.setdefault(n, (int(q.level), q.dbp.detach().clone()))
+                assert int(q.level) == settled_at[n][0] and torch.equal(q.dbp.detach(), settled_at[n][1]), (n, t)
+
+    _run(model, cm, search, 400, task_fn=watch)
+    assert len(settled_at) >= 3  # settling happened (the other layers reached their lowest candidate)
+    fractional = [n for n, q in zip(search.names, search.quantizers)
+                  if int(q.level) > 0 and 0.0 < float(q.dbp.detach()[int(q.level)]) < 1.0]
+    assert len(fractional) <= 1, fractional
+    decided, bits, expected = search.freeze_bits()
+    assert abs(expected - 2.0) <= 0.02 * 2.0
+    moved = {n: abs(search.quantizers[i].candidates.index(bits[n]) - search.quantizers[i].candidates.index(decided[n]))
+             for i, n in enumerate(search.names)}
+    assert sum(v > 0 for v in moved.values()) <= 1 and max(moved.values()) <= 1, moved
+    assert cm.of_bits(bits, "avg_bits") <= 2.0 + 1e-9
+
+
+def test_without_settling_the_dbps_stay_live():
+    """The control of the test above: ``settle=False`` keeps every live DBP moving (no layer is ever marked settled)."""
+    model, cm, search = _searched(widths=WIDTHS9, settle=False)
+    _run(model, cm, search, 400, task_fn=_noisy_task(search, 0))
+    assert all(float(search.optimizer.state[q.dbp]["settled"]) == 0.0 for q in search.quantizers)
+
+
+def test_settled_flags_resume_and_legacy_states_load():
+    model, cm, search = _searched(widths=WIDTHS9)
+    _run(model, cm, search, 400, task_fn=_noisy_task(search, 0))
+    state = search.state_dict()
+    flags = [float(search.optimizer.state[q.dbp]["settled"]) for q in search.quantizers]
+    assert sum(flags) >= 3
+    again = BitSearch(cm, sq.Budget("avg_bits", 2.0))
+    again.start(400, 1, state)
+    assert [float(again.optimizer.state[q.dbp]["settled"]) for q in search.quantizers] == flags
+    for per_param in state["optimizer"]["state"].values():  # a checkpoint from before settling existed
+        per_param.pop("settled")
+    legacy = BitSearch(cm, sq.Budget("avg_bits", 2.0))
+    legacy.start(400, 1, state)
+    assert all(float(legacy.optimizer.state[q.dbp]["settled"]) == 0.0 for q in search.quantizers)
