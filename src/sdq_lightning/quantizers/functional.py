@@ -184,6 +184,28 @@ def stream_key(*parts: int) -> int:
 
 
 def counter_uniform(key: int, counter: Tensor, k: int) -> Tensor:
+    """``k`` uniforms in (0, 1) (float32), a pure function of ``(key, counter)``; see :func:`_counter_uniform`.
+
+    Under ``torch.compile`` the hash runs as one opaque custom op (``sdq::counter_uniform``): inlined, inductor fused
+    its 64-bit integer arithmetic into the batch-norm and activation-quantization kernels of the network, and the
+    searched ResNet20's compiled CPU step was 1.5x the frozen one (RESULTS 19). Eager (and CUDA-graph capture) call
+    the function directly: no dispatcher on the hot path."""
+    if torch.compiler.is_compiling():
+        return torch.ops.sdq.counter_uniform(counter, key, k)
+    return _counter_uniform(key, counter, k)
+
+
+@torch.library.custom_op("sdq::counter_uniform", mutates_args=())
+def _counter_uniform_op(counter: Tensor, key: int, k: int) -> Tensor:
+    return _counter_uniform(key, counter, k)
+
+
+@_counter_uniform_op.register_fake
+def _(counter: Tensor, key: int, k: int) -> Tensor:
+    return counter.new_empty((k,), dtype=torch.float32)
+
+
+def _counter_uniform(key: int, counter: Tensor, k: int) -> Tensor:
     """``k`` uniforms in (0, 1) (float32) that are a pure function of ``(key, counter)``: a counter-based generator.
 
     ``counter`` is a 0-d int64 tensor on the device where the draws are needed (for example the global training
