@@ -136,3 +136,27 @@ def test_sdq_kernels_env_accepts_what_the_app_config_passes(monkeypatch, value, 
     monkeypatch.setenv("SDQ_KERNELS", "fast")
     with pytest.raises(ValueError, match="SDQ_KERNELS must be one of .*auto"):
         fused._env_kernels()
+
+
+def test_counter_uniform_compiles_to_the_same_draws_as_an_opaque_op():
+    """Under torch.compile the counter hash is the custom op ``sdq::counter_uniform`` (kept out of inductor's fused
+    network kernels); its draws equal the eager function's for every counter, without recompiling per counter."""
+    from sdq_lightning.quantizers.functional import _counter_uniform, counter_uniform
+
+    torch._dynamo.reset()
+    key = 0x1234ABCD
+    fn = torch.compile(lambda c: counter_uniform(key, c, 3) * 2.0, fullgraph=True)
+    counter = torch.zeros((), dtype=torch.int64)
+    for step in (0, 1, 7, 123456):
+        counter.fill_(step)
+        torch.testing.assert_close(fn(counter), _counter_uniform(key, counter, 3) * 2.0, rtol=0, atol=0)
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(lambda c: counter_uniform(key, c, 3), backend=capture, fullgraph=True)(counter)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert any("sdq.counter_uniform" in t for t in targets), targets
