@@ -49,7 +49,8 @@ def run(steps: int, noise: float, seed: int, settle: bool) -> str:
         changed = sum(int(decided[k] != plan[k]) for k in decided)
         cells += [f"{cm.of_bits(decided, 'avg_bits'):.3f}", f"{cm.of_bits(plan, 'avg_bits'):.3f}",
                   f"{search.argmax_changed} + {changed}"]
-    return f"| {'on' if settle else 'off'} | {noise:g} | {seed} | {expected:.3f} | {undecided} | " + " | ".join(cells) + " |"
+    head = f"| {'on' if settle else 'off'} | {noise:g} | {seed} | {expected:.3f} | {undecided} | "
+    return head + " | ".join(cells) + " |"
 
 
 def main() -> None:
@@ -62,8 +63,8 @@ def main() -> None:
     args = ap.parse_args()
     print(f"{args.steps} search steps, avg_bits <= 2.0; 'rounding + projection' = layers the rounding moved from the "
           f"per-layer argmax + layers the projection then changed")
-    print("| settle | noise | seed | E[avg bits] | undecided layers | argmax: decided | argmax: plan | argmax: rounding + "
-          "projection | budget: decided | budget: plan | budget: rounding + projection |")
+    print("| settle | noise | seed | E[avg bits] | undecided layers | argmax: decided | argmax: plan | "
+          "argmax: rounding + projection | budget: decided | budget: plan | budget: rounding + projection |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|")
     settles = {"on": [True], "off": [False], "both": [False, True]}[args.settle]
     for settle in settles:

@@ -355,7 +355,8 @@ class DBPOptimizer(torch.optim.Optimizer):
             beta = p.index_select(0, lvl.view(1))[0]
             ok = ((step - st["last_drop"]) >= self.min_steps_between_drops) & (st["settled"] < 0.5)
             drop = (beta <= self.drop_threshold) & (lvl > 0) & above & ok
-            rise = up & (lvl < p.shape[0] - 1) & below & ok & (self.control == "dual") & (self._harden == 0 or self.settle)
+            rise = (up & (lvl < p.shape[0] - 1) & below & ok & (self.control == "dual")
+                    & (self._harden == 0 or self.settle))
             new = lvl - drop.long() + rise.long()
             value = torch.where(drop, torch.full_like(beta, self.reinit_dbp),
                                 torch.where(rise, torch.full_like(beta, 2 * self.drop_threshold),
