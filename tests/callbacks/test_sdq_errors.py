@@ -84,3 +84,9 @@ def test_missing_plan_file(tmp_path):
 def test_unknown_kernels():
     with pytest.raises(ValueError, match=r"kernels must be one of \('eager', 'compile', 'auto'\) or None, got 'cuda'"):
         SDQ(kernels="cuda")
+
+
+def test_settle_must_be_a_bool():
+    with pytest.raises(ValueError, match="settle must be true or false, got 'yes'"):
+        SDQ(settle="yes")
+    assert SDQ(settle=False).settle is False

@@ -103,8 +103,8 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
     Above the target: repeatedly lower the searchable layer with the smallest sensitivity increase per unit of cost
     saved; once a single one-level drop reaches the target, among those that free the least room (within 10 %) the
     one with the smallest sensitivity increase (so a small excess costs a small layer one level, not a large layer
-    whose freed room the fill then spreads over many others). Then fill: repeatedly raise the layer with the largest sensitivity decrease per unit of cost added while
-    the cost stays within the target. ``sensitivity[name][bits]`` defaults to :func:`quantization_mse`.
+    whose freed room the fill then spreads over many others). Then fill: repeatedly raise the layer with the
+    largest sensitivity decrease per unit of cost added while the cost stays within the target. ``sensitivity[name][bits]`` defaults to :func:`quantization_mse`.
     The result's cost is <= target, and no single one-level raise fits under it. ``max_raise_levels``: the fill
     first raises layers at most this many levels above ``bits`` (the search's freeze uses 1, spreading the room
     over layers as a correction rather than a re-plan), then, if more than 1 % of the target is still unused,
