@@ -101,6 +101,8 @@ class DBPOptimizer(torch.optim.Optimizer):
         self.vectorised = bool(quantizers) and len(lengths) == 1 and all(
             getattr(q, "reading", "progressive") == "progressive" for q in quantizers)
         self._units = torch.tensor([float(u) for u in units], device=dev).view(-1, 1) if quantizers else None
+        self._progressive = torch.tensor([getattr(q, "reading", "progressive") == "progressive" for q in quantizers],
+                                         dtype=torch.bool, device=dev)
 
     # ------------------------------------------------------------------ inputs of one step
     def prepare(self, budget_grads: Sequence[Tensor], expected: Tensor, target_now: float,
@@ -322,14 +324,12 @@ class DBPOptimizer(torch.optim.Optimizer):
     def _settle_loop(self, params: list[Tensor]) -> None:
         """:meth:`_settle_now` for the per-layer path (progressive layers only; cascade layers never settle), with
         the expected cost moved by the rounding (exact: linear in the live DBP) before the multiplier is solved."""
-        progressive = torch.tensor([getattr(q, "reading", "progressive") == "progressive" for q in self.quantizers],
-                                   device=params[0].device)
+        progressive = self._progressive
         levels = torch.stack([q.level for q in self.quantizers])
         beta = torch.stack([p.index_select(0, q.level.view(1))[0] for q, p in zip(self.quantizers, params)])
         settled_list = [self.state[p]["settled"] for p in params]
         settled = torch.stack(settled_list) > 0.5
-        units = torch.tensor([g["unit"] for g in self.param_groups], device=beta.device)
-        now = self._settle_now(beta, levels, settled, units, eligible=progressive)
+        now = self._settle_now(beta, levels, settled, self._units.view(-1), eligible=progressive)
         jump = torch.zeros_like(self._expected)
         for q, p, flag, dc in zip(self.quantizers, params, now.unbind(0), self._budget_grads):
             b = p.index_select(0, q.level.view(1))
