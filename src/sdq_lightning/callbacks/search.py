@@ -244,11 +244,11 @@ class BitSearch:
 
     def round_to_budget(self, argmax: Mapping[str, int | None]) -> dict[str, int | None]:
         """The search's own rounding at the budget (``rounding="budget"``; the default ``"argmax"`` rounds each live
-        DBP at 0.5 on its own; progressive reading): every searched layer
-        takes the lower of its two live bitwidths, then, in order of decreasing live DBP (the most confident first),
-        the higher one wherever the cost stays within the target. Equal to the per-layer argmax when that plan is
-        within the budget and leaves no layer that fits; when the search ends fractional (a large layer half way
-        between two levels holds the expected cost at the target), it decides by the DBPs instead of leaving the
+        DBP at 0.5 on its own; progressive reading): every searched layer whose live DBP is not already 0 or 1 (not
+        settled) takes the lower of its two live bitwidths, then, in order of decreasing live DBP (the most confident
+        first), the higher one wherever the cost stays within the target. Equal to the per-layer argmax when that
+        plan is within the budget and leaves no layer that fits; when the search ends fractional (a large layer half
+        way between two levels holds the expected cost at the target), it decides by the DBPs instead of leaving the
         correction to the projection. Reads the device (once, at the freeze)."""
         bits = dict(argmax)
         options = []
@@ -258,8 +258,11 @@ class BitSearch:
             level = int(q.level)
             if level == 0:
                 continue
+            beta = float(q.dbp.detach()[level].clamp(0.0, 1.0))
+            if beta in (0.0, 1.0):  # decided (a settled layer): keep its argmax
+                continue
             bits[n] = q.candidates[level - 1]
-            options.append((float(q.dbp.detach()[level].clamp(0.0, 1.0)), n, q.candidates[level]))
+            options.append((beta, n, q.candidates[level]))
         metric, target = self.budget.metric, self.budget.target
         for _, n, up in sorted(options, key=lambda o: -o[0]):
             trial = {**bits, n: up}
