@@ -103,3 +103,17 @@ def test_budget_rounding_decides_a_fractional_search_by_its_dbps():
     assert bud.record["projection_changed_layers"] == 0 < arg.record["projection_changed_layers"]
     with pytest.raises(ValueError, match=r"rounding must be one of \('budget', 'argmax'\), got 'nearest'"):
         BitSearch(search.cost_model, sq.Budget("avg_bits", 6.0), rounding="nearest")
+
+
+def test_budget_rounding_keeps_settled_layers():
+    """Settled layers (live DBP exactly 1) keep their argmax under the budget rounding; only the fractional layer is
+    decided by the budget. Two settled layers at 8 bits already exceed a budget with room for one: before, the
+    rounding lowered one of them (their order was arbitrary); now they stay, the fractional 0.9 layer goes down, and
+    the projection makes the correction."""
+    net, search = _three_searched(target=6.0, rounding="budget")
+    for q, beta in zip(search.quantizers, (1.0, 1.0, 0.9)):
+        q.set_level(2, reinit_dbp=beta)
+    result = freeze_searched(search, net)
+    assert [result.decided[n] for n in search.names] == [8, 8, 4]
+    assert result.record["rounding_changed_layers"] == 1  # only the fractional layer moved from its argmax (8)
+    assert result.record["projection_changed_layers"] >= 1
