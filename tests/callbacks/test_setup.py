@@ -29,10 +29,12 @@ def test_default_input_fn_reads_tensors_dicts_and_tuples():
 
 
 def test_network_of_finds_the_innermost_module_with_every_layer():
+    from sdq_lightning.checkpoint import network_of, network_prefix
+
     root = _Wrapped()
-    prefix, net = setup.network_of(root)
+    prefix, net = network_prefix(root), network_of(root)
     assert prefix == "model" and net is root.model
-    assert setup.network_of(root.model) == ("", root.model)
+    assert (network_prefix(root.model), network_of(root.model)) == ("", root.model)
 
 
 def test_profile_network_names_layers_relative_to_the_root_and_counts_macs():

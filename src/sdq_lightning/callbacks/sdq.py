@@ -52,10 +52,10 @@ from sdq_lightning.callbacks.guard import DivergenceGuard
 from sdq_lightning.callbacks.losses import AddedLosses
 from sdq_lightning.callbacks.monitor import epoch_record, log_epoch, log_step_terms
 from sdq_lightning.callbacks.freeze import freeze_message, freeze_searched
+from sdq_lightning.checkpoint import network_of
 from sdq_lightning.callbacks.setup import (
     default_input_fn,
     find_example_input,
-    network_of,
     num_classes_of,
     profile_network,
     quantize,
@@ -485,7 +485,7 @@ class SDQ(Callback):
     def _compile_network(self, pl_module: pl.LightningModule) -> None:
         """Compile the network in place, whole graph (its LSQ kernels then run eager inside the graph), or install
         the CUDA-graph replay (``compile="cuda-graphs"``; the kernels stay as set)."""
-        _, net = network_of(pl_module)
+        net = network_of(pl_module)
         if self.compile == "cuda-graphs":
             self._graphs = GraphedNetwork(net, on_output=self.losses.capture_output,
                                           fallback=self._compile_request == "auto")

@@ -17,12 +17,12 @@ from torch import Tensor, nn
 
 from sdq_lightning.budget import BitPlan, profile_model
 from sdq_lightning.budget.profile import LayerProfile
-from sdq_lightning.checkpoint import network_prefix
+from sdq_lightning.checkpoint import network_of, network_prefix
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.surgery import QuantReport, QuantSpec, quantize_model
 
-__all__ = ["default_input_fn", "find_example_input", "network_of", "num_classes_of", "profile_network",
-           "quantize", "quantizer_params", "take_from_optimizers"]
+__all__ = ["default_input_fn", "find_example_input", "num_classes_of", "profile_network", "quantize",
+           "quantizer_params", "take_from_optimizers"]
 
 
 def default_input_fn(batch: Any) -> Tensor:
@@ -51,18 +51,13 @@ def quantize(root: nn.Module, spec: QuantSpec, plan: BitPlan | None = None) -> t
     return report, plan
 
 
-def network_of(root: nn.Module) -> tuple[str, nn.Module]:
-    """The innermost module holding every Conv2d/Linear (e.g. ``model`` of SDQClassifier) and its name: profiled
-    (and graphed or compiled) instead of the LightningModule, whose own ``forward`` may not exist."""
-    prefix = network_prefix(root)
-    return prefix, (root.get_submodule(prefix) if prefix else root)
-
-
 def profile_network(root: nn.Module, example: Tensor) -> dict[str, LayerProfile]:
-    """Per-layer parameters and MACs of ``root``'s network on one example, keyed by names relative to ``root``."""
+    """Per-layer parameters and MACs of ``root``'s network (:func:`~sdq_lightning.checkpoint.network_of`: the
+    innermost module holding every Conv2d/Linear, profiled instead of a LightningModule whose own ``forward`` may not
+    exist) on one example, keyed by names relative to ``root``."""
     device = next(root.parameters()).device
-    prefix, net = network_of(root)
-    profile = profile_model(net, example[:1].to(device))
+    prefix = network_prefix(root)
+    profile = profile_model(network_of(root), example[:1].to(device))
     return {(f"{prefix}.{n}" if prefix else n): p for n, p in profile.items()}
 
 
