@@ -156,7 +156,9 @@ class SDQ(Callback):
             ``"max-autotune"``): the network is compiled whole, ``fullgraph=True``, at the first training batch
             after the activation quantizers have seen data (their sign mode is read from it: with activation
             quantizers the first step runs eager) (``nn.Module.compile``: the state dict keeps its keys). It
-            recompiles once, at the freeze. ``"cuda-graphs"``: no compiler; the network's training forward and
+            recompiles once, at the freeze. On the CPU it is the fastest step (search 1.05x, frozen 1.02x of a
+            compiled FP step; docs/RESULTS.md section 19), worth its compile time on runs of more than a few
+            epochs. ``"cuda-graphs"``: no compiler; the network's training forward and
             backward are captured as CUDA graphs from the second batch and replayed every step
             (:class:`~sdq_lightning.modules.graphs.GraphedNetwork`; re-captured at the freeze; CUDA, one device;
             KD then reads the network's output). ``"auto"`` (the Hydra app's default): ``"cuda-graphs"`` on one
