@@ -4,7 +4,7 @@ Modes (all in one process, interleaved round robin so that machine noise hits ev
 
 * ``fp``: timm ``resnet20`` as is.
 * ``search``: the same network after ``quantize_model`` with weight candidates 1..8 (progressive reading, gumbel
-  estimator, the defaults), 4-bit activations, first conv and classifier at 8 bits; train mode, every quantizer
+  estimator, the defaults), 4-bit activations (``--act-bits``; 0 = FP activations, as the paper row), first conv and classifier at 8 bits; train mode, every quantizer
   drawing a bitwidth each step (both adjacent quantizers of the live level are evaluated, as the method requires).
 * ``frozen``: a search-mode model whose plan was projected onto ``avg_bits <= 2.0`` with ``project_to_budget`` and
   applied with ``BitPlan.apply`` (one quantizer per layer, 4-bit activations): the phase-2 training step.
@@ -15,6 +15,10 @@ Modes (all in one process, interleaved round robin so that machine noise hits ev
 * with ``--compile``, fp/search/frozen with the whole model under ``torch.compile`` (a second table; skipped if it
   fails); ``--compile-modes cuda-graphs`` (and ``cuda-graphs+ck``) instead captures forward + backward as CUDA graphs
   (:class:`sdq_lightning.modules.graphs.GraphedNetwork`, what ``SDQ(compile="cuda-graphs")`` runs; no compiler).
+* ``search+pl`` / ``frozen+pl`` (``--weights both``, the default, or ``--weights per-layer``): each layer's weight
+  quantizer runs in its own forward, as before the batched weight pass; without ``+pl`` every layer's weight is
+  quantized in one batched pass per forward (:mod:`sdq_lightning.modules.batched`, what ``SDQ(batched=True)``, the
+  default, runs). ``--compile-modes cuda-graphs+pl`` captures the per-layer form.
 * ``--bf16``: every mode under ``torch.autocast(device, torch.bfloat16)`` (the ``bf16-mixed`` training precision).
 * ``--device cuda --batch N``: on a GPU (CUDA-synchronised wall time per step; memory columns from the CUDA
   allocator instead of saved tensors / RSS).
@@ -64,27 +68,36 @@ import sdq_lightning as sq
 BATCH = 128
 MODES = ("fp", "search", "frozen")
 CK = "+ck"  # suffix of a mode run with the compiled LSQ kernels
+PL = "+pl"  # suffix of a mode whose weight quantizers run per layer (no batched weight pass)
 
 
-def modes_for(kernels: str) -> tuple[str, ...]:
+def modes_for(kernels: str, weights: str = "batched") -> tuple[str, ...]:
     quant = [m for m in MODES if m != "fp"]
+    forms = {"batched": [""], "per-layer": [PL], "both": ["", PL]}[weights]
+    quant = [m + f for m in quant for f in forms]
     eager = quant if kernels in ("eager", "both") else []
     ck = [m + CK for m in quant] if kernels in ("compile", "both") else []
     return ("fp", *eager, *ck)
 
 
+def _base(mode: str) -> str:
+    return mode.removesuffix(CK).removesuffix(PL)
+
+
 DEVICE = "cpu"
+ACT_BITS: int | None = 4  # activation bits of the quantized modes (--act-bits; None: FP activations)
 
 
 def build(mode: str, seed: int = 0) -> nn.Module:
-    mode = mode.removesuffix(CK)
+    batched = PL not in mode
+    mode = _base(mode)
     torch.manual_seed(seed)
     model = timm.create_model("resnet20", num_classes=10)
     if mode == "fp":
         return model.train().to(DEVICE)
     x1 = torch.randn(1, 3, 32, 32)
     prof = sq.profile_model(model, x1)
-    sq.quantize_model(model, sq.QuantSpec(weight_bits=tuple(range(1, 9)), activation_bits=4))
+    sq.quantize_model(model, sq.QuantSpec(weight_bits=tuple(range(1, 9)), activation_bits=ACT_BITS))
     model.train()
     with torch.no_grad():  # initialise the activation steps from a batch, as the first training step would
         model(torch.randn(BATCH, 3, 32, 32))
@@ -95,6 +108,10 @@ def build(mode: str, seed: int = 0) -> nn.Module:
         plan.apply(model)
         assert plan.average_bits <= 2.0
     model.to(DEVICE)
+    if batched:
+        from sdq_lightning.modules.batched import batch_weights
+
+        batch_weights(model)
     if mode == "search":
         from sdq_lightning.callbacks.search import BitSearch
 
@@ -203,8 +220,8 @@ def rss_child(mode: str, steps: int, bf16: bool) -> None:
 
 
 def rss_delta_mib(mode: str, steps: int, bf16: bool) -> float:
-    out = subprocess.run([sys.executable, __file__, "--rss-child", mode, "--steps", str(steps), "--batch", str(BATCH)]
-                         + ["--bf16"] * bf16,
+    out = subprocess.run([sys.executable, __file__, "--rss-child", mode, "--steps", str(steps), "--batch", str(BATCH),
+                          "--act-bits", str(ACT_BITS or 0)] + ["--bf16"] * bf16,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["rss_delta_kib"] / 1024
 
@@ -248,7 +265,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
     ap.add_argument("--kernels", choices=("eager", "compile", "both"), default="both",
                     help="LSQ kernels of the quantized modes (compile: sdq_lightning.set_kernels('compile'))")
+    ap.add_argument("--weights", choices=("batched", "per-layer", "both"), default="both",
+                    help="weight quantizers of the quantized modes: one batched pass (the callback's default), per "
+                         "layer (+pl), or both")
     ap.add_argument("--bf16", action="store_true", help="every mode under CPU bf16 autocast")
+    ap.add_argument("--act-bits", type=int, default=4, help="activation bits of the quantized modes (0: FP)")
     ap.add_argument("--compile", action="store_true", help="also time whole-model torch.compile variants")
     ap.add_argument("--compile-modes", default="default",
                     help="comma-separated torch.compile modes for --compile (default, reduce-overhead, "
@@ -259,8 +280,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global DEVICE, BATCH
-    DEVICE, BATCH = args.device, args.batch
+    global DEVICE, BATCH, ACT_BITS
+    DEVICE, BATCH, ACT_BITS = args.device, args.batch, args.act_bits or None
     if DEVICE == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
     if args.threads:
@@ -269,7 +290,7 @@ def main() -> None:
         rss_child(args.rss_child, args.steps, args.bf16)
         return
 
-    modes = modes_for(args.kernels)
+    modes = modes_for(args.kernels, args.weights)
     runners = {m: make_runner(m, args.bf16) for m in modes}
     frozen_plan_bits = sq.BitPlan.from_model(runners["frozen"].model,
                                             torch.randn(1, 3, 32, 32, device=DEVICE)).average_bits
@@ -297,7 +318,8 @@ def main() -> None:
     cmd = "python " + " ".join(sys.argv)
     dev = torch.cuda.get_device_name() if DEVICE == "cuda" else (platform.processor() or platform.machine())
     env = (f"torch {torch.__version__}, {dev}, "
-           f"{torch.get_num_threads()} threads, {'bf16 autocast' if args.bf16 else 'fp32'}, batch {BATCH}, {args.repeats} repeats x {args.steps} steps, "
+           f"{torch.get_num_threads()} threads, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+           f"{ACT_BITS or 'FP'} activation bits, batch {BATCH}, {args.repeats} repeats x {args.steps} steps, "
            f"frozen plan {frozen_plan_bits:.3f} avg bits")
     parts = [f"Command: `{cmd}`", "", env, "", table("model in eager mode (+ck: LSQ kernels compiled)", times, mem)]
     result = {"command": cmd, "env": env, "eager": times, "saved_mib": saved, "rss_delta_mib": rss}
@@ -314,9 +336,9 @@ def main() -> None:
     for cmode in (args.compile_modes.split(",") if args.compile else []):
         try:
             t0 = time.perf_counter()
-            # "cuda-graphs+ck": CUDA graphs around the compiled LSQ kernels
-            base, ck = cmode.removesuffix(CK), cmode.endswith(CK)
-            cr = {m: Runner(build(m), compiled=base, kernels="compile" if ck and m != "fp" else "eager",
+            # "cuda-graphs+ck": CUDA graphs around the compiled LSQ kernels; "+pl": per-layer weight quantizers
+            base, ck, pl = _base(cmode), CK in cmode, PL in cmode
+            cr = {m: Runner(build(m + PL * pl), compiled=base, kernels="compile" if ck and m != "fp" else "eager",
                             bf16=args.bf16) for m in MODES}
             for r in cr.values():  # compile (and recompile after the first draws) outside the timing
                 for _ in range(3):

@@ -43,10 +43,17 @@ def test_count_ops_prints_every_part_and_the_quantized_steps_issue_more(tmp_path
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "count_ops.py"), "--batch", "2"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = {line.split("|")[1].strip(): [int(c) for c in line.split("|")[2:8]]
-            for line in out.stdout.splitlines() if line.startswith(("| fp", "| search", "| frozen"))}
-    assert set(rows) == {"fp", "search", "frozen"}
-    fwd, bwd, sgd, dbp, stp, total = rows["search"]
-    assert dbp > 0 and stp > 0 and total == fwd + bwd + sgd + dbp + stp
+    lines = [line.split("|") for line in out.stdout.splitlines() if line.startswith(("| fp", "| search", "| frozen"))]
+    rows = {c[1].strip(): [int(v) for v in c[2:8]] for c in lines}
+    ebr = {c[1].strip(): c[9].strip() for c in lines}
+    assert set(rows) == {"fp", "search", "search+pl", "frozen", "frozen+pl"}
+    for mode in ("search", "search+pl"):
+        fwd, bwd, sgd, dbp, stp, total = rows[mode]
+        assert dbp > 0 and stp > 0 and total == fwd + bwd + sgd + dbp + stp
     assert rows["fp"][3] == rows["fp"][4] == 0 and rows["frozen"][3] == 0
     assert rows["search"][5] > rows["frozen"][5] > rows["fp"][5]
+    # the batched weight pass issues fewer operations than the per-layer quantizers, in both passes, and so does
+    # the batched EBR
+    for mode in ("search", "frozen"):
+        assert rows[mode][0] < rows[mode + "+pl"][0] and rows[mode][1] < rows[mode + "+pl"][1]
+    assert int(ebr["frozen"]) < int(ebr["frozen+pl"]) and ebr["fp"] == "-"

@@ -185,7 +185,10 @@ def test_sdq_cuda_graphs_on_cpu_is_a_clear_error(tmp_path):
 
 def test_sdq_compile_auto_is_eager_on_cpu(tmp_path):
     cb, lit = _fit(tmp_path, cuda=False, compile="auto")
-    assert cb.compile is None and cb._graphs is None and "forward" not in vars(lit.model)
+    from sdq_lightning.modules.batched import BatchedWeights
+
+    # no graphs: the network's forward is the batched weight pass the callback installs by default, nothing else
+    assert cb.compile is None and cb._graphs is None and isinstance(vars(lit.model).get("forward"), BatchedWeights)
     assert cb.plan is not None and cb.plan.average_bits <= 4.0
 
 
@@ -222,8 +225,11 @@ def _train(net: nn.Module, data, frozen: bool, strict_from: int | None = None) -
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batched", [False, True], ids=["per_layer", "batched"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["search", "frozen"])
-def test_cuda_graph_steps_match_eager_and_never_synchronise(frozen):
+def test_cuda_graph_steps_match_eager_and_never_synchronise(frozen, batched):
+    from sdq_lightning.modules.batched import batch_weights
+
     nets = []
     for _ in range(2):
         net = _searched_net().cuda()
@@ -235,6 +241,8 @@ def test_cuda_graph_steps_match_eager_and_never_synchronise(frozen):
     g = torch.Generator(device="cuda").manual_seed(0)
     data = [(torch.randn(128, 3, 32, 32, device="cuda", generator=g),
              torch.randint(0, 10, (128,), device="cuda", generator=g)) for _ in range(6)]
+    if batched:  # the graph captures the batched weight pass; the eager reference runs each layer's quantizer
+        batch_weights(nets[1])
     graphs = GraphedNetwork(nets[1])
     eager = _train(nets[0], data, frozen)
     graphed = _train(nets[1], data, frozen, strict_from=1)  # step 0 captures (that synchronises); then replays only

@@ -118,7 +118,9 @@ def test_controller_state_round_trips():
     model, cm, search = _searched()
     _run(model, cm, search, 30)
     state = search.state_dict()
-    assert float(state["optimizer"]["controller"]["multiplier"]) >= 0
+    # two-sided while settling: its sign at the end follows a float tie (whether E = 2.0000002 or 2.0 let a level
+    # drop fire at the last descent step; both end at 2.0 expected bits), so only its bounds are checked
+    assert abs(float(state["optimizer"]["controller"]["multiplier"])) <= search.optimizer.max_multiplier
     opt2 = BitSearch(cm, sq.Budget("avg_bits", 2.0))
     opt2.start(30, 1, state)
     assert torch.equal(opt2.optimizer.multiplier, search.optimizer.multiplier)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sdq_lightning.budget.cost import Budget, LayerCost, cost_of
+from sdq_lightning.budget.cost import Budget, LayerCost, cost_of, is_linear
 from sdq_lightning.budget.profile import LayerProfile
 from sdq_lightning.surgery import quant_layers
 
@@ -45,7 +45,11 @@ class CostModel:
                 if e.layer is not None and e.layer.weight_quant is not None and len(e.layer.weight_quant.candidates) > 1]
 
     def expected(self, metric: str) -> Tensor:
-        """E[cost] under the DBPs (differentiable w.r.t. them)."""
+        """E[cost] under the DBPs (differentiable w.r.t. them). For a linear metric over progressive searched layers
+        with one candidate count (the usual case) in one vectorised pass (:meth:`_expected_linear`)."""
+        fast = self._expected_linear(metric)
+        if fast is not None:
+            return fast
         costs = []
         for e in self.entries:
             wq = None if e.layer is None else e.layer.weight_quant
@@ -53,6 +57,54 @@ class CostModel:
             costs.append(LayerCost(e.params, e.macs, bits, self._abits(e.layer)))
         out = cost_of(metric, costs, self.other_params)
         return out if isinstance(out, Tensor) else torch.tensor(float(out))
+
+    def _linear_key(self) -> tuple:
+        return tuple((None if e.layer is None else e.layer.weight_quant,
+                      None if e.layer is None or e.layer.weight_quant is None else e.layer.weight_quant._frozen_index,
+                      self._abits(e.layer)) for e in self.entries)
+
+    def _expected_linear(self, metric: str) -> Tensor | None:
+        """``c_0 + sum_l c_l E[bits_l]`` over the searched layers, stacked: equal to the per-layer sum up to float
+        rounding. None when the metric is not linear, a searched layer reads its DBPs as a cascade, or the searched
+        layers' candidate counts differ. The coefficients (host arithmetic on the metric itself) are cached per
+        quantizer state."""
+        if not is_linear(metric):
+            return None
+        key = (metric, self._linear_key())
+        cache = getattr(self, "_linear_cache", None)
+        if cache is None or cache[0] != key:
+            cache = self._linear_cache = (key, self._linear_terms(metric))
+        terms = cache[1]
+        if terms is None:
+            return None
+        c0, coef, table, qs = terms
+        dbp = torch.stack([q.dbp for q in qs])
+        hi = torch.stack([q.level for q in qs]).view(-1, 1)
+        lo = (hi - 1).clamp_min(0)
+        b_hi, b_lo = table.gather(1, hi), table.gather(1, lo)
+        beta = dbp.gather(1, hi)
+        beta = beta + (beta.clamp(0.0, 1.0) - beta).detach()  # as the quantizer's live DBP: identity gradient
+        bits = (b_lo + (b_hi - b_lo) * beta).view(-1)
+        return c0 + (coef * bits).sum()
+
+    def _linear_terms(self, metric: str):
+        qs, names = [], []
+        for e in self.entries:
+            wq = None if e.layer is None else e.layer.weight_quant
+            if wq is not None and not wq.frozen:
+                if wq.reading != "progressive":
+                    return None
+                qs.append(wq)
+                names.append(e.name)
+        if not qs or len({len(q.candidates) for q in qs}) != 1:
+            return None
+        fixed = {e.name: (None if e.layer is None or e.layer.weight_quant is None else e.layer.weight_quant.bits)
+                 for e in self.entries if e.name not in names}
+        base = self.of_bits({**fixed, **{n: 0 for n in names}}, metric)
+        coef = [self.of_bits({**fixed, **{m: 0 for m in names}, n: 1}, metric) - base for n in names]
+        dev = qs[0].dbp.device
+        table = torch.stack([q.bits_table for q in qs]).to(device=dev, dtype=qs[0].dbp.dtype)
+        return base, torch.tensor(coef, device=dev, dtype=table.dtype), table, qs
 
     def current_bits(self) -> dict[str, int | None]:
         return {e.name: (None if e.layer is None or e.layer.weight_quant is None else e.layer.weight_quant.bits)

@@ -64,6 +64,7 @@ from sdq_lightning.callbacks.setup import (
 )
 from sdq_lightning.callbacks.teacher import check_teacher_file
 from sdq_lightning.modules.fused import KERNELS, set_kernels
+from sdq_lightning.modules.batched import BatchedWeights, batch_weights
 from sdq_lightning.modules.graphs import GraphedNetwork
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.quantizers.optim import LogStepAdam
@@ -164,6 +165,11 @@ class SDQ(Callback):
             KD then reads the network's output). ``"auto"`` (the Hydra app's default): ``"cuda-graphs"`` on one
             CUDA device, falling back to eager with a warning if the capture fails; None elsewhere (CPU, several
             processes). GPU figures: docs/RESULTS.md sections 17-18.
+        batched: quantize every layer's weight in one batched pass per forward
+            (:class:`~sdq_lightning.modules.batched.BatchedWeights`, installed on the network at setup): the same
+            values and draws as each layer's own quantizer, and a fixed number of kernels instead of about 100 per
+            layer and pass (``benchmarks/count_ops.py``; docs/RESULTS.md section 20). Default True; False runs each
+            layer's quantizer in its own forward.
         teacher_cls: how to rebuild a teacher checkpoint of your own LightningModule: its class, an import path
             (``"pkg.mod.LitNet"``) or a factory (see :func:`~sdq_lightning.callbacks.teacher.load_teacher`).
         guard: ``True`` (default), ``False`` or keyword arguments of
@@ -216,6 +222,7 @@ class SDQ(Callback):
         compile: str | None = None,
         rounding: str = "argmax",
         settle: bool = True,
+        batched: bool = True,
         teacher_cls: Any = None,
         guard: bool | dict = True,
     ) -> None:
@@ -245,6 +252,9 @@ class SDQ(Callback):
         if not isinstance(settle, bool):
             raise ValueError(f"settle must be true or false, got {settle!r}")
         self.settle = settle
+        if not isinstance(batched, bool):
+            raise ValueError(f"batched must be true or false, got {batched!r}")
+        self.batched = batched
         self.spec = QuantSpec(weight_bits=tuple(weight_bits), activation_bits=activation_bits, first_last=first_last,
                               first_last_bits=first_last_bits, include=tuple(include or ()),
                               exclude=tuple(exclude or ()), reading=reading, estimator=estimator,
@@ -346,6 +356,9 @@ class SDQ(Callback):
         self.report, rebased = quantize(pl_module, self.spec, self.plan if self._given_plan else None)
         if rebased is not None:
             self.plan = rebased
+        net = network_of(pl_module)
+        if self.batched or isinstance(vars(net).get("forward"), BatchedWeights):
+            batch_weights(net, enabled=self.batched)
         if self.report.changed:
             rank_zero_info(f"[SDQ] {self.report}")
         example = find_example_input(trainer, pl_module, stage, self.input_fn, self.example_input)

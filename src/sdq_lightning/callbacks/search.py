@@ -135,9 +135,16 @@ class BitSearch:
 
     # ------------------------------------------------------------------ per step
     def begin_step(self, global_step: int, temperature: float) -> None:
-        for q in self.quantizers:
-            q.set_draw_step(global_step)
-            q.set_temperature(temperature)
+        """Set every searched layer's draw counter and temperature: two multi-tensor operations each, not one fill
+        per layer (on a GPU each is a kernel launch)."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if not self.quantizers:
+            return
+        for bufs, value in (([q.draw_step for q in self.quantizers], int(global_step)),
+                            ([q.temperature for q in self.quantizers], float(temperature))):
+            torch._foreach_zero_(bufs)
+            torch._foreach_add_(bufs, value)
 
     @property
     def moves(self) -> bool:

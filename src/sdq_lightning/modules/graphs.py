@@ -57,9 +57,14 @@ class GraphedNetwork:
 
     def __init__(self, net: nn.Module, warmup: int = 3, on_output: Callable[[Any], None] | None = None,
                  capture_fn: CaptureFn | None = None, fallback: bool = False) -> None:
-        if "forward" in vars(net):
+        from sdq_lightning.modules.batched import BatchedWeights
+
+        inner = vars(net).get("forward")
+        if inner is not None and not isinstance(inner, BatchedWeights):
             raise ValueError(f"{type(net).__name__}.forward is already replaced on the instance (another graph or "
-                             f"wrapper); GraphedNetwork needs the class's own forward")
+                             f"wrapper); GraphedNetwork needs the class's own forward (or the batched weights)")
+        # the batched weight pass (sdq_lightning.modules.batched), when installed, is captured with the network
+        self._inner: Callable[..., Any] | None = inner
         self.net, self.warmup, self.on_output = net, int(warmup), on_output
         self._capture_fn = capture_fn or _make_graphed
         self._graphed: Callable[..., Any] | None = None
@@ -119,12 +124,16 @@ class GraphedNetwork:
         return out
 
     def _eager(self, *args: Any, **kwargs: Any) -> Any:
+        if self._inner is not None:
+            return self._inner(*args, **kwargs)
         return type(self.net).forward(self.net, *args, **kwargs)
 
     def capture(self, *args: Tensor) -> None:
         """(Re-)capture the training forward and backward for inputs shaped like ``args``."""
         net = self.net
-        del net.forward  # the capture wraps the class's own forward
+        del net.forward  # the capture wraps the class's own forward, or the batched weights around it
+        if self._inner is not None:
+            net.forward = self._inner
         self._graphed = None
         sample = tuple(a.detach().clone() for a in args)
         dev = sample[0].device.type
@@ -132,6 +141,8 @@ class GraphedNetwork:
         # make_graphed_callables refuses autocast's weight cache: the same autocast, cache off, around the capture
         ctx = torch.autocast(dev, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
         saved = [b.detach().clone() for b in net.buffers()]
+        if self._inner is not None:  # the batched weights' index tensors are built eagerly, never inside a capture
+            self._inner.groups()
         try:
             with ctx:
                 graphed_net = self._capture_fn(net, sample, self.warmup)
@@ -149,7 +160,9 @@ class GraphedNetwork:
         self.captures += 1
 
     def remove(self) -> None:
-        """Give the network its own forward back (and drop the graphs)."""
+        """Give the network its own forward back, or the batched weights it wrapped (and drop the graphs)."""
         if vars(self.net).get("forward") is self:
             del self.net.forward
+            if self._inner is not None:
+                self.net.forward = self._inner
         self._graphed, self._key = None, None

@@ -22,8 +22,14 @@ class QuantModule:
     weight_quant: SDQWeightQuantizer | None
     act_quant: ActQuantizer | None
     weight: nn.Parameter
+    # set by sdq_lightning.modules.batched.BatchedWeights just before the network's forward, taken here once
+    _batched_weight: Tensor | None = None
 
     def quantized_weight(self) -> Tensor:
+        wq = self._batched_weight
+        if wq is not None:
+            self._batched_weight = None
+            return wq
         return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
 
     def quantize_input(self, x: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ class Estimator:
     name: str
     progressive: Progressive
     cascade: Cascade | None = None
+    vectorized: bool = False  # progressive() is elementwise: takes [layers] vectors as well as 0-dim tensors
 
 
 _REGISTRY: Registry[Estimator] = Registry("estimator", hint=" (register_estimator adds one)")
@@ -47,12 +48,15 @@ _ORDER: list[str] = []  # every name ever registered: a quantizer's saved state 
 
 
 def register_estimator(name: str, progressive: Progressive, cascade: Cascade | None = None,
-                       replace: bool = False) -> Estimator:
-    """Register an estimator under ``name`` (``cascade`` may be None: then only the progressive reading takes it)."""
+                       replace: bool = False, vectorized: bool = False) -> Estimator:
+    """Register an estimator under ``name`` (``cascade`` may be None: then only the progressive reading takes it).
+    ``vectorized=True`` declares ``progressive`` elementwise (every operation broadcasts, no reduction), so it may be
+    called once with one entry per layer: its layers then join the batched weight pass
+    (:mod:`sdq_lightning.modules.batched`); otherwise they keep their own per-layer forward."""
     _REGISTRY.check(name, replace)
     if not callable(progressive) or (cascade is not None and not callable(cascade)):
         raise ValueError(f"estimator {name!r}: progressive (and cascade, if given) must be functions")
-    est = _REGISTRY.add(name, Estimator(name, progressive, cascade), replace=True)
+    est = _REGISTRY.add(name, Estimator(name, progressive, cascade, bool(vectorized)), replace=True)
     if name not in _ORDER:
         _ORDER.append(name)
     return est
@@ -118,5 +122,5 @@ def _ste_cascade(p: Tensor, p_mixed: Tensor, u: Tensor, temperature: Tensor) -> 
     return index, p_mixed
 
 
-register_estimator("gumbel", _gumbel_progressive, _gumbel_cascade)
-register_estimator("ste", _ste_progressive, _ste_cascade)
+register_estimator("gumbel", _gumbel_progressive, _gumbel_cascade, vectorized=True)
+register_estimator("ste", _ste_progressive, _ste_cascade, vectorized=True)

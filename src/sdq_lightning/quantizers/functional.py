@@ -16,6 +16,7 @@ __all__ = [
     "MIN_BITS",
     "binary_quantize",
     "counter_uniform",
+    "counter_uniform_many",
     "fake_quantize_dynamic",
     "stream_key",
     "grad_scale",
@@ -203,6 +204,32 @@ def _counter_uniform_op(counter: Tensor, key: int, k: int) -> Tensor:
 @_counter_uniform_op.register_fake
 def _(counter: Tensor, key: int, k: int) -> Tensor:
     return counter.new_empty((k,), dtype=torch.float32)
+
+
+def counter_uniform_many(keys: Tensor, counters: Tensor) -> Tensor:
+    """One uniform per stream: ``counter_uniform(keys[i], counters[i], 1)[0]`` for every ``i`` in one vectorised pass
+    (int64 tensors of the same shape on the device; the same values, bit for bit). Under ``torch.compile`` an opaque
+    custom op, as :func:`counter_uniform`."""
+    if torch.compiler.is_compiling():
+        return torch.ops.sdq.counter_uniform_many(keys, counters)
+    return _counter_uniform_many(keys, counters)
+
+
+def _counter_uniform_many(keys: Tensor, counters: Tensor) -> Tensor:
+    h = _mix32(counters.to(torch.int64) ^ keys)
+    h = _mix32(h * 0x9E3779B1 + 1)
+    h = _mix32(h ^ (keys >> 7))
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+@torch.library.custom_op("sdq::counter_uniform_many", mutates_args=())
+def _counter_uniform_many_op(keys: Tensor, counters: Tensor) -> Tensor:
+    return _counter_uniform_many(keys, counters)
+
+
+@_counter_uniform_many_op.register_fake
+def _(keys: Tensor, counters: Tensor) -> Tensor:
+    return keys.new_empty(keys.shape, dtype=torch.float32)
 
 
 def _counter_uniform(key: int, counter: Tensor, k: int) -> Tensor:

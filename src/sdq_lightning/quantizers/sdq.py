@@ -291,6 +291,10 @@ class SDQWeightQuantizer(nn.Module):
         self.lsq_table.copy_(torch.tensor(rows, dtype=self.lsq_table.dtype))
         self._table_numel = numel
 
+    def _ensure_table(self, w: Tensor) -> None:
+        if self._table_numel != self._numel(w):  # a quantizer built without its weight: filled at the first forward
+            self._fill_table(w)
+
     def index_of(self, bits: int) -> int:
         if bits not in self.candidates:
             raise ValueError(f"bits must be one of the candidates {self.candidates}, got {bits!r}")
@@ -386,8 +390,7 @@ class SDQWeightQuantizer(nn.Module):
     def quantize_dynamic(self, w: Tensor, index: Tensor) -> Tensor:
         """``Q_{b_index}(w)`` for a 1-element device index tensor: the same values and gradients as
         :meth:`quantize_at`, with the step, range and LSQ gradient scale gathered on the device (no host read)."""
-        if self._table_numel != self._numel(w):  # a quantizer built without its weight: filled at the first forward
-            self._fill_table(w)
+        self._ensure_table(w)
         s = self.steps.index_select(0, index)
         s = (s.view(-1, *([1] * (w.dim() - 1))) if self.per_channel else s.view(())).to(w.dtype)
         row = self.lsq_table.index_select(0, index).view(4)

@@ -1,0 +1,332 @@
+"""Every quantized layer's weight in one batched pass per forward, instead of one quantizer call per layer.
+
+On a GPU a small quantized network's training step is bound by kernel launches, and under CUDA graphs by the number
+of (tiny) kernels the graph holds: a searched ResNet20 issued about 100 kernels per layer for its weight quantizer in
+the forward pass and as many again in the backward (``benchmarks/count_ops.py``), ten times the float network's
+whole step. Weights do not depend on the input, so all layers can be quantized at once: :class:`BatchedWeights`
+concatenates the weights into one flat vector and quantizes it with one set of elementwise kernels, each segment of
+the vector (a layer, or an output channel with ``per_channel``) with its own step size and integer range, then hands
+each layer a view of the result. The kernel count no longer grows with the number of layers.
+
+Same numbers as the per-layer quantizers (``tests/unit/test_batched.py``): the same draws (the counter-based
+generator of :mod:`sdq_lightning.quantizers.functional`, vectorised over the layers' keys), the same forward values
+bit for bit, and gradients equal up to the order of the sums (a layer's step and DBP gradients are segment sums).
+The draw counters, the last-used index and the levels stay each quantizer's own buffers; the state dict does not
+change.
+
+Which layers: searched layers with the progressive reading and a vectorisable estimator (``gumbel``, ``ste``, or one
+registered with ``vectorized=True``), grouped by candidate count, estimator and ``mix_eps``; and every frozen layer
+(one group). Cascade layers, other estimators and layers with no weight quantizer run their own forward as before.
+The grouping follows the quantizers' frozen state (a Python value) and is rebuilt at the freeze; nothing is read from
+the device in a forward.
+
+Install with :func:`batch_weights` (the SDQ callback does, ``SDQ(batched=True)``, the default): it replaces the
+network's ``forward`` on the instance, like :class:`~sdq_lightning.modules.graphs.GraphedNetwork`, which captures it.
+Under ``torch.compile`` the batching steps aside and the per-layer quantizers run (the compiler fuses them itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sdq_lightning.quantizers.functional import counter_uniform_many
+from sdq_lightning.quantizers.sdq import SDQWeightQuantizer, _distributed, _ste_clamp01
+
+__all__ = ["BatchedWeights", "batch_weights", "segment_quantize"]
+
+
+# ----------------------------------------------------------------------------- the flat kernel
+def _expand(seg: Tensor, s: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per element: step, Qn, Qp and the 1-bit flag of its segment."""
+    se = s.index_select(0, seg)
+    te = table.index_select(0, seg)
+    return se, te[:, 0], te[:, 1], te[:, 2] > 0
+
+
+def _fq(w: Tensor, s: Tensor, qn: Tensor, qp: Tensor, binary: Tensor | None) -> Tensor:
+    """The values of ``_FakeQuant`` (``x * (1/s)`` for the codes, ``x / s`` for the sign), elementwise."""
+    multi = torch.round(torch.clamp(w * (1.0 / s), qn, qp)) * s
+    if binary is None:
+        return multi
+    sign = torch.where(w / s >= 0, 1.0, -1.0).to(w.dtype) * s
+    return torch.where(binary, sign, multi)
+
+
+def _fq_grads(grad: Tensor, w: Tensor, s: Tensor, qn: Tensor, qp: Tensor,
+              binary: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per element: the weight gradient and the step gradient (before the segment sum and the LSQ factor), as
+    ``_FakeQuant.backward``."""
+    v = w * (1.0 / s)
+    inside = (v > qn) & (v < qp)
+    gx = grad * inside
+    gs = grad * (torch.round(torch.clamp(v, qn, qp)) - v * inside)
+    if binary is None:
+        return gx, gs
+    u = w / s
+    near = u.abs() <= 1
+    bx = grad * near
+    bs = grad * (torch.where(u >= 0, 1.0, -1.0).to(u.dtype) - u * near)
+    return torch.where(binary, bx, gx), torch.where(binary, bs, gs)
+
+
+def _segment_sum(values: Tensor, seg: Tensor, n: int) -> Tensor:
+    """Per-segment sums, accumulated in float64 (an element-by-element float32 accumulation over a layer's tens of
+    thousands of weights drifted 1e-4 from the per-layer quantizer's sum; float64 is below float32 rounding)."""
+    out = torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, seg, values.double())
+    return out.to(values.dtype)
+
+
+class _SegmentQuant(torch.autograd.Function):
+    """Fake quantization of a flat weight vector, each segment with its own step and range (``table[:, 0:3]`` =
+    Qn, Qp, 1-bit flag; ``table[:, 3]`` = the LSQ gradient factor). With a second quantizer (``s_lo``, ``t_lo``)
+    and a per-segment ``mask``: ``lo + mask * (hi - lo)`` (``hard=False``, the training mix, gradient to the mask)
+    or ``where(mask > 0.5, hi, lo)`` (``hard=True``). Saves only its inputs; the codes are recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, w, seg, s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary):  # noqa: D102
+        ctx.save_for_backward(w, seg, s_hi, t_hi, s_lo, t_lo, mask)
+        ctx.flags = (s_lo is not None, bool(hard), bool(has_binary))
+        se, qn, qp, b = _expand(seg, s_hi, t_hi)
+        hi = _fq(w, se, qn, qp, b if has_binary else None)
+        if s_lo is None:
+            return hi
+        se, qn, qp, b = _expand(seg, s_lo, t_lo)
+        lo = _fq(w, se, qn, qp, b if has_binary else None)
+        me = mask.index_select(0, seg)
+        if hard:
+            return torch.where(me > 0.5, hi, lo)
+        return lo + me * (hi - lo)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        w, seg, s_hi, t_hi, s_lo, t_lo, mask = ctx.saved_tensors
+        mixed, hard, has_binary = ctx.flags
+        n_seg = s_hi.shape[0]
+        se_hi, qn_hi, qp_hi, b_hi = _expand(seg, s_hi, t_hi)
+        b_hi = b_hi if has_binary else None
+        if not mixed:
+            gw, gs = _fq_grads(grad, w, se_hi, qn_hi, qp_hi, b_hi)
+            return gw, None, _segment_sum(gs, seg, n_seg) * t_hi[:, 3], None, None, None, None, None, None
+        se_lo, qn_lo, qp_lo, b_lo = _expand(seg, s_lo, t_lo)
+        b_lo = b_lo if has_binary else None
+        me = mask.index_select(0, seg)
+        gmask = None
+        if hard:
+            take = me > 0.5
+            g_hi, g_lo = torch.where(take, grad, 0.0), torch.where(take, 0.0, grad)
+        else:
+            g_hi = grad * me
+            g_lo = grad - g_hi
+            if ctx.needs_input_grad[6]:
+                diff = _fq(w, se_hi, qn_hi, qp_hi, b_hi) - _fq(w, se_lo, qn_lo, qp_lo, b_lo)
+                gmask = _segment_sum(grad * diff, seg, n_seg)
+        gw_hi, gs_hi = _fq_grads(g_hi, w, se_hi, qn_hi, qp_hi, b_hi)
+        gw_lo, gs_lo = _fq_grads(g_lo, w, se_lo, qn_lo, qp_lo, b_lo)
+        return (gw_hi + gw_lo, None, _segment_sum(gs_hi, seg, n_seg) * t_hi[:, 3], None,
+                _segment_sum(gs_lo, seg, n_seg) * t_lo[:, 3], None, gmask, None, None)
+
+
+def segment_quantize(w: Tensor, seg: Tensor, s_hi: Tensor, t_hi: Tensor, s_lo: Tensor | None = None,
+                     t_lo: Tensor | None = None, mask: Tensor | None = None, hard: bool = False,
+                     has_binary: bool = True) -> Tensor:
+    """Segment-wise LSQ fake quantization of the flat ``w`` (see :class:`_SegmentQuant`): ``seg`` gives each
+    element's segment, ``s_*`` ``[segments]`` the steps, ``t_*`` ``[segments, 4]`` (Qn, Qp, 1-bit flag, LSQ
+    gradient factor); with ``s_lo``/``t_lo``/``mask`` the mix of two quantizers. ``has_binary=False`` skips the 1-bit
+    branch (no segment is 1-bit)."""
+    return _SegmentQuant.apply(w, seg, s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary)
+
+
+# ----------------------------------------------------------------------------- groups of layers
+def vectorizable(q: SDQWeightQuantizer) -> bool:
+    """Whether a searching quantizer can join a batched group (progressive reading, elementwise estimator)."""
+    return q.reading == "progressive" and getattr(q._estimator, "vectorized", False)
+
+
+class _Group:
+    """Layers quantized together: constant index tensors built once (host arithmetic), on the weights' device."""
+
+    def __init__(self, layers: list[nn.Module], frozen: bool) -> None:
+        self.layers = layers
+        self.quantizers: list[SDQWeightQuantizer] = [m.weight_quant for m in layers]
+        self.frozen = frozen
+        w0 = layers[0].weight
+        dev = w0.device
+        self.sizes = [m.weight.numel() for m in layers]
+        self.shapes = [m.weight.shape for m in layers]
+        segs, seg_layer, tables = [], [], []
+        base = 0
+        for li, (m, q) in enumerate(zip(layers, self.quantizers)):
+            q._ensure_table(m.weight)
+            n_seg = m.weight.shape[0] if q.per_channel else 1
+            per = m.weight.numel() // n_seg
+            segs.append(torch.arange(base, base + n_seg, device=dev).repeat_interleave(per))
+            seg_layer += [li] * n_seg
+            tables.append(q.lsq_table)
+            base += n_seg
+        self.n_seg = base
+        self.seg = torch.cat(segs)
+        self.seg_layer = torch.tensor(seg_layer, dtype=torch.long, device=dev)
+        # [layers, candidates, 4] rows (Qn, Qp, grad factor, 1-bit) reordered to (Qn, Qp, 1-bit, grad factor)
+        self.has_binary = any(q.candidates[0] == 1 for q in self.quantizers)
+        if frozen:
+            rows = [t[q._frozen_index] for t, q in zip(tables, self.quantizers)]
+            self.has_binary = any(q.candidates[q._frozen_index] == 1 for q in self.quantizers)
+            t = torch.stack(rows)[:, [0, 1, 3, 2]].to(dev)
+            self.table = t.index_select(0, self.seg_layer).to(w0.dtype)  # [segments, 4], constant
+            return
+        self.table = torch.stack(tables)[:, :, [0, 1, 3, 2]].to(device=dev, dtype=w0.dtype)  # [L, n, 4]
+        self.keys = torch.tensor([q._key for q in self.quantizers], dtype=torch.long, device=dev)
+        self.n = len(self.quantizers[0].candidates)
+        self.estimator = self.quantizers[0]._estimator
+        self.mix_eps = self.quantizers[0].mix_eps
+        self.arange = torch.arange(len(layers), device=dev)
+
+    def _flat(self) -> Tensor:
+        return torch.cat([m.weight.reshape(-1) for m in self.layers])
+
+    def _split(self, out: Tensor) -> list[Tensor]:
+        return [o.view(shape) for o, shape in zip(out.split(self.sizes), self.shapes)]
+
+    def run_frozen(self, training: bool) -> list[Tensor]:
+        qs = self.quantizers
+        steps = torch.cat([q.steps[q._frozen_index].reshape(-1) for q in qs])
+        w = self._flat()
+        out = segment_quantize(w, self.seg, steps.to(w.dtype), self.table, has_binary=self.has_binary)
+        if training and torch.is_grad_enabled() and _distributed():
+            # keep the frozen DBPs in the graph (zero gradient), as each quantizer's forward does
+            dbps = [q.dbp.sum() for q in qs if q.dbp.requires_grad]
+            if dbps:
+                out = out + 0.0 * torch.stack(dbps).sum().to(out.dtype)
+        return self._split(out)
+
+    def run_search(self, training: bool) -> list[Tensor]:
+        qs = self.quantizers
+        if training:
+            torch._foreach_add_([q.draw_step for q in qs], 1)
+        levels = torch.stack([q.level for q in qs])                         # [L]
+        lo_i = (levels - 1).clamp_min(0)
+        at_bottom = levels == 0
+        dbp = torch.stack([q.dbp for q in qs])                              # [L, n], differentiable
+        steps = torch.cat([q.steps.view(self.n, -1) for q in qs], dim=1)    # [n, segments], differentiable
+        w = self._flat()
+        hi_seg, lo_seg = levels.index_select(0, self.seg_layer), lo_i.index_select(0, self.seg_layer)
+        s_hi = steps.gather(0, hi_seg.view(1, -1)).view(-1).to(w.dtype)
+        s_lo = steps.gather(0, lo_seg.view(1, -1)).view(-1).to(w.dtype)
+        t_hi = self.table[self.arange, levels].index_select(0, self.seg_layer)
+        t_lo = self.table[self.arange, lo_i].index_select(0, self.seg_layer)
+        if not training:  # evaluation: the current deterministic decision
+            take = (dbp.detach().gather(1, levels.view(-1, 1)).view(-1) >= 0.5) | at_bottom
+            torch._foreach_copy_([q.last_index for q in qs], torch.where(take, levels, lo_i).unbind(0))
+            mask = take.to(w.dtype).index_select(0, self.seg_layer)
+            out = segment_quantize(w, self.seg, s_hi, t_hi, s_lo, t_lo, mask, hard=True, has_binary=self.has_binary)
+            return self._split(out)
+        beta = _ste_clamp01(dbp.gather(1, levels.view(-1, 1)).view(-1))
+        u = counter_uniform_many(self.keys, torch.stack([q.draw_step for q in qs]))
+        temperature = torch.stack([q.temperature for q in qs])
+        mixed = self.mix_eps + (1.0 - 2.0 * self.mix_eps) * beta
+        hard, soft = self.estimator.progressive(beta, mixed, u, temperature)
+        mask = hard + soft - soft.detach()
+        mask = torch.where(at_bottom, torch.ones_like(mask), mask)
+        torch._foreach_copy_([q.last_index for q in qs], torch.where(hard.bool() | at_bottom, levels, lo_i).unbind(0))
+        out = segment_quantize(w, self.seg, s_hi, t_hi, s_lo, t_lo, mask.to(w.dtype).index_select(0, self.seg_layer),
+                               hard=False, has_binary=self.has_binary)
+        return self._split(out)
+
+
+# ----------------------------------------------------------------------------- the network wrapper
+class BatchedWeights:
+    """Installed as ``net.forward`` (on the instance): quantizes the weights of every batchable layer in one pass,
+    then runs the network's own forward, whose layers take their precomputed weight (see the module docstring).
+
+    Args:
+        net: the network holding :class:`~sdq_lightning.modules.QuantConv2d` / ``QuantLinear`` layers.
+        enabled: off = the network's own forward, unchanged (``enabled`` may be switched at any time).
+    """
+
+    def __init__(self, net: nn.Module, enabled: bool = True) -> None:
+        from sdq_lightning.modules.layers import is_quant_layer
+
+        if "forward" in vars(net):
+            raise ValueError(f"{type(net).__name__}.forward is already replaced on the instance (another wrapper); "
+                             f"BatchedWeights needs the class's own forward")
+        self.net, self.enabled = net, bool(enabled)
+        self.layers = [m for m in net.modules() if is_quant_layer(m)]
+        self._key: tuple | None = None
+        self._groups: list[_Group] = []
+        self.builds = 0  # how many times the groups were built (once, then at each freeze)
+        net.forward = self
+
+    def _state_key(self) -> tuple:
+        first = self.layers[0].weight if self.layers else None
+        return (None if first is None else (first.device, first.dtype),
+                tuple((m.weight_quant, m.weight, None if m.weight_quant is None else m.weight_quant._frozen_index)
+                      for m in self.layers))
+
+    def groups(self) -> list[_Group]:
+        """The batched groups for the quantizers' current state (rebuilt when a layer froze or was replaced)."""
+        key = self._state_key()
+        if key != self._key:
+            # built as normal tensors even when the first call is an evaluation under inference mode: training
+            # saves them for backward later, which inference tensors cannot be
+            with torch.inference_mode(False), torch.no_grad():
+                self._groups = self._build()
+            self._key = key
+            self.builds += 1
+        return self._groups
+
+    def _build(self) -> list[_Group]:
+        if not self.layers:
+            return []
+        dtype = self.layers[0].weight.dtype
+        frozen, search = [], {}
+        for m in self.layers:
+            q = m.weight_quant
+            if q is None or m.weight.dtype != dtype:
+                continue
+            if q.frozen:
+                frozen.append(m)
+            elif vectorizable(q):
+                search.setdefault((len(q.candidates), q.estimator, q.mix_eps), []).append(m)
+        out = [_Group(ms, frozen=False) for ms in search.values()]
+        if frozen:
+            out.append(_Group(frozen, frozen=True))
+        return out
+
+    def prepare(self) -> list[nn.Module]:
+        """Compute the batched weights and hand each layer its own (taken by its next forward). Returns the layers
+        that received one."""
+        training = self.net.training
+        given = []
+        for g in self.groups():
+            outs = g.run_frozen(training) if g.frozen else g.run_search(training)
+            for m, wq in zip(g.layers, outs):
+                m._batched_weight = wq
+            given += g.layers
+        return given
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled or torch.compiler.is_compiling():
+            return type(self.net).forward(self.net, *args, **kwargs)
+        given = self.prepare()
+        try:
+            return type(self.net).forward(self.net, *args, **kwargs)
+        finally:
+            for m in given:  # a layer the forward did not reach must not keep a stale weight
+                m._batched_weight = None
+
+    def remove(self) -> None:
+        """Give the network its own forward back."""
+        if vars(self.net).get("forward") is self:
+            del self.net.forward
+
+
+def batch_weights(net: nn.Module, enabled: bool = True) -> BatchedWeights:
+    """Install :class:`BatchedWeights` on ``net`` (or return the one already there)."""
+    current = vars(net).get("forward")
+    if isinstance(current, BatchedWeights):
+        current.enabled = bool(enabled)
+        return current
+    return BatchedWeights(net, enabled)
