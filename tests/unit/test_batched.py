@@ -122,7 +122,8 @@ def test_batched_equals_per_layer_frozen_mixed_bits_with_binary_and_activations(
         a(x)
         b(x)  # the activation quantizers' initialisation reads data
     _assert_same(a, b, x, steps=2)
-    assert [g.frozen for g in bw.groups()] == [True]
+    assert [g.frozen for g in bw.groups()] == [True, True]  # multi-bit and 1-bit layers apart
+    assert [g.has_binary for g in bw.groups()] == [False, "all"]
 
 
 def test_groups_follow_the_freeze_and_unbatchable_layers_run_their_own_forward(monkeypatch):

@@ -39,36 +39,57 @@ __all__ = ["BatchedWeights", "batch_weights", "segment_quantize"]
 
 
 # ----------------------------------------------------------------------------- the flat kernel
-def _expand(seg: Tensor, s: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per element: step, Qn, Qp and the 1-bit flag of its segment."""
+def _expand(seg: Tensor, s: Tensor, table: Tensor,
+            has_binary: bool | str) -> tuple[Tensor, Tensor, Tensor, Tensor | bool | None]:
+    """Per element: step, Qn, Qp and (when a segment may be 1-bit) the 1-bit flag of its segment (``Qn == -1``: the
+    1-bit grid is the only one with ``Qn = -1``). Three contiguous gathers; a ``[N, 4]`` row gather cost more."""
     se = s.index_select(0, seg)
-    te = table.index_select(0, seg)
-    return se, te[:, 0], te[:, 1], te[:, 2] > 0
+    qn = table[:, 0].contiguous().index_select(0, seg)
+    qp = table[:, 1].contiguous().index_select(0, seg)
+    if has_binary == "all":  # every segment 1-bit (a frozen group): no per-element choice at all
+        return se, qn, qp, True
+    return se, qn, qp, (qn == -1) if has_binary else None
 
 
-def _fq(w: Tensor, s: Tensor, qn: Tensor, qp: Tensor, binary: Tensor | None) -> Tensor:
-    """The values of ``_FakeQuant`` (``x * (1/s)`` for the codes, ``x / s`` for the sign), elementwise."""
-    multi = torch.round(torch.clamp(w * (1.0 / s), qn, qp)) * s
-    if binary is None:
-        return multi
-    sign = torch.where(w / s >= 0, 1.0, -1.0).to(w.dtype) * s
-    return torch.where(binary, sign, multi)
+def _codes(w: Tensor, s: Tensor, qn: Tensor, qp: Tensor) -> tuple[Tensor, Tensor]:
+    """``v = x * (1/s)`` (as PyTorch's fake quantization) and the clamped, rounded codes."""
+    v = w * (1.0 / s)
+    return v, torch.round(torch.clamp(v, qn, qp))
 
 
-def _fq_grads(grad: Tensor, w: Tensor, s: Tensor, qn: Tensor, qp: Tensor,
+def _value(v: Tensor, r: Tensor, s: Tensor, binary: Tensor | None) -> Tensor:
+    """The values of ``_FakeQuant``: the codes times the step; a 1-bit element's code is the sign of the same
+    quotient (``_FakeQuant`` tests ``x / s >= 0``: the same sign, ``s > 0``), and ``where(b, sign * s, code * s)``
+    multiplies the same numbers as ``where(b, sign, code) * s``."""
+    if binary is True:
+        return torch.where(v >= 0, 1.0, -1.0).to(v.dtype) * s
+    if binary is not None:
+        r = torch.where(binary, torch.where(v >= 0, 1.0, -1.0).to(v.dtype), r)
+    return r * s
+
+
+def _fq(w: Tensor, s: Tensor, qn: Tensor, qp: Tensor, binary: Tensor | bool | None) -> Tensor:
+    if binary is True:
+        return _value(w * (1.0 / s), None, s, True)
+    return _value(*_codes(w, s, qn, qp), s, binary)
+
+
+def _fq_grads(grad: Tensor, w: Tensor, v: Tensor, r: Tensor, s: Tensor, qn: Tensor, qp: Tensor,
               binary: Tensor | None) -> tuple[Tensor, Tensor]:
     """Per element: the weight gradient and the step gradient (before the segment sum and the LSQ factor), as
-    ``_FakeQuant.backward``."""
-    v = w * (1.0 / s)
-    inside = (v > qn) & (v < qp)
-    gx = grad * inside
-    gs = grad * (torch.round(torch.clamp(v, qn, qp)) - v * inside)
-    if binary is None:
-        return gx, gs
+    ``_FakeQuant.backward``, from the codes ``(v, r)`` of :func:`_codes`."""
+    if binary is not True:
+        inside = (v > qn) & (v < qp)
+        gx = grad * inside
+        gs = grad * (r - v * inside)
+        if binary is None:
+            return gx, gs
     u = w / s
     near = u.abs() <= 1
     bx = grad * near
     bs = grad * (torch.where(u >= 0, 1.0, -1.0).to(u.dtype) - u * near)
+    if binary is True:
+        return bx, bs
     return torch.where(binary, bx, gx), torch.where(binary, bs, gs)
 
 
@@ -88,13 +109,11 @@ class _SegmentQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, seg, s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary):  # noqa: D102
         ctx.save_for_backward(w, seg, s_hi, t_hi, s_lo, t_lo, mask)
-        ctx.flags = (s_lo is not None, bool(hard), bool(has_binary))
-        se, qn, qp, b = _expand(seg, s_hi, t_hi)
-        hi = _fq(w, se, qn, qp, b if has_binary else None)
+        ctx.flags = (s_lo is not None, bool(hard), has_binary)
+        hi = _fq(w, *_expand(seg, s_hi, t_hi, has_binary))
         if s_lo is None:
             return hi
-        se, qn, qp, b = _expand(seg, s_lo, t_lo)
-        lo = _fq(w, se, qn, qp, b if has_binary else None)
+        lo = _fq(w, *_expand(seg, s_lo, t_lo, has_binary))
         me = mask.index_select(0, seg)
         if hard:
             return torch.where(me > 0.5, hi, lo)
@@ -105,13 +124,13 @@ class _SegmentQuant(torch.autograd.Function):
         w, seg, s_hi, t_hi, s_lo, t_lo, mask = ctx.saved_tensors
         mixed, hard, has_binary = ctx.flags
         n_seg = s_hi.shape[0]
-        se_hi, qn_hi, qp_hi, b_hi = _expand(seg, s_hi, t_hi)
-        b_hi = b_hi if has_binary else None
+        se_hi, qn_hi, qp_hi, b_hi = _expand(seg, s_hi, t_hi, has_binary)
+        v_hi, r_hi = _codes(w, se_hi, qn_hi, qp_hi) if b_hi is not True else (None, None)
         if not mixed:
-            gw, gs = _fq_grads(grad, w, se_hi, qn_hi, qp_hi, b_hi)
+            gw, gs = _fq_grads(grad, w, v_hi, r_hi, se_hi, qn_hi, qp_hi, b_hi)
             return gw, None, _segment_sum(gs, seg, n_seg) * t_hi[:, 3], None, None, None, None, None, None
-        se_lo, qn_lo, qp_lo, b_lo = _expand(seg, s_lo, t_lo)
-        b_lo = b_lo if has_binary else None
+        se_lo, qn_lo, qp_lo, b_lo = _expand(seg, s_lo, t_lo, has_binary)
+        v_lo, r_lo = _codes(w, se_lo, qn_lo, qp_lo)
         me = mask.index_select(0, seg)
         gmask = None
         if hard:
@@ -121,21 +140,21 @@ class _SegmentQuant(torch.autograd.Function):
             g_hi = grad * me
             g_lo = grad - g_hi
             if ctx.needs_input_grad[6]:
-                diff = _fq(w, se_hi, qn_hi, qp_hi, b_hi) - _fq(w, se_lo, qn_lo, qp_lo, b_lo)
+                diff = _value(v_hi, r_hi, se_hi, b_hi) - _value(v_lo, r_lo, se_lo, b_lo)
                 gmask = _segment_sum(grad * diff, seg, n_seg)
-        gw_hi, gs_hi = _fq_grads(g_hi, w, se_hi, qn_hi, qp_hi, b_hi)
-        gw_lo, gs_lo = _fq_grads(g_lo, w, se_lo, qn_lo, qp_lo, b_lo)
+        gw_hi, gs_hi = _fq_grads(g_hi, w, v_hi, r_hi, se_hi, qn_hi, qp_hi, b_hi)
+        gw_lo, gs_lo = _fq_grads(g_lo, w, v_lo, r_lo, se_lo, qn_lo, qp_lo, b_lo)
         return (gw_hi + gw_lo, None, _segment_sum(gs_hi, seg, n_seg) * t_hi[:, 3], None,
                 _segment_sum(gs_lo, seg, n_seg) * t_lo[:, 3], None, gmask, None, None)
 
 
 def segment_quantize(w: Tensor, seg: Tensor, s_hi: Tensor, t_hi: Tensor, s_lo: Tensor | None = None,
                      t_lo: Tensor | None = None, mask: Tensor | None = None, hard: bool = False,
-                     has_binary: bool = True) -> Tensor:
+                     has_binary: bool | str = True) -> Tensor:
     """Segment-wise LSQ fake quantization of the flat ``w`` (see :class:`_SegmentQuant`): ``seg`` gives each
     element's segment, ``s_*`` ``[segments]`` the steps, ``t_*`` ``[segments, 4]`` (Qn, Qp, 1-bit flag, LSQ
     gradient factor); with ``s_lo``/``t_lo``/``mask`` the mix of two quantizers. ``has_binary=False`` skips the 1-bit
-    branch (no segment is 1-bit)."""
+    branch (no segment is 1-bit), ``"all"`` the multi-bit one (every segment is)."""
     return _SegmentQuant.apply(w, seg, s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary)
 
 
@@ -173,7 +192,8 @@ class _Group:
         self.has_binary = any(q.candidates[0] == 1 for q in self.quantizers)
         if frozen:
             rows = [t[q._frozen_index] for t, q in zip(tables, self.quantizers)]
-            self.has_binary = any(q.candidates[q._frozen_index] == 1 for q in self.quantizers)
+            one_bit = [q.candidates[q._frozen_index] == 1 for q in self.quantizers]
+            self.has_binary = "all" if all(one_bit) else any(one_bit)
             t = torch.stack(rows)[:, [0, 1, 3, 2]].to(dev)
             self.table = t.index_select(0, self.seg_layer).to(w0.dtype)  # [segments, 4], constant
             return
@@ -291,8 +311,10 @@ class BatchedWeights:
             elif vectorizable(q):
                 search.setdefault((len(q.candidates), q.estimator, q.mix_eps), []).append(m)
         out = [_Group(ms, frozen=False) for ms in search.values()]
-        if frozen:
-            out.append(_Group(frozen, frozen=True))
+        # frozen layers in two groups, multi-bit and 1-bit: neither then computes the other's branch for every weight
+        for ms in ([m for m in frozen if m.weight_quant.bits > 1], [m for m in frozen if m.weight_quant.bits == 1]):
+            if ms:
+                out.append(_Group(ms, frozen=True))
         return out
 
     def prepare(self) -> list[nn.Module]:
@@ -316,6 +338,12 @@ class BatchedWeights:
         finally:
             for m in given:  # a layer the forward did not reach must not keep a stale weight
                 m._batched_weight = None
+
+    def __getstate__(self) -> dict:
+        # a pickled network (torch.save of the whole module) carries the switch, not the cached index tensors
+        state = dict(self.__dict__)
+        state["_key"], state["_groups"] = None, []
+        return state
 
     def remove(self) -> None:
         """Give the network its own forward back."""
