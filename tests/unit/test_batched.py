@@ -315,3 +315,22 @@ def test_a_metric_not_declared_linear_takes_the_per_layer_sum():
 
 def prof_items(net):
     return sq.profile_model(net, torch.randn(1, 3, 32, 32)).items()
+
+
+def test_stacked_expected_bits_equals_each_quantizer():
+    from sdq_lightning.quantizers.sdq import stacked_expected_bits
+
+    net = _net()
+    qs = [q for q in _quantizers(net) if not q.frozen]
+    with torch.no_grad():
+        qs[0].dbp[qs[0].current_level] = 1.3  # outside [0, 1]: clamped in value, identity gradient, as per layer
+    qs[1].set_level(0)
+    stacked = stacked_expected_bits(qs)
+    each = torch.stack([q.expected_bits() for q in qs])
+    assert torch.equal(stacked, each)
+    dbps = [q.dbp for q in qs]
+    for a, b in zip(torch.autograd.grad(stacked.sum(), dbps), torch.autograd.grad(each.sum(), dbps)):
+        assert torch.equal(a, b)
+    cascade = SDQWeightQuantizer((2, 4, 8), reading="cascade", weight=torch.randn(4, 4))
+    assert stacked_expected_bits(qs + [cascade]) is None
+    assert stacked_expected_bits(qs[:1] + [_quantizers(net)[0]]) is None  # a frozen (fixed 8-bit) stem

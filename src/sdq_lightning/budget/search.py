@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from sdq_lightning.budget.cost import Budget, LayerCost, cost_of, is_linear
 from sdq_lightning.budget.profile import LayerProfile
+from sdq_lightning.quantizers.sdq import stacked_expected_bits
 from sdq_lightning.surgery import quant_layers
 
 __all__ = ["PENALTIES", "CostModel", "budget_penalty", "project_to_budget", "quantization_mse"]
@@ -78,14 +79,7 @@ class CostModel:
         if terms is None:
             return None
         c0, coef, table, qs = terms
-        dbp = torch.stack([q.dbp for q in qs])
-        hi = torch.stack([q.level for q in qs]).view(-1, 1)
-        lo = (hi - 1).clamp_min(0)
-        b_hi, b_lo = table.gather(1, hi), table.gather(1, lo)
-        beta = dbp.gather(1, hi)
-        beta = beta + (beta.clamp(0.0, 1.0) - beta).detach()  # as the quantizer's live DBP: identity gradient
-        bits = (b_lo + (b_hi - b_lo) * beta).view(-1)
-        return c0 + (coef * bits).sum()
+        return c0 + (coef * stacked_expected_bits(qs, table)).sum()
 
     def _linear_terms(self, metric: str):
         qs, names = [], []

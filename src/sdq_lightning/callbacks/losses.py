@@ -130,9 +130,13 @@ class AddedLosses:
     def after_backward(self) -> None:
         """Add the EBR gradients prepared in :meth:`before_backward` to ``.grad``."""
         with torch.no_grad():
+            into, add = [], []
             for p, g in self._extra_grads:
                 if p.grad is None:
                     p.grad = g.to(p.dtype).clone()
                 else:
-                    p.grad.add_(g.to(p.grad.dtype))
+                    into.append(p.grad)
+                    add.append(g.to(p.grad.dtype))
+            if into:  # one multi-tensor add (a few kernels on a GPU), not one per layer
+                torch._foreach_add_(into, add)
         self._extra_grads = []

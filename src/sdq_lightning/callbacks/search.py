@@ -27,6 +27,7 @@ from torch import Tensor
 from sdq_lightning.budget import Budget, CostModel, budget_penalty, project_to_budget
 from sdq_lightning.budget.search import quantization_mse
 from sdq_lightning.quantizers.optim import DBPOptimizer
+from sdq_lightning.quantizers.sdq import stacked_expected_bits
 
 __all__ = ["BUDGET_CONTROLS", "PROJECTION_SENSITIVITIES", "SEARCH_SIGNALS", "BitSearch"]
 
@@ -181,8 +182,10 @@ class BitSearch:
         if self.steps_done % every == 0 or self.steps_done == 1:
             with torch.no_grad():
                 control = opt.multiplier if self.control == "dual" else objective.detach()
-                row = torch.stack([q.expected_bits().detach().float() for q in self.quantizers] +
-                                  [expected.detach().float(), control.float()])
+                bits = stacked_expected_bits(self.quantizers)  # one pass; per layer for cascade/mixed sets
+                if bits is None:
+                    bits = torch.stack([q.expected_bits() for q in self.quantizers])
+                row = torch.cat([bits.detach().float(), torch.stack([expected.detach().float(), control.float()])])
             self._trace_buf.append((self.steps_done, row))
         terms = {"expected_cost": expected.detach(), "budget_schedule": torch.tensor(nxt)}
         if self.control == "dual":

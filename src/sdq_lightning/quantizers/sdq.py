@@ -56,7 +56,7 @@ from sdq_lightning.quantizers.functional import (
     weight_step_init,
 )
 
-__all__ = ["ESTIMATORS", "READINGS", "SDQWeightQuantizer", "validate_candidates"]
+__all__ = ["ESTIMATORS", "READINGS", "SDQWeightQuantizer", "stacked_expected_bits", "validate_candidates"]
 
 READINGS = ("progressive", "cascade")
 ESTIMATORS = ("gumbel", "ste")  # the built-in estimators; estimator_names() lists every registered one
@@ -473,3 +473,21 @@ class SDQWeightQuantizer(nn.Module):
         # the chosen candidate carries gradient to the weight and its step; the others reach the DBPs through the mask
         out = (hard.to(w.dtype).view(shape) * qs).sum(0)
         return out + ((mask - hard.to(w.dtype)).view(shape) * qs.detach()).sum(0)
+
+
+def stacked_expected_bits(quantizers: Sequence[SDQWeightQuantizer], table: Tensor | None = None) -> Tensor | None:
+    """Every quantizer's :meth:`~SDQWeightQuantizer.expected_bits` as one ``[layers]`` tensor from one stacked pass
+    (differentiable w.r.t. the DBPs, equal per layer): a dozen kernels in all instead of a dozen per layer. None
+    unless every quantizer searches progressively over the same number of candidates. ``table``: the stacked
+    ``bits_table`` rows (``[layers, candidates]``), when the caller keeps them."""
+    if not quantizers or any(q.frozen or q.reading != "progressive" for q in quantizers) or \
+            len({len(q.candidates) for q in quantizers}) != 1:
+        return None
+    dbp = torch.stack([q.dbp for q in quantizers])
+    if table is None:
+        table = torch.stack([q.bits_table for q in quantizers]).to(dbp.dtype)
+    hi = torch.stack([q.level for q in quantizers]).view(-1, 1)
+    lo = (hi - 1).clamp_min(0)
+    b_hi, b_lo = table.gather(1, hi), table.gather(1, lo)
+    beta = _ste_clamp01(dbp.gather(1, hi))  # the live DBP, as each quantizer reads it
+    return (b_lo + (b_hi - b_lo) * beta).view(-1)

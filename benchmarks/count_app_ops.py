@@ -1,0 +1,149 @@
+"""Operations one Lightning training step issues, per hook: the FP classifier, and the SDQ callback searching and
+frozen (KD from an FP teacher, EBR), as the paper row runs them (ResNet20, FP activations, bf16-mixed).
+
+Under CUDA graphs (the app's default on one GPU) the network's forward and backward replay as two launches; what
+the hooks around them issue stays eager and is launched one kernel at a time. This counts, on the CPU, the
+operations that launch work (``benchmarks/count_ops.py``'s rule: allocations, views and no-op conversions left out, a
+``_foreach_`` op once), attributed to the innermost Lightning hook they run in (a profiler that marks every hook with
+``torch.profiler.record_function``), averaged over ``--steps`` steps after ``--skip`` warm-up steps of each phase.
+
+    python benchmarks/count_app_ops.py [--batch 8] [--steps 4] [--batched both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+import count_ops  # noqa: E402
+
+from sdq_lightning import SDQ, SDQClassifier  # noqa: E402
+
+NETWORK = ("training_step", "backward")  # the hooks whose work CUDA graphs replay (plus the loss around it)
+
+
+class _Marks(pl.profilers.Profiler):
+    """Marks every Lightning hook with a ``record_function`` of its name (Lightning's own names)."""
+
+    def start(self, action_name: str) -> None:  # noqa: D102
+        pass
+
+    def stop(self, action_name: str) -> None:  # noqa: D102
+        pass
+
+    @contextmanager
+    def profile(self, action_name: str):  # noqa: D102
+        with torch.profiler.record_function(action_name):
+            yield
+
+    def summary(self) -> str:  # noqa: D102
+        return ""
+
+
+class _Window(pl.Callback):
+    """Profiles the training steps ``skip .. skip + steps - 1`` of every epoch (first in the callback list: the
+    window opens before the other callbacks' batch-start hooks and closes before the next batch's)."""
+
+    def __init__(self, skip: int, steps: int) -> None:
+        self.skip, self.steps = skip, steps
+        self.counts: dict[int, Counter] = {}
+        self._prof = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        if batch_idx == self.skip:
+            self._prof = profile(activities=[ProfilerActivity.CPU])
+            self._prof.__enter__()
+        elif batch_idx == self.skip + self.steps and self._prof is not None:
+            self._close(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
+        if self._prof is not None:
+            self._close(trainer.current_epoch)
+
+    def _close(self, epoch: int) -> None:
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        counts: Counter = Counter()
+        for e in prof.events():
+            if e.cpu_parent is None:
+                _attribute(e, None, counts)
+        self.counts[epoch] = counts
+
+
+def _attribute(e, hook: str | None, counts: Counter) -> None:
+    name = e.name
+    if name.startswith("[") and "]" in name:  # "[Callback]SDQ{...state key...}.on_before_backward" -> "SDQ.on_..."
+        kind, rest = name[1:].split("]", 1)
+        owner = rest.rsplit(".", 1)[0].split("{", 1)[0] if kind == "Callback" else kind
+        hook = f"{owner}.{rest.rsplit('.', 1)[-1]}"
+    if name.startswith("aten::"):
+        ops: list = []
+        count_ops._launching(e, ops)
+        counts[hook or "(outside the hooks)"] += len(ops)
+        return
+    for c in e.cpu_children:
+        _attribute(c, hook, counts)
+
+
+def run(batch: int, skip: int, steps: int, sdq: bool, batched: bool = True) -> dict[int, Counter]:
+    pl.seed_everything(0, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    n = batch * (skip + steps + 1)
+    data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    model = SDQClassifier("resnet20", lr=0.05)
+    window = _Window(skip, steps)
+    callbacks: list = [window]
+    epochs = 1
+    if sdq:
+        teacher = copy.deepcopy(model)
+        callbacks.append(SDQ(weight_bits=tuple(range(1, 9)), activation_bits=None, search_epochs=1,
+                             budget={"metric": "avg_bits", "target": 1.93}, teacher=teacher, ebr_weight=0.1,
+                             batched=batched, guard=False))
+        epochs = 2
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, precision="bf16-mixed", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         profiler=_Marks(), callbacks=callbacks, num_sanity_val_steps=0)
+    trainer.fit(model, DataLoader(data, batch_size=batch))
+    return window.counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--skip", type=int, default=3, help="warm-up steps of each epoch before the counted ones")
+    ap.add_argument("--steps", type=int, default=4, help="steps counted per epoch (the average is printed)")
+    ap.add_argument("--batched", choices=("on", "off", "both"), default="both",
+                    help="SDQ(batched=...): the batched weight pass (on, the default), per layer (off), or both")
+    ap.add_argument("--top", type=int, default=12, help="hooks listed per run (by operations)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    runs = {"fp": run(args.batch, args.skip, args.steps, sdq=False)[0]}
+    for b in ({"on": [True], "off": [False], "both": [True, False]}[args.batched]):
+        counts = run(args.batch, args.skip, args.steps, sdq=True, batched=b)
+        suffix = "" if b else " (per layer)"
+        runs["sdq search" + suffix], runs["sdq frozen" + suffix] = counts[0], counts[1]
+    print(f"torch {torch.__version__}, ResNet20, batch {args.batch}, bf16-mixed, FP activations, KD + EBR 0.1 in "
+          f"SDQ's phase 2; operations that launch work per training step (mean of {args.steps} steps)\n")
+    print("| run | network: training_step + backward | everything else (eager under CUDA graphs) | total |")
+    print("|---|---:|---:|---:|")
+    for name, c in runs.items():
+        net = sum(v for k, v in c.items() if k.endswith(NETWORK))
+        total = sum(c.values())
+        print(f"| {name} | {net / args.steps:.0f} | {(total - net) / args.steps:.0f} | {total / args.steps:.0f} |")
+    for name, c in runs.items():
+        top = ", ".join(f"{k} {v / args.steps:.0f}" for k, v in c.most_common(args.top))
+        print(f"\n{name}: {top}")
+
+
+if __name__ == "__main__":
+    main()
