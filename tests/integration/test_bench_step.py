@@ -57,3 +57,20 @@ def test_count_ops_prints_every_part_and_the_quantized_steps_issue_more(tmp_path
     for mode in ("search", "frozen"):
         assert rows[mode][0] < rows[mode + "+pl"][0] and rows[mode][1] < rows[mode + "+pl"][1]
     assert int(ebr["frozen"]) < int(ebr["frozen+pl"]) and ebr["fp"] == "-"
+
+
+@pytest.mark.slow
+def test_count_app_ops_attributes_the_steps_to_hooks():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "count_app_ops.py"), "--batch", "2", "--skip", "1",
+                          "--steps", "1"], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {c[1].strip(): [int(v) for v in c[2:5]] for c in
+            (line.split("|") for line in out.stdout.splitlines() if line.startswith(("| fp", "| sdq")))}
+    assert set(rows) == {"fp", "sdq search", "sdq frozen", "sdq search (per layer)", "sdq frozen (per layer)"}
+    for net, rest, total in rows.values():
+        assert net > 0 and rest > 0 and total == net + rest
+    # the batched weight pass: fewer operations in the network's hooks, the same around them
+    assert rows["sdq search"][0] < rows["sdq search (per layer)"][0]
+    assert rows["sdq search"][1] == rows["sdq search (per layer)"][1]
+    assert "SDQ.on_before_optimizer_step" in out.stdout  # the DBP step, attributed to its hook
