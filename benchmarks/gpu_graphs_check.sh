@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 14, one device call (about 3-4 minutes on an H100/H200): CUDA graphs for the quantized training step
-# (sdq_lightning.modules.graphs.GraphedNetwork, what SDQ(compile="cuda-graphs") / sdq.compile=cuda-graphs runs).
+# Issue 14, one device call (at most about 8 minutes on an H100/H200: 150 + 170 + 2 x 75 s of timeouts): CUDA
+# graphs for the quantized training step (sdq_lightning.modules.graphs.GraphedNetwork, what SDQ(compile=
+# "cuda-graphs") / sdq.compile=cuda-graphs runs), with the batched weight pass (SDQ(batched=True), the default).
 #   1. the `gpu` tests: no host sync in eager and graphed search/frozen steps (per-layer and batched weights),
 #      graphed steps against eager ones, the SDQ callback with compile="cuda-graphs" (search, freeze, KD) against
 #      eager;
@@ -10,7 +11,7 @@
 #      data, an 8192-image subset, batch 256; FP 2 epochs, SDQ 1 search + 1 frozen epoch), in the same call so that
 #      their images/s compare: fp_app_metrics.json and app_metrics.json.
 # Before the call, HERE: bash experiments/gpu_wheels.sh && bash experiments/gpu_pack_data.sh
-# Device call: run(command="bash benchmarks/gpu_graphs_check.sh", carry=[".whl", ".data"], timeout_s=420)
+# Device call: run(command="bash benchmarks/gpu_graphs_check.sh", carry=[".whl", ".data"], timeout_s=500)
 # Writes into $OUT (or benchmarks/results/gpu_graphs/): log.txt, bench_step.md, bench_step.json, fp_app_metrics.json,
 # app_metrics.json.
 set -uo pipefail
@@ -41,10 +42,10 @@ if [[ -n "$ROOT" && "${APP:-1}" == 1 ]]; then
     dataset.download=false dataset.on_device=true dataset.subset=8192 dataset.val_subset=2048 dataset.batch_size=256
     fp_teacher.enabled=false model.init_checkpoint=checkpoints/resnet20_cifar10_fp.pt trainer.max_epochs=2
     trainer.enable_progress_bar=false logger=csv save_checkpoint=false run_test=false)
-  timeout "${APP_TIMEOUT:-90}" "$PY" -m sdq_lightning.train "${COMMON[@]}" sdq.enabled=false name=gpu_fp_app \
+  timeout "${APP_TIMEOUT:-75}" "$PY" -m sdq_lightning.train "${COMMON[@]}" sdq.enabled=false name=gpu_fp_app \
     hydra.run.dir=/tmp/gpu_fp_run
   cp /tmp/gpu_fp_run/metrics.json "$OUT_DIR/fp_app_metrics.json" 2>/dev/null || echo "no FP app metrics.json"
-  timeout "${APP_TIMEOUT:-90}" "$PY" -m sdq_lightning.train "${COMMON[@]}" sdq.teacher=checkpoints/resnet20_cifar10_fp.pt \
+  timeout "${APP_TIMEOUT:-75}" "$PY" -m sdq_lightning.train "${COMMON[@]}" sdq.teacher=checkpoints/resnet20_cifar10_fp.pt \
     sdq.teacher_arch=resnet20 sdq.ebr_weight=0.1 sdq.compile=cuda-graphs sdq.kernels=eager phase.search_epochs=1 \
     name=gpu_graphs hydra.run.dir=/tmp/gpu_graphs_run
   cp /tmp/gpu_graphs_run/metrics.json "$OUT_DIR/app_metrics.json" 2>/dev/null || echo "no app metrics.json"
