@@ -166,10 +166,13 @@ def test_a_failed_forward_leaves_no_stale_weight():
     assert all(m._batched_weight is None for m in sq.quant_layers(net).values())
 
 
-def test_batch_weights_is_idempotent_and_removable():
+def test_batch_weights_is_idempotent_refreshes_and_is_removable():
     net = _net()
     bw = batch_weights(net)
     assert batch_weights(net) is bw and vars(net)["forward"] is bw
+    old = net.layer1[0].conv1
+    net.layer1[0].conv1 = copy.deepcopy(old)  # a surgery that replaced a layer: a second call lists the new one
+    assert batch_weights(net) is bw and net.layer1[0].conv1 in bw.layers and old not in bw.layers
     batch_weights(net, enabled=False)
     assert not bw.enabled
     bw.remove()
@@ -305,7 +308,7 @@ def test_a_metric_not_declared_linear_takes_the_per_layer_sum():
         net = _net()
         cm = sq.CostModel(net, sq.profile_model(net, torch.randn(1, 3, 32, 32)))
         value = cm.expected("squares_test")
-        assert getattr(cm, "_linear_cache", None) is None
+        assert cm._linear_cache is None
         bits = {n: q.expected_bits() for n, q in ((n, m.weight_quant) for n, m in sq.quant_layers(net).items())}
         ref = sum(p.params * bits[n] ** 2 for n, p in prof_items(net))
         torch.testing.assert_close(value, ref)

@@ -36,6 +36,7 @@ class CostModel:
         weight_params = sum(p.params for p in profile.values())
         self.other_params = sum(t.numel() for n, t in model.named_parameters()
                                 if not n.endswith(("dbp", "steps", "step"))) - weight_params
+        self._linear_cache: tuple | None = None  # (key, terms) of the vectorised expected cost (_expected_linear)
 
     @staticmethod
     def _abits(layer: nn.Module | None) -> int | None:
@@ -72,7 +73,7 @@ class CostModel:
         if not is_linear(metric):
             return None
         key = (metric, self._linear_key())
-        cache = getattr(self, "_linear_cache", None)
+        cache = self._linear_cache
         if cache is None or cache[0] != key:
             cache = self._linear_cache = (key, self._linear_terms(metric))
         terms = cache[1]

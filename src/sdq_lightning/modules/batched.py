@@ -273,11 +273,18 @@ class BatchedWeights:
             raise ValueError(f"{type(net).__name__}.forward is already replaced on the instance (another wrapper); "
                              f"BatchedWeights needs the class's own forward")
         self.net, self.enabled = net, bool(enabled)
-        self.layers = [m for m in net.modules() if is_quant_layer(m)]
+        self._is_quant_layer = is_quant_layer
+        self.layers: list[nn.Module] = []
         self._key: tuple | None = None
         self._groups: list[_Group] = []
         self.builds = 0  # how many times the groups were built (once, then at each freeze)
+        self.refresh()
         net.forward = self
+
+    def refresh(self) -> None:
+        """List the network's quantized layers again (after a surgery that replaced some) and drop the groups."""
+        self.layers = [m for m in self.net.modules() if self._is_quant_layer(m)]
+        self._key, self._groups = None, []
 
     def _state_key(self) -> tuple:
         first = self.layers[0].weight if self.layers else None
@@ -352,9 +359,10 @@ class BatchedWeights:
 
 
 def batch_weights(net: nn.Module, enabled: bool = True) -> BatchedWeights:
-    """Install :class:`BatchedWeights` on ``net`` (or return the one already there)."""
+    """Install :class:`BatchedWeights` on ``net``, or refresh and return the one already there."""
     current = vars(net).get("forward")
-    if isinstance(current, BatchedWeights):
+    if isinstance(current, BatchedWeights):  # (the SDQ callback calls this at every setup: fit, validate, test)
         current.enabled = bool(enabled)
+        current.refresh()
         return current
     return BatchedWeights(net, enabled)
