@@ -14,7 +14,7 @@ from sdq_lightning.budget import (
     register_metric,
 )
 from sdq_lightning.checkpoint import load_quantized
-from sdq_lightning.modules import QuantConv2d, QuantLinear, get_kernels, set_kernels
+from sdq_lightning.modules import QuantConv2d, QuantLinear, batch_weights, get_kernels, set_kernels
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.surgery import QuantReport, QuantSpec, dequantize_model, quant_layers, quantize_model
 
@@ -33,6 +33,7 @@ __all__ = [
     "SDQ",
     "SDQClassifier",
     "SDQWeightQuantizer",
+    "batch_weights",
     "dequantize_model",
     "get_kernels",
     "load_quantized",
