@@ -66,3 +66,7 @@ def test_batched_ebr_equals_the_per_layer_sum(per_channel, weighting, entropy):
     for a, b in zip(torch.autograd.grad(batched, weights), torch.autograd.grad(ref, weights)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
     assert reg(layers[:0]).item() == 0.0
+    big = EntropyBinRegularizer(weighting, entropy)
+    big.batched_max_weights = 1000  # more weights than that: the per-layer form (bounded memory on large models)
+    torch.testing.assert_close(big(layers), ref, rtol=0, atol=0)
+    assert getattr(big, "_batched", None) is None

@@ -68,6 +68,10 @@ class EntropyBinRegularizer(nn.Module):
             raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight!r}")
         self.weighting = weighting
         self.entropy_weight = float(entropy_weight)
+        from sdq_lightning.modules.batched import CHUNK
+
+        self.batched_max_weights = CHUNK  # the one-pass form up to this many weights in all (see forward)
+        self._batched: tuple | None = None  # (key, _BatchedBins) for the current frozen layers
 
     def layer_factor(self, bits: int, occupancy: Tensor) -> float:
         f = {"uniform": 1.0, "inv_bits": 1.0 / bits, "inv_pow2": 1.0 / 2**bits}[self.weighting]
@@ -81,9 +85,13 @@ class EntropyBinRegularizer(nn.Module):
         layers = [m for m in layers if m.weight_quant is not None and m.weight_quant.frozen]
         if not layers:
             return torch.zeros(())
-        if len({(m.weight.device, m.weight.dtype) for m in layers}) == 1:
+        # one pass when every weight fits one chunk of the batched weights (a ResNet20: launches are what count);
+        # above, its autograd graph keeps several weight-sized tensors (a ResNet-18: about 650 MiB against 30-280
+        # per layer, docs/RESULTS.md section 20), and per-layer kernels are large enough for launches not to matter
+        small = sum(m.weight.numel() for m in layers) <= self.batched_max_weights
+        if small and len({(m.weight.device, m.weight.dtype) for m in layers}) == 1:
             key = tuple((m, m.weight, m.weight_quant, m.weight_quant._frozen_index) for m in layers)
-            cache = getattr(self, "_batched", None)
+            cache = self._batched
             if cache is None or cache[0] != key:
                 with torch.inference_mode(False), torch.no_grad():
                     cache = self._batched = (key, _BatchedBins(layers))

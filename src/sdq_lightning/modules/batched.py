@@ -93,59 +93,105 @@ def _fq_grads(grad: Tensor, w: Tensor, v: Tensor, r: Tensor, s: Tensor, qn: Tens
     return torch.where(binary, bx, gx), torch.where(binary, bs, gs)
 
 
-def _segment_sum(values: Tensor, seg: Tensor, n: int) -> Tensor:
-    """Per-segment sums, accumulated in float64 (an element-by-element float32 accumulation over a layer's tens of
+CHUNK = 1 << 20
+"""Elements per chunk of the flat pass. Its temporaries (a couple of dozen per element in backward) are bounded by
+the chunk, not by the model: a searched ResNet-18 (11M weights) in one piece peaked about 1 GB above the per-layer
+quantizers, in chunks of 2^20 as low as they (``benchmarks/mem_batched.py``, docs/RESULTS.md section 20). A ResNet20
+(270k weights) is one chunk, so its kernel count does not change."""
+
+
+def _chunks(n: int):
+    return [slice(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)] or [slice(0, 0)]
+
+
+def _accumulate(acc: Tensor, seg: Tensor, values: Tensor) -> None:
+    """Per-segment sums into a float64 accumulator (an element-by-element float32 accumulation over a layer's tens of
     thousands of weights drifted 1e-4 from the per-layer quantizer's sum; float64 is below float32 rounding)."""
-    out = torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, seg, values.double())
-    return out.to(values.dtype)
+    acc.index_add_(0, seg, values.double())
+
+
+def _forward_chunk(w, seg, s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary) -> Tensor:
+    hi = _fq(w, *_expand(seg, s_hi, t_hi, has_binary))
+    if s_lo is None:
+        return hi
+    lo = _fq(w, *_expand(seg, s_lo, t_lo, has_binary))
+    me = mask.index_select(0, seg)
+    if hard:
+        return torch.where(me > 0.5, hi, lo)
+    return lo + me * (hi - lo)
+
+
+def _backward_chunk(grad, w, seg, s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary, acc_hi, acc_lo,
+                    acc_mask) -> Tensor:
+    """The weight gradient of one chunk; the step (and mask) gradients accumulate per segment."""
+    se_hi, qn_hi, qp_hi, b_hi = _expand(seg, s_hi, t_hi, has_binary)
+    v_hi, r_hi = _codes(w, se_hi, qn_hi, qp_hi) if b_hi is not True else (None, None)
+    if s_lo is None:
+        gw, gs = _fq_grads(grad, w, v_hi, r_hi, se_hi, qn_hi, qp_hi, b_hi)
+        _accumulate(acc_hi, seg, gs)
+        return gw
+    se_lo, qn_lo, qp_lo, b_lo = _expand(seg, s_lo, t_lo, has_binary)
+    v_lo, r_lo = _codes(w, se_lo, qn_lo, qp_lo)
+    me = mask.index_select(0, seg)
+    if hard:
+        take = me > 0.5
+        g_hi, g_lo = torch.where(take, grad, 0.0), torch.where(take, 0.0, grad)
+    else:
+        g_hi = grad * me
+        g_lo = grad - g_hi
+        if acc_mask is not None:
+            diff = _value(v_hi, r_hi, se_hi, b_hi) - _value(v_lo, r_lo, se_lo, b_lo)
+            _accumulate(acc_mask, seg, grad * diff)
+    gw_hi, gs_hi = _fq_grads(g_hi, w, v_hi, r_hi, se_hi, qn_hi, qp_hi, b_hi)
+    _accumulate(acc_hi, seg, gs_hi)
+    del gs_hi
+    gw_lo, gs_lo = _fq_grads(g_lo, w, v_lo, r_lo, se_lo, qn_lo, qp_lo, b_lo)
+    _accumulate(acc_lo, seg, gs_lo)
+    return gw_hi.add_(gw_lo)
 
 
 class _SegmentQuant(torch.autograd.Function):
     """Fake quantization of a flat weight vector, each segment with its own step and range (``table[:, 0:3]`` =
     Qn, Qp, 1-bit flag; ``table[:, 3]`` = the LSQ gradient factor). With a second quantizer (``s_lo``, ``t_lo``)
     and a per-segment ``mask``: ``lo + mask * (hi - lo)`` (``hard=False``, the training mix, gradient to the mask)
-    or ``where(mask > 0.5, hi, lo)`` (``hard=True``). Saves only its inputs; the codes are recomputed in backward."""
+    or ``where(mask > 0.5, hi, lo)`` (``hard=True``). Saves only its inputs; the codes are recomputed in backward.
+    Chunks of :data:`CHUNK` elements bound the temporaries (one chunk: no extra kernel)."""
 
     @staticmethod
     def forward(ctx, w, seg, s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary):  # noqa: D102
         ctx.save_for_backward(w, seg, s_hi, t_hi, s_lo, t_lo, mask)
-        ctx.flags = (s_lo is not None, bool(hard), has_binary)
-        hi = _fq(w, *_expand(seg, s_hi, t_hi, has_binary))
-        if s_lo is None:
-            return hi
-        lo = _fq(w, *_expand(seg, s_lo, t_lo, has_binary))
-        me = mask.index_select(0, seg)
-        if hard:
-            return torch.where(me > 0.5, hi, lo)
-        return lo + me * (hi - lo)
+        ctx.flags = (bool(hard), has_binary)
+        parts = _chunks(w.shape[0])
+        if len(parts) == 1:
+            return _forward_chunk(w, seg, s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary)
+        out = torch.empty_like(w)
+        for sl in parts:
+            out[sl] = _forward_chunk(w[sl], seg[sl], s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary)
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         w, seg, s_hi, t_hi, s_lo, t_lo, mask = ctx.saved_tensors
-        mixed, hard, has_binary = ctx.flags
-        n_seg = s_hi.shape[0]
-        se_hi, qn_hi, qp_hi, b_hi = _expand(seg, s_hi, t_hi, has_binary)
-        v_hi, r_hi = _codes(w, se_hi, qn_hi, qp_hi) if b_hi is not True else (None, None)
-        if not mixed:
-            gw, gs = _fq_grads(grad, w, v_hi, r_hi, se_hi, qn_hi, qp_hi, b_hi)
-            return gw, None, _segment_sum(gs, seg, n_seg) * t_hi[:, 3], None, None, None, None, None, None
-        se_lo, qn_lo, qp_lo, b_lo = _expand(seg, s_lo, t_lo, has_binary)
-        v_lo, r_lo = _codes(w, se_lo, qn_lo, qp_lo)
-        me = mask.index_select(0, seg)
-        gmask = None
-        if hard:
-            take = me > 0.5
-            g_hi, g_lo = torch.where(take, grad, 0.0), torch.where(take, 0.0, grad)
+        hard, has_binary = ctx.flags
+        mixed = s_lo is not None
+        n_seg, dev = s_hi.shape[0], w.device
+        acc = [torch.zeros(n_seg, dtype=torch.float64, device=dev) for _ in range(2 if mixed else 1)]
+        acc_mask = torch.zeros(n_seg, dtype=torch.float64, device=dev) \
+            if mixed and not hard and ctx.needs_input_grad[6] else None
+        parts = _chunks(w.shape[0])
+        args = (s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary, acc[0], acc[-1] if mixed else None, acc_mask)
+        if len(parts) == 1:
+            gw = _backward_chunk(grad, w, seg, *args)
         else:
-            g_hi = grad * me
-            g_lo = grad - g_hi
-            if ctx.needs_input_grad[6]:
-                diff = _value(v_hi, r_hi, se_hi, b_hi) - _value(v_lo, r_lo, se_lo, b_lo)
-                gmask = _segment_sum(grad * diff, seg, n_seg)
-        gw_hi, gs_hi = _fq_grads(g_hi, w, v_hi, r_hi, se_hi, qn_hi, qp_hi, b_hi)
-        gw_lo, gs_lo = _fq_grads(g_lo, w, v_lo, r_lo, se_lo, qn_lo, qp_lo, b_lo)
-        return (gw_hi + gw_lo, None, _segment_sum(gs_hi, seg, n_seg) * t_hi[:, 3], None,
-                _segment_sum(gs_lo, seg, n_seg) * t_lo[:, 3], None, gmask, None, None)
+            gw = torch.empty_like(w)
+            for sl in parts:
+                gw[sl] = _backward_chunk(grad[sl], w[sl], seg[sl], *args)
+        gs_hi = acc[0].to(s_hi.dtype) * t_hi[:, 3]
+        if not mixed:
+            return gw, None, gs_hi, None, None, None, None, None, None
+        gs_lo = acc[1].to(s_lo.dtype) * t_lo[:, 3]
+        gmask = None if acc_mask is None else acc_mask.to(mask.dtype)
+        return gw, None, gs_hi, None, gs_lo, None, gmask, None, None
 
 
 def segment_quantize(w: Tensor, seg: Tensor, s_hi: Tensor, t_hi: Tensor, s_lo: Tensor | None = None,
