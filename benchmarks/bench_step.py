@@ -86,13 +86,14 @@ def _base(mode: str) -> str:
 
 DEVICE = "cpu"
 ACT_BITS: int | None = 4  # activation bits of the quantized modes (--act-bits; None: FP activations)
+MODEL = "resnet20"  # the timm model (benchmarks/count_ops.py --model; 32x32 inputs, 10 classes)
 
 
 def build(mode: str, seed: int = 0) -> nn.Module:
     batched = PL not in mode
     mode = _base(mode)
     torch.manual_seed(seed)
-    model = timm.create_model("resnet20", num_classes=10)
+    model = timm.create_model(MODEL, num_classes=10)
     if mode == "fp":
         return model.train().to(DEVICE)
     x1 = torch.randn(1, 3, 32, 32)

@@ -79,13 +79,15 @@ def main() -> None:
                          "no-op conversions left out), or every leaf op (the count of docs/RESULTS.md sections "
                          "17-18)")
     ap.add_argument("--act-bits", type=int, default=4, help="activation bits of the quantized models (0: FP)")
+    ap.add_argument("--model", default="resnet20", help="timm model (32x32 inputs, 10 classes)")
     args = ap.parse_args()
     global COMPUTE
     COMPUTE = args.ops
     torch.set_num_threads(1)
     bench_step.BATCH = args.batch
     bench_step.ACT_BITS = args.act_bits or None
-    print(f"torch {torch.__version__}, batch {args.batch}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+    bench_step.MODEL = args.model
+    print(f"torch {torch.__version__}, {args.model}, batch {args.batch}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"{args.act_bits or 'FP'} activation bits, {args.ops} leaf ops\n")
     print("| mode | forward | backward | SGD | draw set-up + DBP step | step-size optimizer | total | x fp | "
           "EBR + its gradient (app, phase 2; not in total) |")
