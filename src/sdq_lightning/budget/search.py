@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from sdq_lightning.budget.cost import Budget, LayerCost, cost_of, is_linear
 from sdq_lightning.budget.profile import LayerProfile
-from sdq_lightning.quantizers.sdq import stacked_expected_bits
+from sdq_lightning.quantizers.sdq import stackable, stacked_expected_bits
 from sdq_lightning.surgery import quant_layers
 
 __all__ = ["PENALTIES", "CostModel", "budget_penalty", "project_to_budget", "quantization_mse"]
@@ -83,15 +83,10 @@ class CostModel:
         return c0 + (coef * stacked_expected_bits(qs, table)).sum()
 
     def _linear_terms(self, metric: str):
-        qs, names = [], []
-        for e in self.entries:
-            wq = None if e.layer is None else e.layer.weight_quant
-            if wq is not None and not wq.frozen:
-                if wq.reading != "progressive":
-                    return None
-                qs.append(wq)
-                names.append(e.name)
-        if not qs or len({len(q.candidates) for q in qs}) != 1:
+        searched = [(e.name, e.layer.weight_quant) for e in self.entries
+                    if e.layer is not None and e.layer.weight_quant is not None and not e.layer.weight_quant.frozen]
+        names, qs = [n for n, _ in searched], [q for _, q in searched]
+        if not stackable(qs):
             return None
         fixed = {e.name: (None if e.layer is None or e.layer.weight_quant is None else e.layer.weight_quant.bits)
                  for e in self.entries if e.name not in names}

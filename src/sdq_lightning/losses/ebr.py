@@ -15,12 +15,14 @@ weigh alike; the step itself is not trained by this term)::
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
+from sdq_lightning.modules.batched import CHUNK, segment_index, segment_sum
 from sdq_lightning.quantizers.functional import int_range
 
 __all__ = ["EBR_WEIGHTINGS", "EntropyBinRegularizer", "bin_regularization"]
@@ -68,8 +70,6 @@ class EntropyBinRegularizer(nn.Module):
             raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight!r}")
         self.weighting = weighting
         self.entropy_weight = float(entropy_weight)
-        from sdq_lightning.modules.batched import CHUNK
-
         self.batched_max_weights = CHUNK  # the one-pass form up to this many weights in all (see forward)
         self._batched: tuple | None = None  # (key, _BatchedBins) for the current frozen layers
 
@@ -124,53 +124,34 @@ class _BatchedBins:
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.layers = layers
-        dev = layers[0].weight.device
-        seg_elem, seg_layer, seg_bits, seg_nbins, seg_qn, layer_nbins = [], [], [], [], [], []
-        self.sizes = [m.weight.numel() for m in layers]
-        base = 0
-        for li, m in enumerate(layers):
-            wq = m.weight_quant
-            bits = wq.bits
-            n_seg = m.weight.shape[0] if wq.per_channel else 1
-            nbins = 2 if bits == 1 else int_range(bits, signed=True)[1] - int_range(bits, signed=True)[0] + 1
-            seg_elem.append(torch.arange(base, base + n_seg, device=dev).repeat_interleave(m.weight.numel() // n_seg))
-            seg_layer += [li] * n_seg
-            seg_bits += [bits] * n_seg
-            seg_nbins += [nbins] * n_seg
-            seg_qn += [-1 if bits == 1 else int_range(bits, signed=True)[0]] * n_seg
-            layer_nbins.append(nbins)
-            base += n_seg
-        self.seg = torch.cat(seg_elem)
+        w0 = layers[0].weight
+        dev, dtype = w0.device, w0.dtype
+        self.seg, self.layer_of_seg = segment_index(layers)
         self.n_layers = len(layers)
-        self.layer_of_seg = torch.tensor(seg_layer, dtype=torch.long, device=dev)
         self.layer_of_elem = self.layer_of_seg.index_select(0, self.seg)
-        bin_base = [0]
-        for n in seg_nbins[:-1]:
-            bin_base.append(bin_base[-1] + n)
-        self.n_bins = bin_base[-1] + seg_nbins[-1]
-        self.bin_base = torch.tensor(bin_base, dtype=torch.long, device=dev)
-        dtype = layers[0].weight.dtype
-        self.qn = torch.tensor(seg_qn, dtype=dtype, device=dev)
-        self.qp = torch.tensor([-q - 1 if b > 1 else 1 for q, b in zip(seg_qn, seg_bits)], dtype=dtype, device=dev)
-        self.binary = torch.tensor([b == 1 for b in seg_bits], device=dev)
-        self.any_binary = any(b == 1 for b in seg_bits)
+        bits = [m.weight_quant.bits for m in layers]
+        ranges = [int_range(b, signed=True) for b in bits]  # (-1, 1) at 1 bit: two bins, not three
+        layer_nbins = [2 if b == 1 else qp - qn + 1 for b, (qn, qp) in zip(bits, ranges)]
+        seg_layer = self.layer_of_seg.tolist()  # host lists, once
+        seg_nbins = [layer_nbins[li] for li in seg_layer]
+        bin_base = [0, *itertools.accumulate(seg_nbins)]
+        self.n_bins = bin_base[-1]
+        self.bin_base = torch.tensor(bin_base[:-1], dtype=torch.long, device=dev)
+        self.qn = torch.tensor([ranges[li][0] for li in seg_layer], dtype=dtype, device=dev)
+        self.qp = torch.tensor([ranges[li][1] for li in seg_layer], dtype=dtype, device=dev)
+        self.binary = torch.tensor([bits[li] == 1 for li in seg_layer], device=dev)
+        self.any_binary = 1 in bits
         # each segment's bin i -> its layer's bin i (the per-layer occupancy sums a per-channel layer's channels)
-        layer_base = [0]
-        for n in layer_nbins[:-1]:
-            layer_base.append(layer_base[-1] + n)
+        layer_base = [0, *itertools.accumulate(layer_nbins)]
+        self.n_layer_bins = layer_base[-1]
         to_layer = [layer_base[li] + i for li, n in zip(seg_layer, seg_nbins) for i in range(n)]
         self.bin_to_layer_bin = torch.tensor(to_layer, dtype=torch.long, device=dev)
-        self.n_layer_bins = layer_base[-1] + layer_nbins[-1]
         self.layer_of_layer_bin = torch.tensor([li for li, n in enumerate(layer_nbins) for _ in range(n)],
                                                dtype=torch.long, device=dev)
         self.bin_layer = self.layer_of_seg.repeat_interleave(torch.tensor(seg_nbins, device=dev))
         self.log_nbins = torch.tensor([math.log(max(n, 2)) for n in layer_nbins], dtype=dtype, device=dev)
-        self.numel = torch.tensor(self.sizes, dtype=dtype, device=dev)
-        self.bits = torch.tensor([m.weight_quant.bits for m in layers], dtype=dtype, device=dev)
-
-    def _sum(self, values: Tensor, index: Tensor, n: int) -> Tensor:
-        out = torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, index, values.double())
-        return out.to(values.dtype)
+        self.numel = torch.tensor([m.weight.numel() for m in layers], dtype=dtype, device=dev)
+        self.bits = torch.tensor(bits, dtype=dtype, device=dev)
 
     def loss(self, reg: EntropyBinRegularizer) -> Tensor:
         layers = self.layers
@@ -191,7 +172,7 @@ class _BatchedBins:
         nonempty = torch.zeros(self.n_layers, dtype=torch.long, device=w.device)
         nonempty.index_add_(0, self.bin_layer, (counts > 0).long())
         weight = 1.0 / (counts.index_select(0, flat).to(x.dtype) * nonempty.index_select(0, self.layer_of_elem))
-        per_layer = self._sum(weight * (x - codes) ** 2, self.layer_of_elem, self.n_layers)
+        per_layer = segment_sum(weight * (x - codes) ** 2, self.layer_of_elem, self.n_layers)
         factor = {"uniform": torch.ones_like(self.bits), "inv_bits": 1.0 / self.bits,
                   "inv_pow2": 1.0 / torch.pow(2.0, self.bits)}[reg.weighting]
         if reg.entropy_weight > 0:
@@ -199,6 +180,6 @@ class _BatchedBins:
                 0, self.bin_to_layer_bin, counts.to(x.dtype))
             occ = occ / self.numel.index_select(0, self.layer_of_layer_bin)
             plogp = torch.where(occ > 0, occ * torch.log(occ.clamp_min(1e-30)), torch.zeros_like(occ))
-            h = -self._sum(plogp, self.layer_of_layer_bin, self.n_layers) / self.log_nbins
+            h = -segment_sum(plogp, self.layer_of_layer_bin, self.n_layers) / self.log_nbins
             factor = factor + reg.entropy_weight * (1.0 - h)
         return (factor.detach() * per_layer).mean()

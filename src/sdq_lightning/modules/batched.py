@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdq_lightning.modules.layers import is_quant_layer
 from sdq_lightning.quantizers.functional import counter_uniform_many
 from sdq_lightning.quantizers.sdq import SDQWeightQuantizer, _distributed, _ste_clamp01
 
-__all__ = ["BatchedWeights", "batch_weights", "segment_quantize"]
+__all__ = ["BatchedWeights", "batch_weights", "segment_index", "segment_quantize", "segment_sum"]
 
 
 # ----------------------------------------------------------------------------- the flat kernel
@@ -108,6 +109,26 @@ def _accumulate(acc: Tensor, seg: Tensor, values: Tensor) -> None:
     """Per-segment sums into a float64 accumulator (an element-by-element float32 accumulation over a layer's tens of
     thousands of weights drifted 1e-4 from the per-layer quantizer's sum; float64 is below float32 rounding)."""
     acc.index_add_(0, seg, values.double())
+
+
+def segment_sum(values: Tensor, index: Tensor, n: int) -> Tensor:
+    """``n`` sums of ``values`` by ``index``, accumulated in float64 (see :func:`_accumulate`), in ``values.dtype``."""
+    acc = torch.zeros(n, dtype=torch.float64, device=values.device)
+    _accumulate(acc, index, values)
+    return acc.to(values.dtype)
+
+
+def segment_index(layers: list[nn.Module]) -> tuple[Tensor, Tensor]:
+    """For the concatenated (flattened) weights of ``layers``: each element's segment (a layer, or an output channel
+    of a ``per_channel`` quantizer's layer) and each segment's layer index. Host arithmetic, on the weights' device."""
+    dev = layers[0].weight.device
+    elems, layer_of_seg, base = [], [], 0
+    for li, m in enumerate(layers):
+        n_seg = m.weight.shape[0] if m.weight_quant.per_channel else 1
+        elems.append(torch.arange(base, base + n_seg, device=dev).repeat_interleave(m.weight.numel() // n_seg))
+        layer_of_seg += [li] * n_seg
+        base += n_seg
+    return torch.cat(elems), torch.tensor(layer_of_seg, dtype=torch.long, device=dev)
 
 
 def _forward_chunk(w, seg, s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary) -> Tensor:
@@ -207,7 +228,7 @@ def segment_quantize(w: Tensor, seg: Tensor, s_hi: Tensor, t_hi: Tensor, s_lo: T
 # ----------------------------------------------------------------------------- groups of layers
 def vectorizable(q: SDQWeightQuantizer) -> bool:
     """Whether a searching quantizer can join a batched group (progressive reading, elementwise estimator)."""
-    return q.reading == "progressive" and getattr(q._estimator, "vectorized", False)
+    return q.reading == "progressive" and q._estimator.vectorized
 
 
 class _Group:
@@ -221,21 +242,11 @@ class _Group:
         dev = w0.device
         self.sizes = [m.weight.numel() for m in layers]
         self.shapes = [m.weight.shape for m in layers]
-        segs, seg_layer, tables = [], [], []
-        base = 0
-        for li, (m, q) in enumerate(zip(layers, self.quantizers)):
+        for m, q in zip(layers, self.quantizers):
             q._ensure_table(m.weight)
-            n_seg = m.weight.shape[0] if q.per_channel else 1
-            per = m.weight.numel() // n_seg
-            segs.append(torch.arange(base, base + n_seg, device=dev).repeat_interleave(per))
-            seg_layer += [li] * n_seg
-            tables.append(q.lsq_table)
-            base += n_seg
-        self.n_seg = base
-        self.seg = torch.cat(segs)
-        self.seg_layer = torch.tensor(seg_layer, dtype=torch.long, device=dev)
+        self.seg, self.seg_layer = segment_index(layers)
+        tables = [q.lsq_table for q in self.quantizers]
         # [layers, candidates, 4] rows (Qn, Qp, grad factor, 1-bit) reordered to (Qn, Qp, 1-bit, grad factor)
-        self.has_binary = any(q.candidates[0] == 1 for q in self.quantizers)
         if frozen:
             rows = [t[q._frozen_index] for t, q in zip(tables, self.quantizers)]
             one_bit = [q.candidates[q._frozen_index] == 1 for q in self.quantizers]
@@ -243,6 +254,7 @@ class _Group:
             t = torch.stack(rows)[:, [0, 1, 3, 2]].to(dev)
             self.table = t.index_select(0, self.seg_layer).to(w0.dtype)  # [segments, 4], constant
             return
+        self.has_binary = any(q.candidates[0] == 1 for q in self.quantizers)
         self.table = torch.stack(tables)[:, :, [0, 1, 3, 2]].to(device=dev, dtype=w0.dtype)  # [L, n, 4]
         self.keys = torch.tensor([q._key for q in self.quantizers], dtype=torch.long, device=dev)
         self.n = len(self.quantizers[0].candidates)
@@ -313,13 +325,10 @@ class BatchedWeights:
     """
 
     def __init__(self, net: nn.Module, enabled: bool = True) -> None:
-        from sdq_lightning.modules.layers import is_quant_layer
-
         if "forward" in vars(net):
             raise ValueError(f"{type(net).__name__}.forward is already replaced on the instance (another wrapper); "
                              f"BatchedWeights needs the class's own forward")
         self.net, self.enabled = net, bool(enabled)
-        self._is_quant_layer = is_quant_layer
         self.layers: list[nn.Module] = []
         self._key: tuple | None = None
         self._groups: list[_Group] = []
@@ -329,7 +338,7 @@ class BatchedWeights:
 
     def refresh(self) -> None:
         """List the network's quantized layers again (after a surgery that replaced some) and drop the groups."""
-        self.layers = [m for m in self.net.modules() if self._is_quant_layer(m)]
+        self.layers = [m for m in self.net.modules() if is_quant_layer(m)]
         self._key, self._groups = None, []
 
     def _state_key(self) -> tuple:

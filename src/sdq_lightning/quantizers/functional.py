@@ -216,10 +216,7 @@ def counter_uniform_many(keys: Tensor, counters: Tensor) -> Tensor:
 
 
 def _counter_uniform_many(keys: Tensor, counters: Tensor) -> Tensor:
-    h = _mix32(counters.to(torch.int64) ^ keys)
-    h = _mix32(h * 0x9E3779B1 + 1)
-    h = _mix32(h ^ (keys >> 7))
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return _hash_uniform(keys, counters, 0)
 
 
 @torch.library.custom_op("sdq::counter_uniform_many", mutates_args=())
@@ -239,9 +236,13 @@ def _counter_uniform(key: int, counter: Tensor, k: int) -> Tensor:
     step), so drawing never reads a value back to the host and a compiled graph does not depend on its value. The
     same key and counter give the same draws on every data-parallel rank and every run.
     """
-    idx = torch.arange(k, device=counter.device, dtype=torch.int64)
+    return _hash_uniform(key, counter, torch.arange(k, device=counter.device, dtype=torch.int64))
+
+
+def _hash_uniform(key: int | Tensor, counter: Tensor, index: int | Tensor) -> Tensor:
+    """The generator itself: key(s), counter(s) and draw index(es) -> uniforms (broadcast; int64 arithmetic)."""
     h = _mix32(counter.to(torch.int64) ^ key)
-    h = _mix32(h * 0x9E3779B1 + idx + 1)
+    h = _mix32(h * 0x9E3779B1 + index + 1)
     h = _mix32(h ^ (key >> 7))
     # 24 high bits -> a float32 in (0, 1) exactly: (h + 0.5) / 2^24
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)

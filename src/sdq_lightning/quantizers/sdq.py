@@ -56,7 +56,8 @@ from sdq_lightning.quantizers.functional import (
     weight_step_init,
 )
 
-__all__ = ["ESTIMATORS", "READINGS", "SDQWeightQuantizer", "stacked_expected_bits", "validate_candidates"]
+__all__ = ["ESTIMATORS", "READINGS", "SDQWeightQuantizer", "stackable", "stacked_expected_bits",
+           "validate_candidates"]
 
 READINGS = ("progressive", "cascade")
 ESTIMATORS = ("gumbel", "ste")  # the built-in estimators; estimator_names() lists every registered one
@@ -475,13 +476,19 @@ class SDQWeightQuantizer(nn.Module):
         return out + ((mask - hard.to(w.dtype)).view(shape) * qs.detach()).sum(0)
 
 
+def stackable(quantizers: Sequence[SDQWeightQuantizer]) -> bool:
+    """Whether the quantizers all search progressively over the same number of candidates (their DBPs, levels and
+    bit tables then stack into ``[layers, candidates]`` tensors)."""
+    return bool(quantizers) and not any(q.frozen or q.reading != "progressive" for q in quantizers) and \
+        len({len(q.candidates) for q in quantizers}) == 1
+
+
 def stacked_expected_bits(quantizers: Sequence[SDQWeightQuantizer], table: Tensor | None = None) -> Tensor | None:
     """Every quantizer's :meth:`~SDQWeightQuantizer.expected_bits` as one ``[layers]`` tensor from one stacked pass
     (differentiable w.r.t. the DBPs, equal per layer): a dozen kernels in all instead of a dozen per layer. None
-    unless every quantizer searches progressively over the same number of candidates. ``table``: the stacked
-    ``bits_table`` rows (``[layers, candidates]``), when the caller keeps them."""
-    if not quantizers or any(q.frozen or q.reading != "progressive" for q in quantizers) or \
-            len({len(q.candidates) for q in quantizers}) != 1:
+    unless :func:`stackable`. ``table``: the stacked ``bits_table`` rows (``[layers, candidates]``), when the caller
+    keeps them."""
+    if not stackable(quantizers):
         return None
     dbp = torch.stack([q.dbp for q in quantizers])
     if table is None:
