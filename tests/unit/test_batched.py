@@ -130,7 +130,6 @@ def test_groups_follow_the_freeze_and_unbatchable_layers_run_their_own_forward(m
     register_estimator("plain_ste_test", lambda beta, mixed, u, t: ((u < beta.detach()).to(beta.dtype), beta))
     try:
         a = _net(bits=(2, 4, 8))
-        qs = _quantizers(a)
         # one layer with an estimator not declared vectorised, one reading its DBPs as a cascade: per layer
         layers = [m for m in sq.quant_layers(a).values() if not m.weight_quant.frozen]
         layers[3].weight_quant = SDQWeightQuantizer((2, 4, 8), estimator="plain_ste_test", weight=layers[3].weight,
@@ -153,7 +152,6 @@ def test_groups_follow_the_freeze_and_unbatchable_layers_run_their_own_forward(m
                     q.freeze(q.candidates[1])
         _assert_same(a, b, x, steps=2)
         assert bw.builds == 2
-        assert qs  # (a's quantizers were listed before the swap; the swap itself is what is tested)
     finally:
         unregister_estimator("plain_ste_test")
 
