@@ -264,6 +264,11 @@ def test_sdq_callback_with_cuda_graphs_searches_freezes_and_distils(tmp_path):
     assert [h["phase"] for h in cb_g.history] == ["search", "train"]
     # KD reached the graphed network's output in phase 2 (the term is logged only when the teacher's gradient was added)
     assert "kd" in cb_g._terms and float(cb_g._terms["kd"]) > 0
+    # the teacher's forward and EBR (phase 2) replayed as graphs of their own
+    teacher_graph, ebr_graph = cb_g.losses.graphs
+    for g in (teacher_graph, ebr_graph):
+        assert g.failed is None and g.captures >= 1 and g.replays > g.captures
+    assert "ebr" in cb_g._terms and float(cb_g._terms["ebr"]) > 0
     assert cb_g.history[0]["expected_avg_bits"] == pytest.approx(cb_e.history[0]["expected_avg_bits"], abs=0.25)
 
 
@@ -280,3 +285,50 @@ def test_kernels_auto_compiles_the_lsq_kernels_on_the_cpu(tmp_path):
         assert get_kernels() == "compile"
     finally:
         set_kernels(before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_teacher_and_ebr_match_eager_and_never_synchronise():
+    from torch.nn import functional as F
+
+    from sdq_lightning.callbacks.losses import AddedLosses
+
+    teacher = timm.create_model("resnet20", num_classes=10).cuda().eval()
+    nets = []
+    for _ in range(2):
+        net = _searched_net().cuda()
+        for q in net.modules():
+            if isinstance(q, sq.SDQWeightQuantizer) and 2 in q.candidates:
+                q.freeze(2)
+        nets.append(net)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    data = [(torch.randn(64, 3, 32, 32, device="cuda", generator=g),
+             torch.randint(0, 10, (64,), device="cuda", generator=g)) for _ in range(5)]
+    results = []
+    for net, graphed in zip(nets, (False, True)):
+        layers = [m for m in sq.quant_layers(net).values() if m.weight_quant is not None]
+        losses = AddedLosses(ebr_weight=0.1, teacher=teacher, kd_weight=1.0)
+        losses.teacher = teacher
+        losses.attach(net, "fc", torch.device("cuda"))
+        losses.use_graphs(graphed)
+        opt = torch.optim.SGD(net.parameters(), lr=0.02)
+        seen = []
+        try:
+            for i, (x, y) in enumerate(data):
+                if graphed and i == 1:  # step 0 captures (that synchronises); then replays only
+                    torch.cuda.set_sync_debug_mode("error")
+                losses.before_batch(x, torch.device("cuda"), kd=True)
+                loss = F.cross_entropy(net(x), y)
+                terms = losses.before_backward(loss, 1.0, layers)
+                loss.backward()
+                losses.after_backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                seen.append(torch.stack([loss.detach(), terms["ebr"], terms["kd"]]))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        results.append(torch.stack(seen).cpu())
+        if graphed:
+            assert [(c.captures, c.replays, c.failed) for c in losses.graphs] == [(1, 5, None), (1, 5, None)]
+    torch.testing.assert_close(results[1], results[0], rtol=1e-2, atol=1e-3)

@@ -5,13 +5,17 @@ and knowledge distillation (KD) from a teacher, both added to the user's own los
 How (the same under every precision): before ``backward`` the loss arrives scaled by the gradient scaler (16-mixed),
 so the gradients added here are multiplied by the same scale (and divided by the accumulation steps):
 
-* EBR: ``d(ebr_weight * EBR)/d(weights)`` is computed with ``autograd.grad`` and added to ``.grad`` after the
-  user's backward;
+* EBR: ``d(ebr_weight * EBR)/d(weights)`` is computed with ``autograd.grad`` and added to ``.grad`` (times the scale)
+  after the user's backward;
 * KD: the classifier's output is captured by a forward hook; ``d(kd_weight * KD(student, teacher))/d(student)`` is
   added to the output's gradient by a tensor hook (and the user's loss is scaled by ``ce_weight`` the same way).
 
 :class:`AddedLosses` is composed by :class:`~sdq_lightning.callbacks.sdq.SDQ` (one ``SDQ(...)`` line brings it along);
 it keeps no Lightning state of its own and is tested on its own (``tests/callbacks/test_added_losses.py``).
+
+Under CUDA graphs (``SDQ(compile="cuda-graphs")``, :meth:`AddedLosses.use_graphs`) the teacher's forward and the EBR
+term with its gradients replay as a CUDA graph each (:class:`~sdq_lightning.modules.graphs.GraphedCall`): next to the
+graphed network they were the largest eager work of a phase-2 step (``benchmarks/count_app_ops.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import Tensor, nn
 
 from sdq_lightning.callbacks.teacher import load_teacher
 from sdq_lightning.losses import EntropyBinRegularizer, kd_loss
+from sdq_lightning.modules.graphs import CallCaptureFn, GraphedCall
 
 __all__ = ["AddedLosses"]
 
@@ -50,7 +55,26 @@ class AddedLosses:
         self._captured: Tensor | None = None
         self._teacher_logits: Tensor | None = None
         self._extra_grads: list[tuple[nn.Parameter, Tensor]] = []
+        self._extra_scale: Tensor | float = 1.0
         self._hook_handle = None
+        self._teacher_graph: GraphedCall | None = None
+        self._ebr_graph: GraphedCall | None = None
+        self._ebr_layers: list[nn.Module] = []
+
+    def use_graphs(self, enabled: bool = True, capture_fn: CallCaptureFn | None = None) -> None:
+        """Replay the teacher's forward and the EBR term with its gradients as CUDA graphs (``enabled``), or run
+        them eager again. EBR is graphed only in its one-pass form (:meth:`EntropyBinRegularizer.one_pass`: no host
+        read); ``capture_fn``: see :class:`~sdq_lightning.modules.graphs.GraphedCall` (tests pass a CPU stand-in)."""
+        self._teacher_graph = self._ebr_graph = None
+        if enabled:
+            self._teacher_graph = GraphedCall(self._teacher_forward, name="the KD teacher", capture_fn=capture_fn)
+            self._ebr_graph = GraphedCall(self._ebr_and_grads, key=self._ebr_key, name="EBR",
+                                          capture_fn=capture_fn)
+
+    @property
+    def graphs(self) -> tuple[GraphedCall, ...]:
+        """The teacher's and EBR's graphs (empty without :meth:`use_graphs`)."""
+        return tuple(g for g in (self._teacher_graph, self._ebr_graph) if g is not None)
 
     # ---------------------------------------------------------------- teacher
     def load_teacher(self, num_classes: int | None) -> None:
@@ -96,21 +120,37 @@ class AddedLosses:
         """Reset the step's captures; with ``kd``, run the teacher on the batch's input ``x``."""
         self._captured, self._teacher_logits = None, None
         if kd and self.teacher is not None and x is not None:
-            with torch.no_grad():
-                self._teacher_logits = self.teacher(x.to(device))
+            run = self._teacher_graph or self._teacher_forward
+            self._teacher_logits = run(x.to(device))
+
+    def _teacher_forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.teacher(x)
+
+    def _ebr_and_grads(self) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        """``ebr_weight * EBR`` of the step's layers and its gradients with respect to their weights."""
+        layers = self._ebr_layers
+        weights = [m.weight for m in layers]
+        with torch.enable_grad():
+            ebr = self.ebr_weight * self.ebr(layers)
+            grads = torch.autograd.grad(ebr, weights, allow_unused=True) if ebr.requires_grad else \
+                (None,) * len(weights)
+        return ebr.detach(), grads
+
+    def _ebr_key(self) -> tuple:
+        return tuple((id(m), m.weight.requires_grad, m.weight_quant._frozen_index) for m in self._ebr_layers)
 
     def before_backward(self, loss: Tensor, scale: Tensor | float, layers: list[nn.Module] | None) -> dict[str, Tensor]:
         """Prepare the added gradients of this step (``layers``: the quantized layers for EBR, None = no EBR);
         ``scale``: the gradient scaler's scale over the accumulation steps. Returns the terms to log."""
         terms: dict[str, Tensor] = {}
-        self._extra_grads = []
+        self._extra_grads, self._extra_scale = [], scale
         if layers is not None and self.ebr_weight > 0:
-            ebr = self.ebr_weight * self.ebr(layers)
-            if ebr.requires_grad:
-                weights = [m.weight for m in layers]
-                grads = torch.autograd.grad(ebr * scale, weights, allow_unused=True)
-                self._extra_grads += [(p, g) for p, g in zip(weights, grads) if g is not None]
-            terms["ebr"] = ebr.detach()
+            self._ebr_layers = layers
+            graphed = self._ebr_graph is not None and self.ebr.one_pass(layers)
+            ebr, grads = (self._ebr_graph if graphed else self._ebr_and_grads)()
+            self._extra_grads += [(m.weight, g) for m, g in zip(layers, grads) if g is not None]
+            terms["ebr"] = ebr.clone() if graphed else ebr  # a graph's output is overwritten by its next replay
         if self._teacher_logits is not None and self._captured is not None and self._captured.requires_grad:
             student = self._captured
             if student.shape != self._teacher_logits.shape:
@@ -128,15 +168,19 @@ class AddedLosses:
         return terms
 
     def after_backward(self) -> None:
-        """Add the EBR gradients prepared in :meth:`before_backward` to ``.grad``."""
+        """Add the EBR gradients prepared in :meth:`before_backward`, times the step's scale, to ``.grad``."""
+        scale = self._extra_scale
         with torch.no_grad():
             into, add = [], []
             for p, g in self._extra_grads:
                 if p.grad is None:
-                    p.grad = g.to(p.dtype).clone()
+                    p.grad = (g * scale).to(p.dtype)
                 else:
                     into.append(p.grad)
                     add.append(g.to(p.grad.dtype))
-            if into:  # one multi-tensor add (a few kernels on a GPU), not one per layer
-                torch._foreach_add_(into, add)
+            if into:  # multi-tensor operations (a few kernels on a GPU), not one per layer
+                if isinstance(scale, Tensor):
+                    torch._foreach_add_(into, torch._foreach_mul(add, scale))
+                else:
+                    torch._foreach_add_(into, add, alpha=scale)
         self._extra_grads = []

@@ -162,7 +162,8 @@ class SDQ(Callback):
             epochs. ``"cuda-graphs"``: no compiler; the network's training forward and
             backward are captured as CUDA graphs from the second batch and replayed every step
             (:class:`~sdq_lightning.modules.graphs.GraphedNetwork`; re-captured at the freeze; CUDA, one device;
-            KD then reads the network's output). ``"auto"`` (the Hydra app's default): ``"cuda-graphs"`` on one
+            KD then reads the network's output); the KD teacher's forward and the EBR term with its gradients
+            replay as a graph each (:class:`~sdq_lightning.modules.graphs.GraphedCall`). ``"auto"`` (the Hydra app's default): ``"cuda-graphs"`` on one
             CUDA device, falling back to eager with a warning if the capture fails; None elsewhere (CPU, several
             processes). GPU figures: docs/RESULTS.md sections 17-18.
         batched: quantize every layer's weight in one batched pass per forward
@@ -504,6 +505,7 @@ class SDQ(Callback):
         if self.compile == "cuda-graphs":
             self._graphs = GraphedNetwork(net, on_output=self.losses.capture_output,
                                           fallback=self._compile_request == "auto")
+            self.losses.use_graphs(True)  # the teacher's forward and EBR: a graph each (a capture that fails: eager)
             self._compiled = True
             return
         set_kernels("eager")

@@ -85,11 +85,7 @@ class EntropyBinRegularizer(nn.Module):
         layers = [m for m in layers if m.weight_quant is not None and m.weight_quant.frozen]
         if not layers:
             return torch.zeros(())
-        # one pass when every weight fits one chunk of the batched weights (a ResNet20: launches are what count);
-        # above, its autograd graph keeps several weight-sized tensors (a ResNet-18: about 650 MiB against 30-280
-        # per layer, docs/RESULTS.md section 20), and per-layer kernels are large enough for launches not to matter
-        small = sum(m.weight.numel() for m in layers) <= self.batched_max_weights
-        if small and len({(m.weight.device, m.weight.dtype) for m in layers}) == 1:
+        if self.one_pass(layers):
             key = tuple((m, m.weight, m.weight_quant, m.weight_quant._frozen_index) for m in layers)
             cache = self._batched
             if cache is None or cache[0] != key:
@@ -97,6 +93,16 @@ class EntropyBinRegularizer(nn.Module):
                     cache = self._batched = (key, _BatchedBins(layers))
             return cache[1].loss(self)
         return self.per_layer(layers)
+
+    def one_pass(self, layers: Iterable[nn.Module]) -> bool:
+        """Whether ``forward`` computes these (frozen) layers in one pass, which never reads the device from the host.
+
+        One pass when every weight fits one chunk of the batched weights (a ResNet20: launches are what count);
+        above, its autograd graph keeps several weight-sized tensors (a ResNet-18: about 650 MiB against 30-280 per
+        layer, docs/RESULTS.md section 20), and per-layer kernels are large enough for launches not to matter."""
+        layers = [m for m in layers if m.weight_quant is not None and m.weight_quant.frozen]
+        return bool(layers) and sum(m.weight.numel() for m in layers) <= self.batched_max_weights and \
+            len({(m.weight.device, m.weight.dtype) for m in layers}) == 1
 
     def per_layer(self, layers: Iterable[nn.Module]) -> Tensor:
         """The regulariser layer by layer (:func:`bin_regularization` each): the reference of the batched form."""

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GraphedNetwork"]
+__all__ = ["GraphedCall", "GraphedNetwork"]
 
 CaptureFn = Callable[..., nn.Module]
 
@@ -166,3 +166,102 @@ class GraphedNetwork:
             if self._inner is not None:
                 self.net.forward = self._inner
         self._graphed, self._key = None, None
+
+
+# ===================================================================== the eager work around the graphed network
+ReplayFn = Callable[[], Any]
+CallCaptureFn = Callable[[Callable[..., Any], tuple, int], ReplayFn]
+
+
+def _capture_call(fn: Callable[..., Any], inputs: tuple, warmup: int) -> ReplayFn:
+    """Capture ``fn(*inputs)`` as one CUDA graph after ``warmup`` passes on a side stream; return the replay, which
+    returns the graph's static output (overwritten by the next replay)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn(*inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*inputs)
+
+    def replay() -> Any:
+        graph.replay()
+        return out
+
+    return replay
+
+
+class GraphedCall:
+    """Replay ``fn(*inputs)`` as one CUDA graph: for the work that runs eager next to a :class:`GraphedNetwork` each
+    step, where a graph of its own turns dozens of launches into one (the KD teacher's forward; the EBR term with its
+    weight gradients, :class:`~sdq_lightning.callbacks.losses.AddedLosses`).
+
+    ``fn`` takes tensors and returns a tensor or a (nested) tuple/list of tensors and Nones. Each call copies its
+    inputs into the graph's static inputs and replays; what it returns is the graph's static output, valid until the
+    next call (clone what must outlive it). ``fn`` must read every other tensor in place (parameters updated by an
+    optimizer in place are seen by the replay) and must not synchronise with the host.
+
+    The graph is (re-)captured when the inputs' shapes, dtypes or devices, the autocast dtype, the grad mode or
+    ``key()`` change (``key``: a Python value describing the state ``fn`` depends on, e.g. the frozen bitwidths);
+    never from a device read. A capture that fails warns once and leaves the call eager for the rest of the run.
+
+    Args:
+        fn: the work to capture.
+        key: a zero-argument function returning a hashable Python value (default: none).
+        name: for messages.
+        warmup: untimed passes before the capture.
+        capture_fn: how to capture (default: a side-stream warm-up and :class:`torch.cuda.CUDAGraph`); tests pass a
+            CPU stand-in ``(fn, inputs, warmup) -> replay``.
+    """
+
+    def __init__(self, fn: Callable[..., Any], key: Callable[[], Any] | None = None, name: str = "call",
+                 warmup: int = 2, capture_fn: CallCaptureFn | None = None) -> None:
+        self.fn, self.key, self.name, self.warmup = fn, key, name, int(warmup)
+        self._capture_fn = capture_fn or _capture_call
+        self._replay: ReplayFn | None = None
+        self._inputs: tuple[Tensor, ...] = ()
+        self._key: tuple | None = None
+        self.captures = 0
+        self.replays = 0
+        self.failed: str | None = None
+
+    def _call_key(self, args: tuple) -> tuple:
+        dev = args[0].device.type if args else "cuda"
+        return (tuple((a.shape, a.dtype, a.device) for a in args), GraphedNetwork._autocast_dtype(dev),
+                torch.is_grad_enabled(), self.key() if self.key is not None else None)
+
+    def __call__(self, *args: Tensor) -> Any:
+        if self.failed:
+            return self.fn(*args)
+        key = self._call_key(args)
+        if key != self._key:
+            try:
+                self.capture(*args)
+            except Exception as err:  # noqa: BLE001 - reported once, then eager for the rest of the run
+                self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                warnings.warn(f"CUDA-graph capture of {self.name} failed ({self.failed}); it runs eager from now on",
+                              RuntimeWarning, stacklevel=2)
+                self._replay, self._key = None, None
+                return self.fn(*args)
+            self._key = key
+        for static, a in zip(self._inputs, args):
+            static.copy_(a)
+        self.replays += 1
+        return self._replay()
+
+    def capture(self, *args: Tensor) -> None:
+        """(Re-)capture ``fn`` for inputs shaped like ``args``."""
+        self._replay, self._key = None, None
+        self._inputs = tuple(a.detach().clone() for a in args)
+        dev = args[0].device.type if args else "cuda"
+        dtype = GraphedNetwork._autocast_dtype(dev)
+        ctx = torch.autocast(dev, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
+        with ctx:
+            self._replay = self._capture_fn(self.fn, self._inputs, self.warmup)
+        self.captures += 1
+
+    def reset(self) -> None:
+        """Drop the graph (the next call captures again)."""
+        self._replay, self._key, self._inputs = None, None, ()
