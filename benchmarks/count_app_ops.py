@@ -7,7 +7,11 @@ operations that launch work (``benchmarks/count_ops.py``'s rule: allocations, vi
 ``_foreach_`` op once), attributed to the innermost Lightning hook they run in (a profiler that marks every hook with
 ``torch.profiler.record_function``), averaged over ``--steps`` steps after ``--skip`` warm-up steps of each phase.
 
-    python benchmarks/count_app_ops.py [--batch 8] [--steps 4] [--batched both]
+``--graphs``: the KD teacher's forward and the EBR term run through their ``GraphedCall`` as under
+``SDQ(compile="cuda-graphs")``, with a CPU stand-in for the capture (it runs the work eagerly inside a mark); their
+operations are counted as replayed, the rest (copying the input in, keeping the logged term) stays eager.
+
+    python benchmarks/count_app_ops.py [--batch 8] [--steps 4] [--batched both] [--graphs]
 """
 
 from __future__ import annotations
@@ -30,6 +34,17 @@ import count_ops  # noqa: E402
 from sdq_lightning import SDQ, SDQClassifier  # noqa: E402
 
 NETWORK = ("Strategy.training_step", "Strategy.backward")  # what CUDA graphs replay (plus the loss around it)
+REPLAY = "graph replay"  # the mark of the stand-in capture (--graphs): the teacher's forward and EBR
+
+
+def _replay_stand_in(fn, inputs, warmup):
+    """GraphedCall's capture on the CPU for counting: the "replay" runs ``fn`` eagerly inside a mark."""
+
+    def replay():
+        with torch.profiler.record_function(REPLAY):
+            return fn(*inputs)
+
+    return replay
 
 
 class _Marks(pl.profilers.Profiler):
@@ -82,7 +97,9 @@ class _Window(pl.Callback):
 
 def _attribute(e, hook: str | None, counts: Counter) -> None:
     name = e.name
-    if name.startswith("[") and "]" in name:  # "[Callback]SDQ{...state key...}.on_before_backward" -> "SDQ.on_..."
+    if name == REPLAY:
+        hook = f"{REPLAY} ({hook})"
+    elif name.startswith("[") and "]" in name:  # "[Callback]SDQ{...state key...}.on_before_backward" -> "SDQ.on_..."
         kind, rest = name[1:].split("]", 1)
         owner = rest.rsplit(".", 1)[0].split("{", 1)[0] if kind == "Callback" else kind
         hook = f"{owner}.{rest.rsplit('.', 1)[-1]}"
@@ -95,7 +112,8 @@ def _attribute(e, hook: str | None, counts: Counter) -> None:
         _attribute(c, hook, counts)
 
 
-def run(batch: int, skip: int, steps: int, sdq: bool, batched: bool = True) -> dict[int, Counter]:
+def run(batch: int, skip: int, steps: int, sdq: bool, batched: bool = True, graphs: bool = False
+        ) -> dict[int, Counter]:
     pl.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(0)
     n = batch * (skip + steps + 1)
@@ -106,9 +124,12 @@ def run(batch: int, skip: int, steps: int, sdq: bool, batched: bool = True) -> d
     epochs = 1
     if sdq:
         teacher = copy.deepcopy(model)
-        callbacks.append(SDQ(weight_bits=tuple(range(1, 9)), activation_bits=None, search_epochs=1,
-                             budget={"metric": "avg_bits", "target": 1.93}, teacher=teacher, ebr_weight=0.1,
-                             batched=batched, guard=False))
+        cb = SDQ(weight_bits=tuple(range(1, 9)), activation_bits=None, search_epochs=1,
+                 budget={"metric": "avg_bits", "target": 1.93}, teacher=teacher, ebr_weight=0.1, batched=batched,
+                 guard=False)
+        if graphs:
+            cb.losses.use_graphs(True, capture_fn=_replay_stand_in)
+        callbacks.append(cb)
         epochs = 2
     trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, precision="bf16-mixed", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -125,19 +146,22 @@ def main() -> None:
     ap.add_argument("--batched", choices=("on", "off", "both"), default="both",
                     help="SDQ(batched=...): the batched weight pass (on, the default), per layer (off), or both")
     ap.add_argument("--top", type=int, default=12, help="hooks listed per run (by operations)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="the teacher's forward and EBR as under compile='cuda-graphs' (counted as replayed)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     runs = {"fp": run(args.batch, args.skip, args.steps, sdq=False)[0]}
     for b in ({"on": [True], "off": [False], "both": [True, False]}[args.batched]):
-        counts = run(args.batch, args.skip, args.steps, sdq=True, batched=b)
+        counts = run(args.batch, args.skip, args.steps, sdq=True, batched=b, graphs=args.graphs)
         suffix = "" if b else " (per layer)"
         runs["sdq search" + suffix], runs["sdq frozen" + suffix] = counts[0], counts[1]
     print(f"torch {torch.__version__}, ResNet20, batch {args.batch}, bf16-mixed, FP activations, KD + EBR 0.1 in "
           f"SDQ's phase 2; operations that launch work per training step (mean of {args.steps} steps)\n")
-    print("| run | network: training_step + backward | everything else (eager under CUDA graphs) | total |")
+    replayed = "network: training_step + backward" + (", teacher forward, EBR" if args.graphs else "")
+    print(f"| run | {replayed} | everything else (eager under CUDA graphs) | total |")
     print("|---|---:|---:|---:|")
     for name, c in runs.items():
-        net = sum(v for k, v in c.items() if k in NETWORK)
+        net = sum(v for k, v in c.items() if k in NETWORK or k.startswith(REPLAY))
         total = sum(c.values())
         print(f"| {name} | {net / args.steps:.0f} | {(total - net) / args.steps:.0f} | {total / args.steps:.0f} |")
     print("\n`LightningModule.optimizer_step` is the weights' SGD step: on the CPU torch.optim.SGD runs one operation "

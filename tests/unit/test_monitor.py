@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 
 from sdq_lightning.budget import Budget
-from sdq_lightning.callbacks.monitor import epoch_record, log_epoch, log_step_terms
+from sdq_lightning.callbacks.monitor import StepTermLog, epoch_record, log_epoch
 
 
 class FakeCost:
@@ -42,15 +43,39 @@ def test_epoch_record_searching_and_at_the_freeze():
     assert epoch_record(0, "train", budget, None, {}, None, None, {})["bits"] == {}
 
 
-def test_logging_keeps_the_progress_bar_off_without_a_bar():
-    module = Recorder()
-    terms = {"kd": torch.tensor(0.3), "expected_cost": torch.tensor(2.0), "multiplier": torch.tensor(1.0)}
-    log_step_terms(types.SimpleNamespace(progress_bar_callback=None), module, terms)
-    assert set(module.logged) == {"sdq/kd", "sdq/expected_cost", "sdq/multiplier"}
-    assert not any(kw["prog_bar"] for _, kw in module.logged.values())  # a bar value is read back every step
-    log_step_terms(types.SimpleNamespace(progress_bar_callback=object()), module, terms)
-    assert module.logged["sdq/kd"][1]["prog_bar"] and not module.logged["sdq/multiplier"][1]["prog_bar"]
+def _trainer(bar: bool, writes: bool):
+    return types.SimpleNamespace(progress_bar_callback=object() if bar else None, fast_dev_run=False,
+                                 _logger_connector=types.SimpleNamespace(should_update_logs=writes))
 
+
+def test_step_terms_logged_at_the_logger_steps_and_as_epoch_means():
+    log, module = StepTermLog(), Recorder()
+    terms = [{"kd": torch.tensor(0.5), "expected_cost": torch.tensor(2.0), "temperature": torch.tensor(1.0)},
+             {"kd": torch.tensor(0.25), "expected_cost": torch.tensor(3.0), "temperature": torch.tensor(0.5)},
+             {"kd": torch.tensor(0.75), "expected_cost": torch.tensor(4.0), "temperature": torch.tensor(0.25)}]
+    log.step(_trainer(bar=False, writes=False), module, terms[0])
+    assert module.logged == {}  # not a logging step, no bar: nothing goes through self.log
+    log.step(_trainer(bar=False, writes=True), module, terms[1])
+    assert set(module.logged) == {"sdq/kd_step", "sdq/expected_cost_step", "sdq/temperature_step"}
+    assert float(module.logged["sdq/kd_step"][0]) == 0.25
+    assert all(kw["on_step"] and not kw["on_epoch"] for _, kw in module.logged.values())
+    module = Recorder()
+    log.step(_trainer(bar=True, writes=False), module, terms[2])  # a bar shows its terms every step, bar only
+    assert set(module.logged) == {"sdq/kd", "sdq/expected_cost"}
+    assert all(kw["prog_bar"] and not kw["logger"] for _, kw in module.logged.values())
+    module = Recorder()
+    log.epoch_end(module)
+    for key, mean in (("kd", 0.5), ("expected_cost", 3.0), ("temperature", 1.75 / 3)):
+        assert float(module.logged[f"sdq/{key}_epoch"][0]) == pytest.approx(mean)
+        assert float(module.logged[f"sdq/{key}"][0]) == pytest.approx(mean)
+        assert module.logged[f"sdq/{key}"][1]["logger"] is False  # the logger gets the _epoch name only
+    assert log.sums == {}  # the next epoch starts from zero
+    module = Recorder()
+    log.epoch_end(module)
+    assert module.logged == {}
+
+
+def test_log_epoch_records():
     module = Recorder()
     log_epoch(module, {"expected_cost": 2.0, "bits": {"a": 2, "fc": None}}, searching=False, budget_target=2.0)
     assert module.logged["sdq/phase"][0] == 1.0 and module.logged["sdq/bits/a"][0] == 2.0

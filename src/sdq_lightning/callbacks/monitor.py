@@ -1,8 +1,9 @@
 """What the SDQ callback records and logs (monitoring), apart from what it does.
 
 * every training step: the callback's terms (``sdq/expected_cost``, ``sdq/multiplier``, ``sdq/temperature``,
-  ``sdq/kd``, ``sdq/ebr``, ...) logged on step and as epoch means; values stay device tensors (or host tensors) and go
-  to the progress bar only when there is one, because Lightning reads every progress-bar value back to the host after
+  ``sdq/kd``, ``sdq/ebr``, ...) summed on their device, logged as ``sdq/<name>_step`` at the logger's steps and as
+  epoch means (``sdq/<name>_epoch``; :class:`StepTermLog`); values stay device tensors (or host tensors) and go to
+  the progress bar only when there is one, because Lightning reads every progress-bar value back to the host after
   every step (a device sync on a GPU);
 * every epoch end: one history record (the rows of ``history.json`` and of the report) with the expected cost, the
   layers' bits, the controller's multiplier and the trainer's metrics, and, at the freeze epoch, the search's own
@@ -17,20 +18,57 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 
-__all__ = ["PROGRESS_BAR_TERMS", "epoch_record", "log_epoch", "log_step_terms"]
+__all__ = ["PROGRESS_BAR_TERMS", "StepTermLog", "epoch_record", "log_epoch"]
 
 PROGRESS_BAR_TERMS = ("kd", "expected_cost")
 RECORDED_METRICS = ("val/acc", "val/loss", "train/loss", "train/acc")
 
 
-def log_step_terms(trainer: pl.Trainer, pl_module: pl.LightningModule, terms: Mapping[str, Tensor]) -> None:
-    """Log the step's terms as ``sdq/<name>`` (on step and as the epoch mean)."""
-    bar = trainer.progress_bar_callback is not None
-    for key, value in terms.items():
-        pl_module.log(f"sdq/{key}", value, on_step=True, on_epoch=True, prog_bar=bar and key in PROGRESS_BAR_TERMS,
-                      batch_size=1)
+class StepTermLog:
+    """The callback's per-step terms, logged as ``sdq/<name>_step`` at the steps the logger writes
+    (``log_every_n_steps``) and as ``sdq/<name>_epoch`` (the epoch mean) at the epoch end; ``sdq/<name>`` in
+    ``trainer.callback_metrics`` is the epoch mean, the names Lightning gives a value logged on step and on epoch.
+
+    Every step adds each term into a running sum on its device (one in-place add, no host read); ``self.log`` runs
+    only on logging steps and at the epoch end. Calling ``self.log(on_step=True, on_epoch=True)`` every step cost
+    about 0.4 ms of host time and 3 launches per term (``benchmarks/app_host_time.py``), which on a GPU adds to every
+    step. With a progress bar, the bar's terms are also logged every step (to the bar only). After a resume from a
+    mid-epoch checkpoint the epoch mean covers the steps after the resume."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, terms: Mapping[str, Tensor]) -> None:
+        """Accumulate this step's terms; log them if the logger writes this step."""
+        for key, value in terms.items():
+            value = value.detach() if isinstance(value, Tensor) else torch.tensor(float(value))
+            total = self.sums.get(key)
+            if total is None or total.device != value.device:
+                self.sums[key], self.counts[key] = value.float().clone(), 1
+            else:
+                total.add_(value)
+                self.counts[key] += 1
+        bar = trainer.progress_bar_callback is not None
+        connector = getattr(trainer, "_logger_connector", None)
+        write = bool(getattr(connector, "should_update_logs", True)) or bool(getattr(trainer, "fast_dev_run", False))
+        for key, value in terms.items():
+            if write:
+                pl_module.log(f"sdq/{key}_step", value, on_step=True, on_epoch=False, batch_size=1)
+            if bar and key in PROGRESS_BAR_TERMS:  # Lightning reads a bar value back every step: only with a bar
+                pl_module.log(f"sdq/{key}", value, on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                              batch_size=1)
+
+    def epoch_end(self, pl_module: pl.LightningModule) -> None:
+        """Log the epoch means and start the next epoch's sums."""
+        for key, total in self.sums.items():
+            mean = total / self.counts[key]
+            pl_module.log(f"sdq/{key}_epoch", mean, on_step=False, on_epoch=True, batch_size=1)
+            pl_module.log(f"sdq/{key}", mean, on_step=False, on_epoch=True, logger=False, batch_size=1)
+        self.sums, self.counts = {}, {}
 
 
 def epoch_record(epoch: int, phase: str, budget: Any, cost_model: Any, terms: Mapping[str, Any],

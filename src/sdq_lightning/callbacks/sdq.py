@@ -50,7 +50,7 @@ from sdq_lightning.callbacks.search import (
 from sdq_lightning.callbacks.schedule import Schedule, resolve_schedule
 from sdq_lightning.callbacks.guard import DivergenceGuard
 from sdq_lightning.callbacks.losses import AddedLosses
-from sdq_lightning.callbacks.monitor import epoch_record, log_epoch, log_step_terms
+from sdq_lightning.callbacks.monitor import StepTermLog, epoch_record, log_epoch
 from sdq_lightning.callbacks.freeze import freeze_message, freeze_searched
 from sdq_lightning.checkpoint import network_of
 from sdq_lightning.callbacks.setup import (
@@ -324,6 +324,7 @@ class SDQ(Callback):
         self._weight_layers: list[nn.Module] | None = None
         self._root: nn.Module | None = None
         self._terms: dict[str, Tensor | float] = {}
+        self._term_log = StepTermLog()
 
     # ================================================================ structure
     @property
@@ -538,7 +539,7 @@ class SDQ(Callback):
                            batch_idx: int) -> None:
         if self.guard is not None:
             self.guard.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        log_step_terms(trainer, pl_module, self._terms)
+        self._term_log.step(trainer, pl_module, self._terms)
         n = trainer.num_training_batches
         last_batch = isinstance(n, int) and batch_idx + 1 >= n
         if self.phase is Phase.SEARCH and last_batch and trainer.current_epoch + 1 >= self.search_epochs:
@@ -566,6 +567,7 @@ class SDQ(Callback):
             self._freeze_record = None
         self.history.append(record)
         log_epoch(pl_module, record, self.phase is Phase.SEARCH, self.budget.target)
+        self._term_log.epoch_end(pl_module)
 
     def _epoch_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         freeze_info = getattr(self, "_freeze_record", None)
