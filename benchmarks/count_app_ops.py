@@ -32,19 +32,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 import count_ops  # noqa: E402
 
 from sdq_lightning import SDQ, SDQClassifier  # noqa: E402
+from sdq_lightning.modules.graphs import capture_eagerly  # noqa: E402
 
 NETWORK = ("Strategy.training_step", "Strategy.backward")  # what CUDA graphs replay (plus the loss around it)
 REPLAY = "graph replay"  # the mark of the stand-in capture (--graphs): the teacher's forward and EBR
 
 
 def _replay_stand_in(fn, inputs, warmup):
-    """GraphedCall's capture on the CPU for counting: the "replay" runs ``fn`` eagerly inside a mark."""
+    """GraphedCall's capture on the CPU for counting (``capture_eagerly``): each "replay" runs inside a mark."""
+    replay = capture_eagerly(fn, inputs, warmup)
 
-    def replay():
+    def marked():
         with torch.profiler.record_function(REPLAY):
-            return fn(*inputs)
+            return replay()
 
-    return replay
+    return marked
 
 
 class _Marks(pl.profilers.Profiler):

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from sdq_lightning.callbacks.losses import AddedLosses
 from sdq_lightning.losses import EntropyBinRegularizer, kd_loss
+from sdq_lightning.modules.graphs import capture_eagerly
 from sdq_lightning.surgery import QuantSpec, quant_layers, quantize_model
 
 
@@ -80,27 +81,17 @@ def test_teacher_with_other_classes_is_refused():
 
 # ------------------------------------------------------------------- under CUDA graphs (a CPU stand-in capture)
 def _call_stand_in(log: list):
-    """A CPU stand-in for GraphedCall's capture: warm-up calls, then a "replay" that recomputes ``fn`` on the STATIC
-    inputs and writes into the static outputs of the capture, returning them (the same objects every time), as a
-    CUDA graph does."""
-    from torch.utils._pytree import tree_flatten
+    """``capture_eagerly`` (the CPU stand-in of a CUDA-graph capture: static inputs, static outputs overwritten by
+    every replay), logging each replay."""
 
     def capture(fn, inputs, warmup):
-        for _ in range(warmup):
-            fn(*inputs)
-        static_out = fn(*inputs)
-        static, _ = tree_flatten(static_out)
+        replay = capture_eagerly(fn, inputs, warmup)
 
-        def replay():
+        def logged():
             log.append(fn)
-            fresh, _ = tree_flatten(fn(*inputs))
-            with torch.no_grad():
-                for s, f in zip(static, fresh):
-                    if s is not None:
-                        s.copy_(f)
-            return static_out
+            return replay()
 
-        return replay
+        return logged
 
     return capture
 

@@ -264,9 +264,9 @@ def test_sdq_callback_with_cuda_graphs_searches_freezes_and_distils(tmp_path):
     assert [h["phase"] for h in cb_g.history] == ["search", "train"]
     # KD reached the graphed network's output in phase 2 (the term is logged only when the teacher's gradient was added)
     assert "kd" in cb_g._terms and float(cb_g._terms["kd"]) > 0
-    # the teacher's forward and EBR (phase 2) replayed as graphs of their own
+    # the teacher's forward and EBR (phase 2) and the DBP step (phase 1) replayed as graphs of their own
     teacher_graph, ebr_graph = cb_g.losses.graphs
-    for g in (teacher_graph, ebr_graph):
+    for g in (teacher_graph, ebr_graph, cb_g.search.graph):
         assert g.failed is None and g.captures >= 1 and g.replays > g.captures
     assert "ebr" in cb_g._terms and float(cb_g._terms["ebr"]) > 0
     assert cb_g.history[0]["expected_avg_bits"] == pytest.approx(cb_e.history[0]["expected_avg_bits"], abs=0.25)
@@ -332,3 +332,43 @@ def test_graphed_teacher_and_ebr_match_eager_and_never_synchronise():
         if graphed:
             assert [(c.captures, c.replays, c.failed) for c in losses.graphs] == [(1, 5, None), (1, 5, None)]
     torch.testing.assert_close(results[1], results[0], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_dbp_step_matches_eager_and_never_synchronises():
+    from sdq_lightning.callbacks.search import BitSearch
+
+    results, steps = [], 60  # the last quarter hardens and settles
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = timm.create_model("resnet20", num_classes=10)
+        prof = sq.profile_model(model, torch.randn(1, 3, 32, 32))
+        sq.quantize_model(model, sq.QuantSpec(weight_bits=tuple(range(1, 9)), activation_bits=None, estimator="ste"))
+        model.cuda()
+        search = BitSearch(sq.CostModel(model, prof), sq.Budget("avg_bits", 2.0))
+        if graphed:
+            search.use_graphs(True)
+        search.start(steps_per_epoch=steps, search_epochs=1)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        slope = -torch.rand(len(search.quantizers), device="cuda", generator=g)
+        seen = []
+        try:
+            for t in range(steps):
+                if graphed and t == 1:  # step 0 captures (that synchronises); then replays only
+                    torch.cuda.set_sync_debug_mode("error")
+                search.begin_step(t, 1.0)
+                for i, q in enumerate(search.quantizers):  # a task gradient on the live DBP, no host read
+                    live = (torch.arange(q.dbp.shape[0], device="cuda") == q.level).float()
+                    q.dbp.grad = live * (slope[i] + torch.randn((), device="cuda", generator=g))
+                seen.append(search.step()["expected_cost"])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        results.append((torch.stack(seen).cpu(), torch.stack([q.dbp.detach() for q in search.quantizers]).cpu(),
+                        [int(q.level) for q in search.quantizers]))
+        if graphed:
+            assert (search.graph.captures, search.graph.replays, search.graph.failed) == (1, steps, None)
+    (cost_e, dbp_e, lv_e), (cost_g, dbp_g, lv_g) = results
+    torch.testing.assert_close(cost_g, cost_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dbp_g, dbp_e, rtol=1e-5, atol=1e-6)
+    assert lv_g == lv_e

@@ -162,8 +162,9 @@ class SDQ(Callback):
             epochs. ``"cuda-graphs"``: no compiler; the network's training forward and
             backward are captured as CUDA graphs from the second batch and replayed every step
             (:class:`~sdq_lightning.modules.graphs.GraphedNetwork`; re-captured at the freeze; CUDA, one device;
-            KD then reads the network's output); the KD teacher's forward and the EBR term with its gradients
-            replay as a graph each (:class:`~sdq_lightning.modules.graphs.GraphedCall`). ``"auto"`` (the Hydra app's default): ``"cuda-graphs"`` on one
+            KD then reads the network's output); the KD teacher's forward, the EBR term with its gradients and
+            the DBP step (without a gradient scaler) replay as a graph each
+            (:class:`~sdq_lightning.modules.graphs.GraphedCall`). ``"auto"`` (the Hydra app's default): ``"cuda-graphs"`` on one
             CUDA device, falling back to eager with a warning if the capture fails; None elsewhere (CPU, several
             processes). GPU figures: docs/RESULTS.md sections 17-18.
         batched: quantize every layer's weight in one batched pass per forward
@@ -485,6 +486,12 @@ class SDQ(Callback):
         self.losses.before_batch(x, pl_module.device, kd)
 
     def _make_search(self) -> BitSearch:
+        search = self._new_search()
+        if self._graphs is not None:  # under CUDA graphs the DBP step is a graph of its own
+            search.use_graphs(True)
+        return search
+
+    def _new_search(self) -> BitSearch:
         return BitSearch(self.cost_model, self.budget, control=self.budget_control, signal=self.search_signal,
                          dbp_lr=self.dbp_lr, task_weight=self.task_weight, budget_reach=self.budget_reach,
                          penalty_weight=self.penalty_weight, penalty=self.penalty_kind,
@@ -507,6 +514,8 @@ class SDQ(Callback):
             self._graphs = GraphedNetwork(net, on_output=self.losses.capture_output,
                                           fallback=self._compile_request == "auto")
             self.losses.use_graphs(True)  # the teacher's forward and EBR: a graph each (a capture that fails: eager)
+            if self.search is not None and self.search.graph is None:
+                self.search.use_graphs(True)  # the DBP step too
             self._compiled = True
             return
         set_kernels("eager")

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from sdq_lightning.budget import Budget, CostModel, budget_penalty, project_to_budget
 from sdq_lightning.budget.search import quantization_mse
+from sdq_lightning.modules.graphs import CallCaptureFn, GraphedCall
 from sdq_lightning.quantizers.optim import DBPOptimizer
 from sdq_lightning.quantizers.sdq import stacked_expected_bits
 
@@ -68,6 +69,28 @@ class BitSearch:
         self.last_terms: dict[str, Tensor] = {}
         self.trace: dict[str, list] = {"step": [], "expected_bits": [], "expected_cost": [], "control": []}
         self._trace_buf: list[tuple[int, Tensor]] = []  # device tensors, read back at flush_trace()
+        self.graph: GraphedCall | None = None  # the DBP step as a CUDA graph (use_graphs)
+
+    def use_graphs(self, enabled: bool = True, capture_fn: CallCaptureFn | None = None) -> None:
+        """Replay the DBP step (expected cost, its DBP gradients, the controller's stacked step) as one CUDA graph
+        when it can be (:attr:`DBPOptimizer.stackable`, DBPs moving, no gradient scaler); the schedule enters as
+        device scalars set eagerly (:meth:`DBPOptimizer.set_schedule`), the task gradients as a stacked input.
+        ``capture_fn``: see :class:`~sdq_lightning.modules.graphs.GraphedCall` (tests pass a CPU stand-in)."""
+        self.graph = GraphedCall(self._graphed_core, key=self._graph_key, name="the DBP step",
+                                 capture_fn=capture_fn, state=self._step_state) if enabled else None
+
+    def _graph_key(self) -> tuple:
+        opt = self.optimizer
+        return id(opt), opt.param_groups[0]["lr"] if opt is not None else None
+
+    def _step_state(self) -> list[Tensor]:
+        """What a DBP step changes in place: the DBPs, the levels, the controller and the optimizer's state."""
+        opt = self.optimizer
+        out = [q.dbp for q in self.quantizers] + [q.level for q in self.quantizers]
+        out += [opt.multiplier, opt.rms, opt.step_count]
+        for st in opt.state.values():
+            out += [v for v in st.values() if isinstance(v, Tensor)]
+        return out
 
     # ------------------------------------------------------------------ set-up
     def _unit_costs(self) -> list[float]:
@@ -156,26 +179,14 @@ class BitSearch:
         opt = self.optimizer
         if scaler is not None:
             scaler.unscale_(opt)
-        dbps = [q.dbp for q in self.quantizers]
-        with torch.enable_grad():
-            expected = self.cost_model.expected(self.budget.metric)
-            if self.control == "penalty":
-                objective = self.penalty_weight * budget_penalty(expected, self.budget, self.penalty)
-            else:
-                objective = expected
-            grads = torch.autograd.grad(objective, dbps, allow_unused=True) if objective.requires_grad else \
-                [None] * len(dbps)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(dbps, grads)]
         now, nxt = self.target_at(self.steps_done), self.target_at(self.steps_done + 1)
-        opt.prepare(grads, expected, now, nxt, harden=self.harden_at(self.steps_done))
-        if self.moves:
-            if scaler is not None:
-                scaler.step(opt)
-            else:
-                opt.step()
-        else:  # measure only: the sensitivity EMA, no move
-            opt.update_sensitivity()
-            opt._budget_grads = None
+        opt.set_schedule(now, nxt, harden=self.harden_at(self.steps_done))
+        if self.graph is not None and scaler is None and opt.stackable and self.moves:
+            # the graph's output is overwritten by its next replay: the logged cost is a copy
+            expected = self.graph(opt.stacked_task_grads()).clone()
+            objective = expected
+        else:
+            expected, objective = self._core(scaler)
         opt.zero_grad(set_to_none=True)
         self.steps_done += 1
         every = max(self.total_steps // 200, 1)
@@ -194,6 +205,34 @@ class BitSearch:
             terms["penalty"] = objective.detach()
         self.last_terms = terms
         return terms
+
+    def _core(self, scaler: Any = None, task_grads: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The step's device work: the expected cost and its DBP gradients, then the controller's step. Returns the
+        expected cost and the objective (detached)."""
+        opt = self.optimizer
+        dbps = [q.dbp for q in self.quantizers]
+        with torch.enable_grad():
+            expected = self.cost_model.expected(self.budget.metric)
+            if self.control == "penalty":
+                objective = self.penalty_weight * budget_penalty(expected, self.budget, self.penalty)
+            else:
+                objective = expected
+            grads = torch.autograd.grad(objective, dbps, allow_unused=True) if objective.requires_grad else \
+                [None] * len(dbps)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(dbps, grads)]
+        opt.prepare(grads, expected, task_grads=task_grads)
+        if self.moves:
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+        else:  # measure only: the sensitivity EMA, no move
+            opt.update_sensitivity()
+            opt._budget_grads = None
+        return expected.detach(), objective.detach()
+
+    def _graphed_core(self, task_grads: Tensor) -> Tensor:
+        return self._core(None, task_grads)[0]
 
     def flush_trace(self) -> dict[str, list]:
         """Move the recorded trace to the host (one read; call at epoch ends) and return it."""

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GraphedCall", "GraphedNetwork"]
+__all__ = ["GraphedCall", "GraphedNetwork", "capture_eagerly"]
 
 CaptureFn = Callable[..., nn.Module]
 
@@ -193,6 +193,29 @@ def _capture_call(fn: Callable[..., Any], inputs: tuple, warmup: int) -> ReplayF
     return replay
 
 
+def capture_eagerly(fn: Callable[..., Any], inputs: tuple, warmup: int) -> ReplayFn:
+    """A stand-in for :func:`_capture_call` without CUDA, with the same contract: ``warmup`` passes and one
+    "captured" pass run ``fn`` for real, then each replay recomputes ``fn`` on the STATIC inputs and writes the result
+    into the static outputs of the capture, returning those same tensors (as a CUDA graph overwrites its outputs).
+    For tests of the dispatch and of the replayed values on the CPU, and for ``benchmarks/count_app_ops.py``."""
+    from torch.utils._pytree import tree_flatten
+
+    for _ in range(warmup):
+        fn(*inputs)
+    static_out = fn(*inputs)
+    static, _ = tree_flatten(static_out)
+
+    def replay() -> Any:
+        fresh, _ = tree_flatten(fn(*inputs))
+        with torch.no_grad():
+            for s, f in zip(static, fresh):
+                if s is not None:
+                    s.copy_(f)
+        return static_out
+
+    return replay
+
+
 class GraphedCall:
     """Replay ``fn(*inputs)`` as one CUDA graph: for the work that runs eager next to a :class:`GraphedNetwork` each
     step, where a graph of its own turns dozens of launches into one (the KD teacher's forward; the EBR term with its
@@ -206,10 +229,13 @@ class GraphedCall:
     The graph is (re-)captured when the inputs' shapes, dtypes or devices, the autocast dtype, the grad mode or
     ``key()`` change (``key``: a Python value describing the state ``fn`` depends on, e.g. the frozen bitwidths);
     never from a device read. A capture that fails warns once and leaves the call eager for the rest of the run.
+    The capture runs ``fn`` ``warmup`` times for real: when ``fn`` changes state (an optimizer step), ``state()``
+    lists the tensors it changes, restored after the capture, so that every call is exactly one ``fn``.
 
     Args:
         fn: the work to capture.
         key: a zero-argument function returning a hashable Python value (default: none).
+        state: a zero-argument function returning the tensors ``fn`` changes in place (default: none).
         name: for messages.
         warmup: untimed passes before the capture.
         capture_fn: how to capture (default: a side-stream warm-up and :class:`torch.cuda.CUDAGraph`); tests pass a
@@ -217,8 +243,9 @@ class GraphedCall:
     """
 
     def __init__(self, fn: Callable[..., Any], key: Callable[[], Any] | None = None, name: str = "call",
-                 warmup: int = 2, capture_fn: CallCaptureFn | None = None) -> None:
-        self.fn, self.key, self.name, self.warmup = fn, key, name, int(warmup)
+                 warmup: int = 2, capture_fn: CallCaptureFn | None = None,
+                 state: Callable[[], list[Tensor]] | None = None) -> None:
+        self.fn, self.key, self.name, self.warmup, self.state = fn, key, name, int(warmup), state
         self._capture_fn = capture_fn or _capture_call
         self._replay: ReplayFn | None = None
         self._inputs: tuple[Tensor, ...] = ()
@@ -258,8 +285,15 @@ class GraphedCall:
         dev = args[0].device.type if args else "cuda"
         dtype = GraphedNetwork._autocast_dtype(dev)
         ctx = torch.autocast(dev, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
-        with ctx:
-            self._replay = self._capture_fn(self.fn, self._inputs, self.warmup)
+        changed = list(self.state()) if self.state is not None else []
+        saved = [t.detach().clone() for t in changed]
+        try:
+            with ctx:
+                self._replay = self._capture_fn(self.fn, self._inputs, self.warmup)
+        finally:
+            with torch.no_grad():  # the warm-up passes ran fn for real: put back what they changed
+                for t, v in zip(changed, saved):
+                    t.copy_(v)
         self.captures += 1
 
     def reset(self) -> None:

@@ -89,6 +89,12 @@ class DBPOptimizer(torch.optim.Optimizer):
         self._expected: Tensor | None = None
         self._target_next: float | None = None
         self._target_now: float | None = None
+        self._task_grads: Tensor | None = None  # [layers, candidates], handed over by prepare() (see step)
+        # the schedule as device scalars, set by set_schedule with two multi-tensor operations (no host->device
+        # copy): the stacked step reads only these, so it can be captured once and replayed (a CUDA graph) while
+        # the schedule moves. Target now, target next, target next x (1 - HARDEN_SLACK), harden weight, and the
+        # number of layers that should be decided while hardening (int(layers x harden), computed on the host).
+        self._sched = [torch.zeros((), device=dev) for _ in range(5)]
         for q in quantizers:
             st = self.state[q.dbp]
             st["sens"] = torch.zeros_like(q.dbp.detach())
@@ -105,15 +111,35 @@ class DBPOptimizer(torch.optim.Optimizer):
                                          dtype=torch.bool, device=dev)
 
     # ------------------------------------------------------------------ inputs of one step
-    def prepare(self, budget_grads: Sequence[Tensor], expected: Tensor, target_now: float,
-                target_next: float, harden: float = 0.0) -> None:
+    def prepare(self, budget_grads: Sequence[Tensor], expected: Tensor, target_now: float | None = None,
+                target_next: float | None = None, harden: float = 0.0, task_grads: Tensor | None = None) -> None:
         """Hand over dC/dbeta of every layer (unscaled), the expected cost now, the schedule's points and the
         hardening weight (0..1: a push of each live DBP towards the nearer of 0 and 1, so that the freeze's
-        rounding is a small change)."""
-        self._harden = float(harden)
+        rounding is a small change); without the schedule, the last :meth:`set_schedule` holds. ``task_grads``:
+        the DBPs' task gradients stacked ``[layers, candidates]`` (the stacked step only), instead of ``.grad``."""
+        if target_now is not None:
+            self.set_schedule(target_now, target_now if target_next is None else target_next, harden)
         self._budget_grads = [g.detach() for g in budget_grads]
         self._expected = expected.detach()
+        self._task_grads = task_grads
+
+    def set_schedule(self, target_now: float, target_next: float, harden: float = 0.0) -> None:
+        """The schedule of this step: host values for the per-layer path, device scalars for the stacked one."""
+        self._harden = float(harden)
         self._target_now, self._target_next = float(target_now), float(target_next)
+        values = [self._target_now, self._target_next, self._target_next * (1 - HARDEN_SLACK), self._harden,
+                  float(int(len(self.quantizers) * self._harden))]
+        torch._foreach_zero_(self._sched)
+        torch._foreach_add_(self._sched, values)
+
+    @property
+    def stackable(self) -> bool:
+        """Whether :meth:`step` runs the stacked form (which reads no host value of the step: capturable)."""
+        return self.vectorised and self.control == "dual"
+
+    def stacked_task_grads(self) -> Tensor:
+        """The DBPs' task gradients stacked ``[layers, candidates]`` in float32 (zeros where ``.grad`` is None)."""
+        return torch.stack([g.float() for g in self._grads()])
 
     # ------------------------------------------------------------------ state beyond torch's per-param state
     def controller_state(self) -> dict:
@@ -150,9 +176,9 @@ class DBPOptimizer(torch.optim.Optimizer):
                 closure()
         if self._budget_grads is None:
             raise RuntimeError("DBPOptimizer.step needs prepare(...) first (the SDQ callback calls it)")
-        if self.vectorised and self.control == "dual":
+        if self.stackable:
             self._step_stacked()
-            self._budget_grads = None
+            self._budget_grads = self._task_grads = None
             return None
         params = [g["params"][0] for g in self.param_groups]
         grads = [g.float() for g in self._grads()]
@@ -209,6 +235,14 @@ class DBPOptimizer(torch.optim.Optimizer):
         return torch.where(self._expected >= self._target_next * (1 - HARDEN_SLACK), torch.zeros_like(two_sided),
                            two_sided)
 
+    def _lower_stacked(self) -> Tensor:
+        """:meth:`_lower` from the device scalars of the schedule (no host branch on the step's values)."""
+        two_sided = torch.full_like(self.multiplier, -self.max_multiplier)
+        if self.settle:
+            return two_sided
+        _, _, next_slack, harden, _ = self._sched
+        return torch.where((harden > 0) & (self._expected >= next_slack), torch.zeros_like(two_sided), two_sided)
+
     def _dual_step(self, params: list[Tensor], grads: list[Tensor], live: list[Tensor], lr: float) -> None:
         units = [g["unit"] for g in self.param_groups]
         task = [g * m / u for g, m, u in zip(grads, live, units)]
@@ -237,10 +271,13 @@ class DBPOptimizer(torch.optim.Optimizer):
     def _step_stacked(self) -> None:
         """:meth:`step` under ``dual`` on the stacked ``[layers, candidates]`` DBPs: the same arithmetic as the
         per-layer loop (:meth:`update_sensitivity`, :meth:`_dual_step`, :meth:`_drop_levels`), summed in another
-        order (equal up to float rounding; ``tests/unit/test_search_controller.py`` compares the two)."""
+        order (equal up to float rounding; ``tests/unit/test_search_controller.py`` compares the two). Every value
+        of the step is read from the device (the schedule from :meth:`set_schedule`'s scalars; the task gradients
+        from ``prepare(task_grads=...)`` or stacked from ``.grad``), so the step can be captured as a CUDA graph."""
         params = [g["params"][0] for g in self.param_groups]
+        target_now, target_next, _, harden, goal = self._sched
         p = torch.stack([x.detach() for x in params])
-        g = torch.stack([x.float() for x in self._grads()])
+        g = self._task_grads if self._task_grads is not None else self.stacked_task_grads()
         b = torch.stack(self._budget_grads).float()
         levels = torch.stack([q.level for q in self.quantizers])
         lv = levels.view(-1, 1)
@@ -252,9 +289,9 @@ class DBPOptimizer(torch.optim.Optimizer):
                                                     sens).unbind(0))
         settled_list = [self.state[x]["settled"] for x in params]
         settled = torch.stack(settled_list) > 0.5
-        if self.settle and self._harden > 0:  # before the multiplier is solved, so this step absorbs the rounding
-            beta = p.gather(1, lv).view(-1)
-            now = self._settle_now(beta, levels, settled, self._units.view(-1))
+        if self.settle:  # before the multiplier is solved, so this step absorbs the rounding (none before hardening:
+            beta = p.gather(1, lv).view(-1)  # the goal is 0 then, and adding the zero change leaves every value)
+            now = self._settle_now(beta, levels, settled, self._units.view(-1), goal=goal)
             rounded = torch.where(now, (beta >= 0.5).to(beta.dtype), beta)
             self._expected = self._expected + (b.gather(1, lv).view(-1) * (rounded - beta)).sum()  # exact: linear
             p = p.scatter(1, lv, rounded.view(-1, 1))
@@ -269,13 +306,12 @@ class DBPOptimizer(torch.optim.Optimizer):
         self.rms.copy_(torch.where(first, ms.sqrt(), self.rms * self.rms_decay + (1 - self.rms_decay) * ms.sqrt()))
         scale = torch.where(self.rms > 0, 1.0 / self.rms.clamp_min(1e-30), torch.zeros_like(self.rms))
         task = task * scale * self.task_weight
-        if self._harden > 0:
-            task = task - self._harden * torch.sign(p - 0.5) * live
+        task = torch.where(harden > 0, task - harden * torch.sign(p - 0.5) * live, task)
         norm = forces.abs().sum() / n_live
         forces = forces / norm.clamp_min(1e-30)
         d_task, d_lam = (b * task).sum(), (b * forces).sum()
-        excess = self._expected - self._target_next - lr * d_task
-        lam = (excess / (lr * d_lam).clamp_min(1e-30)).clamp_max(self.max_multiplier).maximum(self._lower())
+        excess = self._expected - target_next - lr * d_task
+        lam = (excess / (lr * d_lam).clamp_min(1e-30)).clamp_max(self.max_multiplier).maximum(self._lower_stacked())
         lam = torch.where(d_lam > 0, lam, torch.zeros_like(lam))
         self.multiplier.copy_(lam)
         p = p - lr * (task + lam * forces)
@@ -288,10 +324,10 @@ class DBPOptimizer(torch.optim.Optimizer):
             step = self.step_count
             beta = p.gather(1, lv).view(-1)
             ok = ((step - last) >= self.min_steps_between_drops) & ~settled
-            above = self._expected > self._target_now
-            below = self._expected < self._target_now
+            above = self._expected > target_now
+            below = self._expected < target_now
             drop = (beta <= self.drop_threshold) & (levels > 0) & above & ok
-            rise = pushed_up & (levels < p.shape[1] - 1) & below & ok & (self._harden == 0 or self.settle)
+            rise = pushed_up & (levels < p.shape[1] - 1) & below & ok & ((harden == 0) | self.settle)
             new = levels - drop.long() + rise.long()
             value = torch.where(drop, torch.full_like(beta, self.reinit_dbp),
                                 torch.where(rise, torch.full_like(beta, 2 * self.drop_threshold),
@@ -302,7 +338,7 @@ class DBPOptimizer(torch.optim.Optimizer):
         torch._foreach_copy_(params, p.to(params[0].dtype).unbind(0))
 
     def _settle_now(self, beta: Tensor, levels: Tensor, settled: Tensor, units: Tensor,
-                    eligible: Tensor | None = None) -> Tensor:
+                    eligible: Tensor | None = None, goal: Tensor | None = None) -> Tensor:
         """Which layers settle at this step (sequential settling, ``settle=True``, while hardening).
 
         A settled layer's live DBP is rounded to 0 or 1 and no longer moves; the multiplier then holds the budget
@@ -310,12 +346,13 @@ class DBPOptimizer(torch.optim.Optimizer):
         lowest candidate) follows ``floor(n * harden)``: none when hardening starts, all but the last one at the
         last step, so the freeze's rounding only decides the last (smallest) layers. Largest unit cost first, ties
         by the most decided DBP: a large layer's rounding moves the cost by much, and the smaller layers still
-        moving can absorb it; the small layers settle last, where a rounding costs little. All on the device."""
+        moving can absorb it; the small layers settle last, where a rounding costs little. All on the device
+        (``goal``: ``int(n * harden)`` as a device scalar, from :meth:`set_schedule`; default from the host)."""
         n = beta.shape[0]
         decided = settled | (levels == 0)
         if eligible is not None:
             decided = decided | ~eligible
-        short = int(n * self._harden) - decided.sum()
+        short = (int(n * self._harden) if goal is None else goal) - decided.sum()
         score = torch.where(decided, torch.full_like(beta, -1.0), units * (1 + (beta - 0.5).abs()))
         order = score.argsort(descending=True)
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=beta.device))
