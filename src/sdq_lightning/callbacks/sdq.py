@@ -65,7 +65,7 @@ from sdq_lightning.callbacks.setup import (
 from sdq_lightning.callbacks.teacher import check_teacher_file
 from sdq_lightning.modules.fused import KERNELS, set_kernels
 from sdq_lightning.modules.batched import BatchedWeights, batch_weights
-from sdq_lightning.modules.graphs import GraphedNetwork
+from sdq_lightning.modules.graphs import CallCaptureFn, GraphedCall, GraphedNetwork
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.quantizers.optim import LogStepAdam
 from sdq_lightning.surgery import QuantSpec, quant_layers
@@ -322,6 +322,11 @@ class SDQ(Callback):
         self._pending_opt_states: dict[str, Any] | None = None
         self._compiled = False
         self._graphs: GraphedNetwork | None = None
+        # the eager work around a graphed network, replayed as graphs of its own (_graph_work)
+        self._graph_work: dict[str, Any] | None = None
+        self._step_graph: GraphedCall | None = None
+        self._step_graph_params: list[Tensor] = []
+        self._dbp_quantizers: list[SDQWeightQuantizer] | None = None
         self._weight_layers: list[nn.Module] | None = None
         self._root: nn.Module | None = None
         self._terms: dict[str, Tensor | float] = {}
@@ -413,6 +418,10 @@ class SDQ(Callback):
         self.losses.attach(pl_module, None if self.compile == "cuda-graphs" else self.report.last_layer,
                            pl_module.device)
         self._weight_layers = None
+        self._dbp_quantizers = [m for m in pl_module.modules() if isinstance(m, SDQWeightQuantizer)]
+        self._step_graph = None
+        if self._graph_work is not None:  # a new fit: new optimizers, so new graphs
+            self._graph_eager_work(self._graph_work["capture_fn"])
 
     # ---- the divergence guard's hooks (composed, so one SDQ(...) line brings it along)
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -440,16 +449,48 @@ class SDQ(Callback):
         if self.phase is Phase.SEARCH and self.search is not None and self.search.optimizer is not None:
             self._terms.update(self.search.step(scaler))
         else:
-            for m in pl_module.modules():  # DBPs off the search (frozen layers): no gradient to keep
-                if isinstance(m, SDQWeightQuantizer):
-                    m.dbp.grad = None
+            quantizers = self._dbp_quantizers
+            if quantizers is None:
+                quantizers = [m for m in pl_module.modules() if isinstance(m, SDQWeightQuantizer)]
+            for m in quantizers:  # DBPs off the search (frozen layers): no gradient to keep
+                m.dbp.grad = None
         if self._step_opt is not None:
             if scaler is not None:
                 scaler.unscale_(self._step_opt)
                 scaler.step(self._step_opt)
             else:
-                self._step_opt.step()
+                self._step_sizes()
             self._step_opt.zero_grad(set_to_none=True)
+
+    def _step_sizes(self) -> None:
+        """The step-size optimizer's step; under CUDA graphs a replay with this step's gradients as its inputs (from
+        the second step: the first makes the optimizer's state)."""
+        opt = self._step_opt
+        if self._step_graph is not None:
+            ps = [p for p in opt.param_groups[0]["params"] if p.grad is not None]
+            if ps and len(opt.param_groups) == 1 and opt.has_state(ps):
+                self._step_graph_params = ps
+                self._step_graph(*[p.grad for p in ps])
+                return
+        opt.step()
+
+    def _graph_eager_work(self, capture_fn: CallCaptureFn | None = None) -> None:
+        """Replay the work that stays eager next to a graphed network as CUDA graphs of its own: the KD teacher's
+        forward, EBR with its gradients, the DBP step and the step-size optimizer (each captured at its first use,
+        eager where it cannot be: a gradient scaler, a capture that fails). ``capture_fn``: see
+        :class:`~sdq_lightning.modules.graphs.GraphedCall` (tests pass a CPU stand-in)."""
+        self._graph_work = {"capture_fn": capture_fn}
+        self.losses.use_graphs(True, capture_fn=capture_fn)
+        if self.search is not None and self.search.graph is None:
+            self.search.use_graphs(True, capture_fn=capture_fn)
+        if self._step_opt is not None and self._step_graph is None:
+            opt = self._step_opt
+            self._step_graph = GraphedCall(
+                lambda *grads: opt.step_grads(self._step_graph_params, list(grads)),
+                key=lambda: tuple(id(p) for p in self._step_graph_params), name="the step-size optimizer",
+                capture_fn=capture_fn,
+                state=lambda: self._step_graph_params + [t for p in self._step_graph_params
+                                                         for t in opt.state[p].values()])
 
     # ================================================================ per step
     def _progress(self, trainer: pl.Trainer, batch_idx: int) -> float:
@@ -487,8 +528,8 @@ class SDQ(Callback):
 
     def _make_search(self) -> BitSearch:
         search = self._new_search()
-        if self._graphs is not None:  # under CUDA graphs the DBP step is a graph of its own
-            search.use_graphs(True)
+        if self._graph_work is not None:  # under CUDA graphs the DBP step is a graph of its own
+            search.use_graphs(True, capture_fn=self._graph_work["capture_fn"])
         return search
 
     def _new_search(self) -> BitSearch:
@@ -513,9 +554,7 @@ class SDQ(Callback):
         if self.compile == "cuda-graphs":
             self._graphs = GraphedNetwork(net, on_output=self.losses.capture_output,
                                           fallback=self._compile_request == "auto")
-            self.losses.use_graphs(True)  # the teacher's forward and EBR: a graph each (a capture that fails: eager)
-            if self.search is not None and self.search.graph is None:
-                self.search.use_graphs(True)  # the DBP step too
+            self._graph_eager_work()  # the teacher's forward, EBR, the DBP step, the step sizes: a graph each
             self._compiled = True
             return
         set_kernels("eager")

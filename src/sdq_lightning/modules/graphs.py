@@ -273,8 +273,10 @@ class GraphedCall:
                 self._replay, self._key = None, None
                 return self.fn(*args)
             self._key = key
-        for static, a in zip(self._inputs, args):
-            static.copy_(a)
+        if len(args) > 1:  # one multi-tensor copy (a few kernels), not one per input
+            torch._foreach_copy_(list(self._inputs), list(args))
+        elif args:
+            self._inputs[0].copy_(args[0])
         self.replays += 1
         return self._replay()
 

@@ -422,40 +422,55 @@ class LogStepAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 closure()
         for group in self.param_groups:
-            b1, b2 = group["betas"]
             ps = [p for p in group["params"] if p.grad is not None]
-            if not ps:
-                continue
-            for p in ps:
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-            # every operation a foreach over the group's tensors: a handful of kernel launches per step in all,
-            # not a dozen per parameter (on a GPU the per-parameter loop was the step's cost)
-            glog = torch._foreach_mul([p.grad.float() for p in ps], ps)  # dL/dlog s = s dL/ds
-            m = [self.state[p]["exp_avg"] for p in ps]
-            v = [self.state[p]["exp_avg_sq"] for p in ps]
-            t = [self.state[p]["step"] for p in ps]
-            torch._foreach_add_(t, 1.0)
-            torch._foreach_lerp_(m, glog, 1 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, glog, glog, value=1 - b2)
-            bc1, bc2 = torch._foreach_pow(b1, t), torch._foreach_pow(b2, t)  # b^t
-            torch._foreach_mul_(bc1, -1.0)
-            torch._foreach_add_(bc1, 1.0)                                    # 1 - b1^t
-            torch._foreach_mul_(bc2, -1.0)
-            torch._foreach_add_(bc2, 1.0)                                    # 1 - b2^t
-            denom = torch._foreach_div(v, bc2)
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, group["eps"])
-            upd = torch._foreach_div(m, bc1)
-            torch._foreach_div_(upd, denom)
-            torch._foreach_mul_(upd, -group["lr"])
-            torch._foreach_clamp_min_(upd, -1.0)
-            torch._foreach_clamp_max_(upd, 1.0)
-            torch._foreach_exp_(upd)
-            torch._foreach_mul_(ps, upd)
-            torch._foreach_clamp_min_(ps, group["min_step"])
+            if ps:
+                self._init_state(ps)
+                self._update(group, ps, [p.grad for p in ps])
         return None
+
+    @torch.no_grad()
+    def step_grads(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """One step of ``params`` (of the first group, their state already made by a :meth:`step`) with the given
+        gradients instead of ``.grad``: what a CUDA graph replays (the gradients enter as its static inputs)."""
+        self._update(self.param_groups[0], params, grads)
+
+    def has_state(self, params: list[Tensor]) -> bool:
+        """Whether every parameter of ``params`` has its state (made by its first :meth:`step`)."""
+        return all(self.state.get(p) for p in params)
+
+    def _init_state(self, ps: list[Tensor]) -> None:
+        for p in ps:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+
+    def _update(self, group: dict, ps: list[Tensor], grads: list[Tensor]) -> None:
+        b1, b2 = group["betas"]
+        # every operation a foreach over the group's tensors: a handful of kernel launches per step in all,
+        # not a dozen per parameter (on a GPU the per-parameter loop was the step's cost)
+        glog = torch._foreach_mul([g.float() for g in grads], ps)  # dL/dlog s = s dL/ds
+        m = [self.state[p]["exp_avg"] for p in ps]
+        v = [self.state[p]["exp_avg_sq"] for p in ps]
+        t = [self.state[p]["step"] for p in ps]
+        torch._foreach_add_(t, 1.0)
+        torch._foreach_lerp_(m, glog, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, glog, glog, value=1 - b2)
+        bc1, bc2 = torch._foreach_pow(b1, t), torch._foreach_pow(b2, t)  # b^t
+        torch._foreach_mul_(bc1, -1.0)
+        torch._foreach_add_(bc1, 1.0)                                    # 1 - b1^t
+        torch._foreach_mul_(bc2, -1.0)
+        torch._foreach_add_(bc2, 1.0)                                    # 1 - b2^t
+        denom = torch._foreach_div(v, bc2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        upd = torch._foreach_div(m, bc1)
+        torch._foreach_div_(upd, denom)
+        torch._foreach_mul_(upd, -group["lr"])
+        torch._foreach_clamp_min_(upd, -1.0)
+        torch._foreach_clamp_max_(upd, 1.0)
+        torch._foreach_exp_(upd)
+        torch._foreach_mul_(ps, upd)
+        torch._foreach_clamp_min_(ps, group["min_step"])
