@@ -7,9 +7,10 @@ operations that launch work (``benchmarks/count_ops.py``'s rule: allocations, vi
 ``_foreach_`` op once), attributed to the innermost Lightning hook they run in (a profiler that marks every hook with
 ``torch.profiler.record_function``), averaged over ``--steps`` steps after ``--skip`` warm-up steps of each phase.
 
-``--graphs``: the KD teacher's forward, the EBR term and the DBP step run through their ``GraphedCall`` as under
-``SDQ(compile="cuda-graphs")``, with a CPU stand-in for the capture (it runs the work eagerly inside a mark); their
-operations are counted as replayed, the rest (copying the input in, keeping the logged term) stays eager.
+``--graphs``: the KD teacher's forward, the EBR term, the DBP step and the step-size optimizer run through their
+``GraphedCall`` as under ``SDQ(compile="cuda-graphs")``, with a CPU stand-in for the capture (it runs the work
+eagerly inside a mark); their operations are counted as replayed, the rest (copying the inputs in, keeping the
+logged terms, the schedule's device scalars) stays eager.
 
     python benchmarks/count_app_ops.py [--batch 8] [--steps 4] [--batched both] [--graphs]
 """
@@ -129,16 +130,8 @@ def run(batch: int, skip: int, steps: int, sdq: bool, batched: bool = True, grap
         cb = SDQ(weight_bits=tuple(range(1, 9)), activation_bits=None, search_epochs=1,
                  budget={"metric": "avg_bits", "target": 1.93}, teacher=teacher, ebr_weight=0.1, batched=batched,
                  guard=False)
-        if graphs:
-            cb.losses.use_graphs(True, capture_fn=_replay_stand_in)
-            make_search = cb._make_search
-
-            def graphed_search():  # as _make_search does under compile="cuda-graphs"
-                search = make_search()
-                search.use_graphs(True, capture_fn=_replay_stand_in)
-                return search
-
-            cb._make_search = graphed_search
+        if graphs:  # what compile="cuda-graphs" turns on, with the counting stand-in for the capture
+            cb._graph_eager_work(_replay_stand_in)
         callbacks.append(cb)
         epochs = 2
     trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, precision="bf16-mixed", logger=False,
@@ -157,8 +150,8 @@ def main() -> None:
                     help="SDQ(batched=...): the batched weight pass (on, the default), per layer (off), or both")
     ap.add_argument("--top", type=int, default=12, help="hooks listed per run (by operations)")
     ap.add_argument("--graphs", action="store_true",
-                    help="the teacher's forward, EBR and the DBP step as under compile='cuda-graphs' (counted as "
-                         "replayed)")
+                    help="the teacher's forward, EBR, the DBP step and the step sizes as under compile='cuda-graphs' "
+                         "(counted as replayed)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     runs = {"fp": run(args.batch, args.skip, args.steps, sdq=False)[0]}
@@ -168,7 +161,7 @@ def main() -> None:
         runs["sdq search" + suffix], runs["sdq frozen" + suffix] = counts[0], counts[1]
     print(f"torch {torch.__version__}, ResNet20, batch {args.batch}, bf16-mixed, FP activations, KD + EBR 0.1 in "
           f"SDQ's phase 2; operations that launch work per training step (mean of {args.steps} steps)\n")
-    replayed = "network: training_step + backward" + (", teacher forward, EBR, DBP step" if args.graphs else "")
+    replayed = "network: training_step + backward" + (", teacher, EBR, DBP step, step sizes" if args.graphs else "")
     print(f"| run | {replayed} | everything else (eager under CUDA graphs) | total |")
     print("|---|---:|---:|---:|")
     for name, c in runs.items():
