@@ -14,7 +14,8 @@ Modes (all in one process, interleaved round robin so that machine noise hits ev
   Hydra app's default ``sdq.kernels=compile`` run.
 * with ``--compile``, fp/search/frozen with the whole model under ``torch.compile`` (a second table; skipped if it
   fails); ``--compile-modes cuda-graphs`` (and ``cuda-graphs+ck``) instead captures forward + backward as CUDA graphs
-  (:class:`sdq_lightning.modules.graphs.GraphedNetwork`, what ``SDQ(compile="cuda-graphs")`` runs; no compiler).
+  (:class:`sdq_lightning.modules.graphs.GraphedNetwork`, what ``SDQ(compile="cuda-graphs")`` runs; no compiler), and
+  the DBP step and the step-size optimizer as graphs of their own, as that callback does.
 * ``search+pl`` / ``frozen+pl`` (``--weights both``, the default, or ``--weights per-layer``): each layer's weight
   quantizer runs in its own forward, as before the batched weight pass; without ``+pl`` every layer's weight is
   quantized in one batched pass per forward (:mod:`sdq_lightning.modules.batched`, what ``SDQ(batched=True)``, the
@@ -140,10 +141,15 @@ class Runner:
         self.search = getattr(model, "_bench_search", None)
         # compiled: a torch.compile mode ("default", "reduce-overhead": CUDA graphs, ...), whole model, one graph;
         # "cuda-graphs": no compiler, forward + backward captured by sdq_lightning.modules.graphs.GraphedNetwork
-        if compiled == "cuda-graphs":
-            from sdq_lightning.modules.graphs import GraphedNetwork
+        self.step_sizes = self.step_opt.step if self.step_opt is not None else None
+        if compiled == "cuda-graphs":  # as SDQ(compile="cuda-graphs"): the network, the DBP step, the step sizes
+            from sdq_lightning.modules.graphs import GraphedNetwork, GraphedOptimizerStep
 
             GraphedNetwork(model)  # installs itself as model.forward
+            if self.search is not None:
+                self.search.use_graphs(True)
+            if self.step_opt is not None:
+                self.step_sizes = GraphedOptimizerStep(self.step_opt).step
         self.fwd = model if compiled in (None, "cuda-graphs") else \
             torch.compile(model, mode=None if compiled == "default" else compiled, fullgraph=True)
         g = torch.Generator().manual_seed(0)
@@ -161,7 +167,7 @@ class Runner:
         if self.search is not None:
             self.search.step()
         if self.step_opt is not None:
-            self.step_opt.step()
+            self.step_sizes()
             self.step_opt.zero_grad(set_to_none=True)
 
     def loss(self, fwd: nn.Module, n: int | None = None) -> torch.Tensor:

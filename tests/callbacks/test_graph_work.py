@@ -55,7 +55,7 @@ def test_a_fit_with_the_eager_work_graphed_equals_the_eager_fit(tmp_path):
     cb_e, lit_e = _fit(tmp_path / "eager", graphed=False)
     cb_g, lit_g = _fit(tmp_path / "graphed", graphed=True)
     graphs = {"teacher": cb_g.losses.graphs[0], "ebr": cb_g.losses.graphs[1], "dbp": cb_g.search.graph,
-              "step sizes": cb_g._step_graph}
+              "step sizes": cb_g._step_graph.graph}
     replays = {name: (g.captures, g.replays, g.failed) for name, g in graphs.items()}
     # 8 batches per epoch: KD every step (kd_in_search), the DBP step for 2 epochs, EBR for 2, the step sizes from
     # their second step (the first makes the optimizer's state)

@@ -266,7 +266,7 @@ def test_sdq_callback_with_cuda_graphs_searches_freezes_and_distils(tmp_path):
     assert "kd" in cb_g._terms and float(cb_g._terms["kd"]) > 0
     # the teacher's forward and EBR (phase 2), the DBP step (phase 1) and the step sizes replayed as graphs
     teacher_graph, ebr_graph = cb_g.losses.graphs
-    for g in (teacher_graph, ebr_graph, cb_g.search.graph, cb_g._step_graph):
+    for g in (teacher_graph, ebr_graph, cb_g.search.graph, cb_g._step_graph.graph):
         assert g.failed is None and g.captures >= 1 and g.replays > g.captures
     assert "ebr" in cb_g._terms and float(cb_g._terms["ebr"]) > 0
     assert cb_g.history[0]["expected_avg_bits"] == pytest.approx(cb_e.history[0]["expected_avg_bits"], abs=0.25)

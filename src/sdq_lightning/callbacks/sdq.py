@@ -65,7 +65,7 @@ from sdq_lightning.callbacks.setup import (
 from sdq_lightning.callbacks.teacher import check_teacher_file
 from sdq_lightning.modules.fused import KERNELS, set_kernels
 from sdq_lightning.modules.batched import BatchedWeights, batch_weights
-from sdq_lightning.modules.graphs import CallCaptureFn, GraphedCall, GraphedNetwork
+from sdq_lightning.modules.graphs import CallCaptureFn, GraphedNetwork, GraphedOptimizerStep
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.quantizers.optim import LogStepAdam
 from sdq_lightning.surgery import QuantSpec, quant_layers
@@ -324,8 +324,7 @@ class SDQ(Callback):
         self._graphs: GraphedNetwork | None = None
         # the eager work around a graphed network, replayed as graphs of its own (_graph_work)
         self._graph_work: dict[str, Any] | None = None
-        self._step_graph: GraphedCall | None = None
-        self._step_graph_params: list[Tensor] = []
+        self._step_graph: GraphedOptimizerStep | None = None
         self._dbp_quantizers: list[SDQWeightQuantizer] | None = None
         self._weight_layers: list[nn.Module] | None = None
         self._root: nn.Module | None = None
@@ -458,21 +457,11 @@ class SDQ(Callback):
             if scaler is not None:
                 scaler.unscale_(self._step_opt)
                 scaler.step(self._step_opt)
+            elif self._step_graph is not None:  # a replay from the optimizer's second step
+                self._step_graph.step()
             else:
-                self._step_sizes()
+                self._step_opt.step()
             self._step_opt.zero_grad(set_to_none=True)
-
-    def _step_sizes(self) -> None:
-        """The step-size optimizer's step; under CUDA graphs a replay with this step's gradients as its inputs (from
-        the second step: the first makes the optimizer's state)."""
-        opt = self._step_opt
-        if self._step_graph is not None:
-            ps = [p for p in opt.param_groups[0]["params"] if p.grad is not None]
-            if ps and len(opt.param_groups) == 1 and opt.has_state(ps):
-                self._step_graph_params = ps
-                self._step_graph(*[p.grad for p in ps])
-                return
-        opt.step()
 
     def _graph_eager_work(self, capture_fn: CallCaptureFn | None = None) -> None:
         """Replay the work that stays eager next to a graphed network as CUDA graphs of its own: the KD teacher's
@@ -484,13 +473,7 @@ class SDQ(Callback):
         if self.search is not None and self.search.graph is None:
             self.search.use_graphs(True, capture_fn=capture_fn)
         if self._step_opt is not None and self._step_graph is None:
-            opt = self._step_opt
-            self._step_graph = GraphedCall(
-                lambda *grads: opt.step_grads(self._step_graph_params, list(grads)),
-                key=lambda: tuple(id(p) for p in self._step_graph_params), name="the step-size optimizer",
-                capture_fn=capture_fn,
-                state=lambda: self._step_graph_params + [t for p in self._step_graph_params
-                                                         for t in opt.state[p].values()])
+            self._step_graph = GraphedOptimizerStep(self._step_opt, capture_fn=capture_fn)
 
     # ================================================================ per step
     def _progress(self, trainer: pl.Trainer, batch_idx: int) -> float:

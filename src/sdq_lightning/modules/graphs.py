@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GraphedCall", "GraphedNetwork", "capture_eagerly"]
+__all__ = ["GraphedCall", "GraphedNetwork", "GraphedOptimizerStep", "capture_eagerly"]
 
 CaptureFn = Callable[..., nn.Module]
 
@@ -301,3 +301,38 @@ class GraphedCall:
     def reset(self) -> None:
         """Drop the graph (the next call captures again)."""
         self._replay, self._key, self._inputs = None, None, ()
+
+
+class GraphedOptimizerStep:
+    """An optimizer's step replayed as a CUDA graph (:class:`GraphedCall`), this step's gradients as its inputs.
+
+    For an optimizer with one parameter group and ``step_grads(params, grads)`` / ``has_state(params)`` (the LSQ
+    step sizes' :class:`~sdq_lightning.quantizers.optim.LogStepAdam`). :meth:`step` replays from the optimizer's
+    second step (its first makes the state, eagerly) and runs ``optimizer.step()`` eagerly when it cannot replay
+    (several groups, no gradients). The parameters with a gradient are part of the graph's key.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, capture_fn: CallCaptureFn | None = None,
+                 name: str = "the step-size optimizer") -> None:
+        self.optimizer = optimizer
+        self._params: list[Tensor] = []
+        self.graph = GraphedCall(self._step, key=lambda: tuple(id(p) for p in self._params), name=name,
+                                 capture_fn=capture_fn, state=self._state)
+
+    def _step(self, *grads: Tensor) -> None:
+        self.optimizer.step_grads(self._params, list(grads))
+
+    def _state(self) -> list[Tensor]:
+        return self._params + [t for p in self._params for t in self.optimizer.state[p].values()
+                               if isinstance(t, Tensor)]
+
+    def step(self) -> None:
+        """One step of the optimizer from the gradients in ``.grad``."""
+        opt = self.optimizer
+        if len(opt.param_groups) == 1:
+            ps = [p for p in opt.param_groups[0]["params"] if p.grad is not None]
+            if ps and opt.has_state(ps):
+                self._params = ps
+                self.graph(*[p.grad for p in ps])
+                return
+        opt.step()
