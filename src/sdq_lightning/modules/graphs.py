@@ -183,7 +183,8 @@ def _capture_call(fn: Callable[..., Any], inputs: tuple, warmup: int) -> ReplayF
             fn(*inputs)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: CUDA calls of other threads (a data loader's pin-memory thread) do not invalidate the capture
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn(*inputs)
 
     def replay() -> Any:
