@@ -232,7 +232,12 @@ class BitSearch:
         return expected.detach(), objective.detach()
 
     def _graphed_core(self, task_grads: Tensor) -> Tensor:
-        return self._core(None, task_grads)[0]
+        opt = self.optimizer
+        opt.branch_free = True  # what is captured must not depend on this step's schedule
+        try:
+            return self._core(None, task_grads)[0]
+        finally:
+            opt.branch_free = False
 
     def flush_trace(self) -> dict[str, list]:
         """Move the recorded trace to the host (one read; call at epoch ends) and return it."""

@@ -95,6 +95,10 @@ class DBPOptimizer(torch.optim.Optimizer):
         # the schedule moves. Target now, target next, target next x (1 - HARDEN_SLACK), harden weight, and the
         # number of layers that should be decided while hardening (int(layers x harden), computed on the host).
         self._sched = [torch.zeros((), device=dev) for _ in range(5)]
+        # True while a CUDA graph of the step is captured: the stacked step then branches on no host value of the
+        # step (the hardening and settling terms are computed and masked; with hardening off they add exact zeros,
+        # so both forms give the same values bit for bit). Eager steps skip that work while hardening is off.
+        self.branch_free = False
         for q in quantizers:
             st = self.state[q.dbp]
             st["sens"] = torch.zeros_like(q.dbp.detach())
@@ -289,8 +293,8 @@ class DBPOptimizer(torch.optim.Optimizer):
                                                     sens).unbind(0))
         settled_list = [self.state[x]["settled"] for x in params]
         settled = torch.stack(settled_list) > 0.5
-        if self.settle:  # before the multiplier is solved, so this step absorbs the rounding (none before hardening:
-            beta = p.gather(1, lv).view(-1)  # the goal is 0 then, and adding the zero change leaves every value)
+        if self.settle and (self.branch_free or self._harden > 0):  # before the multiplier is solved, so this step
+            beta = p.gather(1, lv).view(-1)  # absorbs the rounding (none before hardening: the goal is 0 then)
             now = self._settle_now(beta, levels, settled, self._units.view(-1), goal=goal)
             rounded = torch.where(now, (beta >= 0.5).to(beta.dtype), beta)
             self._expected = self._expected + (b.gather(1, lv).view(-1) * (rounded - beta)).sum()  # exact: linear
@@ -306,7 +310,10 @@ class DBPOptimizer(torch.optim.Optimizer):
         self.rms.copy_(torch.where(first, ms.sqrt(), self.rms * self.rms_decay + (1 - self.rms_decay) * ms.sqrt()))
         scale = torch.where(self.rms > 0, 1.0 / self.rms.clamp_min(1e-30), torch.zeros_like(self.rms))
         task = task * scale * self.task_weight
-        task = torch.where(harden > 0, task - harden * torch.sign(p - 0.5) * live, task)
+        if self.branch_free:
+            task = torch.where(harden > 0, task - harden * torch.sign(p - 0.5) * live, task)
+        elif self._harden > 0:
+            task = task - harden * torch.sign(p - 0.5) * live
         norm = forces.abs().sum() / n_live
         forces = forces / norm.clamp_min(1e-30)
         d_task, d_lam = (b * task).sum(), (b * forces).sum()
