@@ -68,3 +68,27 @@ def test_a_fit_with_the_eager_work_graphed_equals_the_eager_fit(tmp_path):
         assert torch.equal(state_e[k], state_g[k]), k
     assert [h.get("val/acc") for h in cb_g.history] == [h.get("val/acc") for h in cb_e.history]
     assert torch.equal(cb_g.search.optimizer.multiplier, cb_e.search.optimizer.multiplier)
+
+
+def test_graphed_optimizer_step_equals_the_optimizer_and_recaptures_at_a_new_lr():
+    from sdq_lightning.modules.graphs import GraphedOptimizerStep
+    from sdq_lightning.quantizers.optim import LogStepAdam
+
+    torch.manual_seed(0)
+    params = [[nn.Parameter(torch.rand(3) + 0.5), nn.Parameter(torch.rand(()) + 0.5)] for _ in range(2)]
+    params[1] = [nn.Parameter(p.detach().clone()) for p in params[0]]
+    plain, graphed = LogStepAdam(params[0], lr=0.05), LogStepAdam(params[1], lr=0.05)
+    stepper = GraphedOptimizerStep(graphed, capture_fn=capture_eagerly)
+    for i in range(6):
+        if i == 4:  # a new learning rate is a new graph (the rate is baked into the captured kernels)
+            for opt in (plain, graphed):
+                opt.param_groups[0]["lr"] = 0.01
+        grads = [torch.randn(3), torch.randn(())]
+        for ps, run in ((params[0], plain.step), (params[1], stepper.step)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            run()
+        for a, b in zip(*params):
+            assert torch.equal(a, b), i
+    # the first step made the state (eager), then one capture per learning rate
+    assert (stepper.graph.captures, stepper.graph.replays) == (2, 5)

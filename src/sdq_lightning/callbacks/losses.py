@@ -138,7 +138,8 @@ class AddedLosses:
         return ebr.detach(), grads
 
     def _ebr_key(self) -> tuple:
-        return tuple((id(m), m.weight.requires_grad, m.weight_quant._frozen_index) for m in self._ebr_layers)
+        return (self.ebr_weight, self.ebr.weighting, self.ebr.entropy_weight,
+                tuple((id(m), m.weight.requires_grad, m.weight_quant._frozen_index) for m in self._ebr_layers))
 
     def before_backward(self, loss: Tensor, scale: Tensor | float, layers: list[nn.Module] | None) -> dict[str, Tensor]:
         """Prepare the added gradients of this step (``layers``: the quantized layers for EBR, None = no EBR);

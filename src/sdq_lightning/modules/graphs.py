@@ -219,8 +219,9 @@ def capture_eagerly(fn: Callable[..., Any], inputs: tuple, warmup: int) -> Repla
 
 class GraphedCall:
     """Replay ``fn(*inputs)`` as one CUDA graph: for the work that runs eager next to a :class:`GraphedNetwork` each
-    step, where a graph of its own turns dozens of launches into one (the KD teacher's forward; the EBR term with its
-    weight gradients, :class:`~sdq_lightning.callbacks.losses.AddedLosses`).
+    step, where a graph of its own turns dozens of launches into one (the KD teacher's forward and the EBR term with
+    its weight gradients in :class:`~sdq_lightning.callbacks.losses.AddedLosses`; the DBP step in
+    :class:`~sdq_lightning.callbacks.search.BitSearch`; the step-size optimizer, :class:`GraphedOptimizerStep`).
 
     ``fn`` takes tensors and returns a tensor or a (nested) tuple/list of tensors and Nones. Each call copies its
     inputs into the graph's static inputs and replays; what it returns is the graph's static output, valid until the
@@ -229,7 +230,8 @@ class GraphedCall:
 
     The graph is (re-)captured when the inputs' shapes, dtypes or devices, the autocast dtype, the grad mode or
     ``key()`` change (``key``: a Python value describing the state ``fn`` depends on, e.g. the frozen bitwidths);
-    never from a device read. A capture that fails warns once and leaves the call eager for the rest of the run.
+    never from a device read; Python numbers that ``fn`` passes to kernels (a learning rate) are baked into the graph,
+    so they belong in the key. A capture that fails warns once and leaves the call eager for the rest of the run.
     The capture runs ``fn`` ``warmup`` times for real: when ``fn`` changes state (an optimizer step), ``state()``
     lists the tensors it changes, restored after the capture, so that every call is exactly one ``fn``.
 
@@ -317,8 +319,12 @@ class GraphedOptimizerStep:
                  name: str = "the step-size optimizer") -> None:
         self.optimizer = optimizer
         self._params: list[Tensor] = []
-        self.graph = GraphedCall(self._step, key=lambda: tuple(id(p) for p in self._params), name=name,
-                                 capture_fn=capture_fn, state=self._state)
+        self.graph = GraphedCall(self._step, key=self._key, name=name, capture_fn=capture_fn, state=self._state)
+
+    def _key(self) -> tuple:
+        groups = self.optimizer.param_groups
+        return tuple(id(p) for p in self._params), tuple(tuple(sorted((k, v) for k, v in g.items() if k != "params"))
+                                                         for g in groups)
 
     def _step(self, *grads: Tensor) -> None:
         self.optimizer.step_grads(self._params, list(grads))
