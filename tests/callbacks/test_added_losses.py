@@ -124,7 +124,8 @@ def test_graphed_teacher_and_ebr_equal_eager_over_steps():
         runs.append((terms_seen, grads_seen, losses))
     (terms_e, grads_e, _), (terms_g, grads_g, losses_g) = runs
     teacher_graph, ebr_graph = losses_g.graphs
-    assert (teacher_graph.captures, teacher_graph.replays) == (1, 3) and (ebr_graph.captures, ebr_graph.replays) == (1, 3)
+    assert (teacher_graph.captures, teacher_graph.replays) == (1, 3)
+    assert (ebr_graph.captures, ebr_graph.replays) == (1, 3)
     assert len(log) == 6 and teacher_graph.failed is None and ebr_graph.failed is None
     for te, tg, ge, gg in zip(terms_e, terms_g, grads_e, grads_g):
         # the logged EBR term of an earlier step is a copy, not the graph's output that the next replay overwrote

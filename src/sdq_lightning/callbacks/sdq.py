@@ -162,11 +162,12 @@ class SDQ(Callback):
             epochs. ``"cuda-graphs"``: no compiler; the network's training forward and
             backward are captured as CUDA graphs from the second batch and replayed every step
             (:class:`~sdq_lightning.modules.graphs.GraphedNetwork`; re-captured at the freeze; CUDA, one device;
-            KD then reads the network's output); the KD teacher's forward, the EBR term with its gradients and
-            the DBP step (without a gradient scaler) replay as a graph each
-            (:class:`~sdq_lightning.modules.graphs.GraphedCall`). ``"auto"`` (the Hydra app's default): ``"cuda-graphs"`` on one
-            CUDA device, falling back to eager with a warning if the capture fails; None elsewhere (CPU, several
-            processes). GPU figures: docs/RESULTS.md sections 17-18.
+            KD then reads the network's output); the KD teacher's forward, the EBR term with its gradients, the
+            DBP step and the step-size optimizer (without a gradient scaler) replay as a graph each
+            (:class:`~sdq_lightning.modules.graphs.GraphedCall`; a capture that fails warns and that piece stays
+            eager). ``"auto"`` (the Hydra app's default): ``"cuda-graphs"`` on one CUDA device, falling back to
+            eager with a warning if the capture fails; None elsewhere (CPU, several processes). GPU figures:
+            docs/RESULTS.md sections 17-18 (the graphs around the network: counted on the CPU, section 21).
         batched: quantize every layer's weight in one batched pass per forward
             (:class:`~sdq_lightning.modules.batched.BatchedWeights`, installed on the network at setup): the same
             values and draws as each layer's own quantizer, and a fixed number of kernels instead of about 100 per
