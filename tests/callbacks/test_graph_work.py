@@ -54,12 +54,13 @@ def _fit(tmp_path, graphed: bool):
 def test_a_fit_with_the_eager_work_graphed_equals_the_eager_fit(tmp_path):
     cb_e, lit_e = _fit(tmp_path / "eager", graphed=False)
     cb_g, lit_g = _fit(tmp_path / "graphed", graphed=True)
-    graphs = {"teacher": cb_g.losses.graphs[0], "ebr": cb_g.losses.graphs[1], "dbp": cb_g.search.graph,
+    teacher, kd, ebr = cb_g.losses.graphs
+    graphs = {"teacher": teacher, "kd": kd, "ebr": ebr, "dbp": cb_g.search.graph,
               "step sizes": cb_g._step_graph.graph}
     replays = {name: (g.captures, g.replays, g.failed) for name, g in graphs.items()}
     # 8 batches per epoch: KD every step (kd_in_search), the DBP step for 2 epochs, EBR for 2, the step sizes from
     # their second step (the first makes the optimizer's state)
-    assert replays == {"teacher": (1, 32, None), "ebr": (1, 16, None), "dbp": (1, 16, None),
+    assert replays == {"teacher": (1, 32, None), "kd": (1, 32, None), "ebr": (1, 16, None), "dbp": (1, 16, None),
                        "step sizes": (1, 31, None)}, replays
     assert cb_g.plan.layers == cb_e.plan.layers
     state_e, state_g = lit_e.state_dict(), lit_g.state_dict()

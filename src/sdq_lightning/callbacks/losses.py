@@ -13,8 +13,8 @@ so the gradients added here are multiplied by the same scale (and divided by the
 :class:`AddedLosses` is composed by :class:`~sdq_lightning.callbacks.sdq.SDQ` (one ``SDQ(...)`` line brings it along);
 it keeps no Lightning state of its own and is tested on its own (``tests/callbacks/test_added_losses.py``).
 
-Under CUDA graphs (``SDQ(compile="cuda-graphs")``, :meth:`AddedLosses.use_graphs`) the teacher's forward and the EBR
-term with its gradients replay as a CUDA graph each (:class:`~sdq_lightning.modules.graphs.GraphedCall`): next to the
+Under CUDA graphs (``SDQ(compile="cuda-graphs")``, :meth:`AddedLosses.use_graphs`) the teacher's forward, KD with its
+gradient and the EBR term with its gradients replay as a CUDA graph each (:class:`~sdq_lightning.modules.graphs.GraphedCall`): next to the
 graphed network they were the largest eager work of a phase-2 step (``benchmarks/count_app_ops.py``).
 """
 
@@ -58,23 +58,27 @@ class AddedLosses:
         self._extra_scale: Tensor | float = 1.0
         self._hook_handle = None
         self._teacher_graph: GraphedCall | None = None
+        self._kd_graph: GraphedCall | None = None
         self._ebr_graph: GraphedCall | None = None
         self._ebr_layers: list[nn.Module] = []
 
     def use_graphs(self, enabled: bool = True, capture_fn: CallCaptureFn | None = None) -> None:
-        """Replay the teacher's forward and the EBR term with its gradients as CUDA graphs (``enabled``), or run
-        them eager again. EBR is graphed only in its one-pass form (:meth:`EntropyBinRegularizer.one_pass`: no host
-        read); ``capture_fn``: see :class:`~sdq_lightning.modules.graphs.GraphedCall` (tests pass a CPU stand-in)."""
-        self._teacher_graph = self._ebr_graph = None
+        """Replay the teacher's forward, the KD term with its gradient and the EBR term with its gradients as CUDA
+        graphs (``enabled``), or run them eager again. EBR is graphed only in its one-pass form
+        (:meth:`EntropyBinRegularizer.one_pass`: no host read); ``capture_fn``: see
+        :class:`~sdq_lightning.modules.graphs.GraphedCall` (tests pass a CPU stand-in)."""
+        self._teacher_graph = self._kd_graph = self._ebr_graph = None
         if enabled:
             self._teacher_graph = GraphedCall(self._teacher_forward, name="the KD teacher", capture_fn=capture_fn)
+            self._kd_graph = GraphedCall(self._kd_and_grad, key=lambda: (self.kd_temperature, self.kd_weight),
+                                         name="KD", capture_fn=capture_fn)
             self._ebr_graph = GraphedCall(self._ebr_and_grads, key=self._ebr_key, name="EBR",
                                           capture_fn=capture_fn)
 
     @property
     def graphs(self) -> tuple[GraphedCall, ...]:
-        """The teacher's and EBR's graphs (empty without :meth:`use_graphs`)."""
-        return tuple(g for g in (self._teacher_graph, self._ebr_graph) if g is not None)
+        """The teacher's, KD's and EBR's graphs (empty without :meth:`use_graphs`)."""
+        return tuple(g for g in (self._teacher_graph, self._kd_graph, self._ebr_graph) if g is not None)
 
     # ---------------------------------------------------------------- teacher
     def load_teacher(self, num_classes: int | None) -> None:
@@ -157,16 +161,27 @@ class AddedLosses:
             if student.shape != self._teacher_logits.shape:
                 raise ValueError(f"KD needs the classifier output {tuple(student.shape)} to match the teacher's "
                                  f"{tuple(self._teacher_logits.shape)}")
-            z = student.detach().float().requires_grad_()
-            kd = kd_loss(z, self._teacher_logits, self.kd_temperature)
-            (g,) = torch.autograd.grad(kd * self.kd_weight, z)
+            z = student.detach().float()
+            if self._kd_graph is not None:
+                kd, g = self._kd_graph(z, self._teacher_logits)
+                kd = kd.clone()  # a graph's output is overwritten by its next replay (g is copied by the scaling)
+            else:
+                kd, g = self._kd_and_grad(z, self._teacher_logits)
             g = g * scale
             student.register_hook(lambda grad, g=g: grad + g.to(grad.dtype))
             if self.ce_weight != 1.0:
                 loss.register_hook(lambda grad, w=self.ce_weight: grad * w)
-            terms["kd"] = kd.detach()
+            terms["kd"] = kd
         self._captured = None
         return terms
+
+    def _kd_and_grad(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+        """KD of the (detached, float) student logits against the teacher's, and ``d(kd_weight * KD)/d(student)``."""
+        with torch.enable_grad():
+            z = student.detach().requires_grad_()
+            kd = kd_loss(z, teacher, self.kd_temperature)
+            (g,) = torch.autograd.grad(kd * self.kd_weight, z)
+        return kd.detach(), g
 
     def after_backward(self) -> None:
         """Add the EBR gradients prepared in :meth:`before_backward`, times the step's scale, to ``.grad``."""
