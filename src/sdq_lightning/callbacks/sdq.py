@@ -162,8 +162,8 @@ class SDQ(Callback):
             epochs. ``"cuda-graphs"``: no compiler; the network's training forward and
             backward are captured as CUDA graphs from the second batch and replayed every step
             (:class:`~sdq_lightning.modules.graphs.GraphedNetwork`; re-captured at the freeze; CUDA, one device;
-            KD then reads the network's output); the KD teacher's forward, the EBR term with its gradients, the
-            DBP step and the step-size optimizer (without a gradient scaler) replay as a graph each
+            KD then reads the network's output); the KD teacher's forward, KD's gradient, the EBR term with its
+            gradients, the DBP step and the step-size optimizer (without a gradient scaler) replay as a graph each
             (:class:`~sdq_lightning.modules.graphs.GraphedCall`; a capture that fails warns and that piece stays
             eager). ``"auto"`` (the Hydra app's default): ``"cuda-graphs"`` on one CUDA device, falling back to
             eager with a warning if the capture fails; None elsewhere (CPU, several processes). GPU figures:
@@ -466,8 +466,8 @@ class SDQ(Callback):
 
     def _graph_eager_work(self, capture_fn: CallCaptureFn | None = None) -> None:
         """Replay the work that stays eager next to a graphed network as CUDA graphs of its own: the KD teacher's
-        forward, EBR with its gradients, the DBP step and the step-size optimizer (each captured at its first use,
-        eager where it cannot be: a gradient scaler, a capture that fails). ``capture_fn``: see
+        forward, KD's gradient, EBR with its gradients, the DBP step and the step-size optimizer (each captured at
+        its first use, eager where it cannot be: a gradient scaler, a capture that fails). ``capture_fn``: see
         :class:`~sdq_lightning.modules.graphs.GraphedCall` (tests pass a CPU stand-in)."""
         self._graph_work = {"capture_fn": capture_fn}
         self.losses.use_graphs(True, capture_fn=capture_fn)
