@@ -4,7 +4,8 @@
 # "cuda-graphs") / sdq.compile=cuda-graphs runs), with the batched weight pass (SDQ(batched=True), the default).
 #   1. the `gpu` tests: no host sync in eager and graphed search/frozen steps (per-layer and batched weights),
 #      graphed steps against eager ones, the SDQ callback with compile="cuda-graphs" (search, freeze, KD) against
-#      eager;
+#      eager, the graphs around the network (teacher, KD, EBR, DBP step: against eager, no sync; all five graphs
+#      replayed in the callback);
 #   2. benchmarks/bench_step.py at batch 128, bf16: fp / search / frozen eager with batched and per-layer (+pl)
 #      weights, then CUDA graphs around each (GRAPH_MODES; BENCH_TIMEOUT, default 170 s);
 #   3. the Hydra app, FP and then SDQ with sdq.compile=cuda-graphs (experiment=cifar10_resnet20: KD + EBR, on-device
