@@ -167,7 +167,7 @@ def test_graphed_ebr_is_recaptured_at_a_new_plan_and_stays_eager_beyond_one_pass
     assert (ebr_graph.captures, ebr_graph.replays) == (2, 4)
 
 
-def test_graphed_call_copies_inputs_recaptures_on_a_new_key_and_falls_back_to_eager():
+def test_graphed_call_copies_inputs_keeps_a_graph_per_key_and_falls_back_to_eager():
     from sdq_lightning.modules.graphs import GraphedCall
 
     w = torch.ones(3)
@@ -182,6 +182,11 @@ def test_graphed_call_copies_inputs_recaptures_on_a_new_key_and_falls_back_to_ea
     call(torch.ones(2, 3))  # another shape
     state["k"] = 1  # another key
     assert torch.equal(call(a), 2 * a + 1) and call.captures == 3
+    state["k"] = 0  # a key seen before replays its own graph (the last max_graphs are kept)
+    assert torch.equal(call(b), 2 * b) and call.captures == 3
+    small = GraphedCall(lambda x: x * w, capture_fn=_call_stand_in([]), max_graphs=1)
+    small(a), small(torch.ones(2, 3)), small(a)
+    assert small.captures == 3  # one graph kept: the first shape was dropped and captured again
 
     def failing(fn, inputs, warmup):
         raise RuntimeError("operation not permitted when stream is capturing")

@@ -28,6 +28,7 @@ instead: this is how the SDQ callback takes the classifier's output for KD).
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -228,8 +229,9 @@ class GraphedCall:
     next call (clone what must outlive it). ``fn`` must read every other tensor in place (parameters updated by an
     optimizer in place are seen by the replay) and must not synchronise with the host.
 
-    The graph is (re-)captured when the inputs' shapes, dtypes or devices, the autocast dtype, the grad mode or
-    ``key()`` change (``key``: a Python value describing the state ``fn`` depends on, e.g. the frozen bitwidths);
+    One graph is kept per call key (the last ``max_graphs``, default 4: so the smaller last batch of an epoch is
+    captured once per run, not twice per epoch); a new key is captured when the inputs' shapes, dtypes or devices,
+    the autocast dtype, the grad mode or ``key()`` change (``key``: a Python value describing the state ``fn`` depends on, e.g. the frozen bitwidths);
     never from a device read; Python numbers that ``fn`` passes to kernels (a learning rate) are baked into the graph,
     so they belong in the key. A capture that fails warns once and leaves the call eager for the rest of the run.
     The capture runs ``fn`` ``warmup`` times for real: when ``fn`` changes state (an optimizer step), ``state()``
@@ -243,16 +245,16 @@ class GraphedCall:
         warmup: untimed passes before the capture.
         capture_fn: how to capture (default: a side-stream warm-up and :class:`torch.cuda.CUDAGraph`); tests pass a
             CPU stand-in ``(fn, inputs, warmup) -> replay``.
+        max_graphs: graphs kept (least recently used dropped first).
     """
 
     def __init__(self, fn: Callable[..., Any], key: Callable[[], Any] | None = None, name: str = "call",
                  warmup: int = 2, capture_fn: CallCaptureFn | None = None,
-                 state: Callable[[], list[Tensor]] | None = None) -> None:
+                 state: Callable[[], list[Tensor]] | None = None, max_graphs: int = 4) -> None:
         self.fn, self.key, self.name, self.warmup, self.state = fn, key, name, int(warmup), state
         self._capture_fn = capture_fn or _capture_call
-        self._replay: ReplayFn | None = None
-        self._inputs: tuple[Tensor, ...] = ()
-        self._key: tuple | None = None
+        self.max_graphs = max(int(max_graphs), 1)
+        self._graphs: OrderedDict[tuple, tuple[tuple[Tensor, ...], ReplayFn]] = OrderedDict()
         self.captures = 0
         self.replays = 0
         self.failed: str | None = None
@@ -266,27 +268,30 @@ class GraphedCall:
         if self.failed:
             return self.fn(*args)
         key = self._call_key(args)
-        if key != self._key:
+        entry = self._graphs.get(key)
+        if entry is None:
             try:
-                self.capture(*args)
+                entry = self.capture(*args, key=key)
             except Exception as err:  # noqa: BLE001 - reported once, then eager for the rest of the run
                 self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 warnings.warn(f"CUDA-graph capture of {self.name} failed ({self.failed}); it runs eager from now on",
                               RuntimeWarning, stacklevel=2)
-                self._replay, self._key = None, None
+                self._graphs.clear()
                 return self.fn(*args)
-            self._key = key
+        else:
+            self._graphs.move_to_end(key)
+        inputs, replay = entry
         if len(args) > 1:  # one multi-tensor copy (a few kernels), not one per input
-            torch._foreach_copy_(list(self._inputs), list(args))
+            torch._foreach_copy_(list(inputs), list(args))
         elif args:
-            self._inputs[0].copy_(args[0])
+            inputs[0].copy_(args[0])
         self.replays += 1
-        return self._replay()
+        return replay()
 
-    def capture(self, *args: Tensor) -> None:
-        """(Re-)capture ``fn`` for inputs shaped like ``args``."""
-        self._replay, self._key = None, None
-        self._inputs = tuple(a.detach().clone() for a in args)
+    def capture(self, *args: Tensor, key: tuple | None = None) -> tuple[tuple[Tensor, ...], ReplayFn]:
+        """Capture ``fn`` for inputs shaped like ``args`` (kept under ``key``, default this call's key)."""
+        key = self._call_key(args) if key is None else key
+        inputs = tuple(a.detach().clone() for a in args)
         dev = args[0].device.type if args else "cuda"
         dtype = GraphedNetwork._autocast_dtype(dev)
         ctx = torch.autocast(dev, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
@@ -294,16 +299,20 @@ class GraphedCall:
         saved = [t.detach().clone() for t in changed]
         try:
             with ctx:
-                self._replay = self._capture_fn(self.fn, self._inputs, self.warmup)
+                replay = self._capture_fn(self.fn, inputs, self.warmup)
         finally:
             with torch.no_grad():  # the warm-up passes ran fn for real: put back what they changed
                 for t, v in zip(changed, saved):
                     t.copy_(v)
         self.captures += 1
+        self._graphs[key] = (inputs, replay)
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return inputs, replay
 
     def reset(self) -> None:
-        """Drop the graph (the next call captures again)."""
-        self._replay, self._key, self._inputs = None, None, ()
+        """Drop the graphs (the next call captures again)."""
+        self._graphs.clear()
 
 
 class GraphedOptimizerStep:
