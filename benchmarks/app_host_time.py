@@ -26,17 +26,23 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from sdq_lightning import SDQ, SDQClassifier
+sys.path.insert(0, str(Path(__file__).parent))
+from count_app_ops import HookProfiler, hook_name  # noqa: E402
+
+from sdq_lightning import SDQ, SDQClassifier  # noqa: E402
 
 NETWORK = ("Strategy.training_step", "Strategy.backward")  # what CUDA graphs replay
 
 
-class _HookTimes(pl.profilers.Profiler):
+class _HookTimes(HookProfiler):
     """Times every Lightning action (hook); a nested action's time is taken out of its parent's."""
 
     def __init__(self) -> None:
@@ -44,12 +50,6 @@ class _HookTimes(pl.profilers.Profiler):
         self.on = False
         self.times: dict[str, float] = defaultdict(float)
         self._stack: list[list] = []
-
-    def start(self, action_name: str) -> None:  # noqa: D102
-        pass
-
-    def stop(self, action_name: str) -> None:  # noqa: D102
-        pass
 
     @contextmanager
     def profile(self, action_name: str):  # noqa: D102
@@ -63,21 +63,7 @@ class _HookTimes(pl.profilers.Profiler):
             if self._stack:
                 self._stack[-1][2] += total
             if self.on:
-                self.times[_short(action_name)] += total - frame[2]
-
-    def summary(self) -> str:  # noqa: D102
-        return ""
-
-
-def _short(name: str) -> str:
-    """``[Callback]SDQ{...}.on_before_backward`` -> ``SDQ.on_before_backward``; ``[Strategy]X.training_step`` ->
-    ``Strategy.training_step``."""
-    if name.startswith("[") and "]" in name:
-        kind, rest = name[1:].split("]", 1)
-        hook = rest.rsplit(".", 1)[-1]
-        owner = rest.rsplit(".", 1)[0].split("{", 1)[0] if kind == "Callback" else kind
-        return f"{owner}.{hook}"
-    return name
+                self.times[hook_name(action_name)] += total - frame[2]
 
 
 class _Window(pl.Callback):

@@ -50,8 +50,9 @@ def _replay_stand_in(fn, inputs, warmup):
     return marked
 
 
-class _Marks(pl.profilers.Profiler):
-    """Marks every Lightning hook with a ``record_function`` of its name (Lightning's own names)."""
+class HookProfiler(pl.profilers.Profiler):
+    """A Lightning profiler that only wraps every hook (``profile``; subclasses say how); nothing to start, stop or
+    summarise. Shared with ``benchmarks/app_host_time.py``."""
 
     def start(self, action_name: str) -> None:  # noqa: D102
         pass
@@ -59,13 +60,27 @@ class _Marks(pl.profilers.Profiler):
     def stop(self, action_name: str) -> None:  # noqa: D102
         pass
 
+    def summary(self) -> str:  # noqa: D102
+        return ""
+
+
+def hook_name(action_name: str) -> str:
+    """Lightning's action name as ``owner.hook``: ``[Callback]SDQ{...state key...}.on_before_backward`` ->
+    ``SDQ.on_before_backward``, ``[Strategy]SingleDeviceStrategy.training_step`` -> ``Strategy.training_step``."""
+    if action_name.startswith("[") and "]" in action_name:
+        kind, rest = action_name[1:].split("]", 1)
+        owner = rest.rsplit(".", 1)[0].split("{", 1)[0] if kind == "Callback" else kind
+        return f"{owner}.{rest.rsplit('.', 1)[-1]}"
+    return action_name
+
+
+class _Marks(HookProfiler):
+    """Marks every Lightning hook with a ``record_function`` of its name (Lightning's own names)."""
+
     @contextmanager
     def profile(self, action_name: str):  # noqa: D102
         with torch.profiler.record_function(action_name):
             yield
-
-    def summary(self) -> str:  # noqa: D102
-        return ""
 
 
 class _Window(pl.Callback):
@@ -102,10 +117,8 @@ def _attribute(e, hook: str | None, counts: Counter) -> None:
     name = e.name
     if name == REPLAY:
         hook = f"{REPLAY} ({hook})"
-    elif name.startswith("[") and "]" in name:  # "[Callback]SDQ{...state key...}.on_before_backward" -> "SDQ.on_..."
-        kind, rest = name[1:].split("]", 1)
-        owner = rest.rsplit(".", 1)[0].split("{", 1)[0] if kind == "Callback" else kind
-        hook = f"{owner}.{rest.rsplit('.', 1)[-1]}"
+    elif name.startswith("[") and "]" in name:
+        hook = hook_name(name)
     if name.startswith("aten::"):
         ops: list = []
         count_ops._launching(e, ops)

@@ -2,8 +2,10 @@
 
 On the CPU the capture is a stand-in that behaves like ``torch.cuda.make_graphed_callables`` as far as the
 network sees it (warm-up passes that move the buffers, then a forward installed on the instance): these tests check
-the dispatch (when to replay, re-capture or run eager), the buffer restore and the KD output routing. The ``gpu``
-tests capture real CUDA graphs and compare the training steps with eager ones.
+the dispatch (when to replay, re-capture or run eager), the buffer restore and the KD output routing. The work
+around the network (``GraphedCall``: the teacher's forward, KD, EBR, the DBP step, the step sizes) goes through
+``capture_eagerly``, the CPU stand-in with a graph's contract. The ``gpu`` tests capture real CUDA graphs and compare
+the training steps with eager ones.
 """
 
 from __future__ import annotations
@@ -164,18 +166,74 @@ class _Lit(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def _fit(tmp_path, cuda: bool, **sdq_kwargs):
+def _fit(tmp_path, cuda: bool, graph_work=None, **sdq_kwargs):
+    """Fit ``_Lit`` with SDQ (search 1 epoch of 6 batches, then 1 epoch frozen); ``graph_work``: a capture function
+    for the graphs around the network (``SDQ._graph_eager_work``), as ``compile="cuda-graphs"`` turns them on."""
     torch.manual_seed(0)
     x, y = torch.randn(96, 3, 16, 16), torch.randint(0, 4, (96,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
     cb = sq.SDQ(weight_bits=(2, 4, 8), budget={"metric": "avg_bits", "target": 4.0}, search_epochs=1,
                 save_dir=tmp_path, **sdq_kwargs)
+    if graph_work is not None:
+        cb._graph_eager_work(graph_work)
     hw = {"accelerator": "cuda", "devices": 1, "precision": "bf16-mixed"} if cuda else {"accelerator": "cpu"}
     trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **hw)
     lit = _Lit()
     trainer.fit(lit, loader)
     return cb, lit
+
+
+def test_a_fit_with_the_eager_work_graphed_equals_the_eager_fit(tmp_path):
+    """The eager work around a graphed network replayed as graphs of its own (``SDQ._graph_eager_work``, what
+    ``compile="cuda-graphs"`` turns on: the teacher's forward, KD, EBR, the DBP step, the step sizes), here through
+    ``capture_eagerly`` (static inputs, static outputs overwritten by every replay, warm-up passes that run for real):
+    a whole fit equals the eager fit bit for bit."""
+    from sdq_lightning.modules.graphs import capture_eagerly
+
+    torch.manual_seed(0)
+    teacher = _Lit().model.eval()
+    kw = {"teacher": teacher, "kd_in_search": True, "ebr_weight": 0.1, "activation_bits": 4, "guard": False}
+    cb_e, lit_e = _fit(tmp_path / "eager", cuda=False, **copy.deepcopy(kw))
+    cb_g, lit_g = _fit(tmp_path / "graphed", cuda=False, graph_work=capture_eagerly, **copy.deepcopy(kw))
+    teacher_g, kd_g, ebr_g = cb_g.losses.graphs
+    graphs = {"teacher": teacher_g, "kd": kd_g, "ebr": ebr_g, "dbp": cb_g.search.graph,
+              "step sizes": cb_g._step_graph.graph}
+    replays = {name: (g.captures, g.replays, g.failed) for name, g in graphs.items()}
+    # 6 batches per epoch: KD every step (kd_in_search), the DBP step in the search epoch, EBR in the frozen one, the
+    # step sizes from their second step (the first makes the optimizer's state)
+    assert replays == {"teacher": (1, 12, None), "kd": (1, 12, None), "ebr": (1, 6, None), "dbp": (1, 6, None),
+                       "step sizes": (1, 11, None)}, replays
+    assert cb_g.plan.layers == cb_e.plan.layers
+    state_e, state_g = lit_e.state_dict(), lit_g.state_dict()
+    assert state_e.keys() == state_g.keys()
+    for k in state_e:
+        assert torch.equal(state_e[k], state_g[k]), k
+    assert torch.equal(cb_g.search.optimizer.multiplier, cb_e.search.optimizer.multiplier)
+
+
+def test_graphed_optimizer_step_equals_the_optimizer_and_recaptures_at_a_new_lr():
+    from sdq_lightning.modules.graphs import GraphedOptimizerStep, capture_eagerly
+    from sdq_lightning.quantizers.optim import LogStepAdam
+
+    torch.manual_seed(0)
+    params = [[nn.Parameter(torch.rand(3) + 0.5), nn.Parameter(torch.rand(()) + 0.5)] for _ in range(2)]
+    params[1] = [nn.Parameter(p.detach().clone()) for p in params[0]]
+    plain, graphed = LogStepAdam(params[0], lr=0.05), LogStepAdam(params[1], lr=0.05)
+    stepper = GraphedOptimizerStep(graphed, capture_fn=capture_eagerly)
+    for i in range(6):
+        if i == 4:  # a new learning rate is a new graph (the rate is baked into the captured kernels)
+            for opt in (plain, graphed):
+                opt.param_groups[0]["lr"] = 0.01
+        grads = [torch.randn(3), torch.randn(())]
+        for ps, run in ((params[0], plain.step), (params[1], stepper.step)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            run()
+        for a, b in zip(*params):
+            assert torch.equal(a, b), i
+    # the first step made the state (eager), then one capture per learning rate
+    assert (stepper.graph.captures, stepper.graph.replays) == (2, 5)
 
 
 def test_sdq_cuda_graphs_on_cpu_is_a_clear_error(tmp_path):
@@ -193,6 +251,25 @@ def test_sdq_compile_auto_is_eager_on_cpu(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- GPU
+def _cuda_nets(frozen: bool) -> list[nn.Module]:
+    """Two identical searched ResNet20s on the GPU (``frozen``: every layer with a 2-bit candidate frozen there)."""
+    nets = []
+    for _ in range(2):
+        net = _searched_net().cuda()
+        if frozen:
+            for q in net.modules():
+                if isinstance(q, sq.SDQWeightQuantizer) and 2 in q.candidates:
+                    q.freeze(2)
+        nets.append(net)
+    return nets
+
+
+def _cuda_batches(batch: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [(torch.randn(batch, 3, 32, 32, device="cuda", generator=g),
+             torch.randint(0, 10, (batch,), device="cuda", generator=g)) for _ in range(n)]
+
+
 def _train(net: nn.Module, data, frozen: bool, strict_from: int | None = None) -> list[float]:
     """SGD on the weights, LogStepAdam on the steps and (searching) SGD on the DBPs over ``data``; from step
     ``strict_from`` on, under ``torch.cuda.set_sync_debug_mode("error")``."""
@@ -230,17 +307,7 @@ def _train(net: nn.Module, data, frozen: bool, strict_from: int | None = None) -
 def test_cuda_graph_steps_match_eager_and_never_synchronise(frozen, batched):
     from sdq_lightning.modules.batched import batch_weights
 
-    nets = []
-    for _ in range(2):
-        net = _searched_net().cuda()
-        if frozen:
-            for q in net.modules():
-                if isinstance(q, sq.SDQWeightQuantizer) and 2 in q.candidates:
-                    q.freeze(2)
-        nets.append(net)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    data = [(torch.randn(128, 3, 32, 32, device="cuda", generator=g),
-             torch.randint(0, 10, (128,), device="cuda", generator=g)) for _ in range(6)]
+    nets, data = _cuda_nets(frozen), _cuda_batches(128, 6)
     if batched:  # the graph captures the batched weight pass; the eager reference runs each layer's quantizer
         batch_weights(nets[1])
     graphs = GraphedNetwork(nets[1])
@@ -295,16 +362,7 @@ def test_graphed_teacher_and_ebr_match_eager_and_never_synchronise():
     from sdq_lightning.callbacks.losses import AddedLosses
 
     teacher = timm.create_model("resnet20", num_classes=10).cuda().eval()
-    nets = []
-    for _ in range(2):
-        net = _searched_net().cuda()
-        for q in net.modules():
-            if isinstance(q, sq.SDQWeightQuantizer) and 2 in q.candidates:
-                q.freeze(2)
-        nets.append(net)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    data = [(torch.randn(64, 3, 32, 32, device="cuda", generator=g),
-             torch.randint(0, 10, (64,), device="cuda", generator=g)) for _ in range(5)]
+    nets, data = _cuda_nets(frozen=True), _cuda_batches(64, 5)
     results = []
     for net, graphed in zip(nets, (False, True)):
         layers = [m for m in sq.quant_layers(net).values() if m.weight_quant is not None]
