@@ -8,7 +8,6 @@ autograd split as inductor, eager kernels. Same seed, same draws: the plan and t
 from __future__ import annotations
 
 import lightning as L
-import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader

@@ -62,7 +62,7 @@ def test_nan_loss_stops_with_one_line_naming_step_and_last_good(make_trainer, di
     assert "training loss is nan at epoch 1, step 31;" in msg
     assert "learning rate" in msg and "gradient_clip_val" in msg
     good = tmp_path / "checkpoints" / "last_good.ckpt"
-    assert f"last good state (epoch 0, step 22, val/acc " in msg and str(good) in msg
+    assert "last good state (epoch 0, step 22, val/acc " in msg and str(good) in msg
     state = torch.load(good, map_location="cpu", weights_only=True)
     assert state["epoch"] == 0 and state["global_step"] == 22
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())

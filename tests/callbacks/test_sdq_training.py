@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import lightning as L
-import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
