@@ -7,7 +7,7 @@ operations that launch work (``benchmarks/count_ops.py``'s rule: allocations, vi
 ``_foreach_`` op once), attributed to the innermost Lightning hook they run in (a profiler that marks every hook with
 ``torch.profiler.record_function``), averaged over ``--steps`` steps after ``--skip`` warm-up steps of each phase.
 
-``--graphs``: the KD teacher's forward, the EBR term, the DBP step and the step-size optimizer run through their
+``--graphs``: the KD teacher's forward, KD, the EBR term, the DBP step and the step-size optimizer run through their
 ``GraphedCall`` as under ``SDQ(compile="cuda-graphs")``, with a CPU stand-in for the capture (it runs the work
 eagerly inside a mark); their operations are counted as replayed, the rest (copying the inputs in, keeping the
 logged terms, the schedule's device scalars) stays eager.
@@ -36,7 +36,7 @@ from sdq_lightning import SDQ, SDQClassifier  # noqa: E402
 from sdq_lightning.modules.graphs import capture_eagerly  # noqa: E402
 
 NETWORK = ("Strategy.training_step", "Strategy.backward")  # what CUDA graphs replay (plus the loss around it)
-REPLAY = "graph replay"  # the mark of the stand-in capture (--graphs): the teacher's forward and EBR
+REPLAY = "graph replay"  # the mark of the stand-in capture (--graphs): the work graphed around the network
 
 
 def _replay_stand_in(fn, inputs, warmup):
@@ -163,8 +163,8 @@ def main() -> None:
                     help="SDQ(batched=...): the batched weight pass (on, the default), per layer (off), or both")
     ap.add_argument("--top", type=int, default=12, help="hooks listed per run (by operations)")
     ap.add_argument("--graphs", action="store_true",
-                    help="the teacher's forward, EBR, the DBP step and the step sizes as under compile='cuda-graphs' "
-                         "(counted as replayed)")
+                    help="the teacher's forward, KD, EBR, the DBP step and the step sizes as under "
+                         "compile='cuda-graphs' (counted as replayed)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     runs = {"fp": run(args.batch, args.skip, args.steps, sdq=False)[0]}
@@ -174,7 +174,7 @@ def main() -> None:
         runs["sdq search" + suffix], runs["sdq frozen" + suffix] = counts[0], counts[1]
     print(f"torch {torch.__version__}, ResNet20, batch {args.batch}, bf16-mixed, FP activations, KD + EBR 0.1 in "
           f"SDQ's phase 2; operations that launch work per training step (mean of {args.steps} steps)\n")
-    replayed = "network: training_step + backward" + (", teacher, EBR, DBP step, step sizes" if args.graphs else "")
+    replayed = "network: training_step + backward" + (", teacher, KD, EBR, DBP step, step sizes" if args.graphs else "")
     print(f"| run | {replayed} | everything else (eager under CUDA graphs) | total |")
     print("|---|---:|---:|---:|")
     for name, c in runs.items():
