@@ -323,8 +323,9 @@ class SDQ(Callback):
         self._pending_opt_states: dict[str, Any] | None = None
         self._compiled = False
         self._graphs: GraphedNetwork | None = None
-        # the eager work around a graphed network, replayed as graphs of its own (_graph_work)
-        self._graph_work: dict[str, Any] | None = None
+        # the eager work around a graphed network, replayed as graphs of its own (_graph_eager_work), and how
+        self._graph_work = False
+        self._graph_capture: CallCaptureFn | None = None
         self._step_graph: GraphedOptimizerStep | None = None
         self._dbp_quantizers: list[SDQWeightQuantizer] | None = None
         self._weight_layers: list[nn.Module] | None = None
@@ -420,8 +421,8 @@ class SDQ(Callback):
         self._weight_layers = None
         self._dbp_quantizers = [m for m in pl_module.modules() if isinstance(m, SDQWeightQuantizer)]
         self._step_graph = None
-        if self._graph_work is not None:  # a new fit: new optimizers, so new graphs
-            self._graph_eager_work(self._graph_work["capture_fn"])
+        if self._graph_work:  # a new fit: new optimizers, so new graphs
+            self._graph_eager_work(self._graph_capture)
 
     # ---- the divergence guard's hooks (composed, so one SDQ(...) line brings it along)
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -469,7 +470,7 @@ class SDQ(Callback):
         forward, KD's gradient, EBR with its gradients, the DBP step and the step-size optimizer (each captured at
         its first use, eager where it cannot be: a gradient scaler, a capture that fails). ``capture_fn``: see
         :class:`~sdq_lightning.modules.graphs.GraphedCall` (tests pass a CPU stand-in)."""
-        self._graph_work = {"capture_fn": capture_fn}
+        self._graph_work, self._graph_capture = True, capture_fn
         self.losses.use_graphs(True, capture_fn=capture_fn)
         if self.search is not None and self.search.graph is None:
             self.search.use_graphs(True, capture_fn=capture_fn)
@@ -511,19 +512,16 @@ class SDQ(Callback):
         self.losses.before_batch(x, pl_module.device, kd)
 
     def _make_search(self) -> BitSearch:
-        search = self._new_search()
-        if self._graph_work is not None:  # under CUDA graphs the DBP step is a graph of its own
-            search.use_graphs(True, capture_fn=self._graph_work["capture_fn"])
+        search = BitSearch(self.cost_model, self.budget, control=self.budget_control, signal=self.search_signal,
+                           dbp_lr=self.dbp_lr, task_weight=self.task_weight, budget_reach=self.budget_reach,
+                           penalty_weight=self.penalty_weight, penalty=self.penalty_kind,
+                           drop_threshold=self.drop_threshold, reinit_dbp=self.reinit_dbp,
+                           min_steps_between_drops=self.min_steps_between_drops,
+                           projection_sensitivity=self.projection_sensitivity, seed=self.spec.seed,
+                           rounding=self.rounding, settle=self.settle)
+        if self._graph_work:  # under CUDA graphs the DBP step is a graph of its own
+            search.use_graphs(True, capture_fn=self._graph_capture)
         return search
-
-    def _new_search(self) -> BitSearch:
-        return BitSearch(self.cost_model, self.budget, control=self.budget_control, signal=self.search_signal,
-                         dbp_lr=self.dbp_lr, task_weight=self.task_weight, budget_reach=self.budget_reach,
-                         penalty_weight=self.penalty_weight, penalty=self.penalty_kind,
-                         drop_threshold=self.drop_threshold, reinit_dbp=self.reinit_dbp,
-                         min_steps_between_drops=self.min_steps_between_drops,
-                         projection_sensitivity=self.projection_sensitivity, seed=self.spec.seed,
-                         rounding=self.rounding, settle=self.settle)
 
     @staticmethod
     def _act_quant_ready(pl_module: pl.LightningModule) -> bool:

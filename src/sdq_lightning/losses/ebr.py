@@ -81,11 +81,15 @@ class EntropyBinRegularizer(nn.Module):
             f += self.entropy_weight * (1.0 - h)
         return f
 
+    @staticmethod
+    def _frozen(layers: Iterable[nn.Module]) -> list[nn.Module]:
+        return [m for m in layers if m.weight_quant is not None and m.weight_quant.frozen]
+
     def forward(self, layers: Iterable[nn.Module]) -> Tensor:
-        layers = [m for m in layers if m.weight_quant is not None and m.weight_quant.frozen]
+        layers = self._frozen(layers)
         if not layers:
             return torch.zeros(())
-        if self.one_pass(layers):
+        if self._fits_one_pass(layers):
             key = tuple((m, m.weight, m.weight_quant, m.weight_quant._frozen_index) for m in layers)
             cache = self._batched
             if cache is None or cache[0] != key:
@@ -100,9 +104,12 @@ class EntropyBinRegularizer(nn.Module):
         One pass when every weight fits one chunk of the batched weights (a ResNet20: launches are what count);
         above, its autograd graph keeps several weight-sized tensors (a ResNet-18: about 650 MiB against 30-280 per
         layer, docs/RESULTS.md section 20), and per-layer kernels are large enough for launches not to matter."""
-        layers = [m for m in layers if m.weight_quant is not None and m.weight_quant.frozen]
-        return bool(layers) and sum(m.weight.numel() for m in layers) <= self.batched_max_weights and \
-            len({(m.weight.device, m.weight.dtype) for m in layers}) == 1
+        layers = self._frozen(layers)
+        return bool(layers) and self._fits_one_pass(layers)
+
+    def _fits_one_pass(self, frozen: list[nn.Module]) -> bool:
+        return sum(m.weight.numel() for m in frozen) <= self.batched_max_weights and \
+            len({(m.weight.device, m.weight.dtype) for m in frozen}) == 1
 
     def per_layer(self, layers: Iterable[nn.Module]) -> Tensor:
         """The regulariser layer by layer (:func:`bin_regularization` each): the reference of the batched form."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -39,6 +39,21 @@ from torch import Tensor, nn
 __all__ = ["GraphedCall", "GraphedNetwork", "GraphedOptimizerStep", "capture_eagerly"]
 
 CaptureFn = Callable[..., nn.Module]
+
+
+@contextmanager
+def _capturing(device_type: str, restore: list[Tensor]):
+    """Around a capture: this call's autocast without its weight cache (captures refuse it), and ``restore`` put back
+    afterwards (the warm-up passes run for real and move BatchNorm statistics, draw counters, optimizer state)."""
+    dtype = GraphedNetwork._autocast_dtype(device_type)
+    saved = [t.detach().clone() for t in restore]
+    try:
+        with torch.autocast(device_type, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext():
+            yield
+    finally:
+        with torch.no_grad():
+            for t, v in zip(restore, saved):
+                t.copy_(v)
 
 
 def _make_graphed(net: nn.Module, sample: tuple[Tensor, ...], warmup: int) -> nn.Module:
@@ -137,24 +152,16 @@ class GraphedNetwork:
             net.forward = self._inner
         self._graphed = None
         sample = tuple(a.detach().clone() for a in args)
-        dev = sample[0].device.type
-        dtype = self._autocast_dtype(dev)
-        # make_graphed_callables refuses autocast's weight cache: the same autocast, cache off, around the capture
-        ctx = torch.autocast(dev, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
-        saved = [b.detach().clone() for b in net.buffers()]
         if self._inner is not None:  # the batched weights' index tensors are built eagerly, never inside a capture
             self._inner.groups()
         try:
-            with ctx:
+            with _capturing(sample[0].device.type, list(net.buffers())):
                 graphed_net = self._capture_fn(net, sample, self.warmup)
             graphed = vars(graphed_net).get("forward")
             if graphed is None:
                 raise RuntimeError("the capture did not install a graphed forward on the network")
         finally:
             vars(net).pop("forward", None)
-            with torch.no_grad():  # the warm-up and captured passes moved BatchNorm statistics and draw counters
-                for b, s in zip(net.buffers(), saved):
-                    b.copy_(s)
             net.forward = self
         self._graphed = graphed
         self._key = self._call_key(args)
@@ -292,18 +299,8 @@ class GraphedCall:
         """Capture ``fn`` for inputs shaped like ``args`` (kept under ``key``, default this call's key)."""
         key = self._call_key(args) if key is None else key
         inputs = tuple(a.detach().clone() for a in args)
-        dev = args[0].device.type if args else "cuda"
-        dtype = GraphedNetwork._autocast_dtype(dev)
-        ctx = torch.autocast(dev, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
-        changed = list(self.state()) if self.state is not None else []
-        saved = [t.detach().clone() for t in changed]
-        try:
-            with ctx:
-                replay = self._capture_fn(self.fn, inputs, self.warmup)
-        finally:
-            with torch.no_grad():  # the warm-up passes ran fn for real: put back what they changed
-                for t, v in zip(changed, saved):
-                    t.copy_(v)
+        with _capturing(args[0].device.type if args else "cuda", list(self.state()) if self.state else []):
+            replay = self._capture_fn(self.fn, inputs, self.warmup)
         self.captures += 1
         self._graphs[key] = (inputs, replay)
         while len(self._graphs) > self.max_graphs:

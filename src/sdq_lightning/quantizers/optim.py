@@ -234,17 +234,9 @@ class DBPOptimizer(torch.optim.Optimizer):
         settling (``settle=True``) always two-sided: the layers still moving hold the target exactly and absorb
         each settled layer's rounding."""
         two_sided = torch.full_like(self.multiplier, -self.max_multiplier)
-        if self._harden <= 0 or self.settle:
-            return two_sided
-        return torch.where(self._expected >= self._target_next * (1 - HARDEN_SLACK), torch.zeros_like(two_sided),
-                           two_sided)
-
-    def _lower_stacked(self) -> Tensor:
-        """:meth:`_lower` from the device scalars of the schedule (no host branch on the step's values)."""
-        two_sided = torch.full_like(self.multiplier, -self.max_multiplier)
         if self.settle:
             return two_sided
-        _, _, next_slack, harden, _ = self._sched
+        _, _, next_slack, harden, _ = self._sched  # the schedule's device scalars: no host branch on this step
         return torch.where((harden > 0) & (self._expected >= next_slack), torch.zeros_like(two_sided), two_sided)
 
     def _dual_step(self, params: list[Tensor], grads: list[Tensor], live: list[Tensor], lr: float) -> None:
@@ -279,7 +271,7 @@ class DBPOptimizer(torch.optim.Optimizer):
         of the step is read from the device (the schedule from :meth:`set_schedule`'s scalars; the task gradients
         from ``prepare(task_grads=...)`` or stacked from ``.grad``), so the step can be captured as a CUDA graph."""
         params = [g["params"][0] for g in self.param_groups]
-        target_now, target_next, _, harden, goal = self._sched
+        target_now, target_next, _, harden, _ = self._sched
         p = torch.stack([x.detach() for x in params])
         g = self._task_grads if self._task_grads is not None else self.stacked_task_grads()
         b = torch.stack(self._budget_grads).float()
@@ -295,7 +287,7 @@ class DBPOptimizer(torch.optim.Optimizer):
         settled = torch.stack(settled_list) > 0.5
         if self.settle and (self.branch_free or self._harden > 0):  # before the multiplier is solved, so this step
             beta = p.gather(1, lv).view(-1)  # absorbs the rounding (none before hardening: the goal is 0 then)
-            now = self._settle_now(beta, levels, settled, self._units.view(-1), goal=goal)
+            now = self._settle_now(beta, levels, settled, self._units.view(-1))
             rounded = torch.where(now, (beta >= 0.5).to(beta.dtype), beta)
             self._expected = self._expected + (b.gather(1, lv).view(-1) * (rounded - beta)).sum()  # exact: linear
             p = p.scatter(1, lv, rounded.view(-1, 1))
@@ -318,7 +310,7 @@ class DBPOptimizer(torch.optim.Optimizer):
         forces = forces / norm.clamp_min(1e-30)
         d_task, d_lam = (b * task).sum(), (b * forces).sum()
         excess = self._expected - target_next - lr * d_task
-        lam = (excess / (lr * d_lam).clamp_min(1e-30)).clamp_max(self.max_multiplier).maximum(self._lower_stacked())
+        lam = (excess / (lr * d_lam).clamp_min(1e-30)).clamp_max(self.max_multiplier).maximum(self._lower())
         lam = torch.where(d_lam > 0, lam, torch.zeros_like(lam))
         self.multiplier.copy_(lam)
         p = p - lr * (task + lam * forces)
@@ -345,7 +337,7 @@ class DBPOptimizer(torch.optim.Optimizer):
         torch._foreach_copy_(params, p.to(params[0].dtype).unbind(0))
 
     def _settle_now(self, beta: Tensor, levels: Tensor, settled: Tensor, units: Tensor,
-                    eligible: Tensor | None = None, goal: Tensor | None = None) -> Tensor:
+                    eligible: Tensor | None = None) -> Tensor:
         """Which layers settle at this step (sequential settling, ``settle=True``, while hardening).
 
         A settled layer's live DBP is rounded to 0 or 1 and no longer moves; the multiplier then holds the budget
@@ -353,13 +345,13 @@ class DBPOptimizer(torch.optim.Optimizer):
         lowest candidate) follows ``floor(n * harden)``: none when hardening starts, all but the last one at the
         last step, so the freeze's rounding only decides the last (smallest) layers. Largest unit cost first, ties
         by the most decided DBP: a large layer's rounding moves the cost by much, and the smaller layers still
-        moving can absorb it; the small layers settle last, where a rounding costs little. All on the device
-        (``goal``: ``int(n * harden)`` as a device scalar, from :meth:`set_schedule`; default from the host)."""
+        moving can absorb it; the small layers settle last, where a rounding costs little. All on the device (the
+        goal ``int(n * harden)`` is a device scalar of :meth:`set_schedule`)."""
         n = beta.shape[0]
         decided = settled | (levels == 0)
         if eligible is not None:
             decided = decided | ~eligible
-        short = (int(n * self._harden) if goal is None else goal) - decided.sum()
+        short = self._sched[4] - decided.sum()
         score = torch.where(decided, torch.full_like(beta, -1.0), units * (1 + (beta - 0.5).abs()))
         order = score.argsort(descending=True)
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=beta.device))
