@@ -201,7 +201,10 @@ def _check_quantizable(cfg: DictConfig, weight_bits: tuple[int, ...], budget: ob
 def precheck(argv: list[str], conf_dir: Path) -> DictConfig | None:
     """Compose the command line and check it; raises on the first problem. Returns the composed config (first job
     of a sweep), or ``None`` for help and config-printing requests."""
+    from sdq_lightning.cli.resume import check_resume
+
     cfg = compose(argv, conf_dir)
     if cfg is not None:
         check_config(cfg)
+        check_resume(cfg)
     return cfg

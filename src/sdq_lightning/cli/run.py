@@ -256,7 +256,9 @@ def fit_one(cfg: DictConfig, run_dir: str | Path, *, label: str = "sdq", sdq_ena
     logger = build_logger(cfg, run_dir, name=f"{cfg.name}-{label}")
     trainer = build_trainer(_trainer_cfg(cfg, sdq, max_epochs), callbacks, logger, run_dir)
     shard_validation_exactly(trainer, datamodule)
-    trainer.fit(module, datamodule=datamodule)
+    from sdq_lightning.cli.resume import checkpoint_of
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint_of(cfg))
     fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     if cfg.run_test and not cfg.phase.get("search_only"):
         fitted.update(evaluate_test_split(trainer, module, datamodule))

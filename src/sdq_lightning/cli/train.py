@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
         _note_created_folders(cfg)
     except Exception:  # noqa: BLE001 - only bookkeeping for the clean-up
         pass
+    if cfg is not None and cfg.get("resume"):
+        from sdq_lightning.cli.resume import run_folder
+
+        argv.append(f"hydra.run.dir={run_folder(cfg.resume)}")  # the interrupted run's own folder
     sys.argv = [sys.argv[0], *argv]
     _hydra_main()
 

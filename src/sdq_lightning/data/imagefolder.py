@@ -40,7 +40,9 @@ def find_split_dirs(root: str | Path, val_dir: str | None = None) -> tuple[Path,
 class ImageFolderDataModule(L.LightningDataModule):
     """Any ImageFolder tree (ImageNet, or CIFAR-10 stored as JPEG folders).
 
-    Validation and test both read the evaluation folder (``test/`` or ``val/``). Images of side
+    Test reads the evaluation folder (``test/`` or ``val/``). Validation reads it too, unless ``val_size`` holds out
+    a class-balanced part of ``train/`` for validation (fixed by ``split_seed``, the same for every run seed), so
+    that choices (model selection, the guard, plan comparisons) never see the test images. Images of side
     <= 32 get CIFAR augmentation (4-pixel padded random crop, flip); larger ones ImageNet
     augmentation (RandomResizedCrop, flip; eval: resize to size/0.875 and centre crop).
 
@@ -62,6 +64,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         num_classes: Expected class count; ``None`` takes it from the folder.
         in_chans: Must be 3 (RGB).
         seed: Seed of the subsets (and, with ``on_device``, of the per-epoch shuffle and augmentation).
+        val_size: Training images held out for validation (class-balanced); 0 validates on the test folder.
+        split_seed: Seed of the held-out validation split (independent of ``seed``).
     """
 
     def __init__(
@@ -81,6 +85,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         num_classes: int | None = None,
         in_chans: int = 3,
         seed: int = 0,
+        val_size: int = 0,
+        split_seed: int = 0,
     ) -> None:
         super().__init__()
         if root is None or str(root) in ("", "???"):
@@ -101,6 +107,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         if on_device and augment and image_size > SMALL_IMAGE:
             raise ValueError(f"dataset.on_device augments on the device only for image_size <= {SMALL_IMAGE} "
                              f"(got {image_size}); use on_device=false or augment=false")
+        if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
+            raise ValueError(f"dataset.val_size must be 0 or a positive number of training images, got {val_size!r}")
+        self.val_size = val_size
+        self.split_seed = int(split_seed)
         self.on_device = bool(on_device)
         self.in_memory = bool(in_memory) or self.on_device
         self.augment = augment
@@ -111,6 +121,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._num_classes: int | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
         self._device_loaders: dict[str, DeviceImageLoader] = {}
 
     @property
@@ -137,8 +148,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         train, test = ImageFolder(str(train_dir)), ImageFolder(str(eval_dir))
         return train, list(train.targets), test, list(test.targets)
 
-    def _split(self, ds: Dataset, targets: list[int], limit: int | None, train: bool) -> Dataset:
-        idx = subset_indices(targets, limit, self.seed)
+    def _split(self, ds: Dataset, idx: list[int] | None, train: bool) -> Dataset:
+        """``ds`` restricted to ``idx`` (``None``: all of it) with the training or evaluation transform."""
         if self.in_memory:
             ds.transform = decode_transform(self.image_size)
             images, labels = decode_to_tensors(ds if idx is None else Subset(ds, idx), self.num_workers)
@@ -149,6 +160,25 @@ class ImageFolderDataModule(L.LightningDataModule):
                         else eval_transform(self.image_size, self.mean, self.std))
         return ds if idx is None else Subset(ds, idx)
 
+    def _holdout(self, targets: list[int]) -> tuple[list[int] | None, list[int]]:
+        """(training indices, held-out validation indices) of ``train/``; ``(None, [])`` without ``val_size``."""
+        if not self.val_size:
+            return None, []
+        if self.val_size > len(targets) - 10:
+            raise ValueError(f"dataset.val_size={self.val_size} leaves fewer than 10 of the {len(targets)} training "
+                             f"images; use a smaller val_size or 0 (validate on the test split)")
+        held = subset_indices(targets, self.val_size, self.split_seed)
+        held_set = set(held)
+        return [i for i in range(len(targets)) if i not in held_set], held
+
+    @staticmethod
+    def _pick(base: list[int] | None, targets: list[int], limit: int | None, seed: int) -> list[int] | None:
+        """A class-balanced ``limit`` of the indices ``base`` (``None``: all) of a split with ``targets``."""
+        if base is None:
+            return subset_indices(targets, limit, seed)
+        sub = subset_indices([targets[i] for i in base], limit, seed)
+        return base if sub is None else [base[i] for i in sub]
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             if self.on_device:
@@ -157,8 +187,16 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         _ = self.num_classes
         train, train_targets, test, test_targets = self._raw_splits()
-        self.train_set = self._split(train, train_targets, self.subset, train=True)
-        self.val_set = self._split(test, test_targets, self.val_subset, train=False)
+        train_idx, held = self._holdout(train_targets)
+        self.train_set = self._split(train, self._pick(train_idx, train_targets, self.subset, self.seed), train=True)
+        self.test_set = self._split(test, subset_indices(test_targets, self.val_subset, self.seed), train=False)
+        if held:
+            # A second view of train/ without augmentation: the training set keeps its own transform.
+            held_view, _, _, _ = self._raw_splits()
+            self.val_set = self._split(held_view, self._pick(held, train_targets, self.val_subset, self.seed),
+                                       train=False)
+        else:
+            self.val_set = self.test_set
 
     def target_device(self) -> torch.device:
         """Where ``on_device`` keeps the data: the trainer's root device, else the CPU."""
@@ -169,7 +207,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         """The on-device loader of ``split`` (``train`` or ``val``), made once and moved to ``target_device()``."""
         if split not in self._device_loaders:
             train = split == "train"
-            ds = self.train_set if train else self.val_set
+            ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
             trainer = self.trainer
             self._device_loaders[split] = DeviceImageLoader(
                 ds.images, ds.targets, self.batch_size, self.mean, self.std, image_size=self.image_size,
@@ -190,4 +228,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         return make_loader(self.val_set, self.batch_size, self.num_workers, shuffle=False)
 
     def test_dataloader(self) -> DataLoader | DeviceImageLoader:
-        return self.val_dataloader()
+        if self.val_set is self.test_set:
+            return self.val_dataloader()
+        if self.on_device:
+            return self.device_loader("test")
+        return make_loader(self.test_set, self.batch_size, self.num_workers, shuffle=False)
