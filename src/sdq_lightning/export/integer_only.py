@@ -1,0 +1,222 @@
+"""The ONNX lowering of an integer-only network: onnxruntime's integer operators (QOperator form), one node per op of
+the network's integer graph (:mod:`sdq_lightning.integer.graph`).
+
+=============  ============================================================================================
+graph op       ONNX nodes (``<op name with . as _>_<role>``; ``Clip`` on the uint8 codes where the tensor's
+               bit range, or ReLU6, is narrower than uint8)
+=============  ============================================================================================
+quantize       ``QuantizeLinear`` (fp32 scale, uint8 zero point 0, or 128 for a signed input)
+conv           ``QLinearConv``: int8 weight codes (1-bit: +-1), fp32 scale per output channel (BatchNorm
+               folded), zero point 0, int32 bias; ReLU is the output's saturation at zero point 0
+add            ``com.microsoft.QLinearAdd``
+gap            ``com.microsoft.QLinearGlobalAveragePool``
+maxpool        ``MaxPool`` on the codes; flatten: ``Flatten``
+linear         ``com.microsoft.QGemm`` with a float output (the logits)
+=============  ============================================================================================
+
+Every number written (codes, scales, int32 biases, clip bounds) comes from the same functions the PyTorch forward
+uses (:func:`sdq_lightning.integer.layer_terms`), so onnxruntime computes the PyTorch model's values exactly
+(tests/export/test_integer_only.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sdq_lightning.integer import is_integer_only, layer_terms
+from sdq_lightning.integer.graph import Op
+
+__all__ = ["INTEGER_ONLY_FORM", "INTEGER_ONLY_OPSET", "export_integer_onnx", "integer_ops"]
+
+INTEGER_ONLY_FORM = "integer_only"
+INTEGER_ONLY_OPSET = 21
+_MS = "com.microsoft"
+
+
+def _tag(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _scalar(v: torch.Tensor) -> np.ndarray:
+    return np.array(float(v.detach().float()), dtype=np.float32)
+
+
+class _Builder:
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+        self.state = net.integer_only
+        self.graph = self.state.graph
+        self.nodes: list = []
+        self.inits: list = []
+        self.names: set[str] = set()
+        self.info: dict[str, dict[str, Any]] = {}  # per tensor: onnx name, step, zero point, clip range
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        """An initializer (written once: a tensor's scale and zero point are shared by all its readers)."""
+        from onnx import numpy_helper
+
+        if name not in self.names:
+            self.names.add(name)
+            self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, op_type: str, inputs: list[str], output: str, name: str, domain: str = "", **attrs: Any) -> None:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=name, domain=domain or None, **attrs))
+
+    def tensor(self, name: str) -> dict[str, Any]:
+        """Step, zero point and uint8 clip range of a graph tensor (from its quantizer, as the forward reads it)."""
+        t = self.graph.tensors[name]
+        aq = self.net.get_submodule(t.quant)
+        signed = aq._signed if name == "input" else t.signed
+        zp = 128 if signed else 0
+        qn, qp = (-(2 ** (t.bits - 1)), 2 ** (t.bits - 1) - 1) if signed else (0, 2**t.bits - 1)
+        return {"onnx": "t_" + _tag(name), "step": aq.step.detach().float(), "zp": zp, "lo": qn + zp, "hi": qp + zp}
+
+    def params(self, name: str, t: dict[str, Any]) -> tuple[str, str]:
+        tag = "t_" + _tag(name)
+        return (self.init(tag + "_scale", _scalar(t["step"])), self.init(tag + "_zp", np.array(t["zp"], np.uint8)))
+
+    def clip(self, raw: str, out: str, tag: str, lo: int, hi: int) -> None:
+        """``Clip`` of the last node's uint8 codes ``raw`` to ``[lo, hi]``; where that is the whole uint8 range the
+        last node writes ``out`` itself."""
+        if (lo, hi) == (0, 255):
+            self.nodes[-1].output[0] = out
+            return
+        self.node("Clip", [raw, self.init(f"{tag}_clip_lo", np.array(lo, np.uint8)),
+                           self.init(f"{tag}_clip_hi", np.array(hi, np.uint8))], out, f"{tag}_clip")
+
+    def act_range(self, op: Op, out: dict[str, Any]) -> tuple[int, int]:
+        lo, hi = out["lo"], out["hi"]
+        if op.act is not None:
+            lo = max(lo, out["zp"])
+            if op.act == "relu6":  # the forward's bound: round(6 / s) codes above the zero point
+                hi = min(hi, int(np.round(6.0 / np.float64(out["step"]))) + out["zp"])
+        return lo, hi
+
+    def build(self) -> None:
+        for op in self.graph.ops:
+            getattr(self, "_" + op.kind)(op)
+
+    def _quantize(self, op: Op) -> None:
+        out = self.tensor(op.output)
+        s, z = self.params(op.output, out)
+        self.node("QuantizeLinear", ["input", s, z], out["onnx"] + "_raw", "input_quantize")
+        self.clip(out["onnx"] + "_raw", out["onnx"], "input", out["lo"], out["hi"])
+
+    def _conv(self, op: Op) -> None:
+        x, out = self.tensor(op.inputs[0]), self.tensor(op.output)
+        tag = _tag(op.name)
+        terms = layer_terms(self.net, op, x["step"])
+        codes = terms["codes"].numpy().astype(np.int8)
+        cout = codes.shape[0]
+        bias = terms["bias"] if terms["bias"] is not None else torch.zeros(cout)
+        xs, xz = self.params(op.inputs[0], x)
+        ys, yz = self.params(op.output, out)
+        a = op.attrs
+        pads = [int(p) for p in a["padding"]] * 2
+        ins = [x["onnx"], xs, xz, self.init(f"{tag}_w", codes),
+               self.init(f"{tag}_w_scale", terms["step"].numpy().astype(np.float32)),
+               self.init(f"{tag}_w_zp", np.zeros(cout, np.int8)), ys, yz,
+               self.init(f"{tag}_bias", bias.numpy().astype(np.int32))]
+        self.node("QLinearConv", ins, out["onnx"] + "_raw", f"{tag}_qlinearconv",
+                  kernel_shape=list(codes.shape[2:]), strides=[int(v) for v in a["stride"]], pads=pads,
+                  dilations=[int(v) for v in a["dilation"]], group=int(a["groups"]))
+        self.clip(out["onnx"] + "_raw", out["onnx"], tag, *self.act_range(op, out))
+
+    def _add(self, op: Op) -> None:
+        a, b, out = (self.tensor(t) for t in (*op.inputs, op.output))
+        tag = _tag(op.name)
+        ins = [a["onnx"], *self.params(op.inputs[0], a), b["onnx"], *self.params(op.inputs[1], b),
+               *self.params(op.output, out)]
+        self.node("QLinearAdd", ins, out["onnx"] + "_raw", f"{tag}_qlinearadd", domain=_MS)
+        self.clip(out["onnx"] + "_raw", out["onnx"], tag, *self.act_range(op, out))
+
+    def _gap(self, op: Op) -> None:
+        x, out = self.tensor(op.inputs[0]), self.tensor(op.output)
+        tag = _tag(op.name)
+        ins = [x["onnx"], *self.params(op.inputs[0], x), *self.params(op.output, out)]
+        self.node("QLinearGlobalAveragePool", ins, out["onnx"] + "_raw", f"{tag}_qlinearglobalaveragepool",
+                  domain=_MS, channels_last=0)
+        self.clip(out["onnx"] + "_raw", out["onnx"], tag, out["lo"], out["hi"])
+
+    def _maxpool(self, op: Op) -> None:
+        x, out = self.tensor(op.inputs[0]), self.tensor(op.output)
+        a = op.attrs
+
+        def pair(v: Any) -> list[int]:
+            return [int(v)] * 2 if isinstance(v, int) else [int(i) for i in v]
+
+        self.node("MaxPool", [x["onnx"]], out["onnx"], f"{_tag(op.name)}_maxpool",
+                  kernel_shape=pair(a["kernel_size"]), strides=pair(a["stride"] or a["kernel_size"]),
+                  pads=pair(a["padding"]) * 2, dilations=pair(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
+
+    def _flatten(self, op: Op) -> None:
+        self.node("Flatten", [self.tensor(op.inputs[0])["onnx"]], self.tensor(op.output)["onnx"],
+                  f"{_tag(op.name)}_flatten", axis=1)
+
+    def _linear(self, op: Op) -> None:
+        x = self.tensor(op.inputs[0])
+        tag = _tag(op.name)
+        terms = layer_terms(self.net, op, x["step"])
+        codes = terms["codes"].numpy().astype(np.int8)
+        ins = [x["onnx"], *self.params(op.inputs[0], x), self.init(f"{tag}_w", np.ascontiguousarray(codes.T)),
+               self.init(f"{tag}_w_scale", terms["step"].numpy().astype(np.float32)),
+               self.init(f"{tag}_w_zp", np.zeros(codes.shape[0], np.int8))]
+        if terms["bias"] is not None:
+            ins.append(self.init(f"{tag}_bias", terms["bias"].numpy().astype(np.int32)))
+        self.node("QGemm", ins, "logits", f"{tag}_qgemm", domain=_MS)
+
+
+def integer_ops(graph: Any) -> list[dict[str, str]]:
+    """The integer graph's ops as plain data (name, kind, fused activation), for the model metadata and reports."""
+    return [{"name": op.name, "kind": op.kind, **({"act": op.act} if op.act else {}),
+             **({"bn": op.bn} if op.bn else {})} for op in graph.ops]
+
+
+def export_integer_onnx(net: nn.Module, path: str | Path, intermediates: bool = False,
+                        check: bool = True) -> Path:
+    """Write the integer-only network ``net`` (:func:`sdq_lightning.integer.integer_only`, every quantizer
+    calibrated) as onnxruntime's integer graph (see the module docstring). ``intermediates``: every tensor of the
+    integer graph is a graph output too (uint8 codes with their zero point, named ``t_<tensor>``), for comparing
+    each code with PyTorch's."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    if not is_integer_only(net):
+        raise ValueError("export_integer_onnx needs a network in the integer-only mode (sdq_lightning.integer."
+                         "integer_only(net), or a run trained with integer_only=True)")
+    for t in net.integer_only.graph.tensors.values():
+        if not bool(net.get_submodule(t.quant).initialized):
+            raise ValueError(f"the quantizer of tensor {t.name!r} was never calibrated (run one forward pass on real "
+                             f"data before exporting)")
+    b = _Builder(net)
+    with torch.no_grad():
+        b.build()
+    first = next(op for op in b.graph.ops if op.kind == "conv")
+    cin = net.get_submodule(first.name).in_channels
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", cin, "height", "width"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", None])]
+    if intermediates:
+        flat = {op.output for op in b.graph.ops if op.kind == "flatten"}
+        outputs += [helper.make_tensor_value_info("t_" + _tag(n), TensorProto.UINT8, [None] * (2 if n in flat else 4))
+                    for n in b.graph.tensors]
+    graph = helper.make_graph(b.nodes, "sdq_integer_only", inputs, outputs, b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", INTEGER_ONLY_OPSET),
+                                                    helper.make_opsetid(_MS, 1)])
+    model.ir_version = 10
+    for k, v in {"sdq_form": INTEGER_ONLY_FORM, "sdq_ops": json.dumps(integer_ops(b.graph))}.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    if check:
+        onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
