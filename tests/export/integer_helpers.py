@@ -68,7 +68,7 @@ def integer_model(kind: str, calib: torch.Tensor, arch: str = "resnet20",
                   model: nn.Module | None = None) -> nn.Module:
     """``model`` (default :func:`float_model`) under plan ``kind``, its input quantizers calibrated by one train-mode
     forward on ``calib`` (BatchNorm statistics restored after it), then integer-only and its new quantizers
-    calibrated on ``calib``."""
+    calibrated by one train-mode forward on ``calib`` (the integer forward leaves BatchNorm alone)."""
     model = model if model is not None else float_model(arch)
     w, a = plan_bits(model, kind)
     BitPlan({n: LayerBits(w[n], a[n], 0, 0) for n in w}).apply(model)
@@ -79,9 +79,10 @@ def integer_model(kind: str, calib: torch.Tensor, arch: str = "resnet20",
     model.load_state_dict(bn, strict=False)
     model.eval()
     integer_only(model)
+    model.train()
     with torch.no_grad():
         model(calib)
-    return model
+    return model.eval()
 
 
 def torch_codes(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:

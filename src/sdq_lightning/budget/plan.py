@@ -220,7 +220,8 @@ class BitPlan(Mapping[str, int | None]):
         qlayers = quant_layers(model)
         if not qlayers:
             spec = QuantSpec(layer_bits={n: lb.w_bits for n, lb in self.layers.items()},
-                             layer_act_bits={n: lb.a_bits for n, lb in self.layers.items()}, seed=seed)
+                             layer_act_bits={n: lb.a_bits for n, lb in self.layers.items()}, seed=seed,
+                             integer_only=bool(self.metadata.get("integer_only", False)))
             quantize_model(model, spec)
             qlayers = quant_layers(model)
         for name, lb in self.layers.items():

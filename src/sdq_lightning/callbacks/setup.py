@@ -45,7 +45,8 @@ def quantize(root: nn.Module, spec: QuantSpec, plan: BitPlan | None = None) -> t
     plan = plan.rebased(root)
     plan.check_model(root)
     fixed = QuantSpec(layer_bits={n: lb.w_bits for n, lb in plan.layers.items()},
-                      layer_act_bits={n: lb.a_bits for n, lb in plan.layers.items()}, seed=spec.seed)
+                      layer_act_bits={n: lb.a_bits for n, lb in plan.layers.items()}, seed=spec.seed,
+                      integer_only=spec.integer_only)
     report = quantize_model(root, fixed)
     plan.apply(root)
     return report, plan

@@ -237,13 +237,21 @@ class _Runner:
     def step(self, aq: ActQuantizer, qp: int, per_sample: int) -> Tensor:
         return grad_scale(aq.step, lsq_grad_factor(per_sample, qp)) if self.grad else aq.step.detach()
 
-    def out_range(self, tensor: str, real: Tensor) -> tuple[ActQuantizer, int, int, int]:
-        """The output tensor's quantizer and range, initialising its step from ``real`` (its value) if needed."""
+    def out_range(self, tensor: str, real: Tensor) -> tuple[Tensor, int, int, int]:
+        """The step (LSQ gradient scale applied) and range of a tensor whose value is ``real``: its quantizer is
+        initialised from ``real`` at the first training-mode forward; before that an eval-mode pass uses the step
+        ``real`` would give, and stores nothing (as :class:`~sdq_lightning.quantizers.ActQuantizer`)."""
         aq = self.quantizer(tensor)
-        signed = self.state.graph.tensors[tensor].signed
-        if not aq._initialized:
+        if not aq._initialized and aq.training:
             aq.initialize(real.detach())
-        return (aq, *_range(aq, signed))
+        t = self.state.graph.tensors[tensor]
+        if tensor == "input":  # the input keeps the sign its data has
+            t.signed = aq._signed if aq._initialized else bool((real < 0).any())
+        zp, lo, hi = _range(aq, t.signed)
+        per_sample = real[0].numel()
+        if not aq._initialized:
+            return (2.0 * real.detach().abs().mean().float() / hi**0.5).clamp_min(1e-8), zp, lo, hi
+        return self.step(aq, hi, per_sample), zp, lo, hi
 
     def emit(self, tensor: str, val: _Val) -> None:
         self.vals[tensor] = val
@@ -258,12 +266,7 @@ class _Runner:
         raise ValueError("integer-only: the graph has no classifier")
 
     def _quantize(self, op: Op, x: Tensor) -> None:
-        aq = self.quantizer(op.output)
-        if not aq._initialized:
-            aq.initialize(x.detach())
-        zp, lo, hi = _range(aq, aq._signed)
-        self.state.graph.tensors[op.output].signed = aq._signed
-        s = self.step(aq, hi, x[0].numel())
+        s, zp, lo, hi = self.out_range(op.output, x)
         v = x.float() / s
         exact = arith.quantize_input(x.detach(), s.detach(), lo, hi)
         self.emit(op.output, _Val(_ste(exact, v if self.grad else None, (v > lo) & (v < hi)), s, zp, lo, hi))
@@ -283,8 +286,7 @@ class _Runner:
         real = pre.float() * unit.detach().view(1, -1, 1, 1)
         if op.act is not None:
             real = real.clamp(0, 6 if op.act == "relu6" else None)
-        aq, zp, lo, hi = self.out_range(op.output, real)
-        s_y = self.step(aq, hi, real[0].numel())
+        s_y, zp, lo, hi = self.out_range(op.output, real)
         top: Tensor | int = hi
         if op.act is not None:
             lo = max(lo, -zp)
@@ -304,8 +306,7 @@ class _Runner:
         real = a.q.detach() * a.step.detach() + b.q.detach() * b.step.detach()
         if op.act is not None:
             real = real.clamp(0, 6 if op.act == "relu6" else None)
-        aq, zp, lo, hi = self.out_range(op.output, real)
-        s_c = self.step(aq, hi, real[0].numel())
+        s_c, zp, lo, hi = self.out_range(op.output, real)
         if op.act is not None:
             lo = max(lo, -zp)
             if op.act == "relu6":
@@ -317,8 +318,7 @@ class _Runner:
 
     def _gap(self, op: Op, x: _Val) -> None:
         real = x.q.detach().mean((-2, -1), keepdim=True) * x.step.detach()
-        aq, zp, lo, hi = self.out_range(op.output, real)
-        s = self.step(aq, hi, real[0].numel())
+        s, zp, lo, hi = self.out_range(op.output, real)
         codes = arith.gap_codes(x.q.detach().double() + x.zp, x.step.detach(), x.zp, s.detach(), zp, lo + zp,
                                 hi + zp)
         n = x.q.shape[-2] * x.q.shape[-1]

@@ -55,6 +55,9 @@ class QuantSpec:
         reading / estimator / per_channel / seed: passed to every :class:`SDQWeightQuantizer`.
         layer_bits: fixed per-layer weight bits (e.g. from a BitPlan); such a layer gets the single candidate.
         layer_act_bits: per-layer input bits overriding ``activation_bits``.
+        integer_only: train the integer graph onnxruntime runs (:mod:`sdq_lightning.integer`): weight steps per
+            channel; the model is prepared (and switched to the mode at once when no layer is searched; a search
+            switches at its freeze, :func:`sdq_lightning.integer.activate_integer_only`).
     """
 
     weight_bits: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -71,8 +74,13 @@ class QuantSpec:
     seed: int = 0
     layer_bits: dict[str, int | None] = field(default_factory=dict)
     layer_act_bits: dict[str, int | None] = field(default_factory=dict)
+    integer_only: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.integer_only, bool):
+            raise ValueError(f"integer_only must be true or false, got {self.integer_only!r}")
+        if self.integer_only:  # a BatchNorm's per-channel scale folds into per-channel steps only
+            object.__setattr__(self, "per_channel", True)
         object.__setattr__(self, "weight_bits", validate_candidates(self.weight_bits, "weight_bits"))
         validate_activation_bits(self.activation_bits)
         if self.first_last not in FIRST_LAST_POLICIES:
@@ -204,6 +212,11 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> QuantRepo
             report.searched.append(name)
         else:
             report.fixed[name] = cands[0]
+    if spec.integer_only:
+        from sdq_lightning.checkpoint import network_of  # (checkpoint -> budget -> surgery)
+        from sdq_lightning.integer import activate_integer_only, attach_integer_only
+
+        (attach_integer_only if report.searched else activate_integer_only)(network_of(model))
     return report
 
 
