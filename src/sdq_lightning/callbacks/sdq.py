@@ -52,7 +52,7 @@ from sdq_lightning.callbacks.guard import DivergenceGuard
 from sdq_lightning.callbacks.losses import AddedLosses
 from sdq_lightning.callbacks.monitor import StepTermLog, epoch_record, log_epoch
 from sdq_lightning.callbacks.freeze import freeze_message, freeze_searched
-from sdq_lightning.checkpoint import network_of
+from sdq_lightning.checkpoint import network_of, network_prefix
 from sdq_lightning.callbacks.setup import (
     default_input_fn,
     find_example_input,
@@ -63,6 +63,7 @@ from sdq_lightning.callbacks.setup import (
     take_from_optimizers,
 )
 from sdq_lightning.callbacks.teacher import check_teacher_file
+from sdq_lightning.integer import activate_integer_only
 from sdq_lightning.modules.fused import KERNELS, set_kernels
 from sdq_lightning.modules.batched import BatchedWeights, batch_weights
 from sdq_lightning.modules.graphs import CallCaptureFn, GraphedNetwork, GraphedOptimizerStep
@@ -179,6 +180,11 @@ class SDQ(Callback):
             :class:`~sdq_lightning.callbacks.guard.DivergenceGuard`: a non-finite training loss, or validation
             accuracy falling to chance after it had been above, stops the run with one line and keeps
             ``checkpoints/last_good.ckpt``.
+        integer_only: phase 2 trains the integer graph onnxruntime runs (:mod:`sdq_lightning.integer`): per-channel
+            weight steps, BatchNorm frozen and folded at the phase boundary (or at setup when nothing is searched),
+            the residual stream and every tensor quantized as deployed, exact integer forward, straight-through
+            gradients; ``sdq-export`` then writes onnxruntime's integer graph. Runs eager and per layer (``compile``,
+            ``batched`` do not apply); EBR is not applied (its bins are the unfolded weights'). Default False.
     """
 
     def __init__(
@@ -228,6 +234,7 @@ class SDQ(Callback):
         batched: bool = True,
         teacher_cls: Any = None,
         guard: bool | dict = True,
+        integer_only: bool = False,
     ) -> None:
         super().__init__()
         if kernels is not None and kernels not in (*KERNELS, "auto"):
@@ -257,11 +264,15 @@ class SDQ(Callback):
         self.settle = settle
         if not isinstance(batched, bool):
             raise ValueError(f"batched must be true or false, got {batched!r}")
-        self.batched = batched
+        if not isinstance(integer_only, bool):
+            raise ValueError(f"integer_only must be true or false, got {integer_only!r}")
+        if integer_only and compile not in (None, "auto"):
+            raise ValueError(f"integer_only runs eager: compile must be None or 'auto', got {compile!r}")
+        self.batched = batched and not integer_only
         self.spec = QuantSpec(weight_bits=tuple(weight_bits), activation_bits=activation_bits, first_last=first_last,
                               first_last_bits=first_last_bits, include=tuple(include or ()),
                               exclude=tuple(exclude or ()), reading=reading, estimator=estimator,
-                              per_channel=per_channel, seed=seed)
+                              per_channel=per_channel, seed=seed, integer_only=integer_only)
         self.budget = Budget.coerce(budget)
         if isinstance(search_epochs, bool) or not isinstance(search_epochs, int) or search_epochs < 0:
             raise ValueError(f"search_epochs must be an integer >= 0, got {search_epochs!r}")
@@ -393,7 +404,8 @@ class SDQ(Callback):
         return BitPlan.from_model(root, profile=self.profile, candidates=list(self.spec.weight_bits),
                                   budget={"metric": self.budget.metric, "target": self.budget.target},
                                   first_last=self.spec.first_last, reading=self.spec.reading,
-                                  estimator=self.spec.estimator)
+                                  estimator=self.spec.estimator,
+                                  **({"integer_only": True} if self.spec.integer_only else {}))
 
     # ================================================================ optimizers
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -407,7 +419,7 @@ class SDQ(Callback):
             self._pending_opt_states = None
         if self._compile_request == "auto":  # measured: docs/RESULTS.md section 18
             single_cuda = pl_module.device.type == "cuda" and trainer.world_size == 1
-            self.compile = "cuda-graphs" if single_cuda else None
+            self.compile = "cuda-graphs" if single_cuda and not self.spec.integer_only else None
         if self.compile == "cuda-graphs":
             if pl_module.device.type != "cuda":
                 raise ValueError(f"compile='cuda-graphs' needs a CUDA device, but this run is on "
@@ -416,8 +428,9 @@ class SDQ(Callback):
                 raise ValueError(f"compile='cuda-graphs' runs on one device, but this run has {trainer.world_size} "
                                  f"processes; use compile=None or a torch.compile mode")
         # under CUDA graphs the classifier's forward hook would not run on replay: KD takes the network's output
-        self.losses.attach(pl_module, None if self.compile == "cuda-graphs" else self.report.last_layer,
-                           pl_module.device)
+        # the integer-only network computes its classifier without calling it: KD hooks the network's output
+        kd_at = network_prefix(pl_module) if self.spec.integer_only else self.report.last_layer
+        self.losses.attach(pl_module, None if self.compile == "cuda-graphs" else kd_at, pl_module.device)
         self._weight_layers = None
         self._dbp_quantizers = [m for m in pl_module.modules() if isinstance(m, SDQWeightQuantizer)]
         self._step_graph = None
@@ -556,7 +569,7 @@ class SDQ(Callback):
         scale = _scale_of(grad_scaler(trainer))
         scale = scale / self._accumulate(trainer)
         layers = None
-        if self.phase is Phase.TRAIN and self.losses.ebr_weight > 0:
+        if self.phase is Phase.TRAIN and self.losses.ebr_weight > 0 and not self.spec.integer_only:
             if self._weight_layers is None:  # the quantized layers do not change after setup: listed once per fit
                 self._weight_layers = [m for m in quant_layers(pl_module).values() if m.weight_quant is not None]
             layers = self._weight_layers
@@ -612,6 +625,8 @@ class SDQ(Callback):
         if self.search is None:
             self.search = self._make_search()
         result = freeze_searched(self.search, pl_module)
+        if self.spec.integer_only:
+            activate_integer_only(network_of(pl_module))
         self.phase = Phase.TRAIN
         self.plan = self._make_plan(pl_module)
         rank_zero_info(freeze_message(trainer.current_epoch, self.plan, self.budget, result))

@@ -1,0 +1,50 @@
+"""SDQ(integer_only=True): phase 2 trains the integer graph (from the start with fixed bits, or from the freeze
+of a search), the plan says so, and the trained network's ONNX integer graph computes its logits exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdq_lightning import SDQ, SDQClassifier
+from sdq_lightning.export.integer_only import export_integer_onnx
+from sdq_lightning.integer import is_integer_only
+
+
+def _logits_equal_onnxruntime(net: torch.nn.Module, x: torch.Tensor, tmp_path) -> bool:
+    import onnxruntime as ort
+
+    path = export_integer_onnx(net, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    net.eval()
+    with torch.no_grad():
+        ref = net(x).numpy()
+    return np.array_equal(sess.run(None, {"input": x.numpy()})[0], ref)
+
+
+@pytest.mark.parametrize("searched", [False, True])
+def test_integer_only_phase_2(searched, digits, make_trainer, tmp_path):
+    torch.manual_seed(0)
+    lit = SDQClassifier("digits_cnn", num_classes=10, in_chans=1, lr=0.05)
+    bits = (2, 4, 8) if searched else (4,)
+    cb = SDQ(weight_bits=bits, activation_bits=8, budget={"metric": "avg_bits", "target": 5.0},
+             search_epochs=1 if searched else 0, integer_only=True, ebr_weight=0.0, save_dir=tmp_path)
+    trainer = make_trainer(max_epochs=2, callbacks=[cb], limit_train_batches=4)
+    trainer.fit(lit, digits.train())
+    net = lit.model
+    assert is_integer_only(net) and cb.plan.metadata["integer_only"] is True
+    assert net.conv1.weight_quant.per_channel
+    stats = net.bn1.running_mean.clone()
+    trainer.fit_loop.max_epochs = 3
+    trainer.fit(lit, digits.train())
+    assert torch.equal(net.bn1.running_mean, stats)  # BatchNorm frozen in phase 2
+    x = next(iter(digits.test()))[0][:64]
+    assert _logits_equal_onnxruntime(net, x, tmp_path)
+
+
+def test_integer_only_errors():
+    with pytest.raises(ValueError, match="integer_only must be true or false"):
+        SDQ(weight_bits=(4,), integer_only="yes")
+    with pytest.raises(ValueError, match="integer_only runs eager"):
+        SDQ(weight_bits=(4,), integer_only=True, compile="default")
