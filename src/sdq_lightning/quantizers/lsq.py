@@ -13,8 +13,12 @@ __all__ = ["ActQuantizer"]
 class ActQuantizer(nn.Module):
     """Learned-step uniform activation quantizer.
 
-    The sign mode is decided at the first training-mode forward (or the first forward at all): signed if the batch
-    has negative values, else unsigned. The step is initialised from that batch as ``2 mean|x| / sqrt(Qp)``.
+    The sign mode and the step are decided at the first TRAINING-mode forward: signed if the batch has negative
+    values, else unsigned; the step ``2 mean|x| / sqrt(Qp)`` of that batch (averaged over data-parallel ranks).
+    Eval-mode forwards before it (Lightning's sanity check, a ``validate`` or ``test`` call, a user's own eval pass)
+    commit nothing: each quantizes its batch with the sign and step that batch alone would give, computed and
+    discarded. The state therefore comes from a batch of the data the network trains on, with BatchNorm in training
+    mode, never from an untrained network's evaluation pass. :meth:`initialize` sets it explicitly.
 
     Args:
         bits: bitwidth in 1..8 (1-bit activations are ``{0, s}`` unsigned or ``{-s, 0}`` signed-ish; use >= 2).
@@ -49,7 +53,10 @@ class ActQuantizer(nn.Module):
 
     @property
     def qrange(self) -> tuple[int, int]:
-        if self._signed:
+        return self._range(self._signed)
+
+    def _range(self, signed: bool) -> tuple[int, int]:
+        if signed:
             return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         return int_range(self.bits, signed=False)
 
@@ -71,12 +78,24 @@ class ActQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._initialized = True
 
+    @torch.no_grad()
+    def provisional(self, x: Tensor) -> tuple[Tensor, int, int]:
+        """``(step, Qn, Qp)`` that :meth:`initialize` would set from ``x``, without setting anything."""
+        signed = bool((x < 0).any()) if self._force_signed is None else bool(self._force_signed)
+        qn, qp = self._range(signed)
+        return (2.0 * x.abs().mean().float() / qp**0.5).clamp_min(1e-8).to(self.step.dtype), qn, qp
+
     def prepare(self, x: Tensor) -> tuple[Tensor, int, int, float]:
-        """Initialise from ``x`` if needed; return ``(step, Qn, Qp, grad_factor)`` for the fused layer functions."""
+        """Initialise from ``x`` at the first training-mode forward; return ``(step, Qn, Qp, grad_factor)`` for the
+        fused layer functions (before that, in eval mode: the batch's own provisional step, nothing stored)."""
+        numel = x[0].numel() if x.dim() > 1 else x.numel()
         if not self._initialized:
+            if not self.training:
+                step, qn, qp = self.provisional(x)
+                return step, qn, qp, lsq_grad_factor(numel, qp)
             self.initialize(x)
         qn, qp = self.qrange
-        return self.step, qn, qp, lsq_grad_factor(x[0].numel() if x.dim() > 1 else x.numel(), qp)
+        return self.step, qn, qp, lsq_grad_factor(numel, qp)
 
     def forward(self, x: Tensor) -> Tensor:
         from sdq_lightning.modules.fused import lsq_act_quantize
