@@ -178,3 +178,23 @@ def test_graph_metadata(images, tmp_path):
     path = export_integer_onnx(model, tmp_path / "m.onnx")
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert meta["sdq_form"] == "integer_only" and '"kind": "add"' in meta["sdq_ops"]
+
+
+def test_export_model_writes_the_integer_graph(images, tmp_path):
+    """export_model (sdq-export) of an integer-only network: the integer graph with no option, logits equal to
+    PyTorch's, the packed checkpoint rebuilds the same network, and the report names each op's kernel."""
+    from sdq_lightning.export import export_model, load_packed, run_onnx
+
+    x, _, _ = images
+    model = integer_model("mixed", x[:32])
+    summary = export_model(model, tmp_path, x[:1])
+    assert summary["onnx_form"] == "integer_only" and summary["onnx_max_abs_diff"] == 0.0
+    rebuilt = load_packed(tmp_path / "model.sdqpack")
+    with torch.no_grad():
+        ref = model(x[32:64])
+        assert torch.equal(rebuilt(x[32:64]), ref)
+    assert np.array_equal(run_onnx(tmp_path / "model.onnx", x[32:64]), ref.numpy())
+    report = (tmp_path / "capability.md").read_text()
+    assert "| layer1.0.add | add | relu | QLinearAdd" in report and "form integer_only" in report
+    with pytest.raises(ValueError, match="trained integer-only: its ONNX form is 'integer_only'"):
+        export_model(model, tmp_path / "qdq", x[:1], formats=["onnx"], options={"onnx_form": "qdq"})

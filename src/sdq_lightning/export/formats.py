@@ -115,11 +115,24 @@ def _export_packed(ctx: ExportContext) -> dict[str, Any]:
 def _export_onnx(ctx: ExportContext) -> dict[str, Any]:
     from sdq_lightning.export.onnx_export import DEFAULT_FORM, DEFAULT_OPSET, ONNX_FORMS, export_onnx, run_onnx
 
+    from sdq_lightning.checkpoint import network_of
+    from sdq_lightning.export.integer_only import INTEGER_ONLY_FORM, INTEGER_ONLY_OPSET, export_integer_onnx
+    from sdq_lightning.integer import is_integer_only
+
     form = ctx.options.get("onnx_form") or DEFAULT_FORM
-    if form not in ONNX_FORMS:
+    if is_integer_only(network_of(ctx.model)):  # trained as onnxruntime's integer graph: that graph, nothing else
+        if ctx.options.get("onnx_form") not in (None, INTEGER_ONLY_FORM):
+            raise ValueError(f"this model was trained integer-only: its ONNX form is {INTEGER_ONLY_FORM!r}, got "
+                             f"onnx_form={form!r}")
+        form = INTEGER_ONLY_FORM
+        p = export_integer_onnx(network_of(ctx.model), ctx.out_dir / "model.onnx")
+    elif form not in ONNX_FORMS:
         raise ValueError(f"onnx_form must be one of {', '.join(ONNX_FORMS)}, got {form!r}")
-    p = export_onnx(ctx.model, ctx.out_dir / "model.onnx", ctx.example_input, opset=ctx.opset, form=form)
+    else:
+        p = export_onnx(ctx.model, ctx.out_dir / "model.onnx", ctx.example_input, opset=ctx.opset, form=form)
     out: dict[str, Any] = {"files": {"onnx": str(p)}, "onnx_form": form}
+    if form == INTEGER_ONLY_FORM:
+        out["onnx_opset"] = INTEGER_ONLY_OPSET
     if ctx.verify:
         with torch.no_grad():
             ref = ctx.model(ctx.example_input).numpy()

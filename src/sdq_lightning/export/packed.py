@@ -54,7 +54,7 @@ def check_exportable(model: nn.Module) -> dict[str, QuantModule]:
     """
     qlayers = quant_layers(model)
     for name, mod in model.named_modules():
-        if is_quant_layer(mod):
+        if is_quant_layer(mod) or name == "integer_only.quant" or name.endswith(".integer_only.quant"):
             continue
         held = [c for c in mod.children() if isinstance(c, (SDQWeightQuantizer, ActQuantizer))]
         parent_is_quant = any(name.startswith(q + ".") for q in qlayers)
@@ -135,8 +135,45 @@ def _quantizer_keys(qlayers: dict[str, QuantModule]) -> set[str]:
     return keys
 
 
-def _weight_codes(q: QuantModule) -> tuple[np.ndarray, torch.Tensor, int, int]:
+def _integer_only_terms(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For a network in the integer-only mode: the codes of every layer's folded weight (by layer name), and
+    ``state`` changed in place so that each folded BatchNorm is the identity on the stored weights (``gamma =
+    sqrt(var + eps)``, mean 0, bias = the folded bias; a conv bias folded into it): rebuilt, the network folds exactly
+    the stored codes and bias again. Empty for any other model."""
+    from sdq_lightning.checkpoint import network_prefix
+    from sdq_lightning.integer import bn_denominator, is_integer_only, layer_terms
+
+    prefix = network_prefix(model)
+    net = model.get_submodule(prefix) if prefix else model
+    if not is_integer_only(net):
+        return {}
+    pre = f"{prefix}." if prefix else ""
+    codes = {}
+    for op in net.integer_only.graph.ops:
+        if op.kind not in ("conv", "linear"):
+            continue
+        terms = layer_terms(net, op)
+        codes[pre + op.name] = terms["codes"]
+        if op.bn is None:
+            continue
+        bn, layer = net.get_submodule(op.bn), net.get_submodule(op.name)
+        if bn.weight is None or bn.bias is None:
+            raise ValueError(f"the packed format stores a folded BatchNorm as its affine parameters; {op.bn!r} has "
+                             f"none (affine=False)")
+        state[f"{pre}{op.bn}.weight"] = bn_denominator(bn).detach().clone()
+        state[f"{pre}{op.bn}.bias"] = terms["folded_bias"].clone()
+        state[f"{pre}{op.bn}.running_mean"] = torch.zeros_like(bn.running_mean)
+        if layer.bias is not None:
+            state[f"{pre}{op.name}.bias"] = torch.zeros_like(layer.bias)
+    return codes
+
+
+def _weight_codes(q: QuantModule, folded: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor, int, int]:
+    """Codes (offset to unsigned), step row, bits and offset of a layer's weight; ``folded``: the codes of an
+    integer-only layer's folded weight, which its (folded) step quantizes."""
     codes, step, bits = q.weight_quant.integer_weight(q.weight.detach())
+    if folded is not None:
+        codes = folded.to(torch.int8)
     codes = codes.to(torch.int16)
     if bits == 1:
         unsigned = (codes + 1) // 2  # -1 -> 0, +1 -> 1
@@ -165,6 +202,9 @@ def save_packed(model: nn.Module, path: str | Path, plan: BitPlan | None = None,
     name, kwargs = model_identity(model, model_name, model_kwargs)
     plan = check_plan_matches(plan, model) if plan is not None else plan_of(model, example_input)
     state = model.state_dict()
+    folded = _integer_only_terms(model, state)
+    if folded:  # rebuilt from the plan: the integer-only mode first, then this state
+        plan = BitPlan(plan.layers, plan.other_params, {**plan.metadata, "integer_only": True})
     table: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     skip = _quantizer_keys(qlayers)
@@ -173,7 +213,7 @@ def save_packed(model: nn.Module, path: str | Path, plan: BitPlan | None = None,
         meta: dict[str, Any] = {}
         if q.weight_quant is not None:
             skip.add(f"{lname}.weight")
-            codes, row, bits, offset = _weight_codes(q)
+            codes, row, bits, offset = _weight_codes(q, folded.get(lname))
             blob = pack_bits(codes, bits).tobytes()
             table.append({"k": f"{lname}.weight", "t": "packed", "b": bits, "o": offset,
                           "s": list(q.weight.shape)})

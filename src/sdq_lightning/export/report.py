@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from sdq_lightning.checkpoint import network_prefix
 from sdq_lightning.export.onnx_export import DEFAULT_OPSET, onnx_int_type
 from sdq_lightning.export.packed import check_exportable
 
@@ -117,6 +118,18 @@ def _describe_int8(e: dict[str, Any], plan: dict[str, Any]) -> None:
         e["onnx_act"] = f"{e['a_bits']}-bit codes as {t}, zero point 0"
 
 
+def _describe_integer_only(e: dict[str, Any], ops: dict[str, dict[str, Any]]) -> None:
+    """ONNX weight/activation columns and the non-native precisions for a layer of the integer-only form."""
+    op = ops.get(e["layer"], {})
+    fold = f", BatchNorm {op['bn']} folded" if op.get("bn") else ""
+    e["onnx_weight"] = (f"{e['w_bits']}-bit codes{' (+-1)' if e['w_bits'] == 1 else ''} as int8, fp32 scale per "
+                        f"output channel{fold}, zero point 0, int32 bias")
+    e["onnx_act"] = f"{e['a_bits']}-bit codes as uint8, zero point {128 if e['a_signed'] else 0}" + \
+        (" + Clip" if e["a_bits"] < 8 else "")
+    e["not_native"] = ([f"weight {e['w_bits']}-bit codes in int8"] if e["w_bits"] < 8 else []) + \
+        ([f"activation {e['a_bits']}-bit codes in uint8 + Clip"] if e["a_bits"] < 8 else [])
+
+
 def capability_report(model: nn.Module, opset: int = DEFAULT_OPSET, onnx_path: str | Path | None = None,
                       example_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Per-layer bits and export formats of a frozen quantized model (every Conv2d/Linear, FP ones included).
@@ -145,8 +158,22 @@ def capability_report(model: nn.Module, opset: int = DEFAULT_OPSET, onnx_path: s
         meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
         form = meta.get("sdq_form", "qdq")
         plan = json.loads(meta.get("sdq_layers", "{}"))
-        kernels = onnx_kernels(onnx_path, [e["layer"] for e in layers], example_shape)
+        # the integer-only graph names its nodes after the network's modules (the model may wrap the network)
+        prefix = network_prefix(model) + "." if form == "integer_only" and network_prefix(model) else ""
+        ops = {prefix + o["name"]: o for o in json.loads(meta.get("sdq_ops", "[]"))}
+        names = list(dict.fromkeys([e["layer"] for e in layers] + list(ops)))
+        found = onnx_kernels(onnx_path, [n[len(prefix):] if n.startswith(prefix) else n for n in names],
+                             example_shape)
+        kernels = {n: found[n[len(prefix):] if n.startswith(prefix) else n] for n in names}
         rep["onnx"]["form"] = form
+        if form == "integer_only":
+            rep["onnx"]["opset"] = next(o.version for o in onnx.load(str(onnx_path), load_external_data=False)
+                                        .opset_import if o.domain in ("", "ai.onnx"))
+            rep["onnx"]["activation_qdq"] = ("uint8 codes (zero point 0, or 128 for a signed tensor) written by the "
+                                             "integer kernels; QuantizeLinear on the float input only")
+            rep["onnx"]["weight_qdq"] = "int8 codes of the BatchNorm-folded weight, per-channel fp32 scale, int32 bias"
+            rep["ops"] = [{"op": n, "kind": o["kind"], **({"act": o["act"]} if "act" in o else {}),
+                           "ort_kernels": kernels[n]} for n, o in ops.items()]
         if form == "int8":
             rep["onnx"]["activation_qdq"] = ("Mul(x, fp32(1/step)) [-> Max/Min clip] -> QuantizeLinear(scale=1) to "
                                              "uint8/int8 codes (or the codes a QLinearConv wrote)")
@@ -160,6 +187,8 @@ def capability_report(model: nn.Module, opset: int = DEFAULT_OPSET, onnx_path: s
             e["ort_kernel"] = compute[0] if compute else None
             e["ort_integer"] = bool(compute) and all(k in INTEGER_KERNELS for k in compute)
             p = plan.get(e["layer"], {})
+            if form == "integer_only":
+                _describe_integer_only(e, ops)
             if form == "int8":
                 _describe_int8(e, p)
                 e["not_native"] = ([f"weight {e['w_bits']}-bit codes in 8-bit containers"]
@@ -203,6 +232,11 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Layers whose compute ran in float in onnxruntime, and why", ""]
         lines += [f"- {e['layer']} ({e.get('ort_kernel') or 'no kernel found'}): {e['fallback']}"
                   for e in report["layers"] if "fallback" in e] or ["- none: every layer ran an integer kernel"]
+    if report.get("ops"):
+        lines += ["", "## Every op of the integer graph and the onnxruntime kernels it ran", "",
+                  "| op | kind | fused activation | onnxruntime kernels |", "|---|---|---|---|"]
+        lines += [f"| {o['op']} | {o['kind']} | {o.get('act') or '-'} | {', '.join(o['ort_kernels']) or '-'} |"
+                  for o in report["ops"]]
     lines += ["", "## Precisions not represented natively in ONNX", ""]
     lines += [f"- {x}" for x in report["not_native"]] or ["- none"]
     return "\n".join(lines) + "\n"

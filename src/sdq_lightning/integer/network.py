@@ -26,8 +26,8 @@ from sdq_lightning.integer.graph import NEW_QUANT, IntegerGraph, Op, trace_integ
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.quantizers.functional import grad_scale, int_range, lsq_grad_factor
 
-__all__ = ["IntegerForward", "IntegerOnly", "activate_integer_only", "attach_integer_only", "integer_forward",
-           "integer_only", "is_integer_only", "layer_terms"]
+__all__ = ["IntegerForward", "IntegerOnly", "activate_integer_only", "attach_integer_only", "bn_denominator",
+           "integer_forward", "integer_only", "is_integer_only", "layer_terms"]
 
 INT32_MAX = 2**31 - 1
 
@@ -108,12 +108,18 @@ def attach_integer_only(net: nn.Module) -> IntegerOnly:
     return state
 
 
-def _bn_scale(bn: nn.Module) -> Tensor:
-    """``gamma / sqrt(var + eps)`` of a BatchNorm (its running statistics), per channel."""
+def bn_denominator(bn: nn.Module) -> Tensor:
+    """``sqrt(var + eps)`` of a BatchNorm's running statistics."""
     if bn.running_var is None:
         raise ValueError(f"integer-only: BatchNorm {bn} tracks no running statistics: nothing to fold")
-    scale = 1.0 / torch.sqrt(bn.running_var + bn.eps)
-    return scale if bn.weight is None else bn.weight * scale
+    return torch.sqrt(bn.running_var + bn.eps)
+
+
+def _bn_scale(bn: nn.Module) -> Tensor:
+    """``gamma / sqrt(var + eps)`` per channel: a division, so that ``gamma = sqrt(var + eps)`` gives exactly 1 (the
+    packed checkpoint stores a folded layer that way)."""
+    d = bn_denominator(bn)
+    return 1.0 / d if bn.weight is None else bn.weight / d
 
 
 @torch.no_grad()
@@ -205,15 +211,16 @@ def _weight_codes(layer: nn.Module, w: Tensor, grad: bool) -> tuple[Tensor, Tens
     return (_ste(exact, v, inside) if grad else exact), exact, step
 
 
-def layer_terms(net: nn.Module, op: Op, s_x: Tensor) -> dict[str, Tensor]:
-    """The integer terms of a conv/linear op (no gradients): int8 weight codes, per-channel weight step and the
-    int32 bias (in units of ``s_x * s_w``), from the same arithmetic as the forward (the export writes these)."""
+def layer_terms(net: nn.Module, op: Op, s_x: Tensor | None = None) -> dict[str, Tensor | None]:
+    """The integer terms of a conv/linear op (no gradients), from the same arithmetic as the forward (the exports
+    write these): weight ``codes`` of the folded weight, its per-channel ``step``, the folded float bias
+    ``folded_bias`` and, given the input step ``s_x``, the int32 ``bias`` in units of ``s_x * s_w``."""
     layer = net.get_submodule(op.name)
     with torch.no_grad():
         w, b = _fold(layer, net.get_submodule(op.bn) if op.bn else None)
         _, codes, step = _weight_codes(layer, w.float(), False)
-        bias = None if b is None else _int_bias(op.name, b.float(), s_x.float() * step)
-    return {"codes": codes, "step": step, "bias": bias}
+        bias = None if b is None or s_x is None else _int_bias(op.name, b.float(), s_x.float() * step)
+    return {"codes": codes, "step": step, "bias": bias, "folded_bias": None if b is None else b.float()}
 
 
 def _int_bias(name: str, b: Tensor, unit: Tensor) -> Tensor:
