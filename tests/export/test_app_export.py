@@ -120,3 +120,18 @@ def test_checkpoint_file_inside_a_run(tmp_path, capsys):
     assert main([str(tmp_path / "run"), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err.strip()
     assert "save_checkpoint=true" in err and "\n" not in err
+
+
+def test_app_integer_only_run_exports_the_integer_graph(tmp_path, capsys):
+    """``sdq-train ... sdq.integer_only=true`` (search, then phase 2 in the integer-only mode) and ``sdq-export`` of
+    its run folder, no option: onnxruntime's integer graph, its logits equal to the reloaded network's."""
+    cfg = compose_app([*APP_TINY, *CASES["2-4-8"], "sdq.integer_only=true"])
+    run(cfg, tmp_path / "run")
+    summary = _check_export(tmp_path / "run", tmp_path / "out", cfg, capsys)
+    assert summary["onnx_form"] == "integer_only" and summary["onnx_max_abs_diff"] == 0.0
+    net, plan, _ = load_run_model(tmp_path / "run")
+    assert plan.metadata.get("integer_only") is True
+    x, _ = app_test_batch(cfg)
+    with torch.no_grad():
+        assert torch.equal(torch.from_numpy(run_onnx(tmp_path / "out" / "model.onnx", x)), net(x))
+    assert "QLinearConv" in (tmp_path / "out" / "capability.md").read_text()
