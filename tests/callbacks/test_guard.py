@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -18,10 +20,11 @@ class TinyNet(L.LightningModule):
     (one predicted class: accuracy at chance) from an epoch on."""
 
     def __init__(self, nan_from_step: int | None = None, collapse_from_epoch: int | None = None,
-                 never_learn: bool = False) -> None:
+                 never_learn: bool = False, metric: str | None = "val/acc") -> None:
         super().__init__()
         self.fc = nn.Linear(64, 10)
         self.nan_from_step, self.collapse_from_epoch, self.never_learn = nan_from_step, collapse_from_epoch, never_learn
+        self.metric = metric  # the name the accuracy is logged under (None: only the loss is logged)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.fc(x.flatten(1))
@@ -39,7 +42,10 @@ class TinyNet(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.log("val/acc", (self(x).argmax(1) == y).float().mean(), batch_size=len(y))
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y), batch_size=len(y))
+        if self.metric is not None:
+            self.log(self.metric, (logits.argmax(1) == y).float().mean(), batch_size=len(y))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -119,8 +125,8 @@ def test_reference_acc_flags_a_run_that_starts_at_chance(make_trainer, digits) -
 def test_action_stop_ends_fit_without_raising(make_trainer, digits) -> None:
     guard = DivergenceGuard(action="stop", save_last_good=False)
     with pytest.warns(UserWarning, match="training loss is nan"):
-        trainer = fit(make_trainer, digits, TinyNet(nan_from_step=5), guard, max_epochs=5)
-    assert trainer.current_epoch == 1  # stopped at the end of the first epoch
+        trainer = fit(make_trainer, digits, TinyNet(nan_from_step=30), guard, max_epochs=5)
+    assert trainer.current_epoch == 2  # stopped at the end of the second epoch, where the NaN was
     assert guard.message.endswith("(save_last_good=False: not saved)")
 
 
@@ -137,6 +143,7 @@ def test_infer_num_classes() -> None:
     ({"reference_acc": 97.0}, r"reference_acc must be None or a fraction in \[0, 1\], got 97.0"),
     ({"patience": 0}, "patience must be an integer >= 1, got 0"),
     ({"action": "ignore"}, r"action must be one of \('raise', 'stop'\), got 'ignore'"),
+    ({"monitor": ""}, "monitor must be None or a metric name, got ''"),
 ])
 def test_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
@@ -166,3 +173,58 @@ def test_healthy_sdq_run_with_guard_is_untouched(make_trainer, digits, fp_teache
     trainer.fit(student, digits.train(), digits.test())
     assert guard.message is None and trainer.current_epoch == 2 and sdq.plan is not None
     assert guard.best_acc > 0.9 and guard.last_good["epoch"] == 1
+
+
+@pytest.mark.parametrize("metric", ["val_acc", "val/accuracy", "valid_acc"])
+def test_collapse_is_found_under_the_users_own_accuracy_name(make_trainer, digits, metric) -> None:
+    guard = DivergenceGuard(patience=1)
+    with pytest.raises(DivergenceError, match=rf"divergence guard: {metric} fell to 0\.1\d* at epoch 2,"):
+        fit(make_trainer, digits, TinyNet(collapse_from_epoch=2, metric=metric), guard)
+
+
+def test_monitor_names_the_accuracy(make_trainer, digits) -> None:
+    guard = DivergenceGuard(patience=1, monitor="score")
+    with pytest.raises(DivergenceError, match=r"score fell to 0\.1\d* at epoch 2,"):
+        fit(make_trainer, digits, TinyNet(collapse_from_epoch=2, metric="score"), guard)
+
+
+def test_no_accuracy_warns_once_and_still_keeps_the_last_good_state(make_trainer, digits, tmp_path) -> None:
+    guard = DivergenceGuard()
+    with pytest.warns(UserWarning) as record:
+        fit(make_trainer, digits, TinyNet(metric=None), guard, max_epochs=3)
+    missing = [str(w.message) for w in record if "no validation accuracy logged" in str(w.message)]
+    assert len(missing) == 1, missing
+    assert "logged: ['val_loss']" in missing[0] and "guard={'monitor': '<name>'}" in missing[0]
+    assert guard.last_good["epoch"] == 2 and guard.last_good["acc"] is None
+    assert (tmp_path / "checkpoints" / "last_good.ckpt").is_file()
+
+
+def test_the_untrained_state_is_never_kept(make_trainer, digits, tmp_path) -> None:
+    guard = DivergenceGuard()
+    with pytest.raises(DivergenceError) as info:
+        fit(make_trainer, digits, TinyNet(nan_from_step=3), guard)  # before the first validation after training
+    assert str(info.value).endswith("no state was kept (no sane validation since training started)")
+    assert not (tmp_path / "checkpoints" / "last_good.ckpt").exists()
+
+
+def test_last_good_goes_to_the_runs_log_folder(digits, tmp_path, monkeypatch) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    monkeypatch.chdir(tmp_path)
+    guard = DivergenceGuard()
+    trainer = L.Trainer(max_epochs=1, callbacks=[guard], logger=CSVLogger(tmp_path / "logs"),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1)
+    trainer.fit(TinyNet(), digits.train(), digits.test())
+    assert guard.last_good["path"] == str(Path(trainer.log_dir) / "checkpoints" / "last_good.ckpt")
+    assert Path(guard.last_good["path"]).is_file() and not (tmp_path / "checkpoints").exists()
+
+
+def test_last_good_goes_next_to_the_plan_of_the_sdq_callback(make_trainer, digits, tmp_path) -> None:
+    from sdq_lightning import SDQ
+
+    sdq = SDQ(weight_bits=(8,), activation_bits=None, search_epochs=0, save_dir=tmp_path / "run")
+    trainer = make_trainer(max_epochs=1, callbacks=[sdq])
+    trainer.fit(TinyNet(), digits.train(), digits.test())
+    assert sdq.guard.last_good["path"] == str(tmp_path / "run" / "checkpoints" / "last_good.ckpt")
+    assert (tmp_path / "run" / "checkpoints" / "last_good.ckpt").is_file()

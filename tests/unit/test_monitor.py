@@ -61,7 +61,8 @@ def test_step_terms_logged_at_the_logger_steps_and_as_epoch_means():
     assert all(kw["on_step"] and not kw["on_epoch"] for _, kw in module.logged.values())
     module = Recorder()
     log.step(_trainer(bar=True, writes=False), module, terms[2])  # a bar shows its terms every step, bar only
-    assert set(module.logged) == {"sdq/kd", "sdq/expected_cost"}
+    assert set(module.logged) == {"sdq/kd", "sdq/cost"}  # the bar's cost: expected in the search, the plan's after
+    assert float(module.logged["sdq/cost"][0]) == 4.0
     assert all(kw["prog_bar"] and not kw["logger"] for _, kw in module.logged.values())
     module = Recorder()
     log.epoch_end(module)
@@ -80,3 +81,7 @@ def test_log_epoch_records():
     log_epoch(module, {"expected_cost": 2.0, "bits": {"a": 2, "fc": None}}, searching=False, budget_target=2.0)
     assert module.logged["sdq/phase"][0] == 1.0 and module.logged["sdq/bits/a"][0] == 2.0
     assert "sdq/bits/fc" not in module.logged and "sdq/expected_avg_bits_epoch" not in module.logged
+    assert "sdq/expected_cost_epoch" not in module.logged  # phase 2: no search figures
+    module = Recorder()
+    log_epoch(module, {"expected_cost": 2.0, "bits": {}}, searching=False, budget_target=2.0, searched=True)
+    assert module.logged["sdq/expected_cost_epoch"][0] == 2.0  # the freeze epoch searched

@@ -15,9 +15,10 @@ from torch import nn
 
 from sdq_lightning.surgery import quant_layers
 
-__all__ = ["FreezeResult", "freeze_searched", "freeze_message"]
+__all__ = ["FreezeResult", "freeze_searched", "freeze_message", "freeze_warnings"]
 
 UNDECIDED_BELOW = 0.9  # a layer is "undecided" at the freeze while its most probable bitwidth has less probability
+UNREACHED_ABOVE = 0.02  # the search reached the budget if its expected cost is within this fraction of the target
 
 
 @dataclass
@@ -59,3 +60,28 @@ def freeze_message(epoch: int, plan: Any, budget: Any, result: FreezeResult) -> 
             f"<= {budget.target:g}); expected before the projection {rec['expected_cost']:.6g} "
             f"({rec['undecided_layers']} layers undecided: top probability < {UNDECIDED_BELOW}; the budget rounding "
             f"moved {rec['rounding_changed_layers']}); projection changed {len(result.changed)} layers {result.changed}")
+
+
+def many_layers(searched: int) -> int:
+    """A projection that changes more than this many of ``searched`` layers decided the plan instead of the search
+    (with sequential settling it changes 0-1)."""
+    return max(1, searched // 10)
+
+
+def freeze_warnings(plan: Any, budget: Any, result: FreezeResult, searched: int) -> list[str]:
+    """One line per sign that the search did not decide the plan: its expected cost at the freeze still above the
+    target, or a projection that changed many layers."""
+    rec, out = result.record, []
+    expected, target = rec["expected_cost"], budget.target
+    if expected > target * (1 + UNREACHED_ABOVE):
+        out.append(f"[SDQ] the search had not reached the budget by the freeze: expected {budget.metric} "
+                   f"{expected:.6g} against the target {target:g} ({100 * (expected / target - 1):+.1f} %), so the "
+                   f"projection cut the plan down to {plan.cost(budget.metric):.6g}; the search was too short to "
+                   "descend: give it more steps (search_epochs, more training batches) or a higher dbp_lr")
+    changed = len(result.changed)
+    if changed > many_layers(searched):
+        out.append(f"[SDQ] the projection changed {changed} of {searched} searched layers (up to "
+                   f"{rec['projection_max_levels']} levels): the plan is the projection's ranking more than the "
+                   f"search's decision; {rec['undecided_layers']} layers were undecided at the freeze; a longer search "
+                   "(search_epochs) lets the layers settle")
+    return out

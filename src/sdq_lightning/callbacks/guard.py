@@ -3,13 +3,19 @@
 Cheap by construction: a training step adds no device op and no host sync: its detached loss is kept in a list, and
 the list is read (one ``isfinite`` over the stacked losses, one sync) every ``check_every_n_steps`` steps (default:
 every step in one CPU process, where reading is free, else every 50 steps), at every epoch end and before every
-validation check. Each validation whose metrics are sane replaces ``last_good.ckpt`` (a whole Lightning checkpoint:
-weights, optimizers, callback state), so the error can say where the last sane state is.
+validation check. Each validation after training has started whose metrics are sane replaces ``last_good.ckpt`` in
+the run's own folder (a whole Lightning checkpoint: weights, optimizers, callback state), so the error can say where
+the last sane state is; the untrained state before the first training step is never kept.
+
+The accuracy is the user's own validation metric, found among the logged metrics under a usual name (``val/acc``,
+``val_acc``, ``val/accuracy``, ...; see :data:`ACCURACY_NAMES`) or named with ``monitor``. When none is logged, the
+guard warns once and checks the training loss only.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,9 +24,15 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-__all__ = ["DivergenceError", "DivergenceGuard"]
+__all__ = ["ACCURACY_NAMES", "DivergenceError", "DivergenceGuard", "find_accuracy"]
+
+# Validation accuracy names tried in this order; then any logged name matching ACCURACY_PATTERN.
+ACCURACY_NAMES = ("val/acc", "val_acc", "val/accuracy", "val_accuracy", "val/top1", "val_top1", "valid/acc",
+                  "valid_acc", "val/acc_epoch", "val_acc_epoch")
+ACCURACY_PATTERN = re.compile(r"^val(id|idation)?[/_.-]?(acc|accuracy|top1|top_1|top-1)(_epoch)?$", re.IGNORECASE)
 
 ACTIONS = ("raise", "stop")
 ACCELERATOR_READ_EVERY = 50
@@ -54,13 +66,26 @@ def infer_num_classes(pl_module: nn.Module) -> int | None:
     return linears[-1].out_features if linears and linears[-1].out_features > 1 else None
 
 
+def find_accuracy(metrics: Mapping[str, Any], monitor: str | None = None) -> str | None:
+    """The name of the validation accuracy among ``metrics``: ``monitor`` if given (and logged), else the first of
+    :data:`ACCURACY_NAMES`, else the first name matching :data:`ACCURACY_PATTERN`; None if there is none."""
+    if monitor is not None:
+        return monitor if monitor in metrics else None
+    for name in ACCURACY_NAMES:
+        if name in metrics:
+            return name
+    return next((name for name in metrics if ACCURACY_PATTERN.match(name)), None)
+
+
 class DivergenceGuard(Callback):
     """Stops training when the loss is NaN/inf or val accuracy falls to chance while it had been above it.
 
     Args:
         check_every_n_steps: read the losses every this many steps (and at epoch ends and before validation); None:
             every step in a single CPU process (no sync to save), every 50 steps on an accelerator or with DDP.
-        monitor: the accuracy metric in ``trainer.callback_metrics`` (a fraction in [0, 1]).
+        monitor: the validation accuracy in ``trainer.callback_metrics`` (a fraction in [0, 1]); None (default)
+            finds it under a usual name (:func:`find_accuracy`). With none logged the guard warns once and watches
+            the training loss only.
         num_classes: chance is ``1/num_classes``; None reads it from the module (``num_classes`` or the last Linear).
         tolerance: accuracy <= ``chance + tolerance * (1 - chance)`` counts as chance (10 classes: 0.145).
         reference_acc: accuracy of the FP/initial model (e.g. the FP teacher's); besides it, the sanity-check
@@ -70,17 +95,21 @@ class DivergenceGuard(Callback):
             change can recover).
         action: ``"raise"`` (default) raises :class:`DivergenceError`; ``"stop"`` sets ``trainer.should_stop``,
             warns, and keeps the message in ``self.message``.
-        dirpath: where ``last_good.ckpt`` goes (default ``<trainer.default_root_dir>/checkpoints``).
+        dirpath: where ``last_good.ckpt`` goes (default ``<run folder>/checkpoints``: the SDQ callback's
+            ``save_dir`` when set, else ``trainer.log_dir``, the run's own log folder, which is ``default_root_dir``
+            without a logger; the folder of ``plan.yaml``).
         save_last_good: False keeps no checkpoint (the message then names the last sane epoch only).
     """
 
-    def __init__(self, check_every_n_steps: int | None = None, monitor: str = "val/acc", num_classes: int | None = None,
-                 tolerance: float = 0.05, reference_acc: float | None = None, patience: int = 2,
+    def __init__(self, check_every_n_steps: int | None = None, monitor: str | None = None,
+                 num_classes: int | None = None, tolerance: float = 0.05, reference_acc: float | None = None, patience: int = 2,
                  action: str = "raise", dirpath: str | Path | None = None, save_last_good: bool = True) -> None:
         super().__init__()
         if check_every_n_steps is not None and (isinstance(check_every_n_steps, bool)
                                                 or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1):
             raise ValueError(f"check_every_n_steps must be None or an integer >= 1, got {check_every_n_steps!r}")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"monitor must be None or a metric name, got {monitor!r}")
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 2):
             raise ValueError(f"num_classes must be None or an integer >= 2, got {num_classes!r}")
@@ -95,6 +124,9 @@ class DivergenceGuard(Callback):
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         self.check_every_n_steps = check_every_n_steps
         self.monitor = monitor
+        self.found: str | None = None  # the accuracy name the last validation read
+        self.run_dir: Path | None = None  # the run's folder, when the SDQ callback knows it (its save_dir)
+        self._warned_missing = False
         self.num_classes = num_classes
         self.tolerance = float(tolerance)
         self.reference_acc = None if reference_acc is None else float(reference_acc)
@@ -167,13 +199,19 @@ class DivergenceGuard(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        value = trainer.callback_metrics.get(self.monitor)
-        acc = None if value is None else float(value)
+        name = find_accuracy(trainer.callback_metrics, self.monitor)
+        acc = None if name is None else float(trainer.callback_metrics[name])
         if trainer.sanity_checking:
             self.initial_acc = acc
             return
-        if acc is None or self.message is not None:
+        if self.message is not None:
             return
+        if name is None:
+            self._warn_missing(trainer)
+            if trainer.global_step > 0:  # the losses read before this validation were finite
+                self._save_last_good(trainer, None)
+            return
+        self.found = name
         ncls = self._classes(pl_module)
         collapsed = False
         if ncls is not None:
@@ -186,18 +224,30 @@ class DivergenceGuard(Callback):
             self._at_chance = 0
             if math.isfinite(acc):
                 self.best_acc = acc if self.best_acc is None else max(self.best_acc, acc)
-                self._save_last_good(trainer, acc)
+                if trainer.global_step > 0:
+                    self._save_last_good(trainer, acc)
             return
         self._at_chance += 1
         if self._at_chance >= self.patience:
             best = max(r for r in refs if r is not None)
-            self._stop(trainer, f"{self.monitor} fell to {acc:.4f} at epoch {trainer.current_epoch}, step "
+            self._stop(trainer, f"{name} fell to {acc:.4f} at epoch {trainer.current_epoch}, step "
                                 f"{trainer.global_step} (chance 1/{ncls} = {chance:.4f}; earlier {best:.4f}) for "
                                 f"{self._at_chance} validation(s); {COLLAPSE_CAUSES}")
 
     # ------------------------------------------------------------------ checkpoint and stop
+    def _warn_missing(self, trainer: pl.Trainer) -> None:
+        if self._warned_missing:
+            return
+        self._warned_missing = True
+        wanted = repr(self.monitor) if self.monitor is not None else f"any of {', '.join(ACCURACY_NAMES[:4])}, ..."
+        logged = sorted(k for k in trainer.callback_metrics if not k.startswith("sdq/"))
+        rank_zero_warn(f"divergence guard: no validation accuracy logged ({wanted}; logged: {logged or 'nothing'}), "
+                       "so it checks the training loss only; log one in validation_step or name it with "
+                       "SDQ(guard={'monitor': '<name>'})")
+
     def checkpoint_path(self, trainer: pl.Trainer) -> Path:
-        return (self.dirpath or Path(trainer.default_root_dir) / "checkpoints") / "last_good.ckpt"
+        root = self.run_dir or (Path(trainer.log_dir) if trainer.log_dir else Path(trainer.default_root_dir))
+        return (self.dirpath or root / "checkpoints") / "last_good.ckpt"
 
     def _save_last_good(self, trainer: pl.Trainer, acc: float | None) -> None:
         record = {"path": None, "epoch": trainer.current_epoch, "step": trainer.global_step, "acc": acc}
@@ -207,23 +257,17 @@ class DivergenceGuard(Callback):
             record["path"] = str(path)
         self.last_good = record
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.last_good is None:
-            self._save_last_good(trainer, self.initial_acc)
-
     def _stop(self, trainer: pl.Trainer, what: str) -> None:
         good = self.last_good
         if good is None:
-            keep = "no sane state was saved"
+            keep = "no state was kept (no sane validation since training started)"
         else:
-            acc = "" if good["acc"] is None else f", {self.monitor} {good['acc']:.4f}"
+            acc = "" if good["acc"] is None else f", {self.found or self.monitor} {good['acc']:.4f}"
             where = f": {good['path']}" if good["path"] else " (save_last_good=False: not saved)"
             keep = f"last good state (epoch {good['epoch']}, step {good['step']}{acc}){where}"
         self.message = f"divergence guard: {what}; {keep}"
         if self.action == "raise":
             raise DivergenceError(self.message)
-        from lightning.pytorch.utilities import rank_zero_warn
-
         rank_zero_warn(self.message)
         trainer.should_stop = True
 

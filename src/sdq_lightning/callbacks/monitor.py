@@ -1,7 +1,8 @@
 """What the SDQ callback records and logs (monitoring), apart from what it does.
 
-* every training step: the callback's terms (``sdq/expected_cost``, ``sdq/multiplier``, ``sdq/temperature``,
-  ``sdq/kd``, ``sdq/ebr``, ...) summed on their device, logged as ``sdq/<name>_step`` at the logger's steps and as
+* every training step: the callback's terms (search: ``sdq/expected_cost``, ``sdq/budget_schedule``,
+  ``sdq/multiplier``, ``sdq/temperature``; phase 2: ``sdq/cost``, the frozen plan's cost under the budget metric;
+  both: ``sdq/kd``, ``sdq/ebr``) summed on their device, logged as ``sdq/<name>_step`` at the logger's steps and as
   epoch means (``sdq/<name>_epoch``; :class:`StepTermLog`); values stay device tensors (or host tensors) and go to
   the progress bar only when there is one, because Lightning reads every progress-bar value back to the host after
   every step (a device sync on a GPU);
@@ -23,7 +24,9 @@ from torch import Tensor
 
 __all__ = ["PROGRESS_BAR_TERMS", "StepTermLog", "epoch_record", "log_epoch"]
 
-PROGRESS_BAR_TERMS = ("kd", "expected_cost")
+# The progress bar's name for each term it shows. Lightning keeps a bar value until the key is logged again, so the
+# search's expected cost and phase 2's plan cost share one key: after the freeze the bar shows the plan's cost.
+PROGRESS_BAR_TERMS = {"kd": "kd", "expected_cost": "cost", "cost": "cost"}
 RECORDED_METRICS = ("val/acc", "val/loss", "train/loss", "train/acc")
 
 
@@ -59,8 +62,8 @@ class StepTermLog:
             if write:
                 pl_module.log(f"sdq/{key}_step", value, on_step=True, on_epoch=False, batch_size=1)
             if bar and key in PROGRESS_BAR_TERMS:  # Lightning reads a bar value back every step: only with a bar
-                pl_module.log(f"sdq/{key}", value, on_step=True, on_epoch=False, prog_bar=True, logger=False,
-                              batch_size=1)
+                pl_module.log(f"sdq/{PROGRESS_BAR_TERMS[key]}", value, on_step=True, on_epoch=False, prog_bar=True,
+                              logger=False, batch_size=1)
 
     def epoch_end(self, pl_module: pl.LightningModule) -> None:
         """Log the epoch means and start the next epoch's sums."""
@@ -98,10 +101,12 @@ def epoch_record(epoch: int, phase: str, budget: Any, cost_model: Any, terms: Ma
     return rec
 
 
-def log_epoch(pl_module: pl.LightningModule, record: Mapping[str, Any], searching: bool, budget_target: float) -> None:
-    """Log an epoch's record: expected cost, phase (0 search, 1 train), budget target and each layer's bits."""
+def log_epoch(pl_module: pl.LightningModule, record: Mapping[str, Any], searching: bool, budget_target: float,
+              searched: bool | None = None) -> None:
+    """Log an epoch's record: phase (0 search, 1 train), budget target, each layer's bits and, for an epoch that
+    searched (``searched``, default ``searching``; the freeze epoch included), the search's expected cost."""
     for key in ("expected_avg_bits", "expected_cost"):
-        if key in record:
+        if key in record and (searching if searched is None else searched):
             pl_module.log(f"sdq/{key}_epoch", record[key], batch_size=1)
     pl_module.log("sdq/phase", 0.0 if searching else 1.0, batch_size=1)
     pl_module.log("sdq/budget_target", float(budget_target), batch_size=1)

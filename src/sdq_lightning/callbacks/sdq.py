@@ -34,7 +34,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from sdq_lightning.budget import BitPlan, Budget, CostModel
@@ -48,10 +49,10 @@ from sdq_lightning.callbacks.search import (
     BitSearch,
 )
 from sdq_lightning.callbacks.schedule import Schedule, resolve_schedule
-from sdq_lightning.callbacks.guard import DivergenceGuard
+from sdq_lightning.callbacks.guard import DivergenceGuard, infer_num_classes
 from sdq_lightning.callbacks.losses import AddedLosses
 from sdq_lightning.callbacks.monitor import StepTermLog, epoch_record, log_epoch
-from sdq_lightning.callbacks.freeze import freeze_message, freeze_searched
+from sdq_lightning.callbacks.freeze import freeze_message, freeze_searched, freeze_warnings
 from sdq_lightning.checkpoint import network_of, network_prefix
 from sdq_lightning.callbacks.setup import (
     default_input_fn,
@@ -74,6 +75,9 @@ from sdq_lightning.surgery import QuantSpec, quant_layers
 __all__ = ["COMPILE_MODES", "SDQ", "Phase", "grad_scaler"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "cuda-graphs", "auto")
+# Per-step terms that describe the search; phase 2 logs the plan's cost ("cost") instead.
+SEARCH_TERMS = ("expected_cost", "budget_schedule", "multiplier", "penalty", "temperature")
+MIN_SAMPLES_PER_CLASS = 10  # fewer training samples per class than this: warned at the start of training
 
 
 def grad_scaler(trainer: pl.Trainer) -> Any:
@@ -179,7 +183,9 @@ class SDQ(Callback):
         guard: ``True`` (default), ``False`` or keyword arguments of
             :class:`~sdq_lightning.callbacks.guard.DivergenceGuard`: a non-finite training loss, or validation
             accuracy falling to chance after it had been above, stops the run with one line and keeps
-            ``checkpoints/last_good.ckpt``.
+            ``checkpoints/last_good.ckpt`` in the run's folder (``save_dir``, else ``trainer.log_dir``); the
+            accuracy is the module's own validation metric under a usual name (``val/acc``, ``val_acc``, ...) or
+            ``guard={"monitor": "<name>"}``.
         integer_only: phase 2 trains the integer graph onnxruntime runs (:mod:`sdq_lightning.integer`): per-channel
             weight steps, BatchNorm frozen and folded at the phase boundary (or at setup when nothing is searched),
             the residual stream and every tensor quantized as deployed, exact integer forward, straight-through
@@ -366,6 +372,8 @@ class SDQ(Callback):
             raise ValueError(f"search_epochs ({self.search_epochs}) must be smaller than the trainer's max_epochs "
                              f"({max_epochs}) so that phase 2 trains under the frozen plan")
         self._root = pl_module
+        if self.guard is not None and self.save_dir is not None:
+            self.guard.run_dir = self.save_dir  # last_good.ckpt next to plan.yaml
         if self.kernels is not None:
             # a compiled network fuses the LSQ arithmetic itself and runs the eager kernels inside its graph; switching
             # the kernels back here (the test stage's setup) would recompile it
@@ -378,7 +386,10 @@ class SDQ(Callback):
             self.plan = rebased
         net = network_of(pl_module)
         if self.batched or isinstance(vars(net).get("forward"), BatchedWeights):
-            batch_weights(net, enabled=self.batched)
+            # a network torch.compile will compile runs its per-layer quantizers (the compiler fuses them), also in
+            # the eager first step that initialises the activation quantizers
+            torch_compile = self.compile not in (None, "cuda-graphs")
+            batch_weights(net, enabled=self.batched and not torch_compile)
         if self.report.changed:
             rank_zero_info(f"[SDQ] {self.report}")
         example = find_example_input(trainer, pl_module, stage, self.input_fn, self.example_input)
@@ -439,8 +450,19 @@ class SDQ(Callback):
 
     # ---- the divergence guard's hooks (composed, so one SDQ(...) line brings it along)
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.guard is not None:
-            self.guard.on_train_start(trainer, pl_module)
+        self._warn_if_tiny_dataset(trainer, pl_module)
+
+    def _warn_if_tiny_dataset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        try:
+            samples = len(trainer.train_dataloader.dataset)
+        except (AttributeError, TypeError):  # several loaders, an iterable dataset: the size is not known
+            return
+        classes = self._num_classes(pl_module) or infer_num_classes(pl_module)
+        if classes and samples < MIN_SAMPLES_PER_CLASS * classes:
+            rank_zero_warn(f"[SDQ] the training set has {samples} samples for {classes} classes "
+                           f"({samples / classes:.1f} per class, fewer than {MIN_SAMPLES_PER_CLASS}): the quantizer "
+                           "steps, the search's task gradients and the plan are estimated from almost no data; train "
+                           "on more samples (the app: a larger dataset.subset)")
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.guard is not None:
@@ -451,6 +473,8 @@ class SDQ(Callback):
             self.guard.on_validation_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phase is Phase.SEARCH and trainer.state.fn == TrainerFn.FITTING:
+            rank_zero_warn(self._ended_mid_search(trainer))
         self.losses.detach()
         if self._graphs is not None:  # evaluation after fit runs the network's own forward
             self._graphs.remove()
@@ -490,6 +514,20 @@ class SDQ(Callback):
         if self._step_opt is not None and self._step_graph is None:
             self._step_graph = GraphedOptimizerStep(self._step_opt, capture_fn=capture_fn)
 
+    def _ended_mid_search(self, trainer: pl.Trainer) -> str:
+        if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+            why = f"max_steps={trainer.max_steps} reached"
+        elif trainer.should_stop:
+            why = "stopped early (max_time, early stopping or another callback)"
+        else:
+            why = f"max_epochs={trainer.max_epochs} or a batch limit reached"
+        total = self.search.total_steps if self.search is not None else None
+        length = f"{self.search_epochs} epochs" + (f", {total} steps" if total else "")
+        return (f"[SDQ] the fit ended during the search ({why} after {trainer.global_step} training steps; the "
+                f"search takes {length}): no bit plan was frozen and no plan.yaml written, the layers still sample "
+                "their bitwidths; let the fit run past the search (max_steps, max_time) or search for fewer epochs "
+                "(search_epochs)")
+
     # ================================================================ per step
     def _progress(self, trainer: pl.Trainer, batch_idx: int) -> float:
         n = trainer.num_training_batches
@@ -517,6 +555,8 @@ class SDQ(Callback):
             tau = self._temperature(self._progress(trainer, batch_idx), self.search_epochs)
             self.search.begin_step(trainer.global_step, tau)
             self._terms["temperature"] = torch.tensor(tau)  # a host tensor: logging a float copies it to the device
+        elif "cost" not in self._terms and self.plan is not None:
+            self._terms["cost"] = torch.tensor(self.plan.cost(self.budget.metric))
         if self.compile is not None and not self._compiled and self._act_quant_ready(pl_module):
             self._compile_network(pl_module)
         kd = self.losses.teacher is not None and (self.phase is Phase.TRAIN or self.kd_in_search)
@@ -609,7 +649,7 @@ class SDQ(Callback):
                            f"plan_{self.budget.metric}": self.plan.cost(self.budget.metric), **freeze_info})
             self._freeze_record = None
         self.history.append(record)
-        log_epoch(pl_module, record, self.phase is Phase.SEARCH, self.budget.target)
+        log_epoch(pl_module, record, self.phase is Phase.SEARCH, self.budget.target, record["phase"] == "search")
         self._term_log.epoch_end(pl_module)
 
     def _epoch_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -630,6 +670,11 @@ class SDQ(Callback):
         self.phase = Phase.TRAIN
         self.plan = self._make_plan(pl_module)
         rank_zero_info(freeze_message(trainer.current_epoch, self.plan, self.budget, result))
+        for line in freeze_warnings(self.plan, self.budget, result, len(self.search.names)):
+            rank_zero_warn(line)
+        for key in SEARCH_TERMS:  # from here on the bar and the logs show the plan's cost, not the search's
+            self._terms.pop(key, None)
+        self._terms["cost"] = torch.tensor(self.plan.cost(self.budget.metric))
         if trainer.is_global_zero:
             self.plan.save(self._plan_path(trainer))
         return result.record
