@@ -12,6 +12,7 @@ happens here: a LightningModule class is rebuilt through its own ``load_from_che
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +24,20 @@ from torch import nn
 from sdq_lightning.budget import BitPlan
 
 __all__ = ["load_checkpoint", "load_quantized", "load_quantized_state", "network_of", "network_prefix",
-           "plan_from_checkpoint"]
+           "plan_from_checkpoint", "unreadable"]
+
+
+def unreadable(path: str | Path, err: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in one line a user can act on. Only tensors and plain
+    containers are ever unpickled here: the remedy is a file that holds just those, never loading arbitrary code."""
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"[Uu]nsupported global:? ([\w.]+)", text)
+    if "Weights only load failed" in text and found:
+        return (f"{path} holds Python objects besides tensors ({found.group(1)}), which are not unpickled here; "
+                "save only tensors, e.g. torch.save(model.state_dict(), path) or a Lightning .ckpt")
+    return (f"{path} is not a PyTorch checkpoint ({type(err).__name__}: neither torch.save's zip file nor a pickle of "
+            "tensors; a text file, an HTML page or a truncated download?); pass a Lightning .ckpt or a state dict "
+            "saved with torch.save")
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -34,8 +48,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001  (pickle/zip errors of all kinds)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path} is not a loadable checkpoint (torch.load weights_only=True): {first}") from None
+        raise ValueError(unreadable(path, err)) from None
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict or a state dict")
     return dict(ckpt)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -70,10 +72,30 @@ def test_bad_teacher_type():
         SDQ(teacher=3.5)
 
 
-def test_unknown_teacher_name(make_trainer, digits):
-    sdq = SDQ(search_epochs=1, teacher="not_a_model_xyz")
+def test_unknown_teacher_name():
     with pytest.raises(ValueError, match="'not_a_model_xyz' is neither a file nor a timm model"):
-        make_trainer(max_epochs=2, callbacks=[sdq]).fit(SDQClassifier("digits_cnn", in_chans=1), digits.train())
+        SDQ(search_epochs=1, teacher="not_a_model_xyz")
+
+
+def test_offline_timm_teacher_fails_at_once_with_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        SDQ(search_epochs=1, teacher="resnet101")
+    assert time.perf_counter() - start < 5
+    assert str(info.value) == ("teacher 'resnet101' needs timm's pretrained weights, but they are not in the local "
+                               "cache and HF_HUB_OFFLINE is set; pass a teacher checkpoint path (or an nn.Module), "
+                               "or run once online to cache the weights")
+
+
+def test_timm_teacher_without_pretrained_weights():
+    with pytest.raises(ValueError, match="teacher 'resnet20' needs timm's pretrained weights, but timm has no "
+                                         "pretrained weights for it;"):
+        SDQ(search_epochs=1, teacher="resnet20")
 
 
 def test_missing_plan_file(tmp_path):

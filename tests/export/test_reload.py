@@ -145,3 +145,23 @@ def test_reload_of_a_checkpoint_saved_before_the_quantizer_named_its_candidates(
     torch.save(state, tmp_path / "old.ckpt")
     with torch.no_grad():
         assert torch.equal(sq.load_quantized(LitNet, tmp_path / "old.ckpt")(x), ref)
+
+
+def test_sdq_export_on_the_users_own_checkpoint_points_to_load_quantized(trained, tmp_path, capsys):
+    from sdq_lightning.cli.export import main
+
+    ckpt, _, _ = trained
+    assert main([str(ckpt), "--out", str(tmp_path / "out")]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"sdq-export: error: {ckpt} is not from an sdq-train run")
+    assert "sdq_lightning.load_quantized(YourModule, path)" in lines[0] and "export_model" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_garbage_checkpoint_is_refused_without_unsafe_advice(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x80junk")  # a truncated download
+    with pytest.raises(ValueError) as err:
+        sq.load_quantized(LitNet, bad)
+    assert str(err.value).startswith(f"{bad} is not a PyTorch checkpoint (")
+    assert "weights_only" not in str(err.value)

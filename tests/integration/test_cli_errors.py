@@ -48,6 +48,20 @@ PRECHECK_CASES = {
     "missing_init_checkpoint": (["experiment=digits_demo", "model.init_checkpoint=/no/such.pt"],
                                 "model.init_checkpoint file not found: /no/such.pt"),
     "unknown_dataset_name": (["dataset=custom", "dataset.name=nope"], "unknown dataset.name='nope'; registered: "),
+    # Hydra's own advice for a new key ('+key=...') made a Trainer TypeError inside the run
+    "misspelled_trainer_argument": (["experiment=digits_demo", "+trainer.max_epoch=2"],
+                                    "trainer.max_epoch is not a lightning.Trainer argument; did you mean "
+                                    "trainer.max_epochs?"),
+    "unbounded_epochs": (["experiment=digits_demo", "trainer.max_epochs=-1"],
+                         "trainer.max_epochs=-1 must be a whole number of epochs >= 1"),
+    "fp_teacher_without_epochs": (["experiment=digits_demo", "fp_teacher.epochs=0"],
+                                  "fp_teacher.epochs=0 must be a whole number of epochs >= 1"),
+    "weight_bits_not_a_list": (["experiment=digits_demo", "hardware.weight_bits=4"],
+                               "hardware.weight_bits=4 must be a list of candidate bitwidths in 1..8: "
+                               "hardware.weight_bits=[4] for uniform quantization"),
+    "timm_teacher_without_weights": (["experiment=digits_demo", "sdq.teacher=resnet20"],
+                                     "teacher 'resnet20' needs timm's pretrained weights, but timm has no "
+                                     "pretrained weights for it"),
 }
 
 
@@ -64,6 +78,56 @@ def test_bad_command_line_in_process(case, tmp_path, monkeypatch, capsys):
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+def _main_fails_with(args: list[str], tmp_path, monkeypatch, capsys) -> str:
+    from sdq_lightning.cli.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDQ_OUTPUT_DIR", str(tmp_path / "outputs"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert not (tmp_path / "outputs").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("content", ["pickle", "text"])
+def test_unreadable_init_checkpoint_never_suggests_unsafe_loading(content, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import torch
+
+    bad = tmp_path / "ckpts" / "model.ckpt"
+    bad.parent.mkdir()
+    if content == "pickle":  # a pickle with an object torch does not load safely
+        torch.save({"state_dict": argparse.Namespace(a=1)}, bad)
+    else:
+        bad.write_text("<html>not a checkpoint</html>")
+    line = _main_fails_with(["experiment=digits_demo", f"model.init_checkpoint={bad}"], tmp_path, monkeypatch,
+                            capsys)
+    assert "weights_only" not in line and "trust" not in line
+    expected = ("holds Python objects besides tensors (argparse.Namespace)" if content == "pickle" else
+                "is not a PyTorch checkpoint (UnpicklingError")
+    assert line.startswith(f"error: model.init_checkpoint: {bad} ") and expected in line, line
+
+
+def test_offline_timm_teacher_fails_fast(tmp_path, monkeypatch, capsys):
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    run = tmp_path / "run"
+    run.mkdir()
+    start = time.perf_counter()
+    line = _main_fails_with(["experiment=digits_demo", "sdq.teacher=resnet101"], run, monkeypatch, capsys)
+    assert time.perf_counter() - start < 30
+    assert line.startswith("error: sdq: teacher 'resnet101' needs timm's pretrained weights, but they are not in "
+                           "the local cache and HF_HUB_OFFLINE is set;"), line
 
 
 def test_missing_cifar10_offline(tmp_path):

@@ -10,9 +10,12 @@ which of these to pass.
 from __future__ import annotations
 
 import importlib
+import os
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -45,9 +48,9 @@ def _read(path: Path) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001
-            raise ValueError(f"teacher checkpoint {path} cannot be read with torch.load(weights_only=True) "
-                             f"({type(err).__name__}); load the module yourself and pass it: "
-                             f"SDQ(teacher=YourModule.load_from_checkpoint(...))") from None
+            from sdq_lightning.checkpoint import unreadable
+
+            raise ValueError(f"teacher checkpoint: {unreadable(path, err)}") from None
 
 
 def _hparams(ckpt: Any) -> Mapping[str, Any]:
@@ -66,15 +69,57 @@ def _what_to_pass(path: Path, ckpt: Any) -> str:
             f"name> if the weights are a timm model's")
 
 
-def check_teacher_file(teacher: str | Path, arch: str | None = None, teacher_cls: TeacherCls | None = None) -> None:
-    """Fail early (e.g. in ``SDQ.__init__``) with one line when a teacher checkpoint cannot be rebuilt.
+def _pretrained_unavailable(name: str, timeout: float = 3.0) -> str | None:
+    """Why timm cannot get the pretrained weights of ``name`` now (None: cached, or the download host answers)."""
+    from timm.models import get_pretrained_cfg
 
-    Reads the checkpoint (memory-mapped where possible). Does nothing for names that are not existing files.
-    """
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        return "timm has no pretrained weights for it"
+    if cfg.file and Path(cfg.file).is_file():
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = cfg.hf_hub_id.split("@")[0]
+        if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+            return None
+        host = "huggingface.co"
+    else:
+        if (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name).is_file():
+            return None
+        host = urlparse(cfg.url).hostname or "the download host"
+    if cfg.hf_hub_id and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "they are not in the local cache and HF_HUB_OFFLINE is set"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"they are not in the local cache and {host} cannot be reached ({type(err).__name__})"
+
+
+def check_teacher_name(name: str) -> None:
+    """Fail fast with one line when ``name`` is no timm model or its pretrained weights cannot be had (offline and
+    not cached), instead of timm's download retries."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"teacher must be an nn.Module, an existing checkpoint file or a timm model name; "
+                         f"{name!r} is neither a file nor a timm model")
+    why = _pretrained_unavailable(name)
+    if why is not None:
+        raise ValueError(f"teacher {name!r} needs timm's pretrained weights, but {why}; pass a teacher checkpoint "
+                         "path (or an nn.Module), or run once online to cache the weights")
+
+
+def check_teacher_file(teacher: str | Path, arch: str | None = None, teacher_cls: TeacherCls | None = None) -> None:
+    """Fail early (e.g. in ``SDQ.__init__``) with one line when a teacher cannot be had: a checkpoint that cannot be
+    rebuilt (read memory-mapped where possible), a missing file, or a timm name without reachable weights."""
     path = Path(teacher)
     if not path.is_file():
         if path.suffix in CHECKPOINT_SUFFIXES:
             raise FileNotFoundError(f"teacher checkpoint {teacher} does not exist")
+        check_teacher_name(str(teacher))
         return
     if teacher_cls is not None:
         if isinstance(teacher_cls, str):
@@ -155,9 +200,7 @@ def load_teacher(teacher: nn.Module | str | Path, num_classes: int | None = None
     elif isinstance(teacher, (str, Path)) and Path(teacher).suffix in CHECKPOINT_SUFFIXES:
         raise FileNotFoundError(f"teacher checkpoint {teacher} does not exist")
     elif isinstance(teacher, str):
-        if not timm.is_model(teacher):
-            raise ValueError(f"teacher must be an nn.Module, an existing checkpoint file or a timm model name; "
-                             f"{teacher!r} is neither a file nor a timm model")
+        check_teacher_name(teacher)
         try:
             model = timm.create_model(teacher, pretrained=True, num_classes=num_classes)
         except Exception as err:  # noqa: BLE001 - network or missing weights

@@ -25,7 +25,12 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sdq-export", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Export an SDQ training run of the app (or a checkpoint inside one): bit-packed "
-                            "checkpoint, QDQ ONNX model and capability report, plus plan.yaml and export.json.",
+                            "checkpoint, ONNX model (default form int8: the trained integer codes in int8/uint8, "
+                            "run with ConvInteger/MatMulInteger in onnxruntime; --onnx-form qdq: "
+                            "QuantizeLinear/DequantizeLinear at the true bitwidths) checked in onnxruntime, and "
+                            "capability report, plus plan.yaml and export.json. A checkpoint of your own "
+                            "LightningModule: sdq_lightning.load_quantized and sdq_lightning.export.export_model "
+                            "(docs/export.md).",
                 epilog=f"formats: {export_format_help()}\n\nExample: sdq-export outputs/runs/digits_demo/<run> "
                        f"--out exported/")
     p.add_argument("source", help="run folder written by sdq-train (checkpoints/last.ckpt, config.yaml, plan.yaml; "

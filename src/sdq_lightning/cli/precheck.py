@@ -54,11 +54,15 @@ def check_config(cfg: DictConfig) -> None:
     backbone = cfg.model.backbone
     if isinstance(backbone, str) and not timm.is_model(backbone):
         raise UserError(f"unknown model '{backbone}': not a timm model name (list them with timm.list_models())")
+    _check_trainer(cfg)
     hw = cfg.hardware
     try:
         validate_activation_bits(hw.activation_bits, "hardware.activation_bits")
     except ValueError as err:
         raise UserError(str(err)) from None
+    if not OmegaConf.is_list(hw.weight_bits):
+        raise UserError(f"hardware.weight_bits={hw.weight_bits} must be a list of candidate bitwidths in 1..8: "
+                        f"hardware.weight_bits=[{hw.weight_bits}] for uniform quantization, [2,4,8] to search")
     weight_bits = validate_candidates(list(hw.weight_bits), "hardware.weight_bits")
     budget = Budget(metric=hw.metric, target=hw.target)
     searching = len(weight_bits) > 1 and not cfg.phase.get("plan")
@@ -70,12 +74,40 @@ def check_config(cfg: DictConfig) -> None:
     init = cfg.model.get("init_checkpoint")
     if init and not Path(str(init)).is_file():
         raise FileNotFoundError(f"model.init_checkpoint file not found: {init} (a .pt state dict or a .ckpt)")
+    if init:
+        from sdq_lightning.checkpoint import load_checkpoint
+
+        try:
+            load_checkpoint(str(init))
+        except ValueError as err:
+            raise UserError(f"model.init_checkpoint: {err}") from None
     if cfg.sdq.enabled:
         _check_schedule(cfg, searching)
         _check_sdq_arguments(cfg)
     _check_data(cfg)
     if cfg.sdq.enabled:
         _check_quantizable(cfg, weight_bits, budget, searching)
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    """Every ``trainer.*`` key must be a ``lightning.Trainer`` argument, and the run a whole number of epochs (the
+    learning-rate schedule, the FP teacher and the search are laid out over them)."""
+    import difflib
+    import inspect
+
+    import lightning
+
+    allowed = [n for n in inspect.signature(lightning.Trainer.__init__).parameters if n != "self"]
+    for key in cfg.trainer:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean trainer.{close[0]}?" if close else "see the arguments of lightning.Trainer"
+            raise UserError(f"trainer.{key} is not a lightning.Trainer argument; {hint}")
+    for key, value in (("trainer.max_epochs", cfg.trainer.get("max_epochs")),
+                       ("fp_teacher.epochs", cfg.fp_teacher.epochs if cfg.fp_teacher.enabled else 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{key}={value} must be a whole number of epochs >= 1 (the learning-rate schedule and "
+                            "the search are laid out over them); bound a run by time with trainer.max_time=DD:HH:MM:SS")
 
 
 def _check_schedule(cfg: DictConfig, searching: bool) -> None:

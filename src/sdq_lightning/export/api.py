@@ -252,6 +252,11 @@ def load_run_model(run: str | Path) -> tuple[nn.Module, BitPlan, dict[str, Any]]
     base = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     cfg, cfg_path = _run_config(base)
     ckpt = load_checkpoint(ckpt_path)
+    if cfg_path is None and "backbone" not in (ckpt.get("hyper_parameters") or {}):
+        raise ValueError(f"{ckpt_path} is not from an sdq-train run (no config.yaml beside it, not an SDQClassifier "
+                         "checkpoint): sdq-export rebuilds the app's models only; export your own LightningModule "
+                         "in Python: lit = sdq_lightning.load_quantized(YourModule, path), then "
+                         "sdq_lightning.export.export_model(<its network>, out_dir, example_input=x) (docs/export.md)")
     plan = plan_from_checkpoint(ckpt)
     if plan is None:
         plan_path = next((d / "plan.yaml" for d in (base, base.parent) if (d / "plan.yaml").is_file()), None)

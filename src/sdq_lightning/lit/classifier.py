@@ -57,7 +57,9 @@ class SDQClassifier(pl.LightningModule):
         self.test_acc5 = MulticlassAccuracy(**metric, top_k=min(5, num_classes))
 
     def load_backbone(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from sdq_lightning.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)
         state = state.get("state_dict", state)
         if any(k.startswith("model.") for k in state):
             state = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
