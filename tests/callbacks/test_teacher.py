@@ -149,7 +149,8 @@ def test_missing_checkpoint_file(tmp_path) -> None:
         load_teacher(str(missing))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         check_teacher_file(str(missing))
-    check_teacher_file("resnet18")  # a timm name: not a file, nothing to check
+    with pytest.raises(ValueError, match="'nope_net' is neither a file nor a timm model"):
+        check_teacher_file("nope_net")  # not a file: checked as a timm name
 
 
 def test_module_is_returned_frozen() -> None:
