@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["EXACT_F32", "add_f32", "conv_multiplier", "conv_sum", "exact_in_f32", "fma_f32", "gap_codes", "gemm_logits", "linear_sum", "qlinear_add",
-           "quantize_input", "requantize"]
+__all__ = ["EXACT_F32", "add_bias", "add_f32", "conv_multiplier", "conv_sum", "exact_in_f32", "fma_f32", "gap_codes",
+           "gemm_logits", "linear_sum", "qlinear_add", "qlinear_add_table", "quantize_input", "requantize"]
 
 EXACT_F32 = 2**24  # float32 holds every integer of magnitude up to 2^24 exactly
 
@@ -74,16 +74,25 @@ def _sum_dtype(x_max: float, w: Tensor) -> torch.dtype:
 
 
 def conv_sum(xq: Tensor, wq: Tensor, x_max: float, stride, padding, dilation, groups: int) -> Tensor:
-    """The exact int32 accumulator of ``QLinearConv`` (centred input codes, zero padding = the zero point), as a
-    float64 tensor."""
+    """The exact int32 accumulator of ``QLinearConv`` (centred input codes, zero padding = the zero point): float32
+    where that is exact (:func:`exact_in_f32`), else float64."""
     dt = _sum_dtype(x_max, wq)
-    return F.conv2d(xq.detach().to(dt), wq.detach().to(dt), None, stride, padding, dilation, groups).double()
+    return F.conv2d(xq.detach().to(dt), wq.detach().to(dt), None, stride, padding, dilation, groups)
 
 
 def linear_sum(xq: Tensor, wq: Tensor, x_max: float) -> Tensor:
-    """The exact int32 accumulator of ``QGemm`` (centred input codes), as a float64 tensor."""
+    """The exact int32 accumulator of ``QGemm`` (centred input codes): float32 where exact, else float64."""
     dt = _sum_dtype(x_max, wq)
-    return F.linear(xq.detach().to(dt), wq.detach().to(dt)).double()
+    return F.linear(xq.detach().to(dt), wq.detach().to(dt))
+
+
+def add_bias(acc: Tensor, bias: Tensor) -> Tensor:
+    """``acc + bias`` (int32 accumulator and bias, as floats) where ``fp32()`` of the result is ``fp32(exact sum)``:
+    one float32 addition when both are exact float32 integers (the sum is then rounded once, as ``int32 -> fp32``
+    rounds), else float64 (exact up to 2^53)."""
+    if acc.dtype == torch.float32 and (bias.numel() == 0 or float(bias.abs().max()) <= EXACT_F32):
+        return acc + bias.float()
+    return acc.double() + bias.double()
 
 
 def requantize(acc: Tensor, mult: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
@@ -126,3 +135,10 @@ def gap_codes(a: Tensor, s_in: Tensor, z_in: int, s_out: Tensor, z_out: int, lo:
     acc = a.double().sum((-2, -1), keepdim=True) - float(z_in * n)
     scale = s_in.float() / (s_out.float() * torch.tensor(float(n), dtype=torch.float32, device=a.device))
     return torch.clamp(torch.round(acc.float() * scale) + z_out, 0, 255).clamp(lo, hi)
+
+
+def qlinear_add_table(s_a: Tensor, za: int, s_b: Tensor, zb: int, s_c: Tensor, zc: int, lo: int, hi: int) -> Tensor:
+    """:func:`qlinear_add` of every pair of uint8 codes, as a flat table indexed by ``256 * a + b`` (float32)."""
+    grid = torch.arange(256, dtype=torch.float64, device=s_a.device)
+    a, b = grid.repeat_interleave(256), grid.repeat(256)
+    return qlinear_add(a, b, s_a, za, s_b, zb, s_c, zc, lo, hi).float()

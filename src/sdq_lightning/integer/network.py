@@ -16,6 +16,7 @@ subtracted) with its step, so a layer's real value is ``step * codes``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
@@ -244,20 +245,23 @@ class _Runner:
     def step(self, aq: ActQuantizer, qp: int, per_sample: int) -> Tensor:
         return grad_scale(aq.step, lsq_grad_factor(per_sample, qp)) if self.grad else aq.step.detach()
 
-    def out_range(self, tensor: str, real: Tensor) -> tuple[Tensor, int, int, int]:
-        """The step (LSQ gradient scale applied) and range of a tensor whose value is ``real``: its quantizer is
-        initialised from ``real`` at the first training-mode forward; before that an eval-mode pass uses the step
-        ``real`` would give, and stores nothing (as :class:`~sdq_lightning.quantizers.ActQuantizer`)."""
+    def out_range(self, tensor: str, real: Callable[[], Tensor], per_sample: int) -> tuple[Tensor, int, int, int]:
+        """The step (LSQ gradient scale applied) and range of a tensor whose real value is ``real()`` (computed
+        only when needed): its quantizer is initialised from that value at the first training-mode forward; before
+        that an eval-mode pass uses the step the value would give, and stores nothing (as
+        :class:`~sdq_lightning.quantizers.ActQuantizer`)."""
         aq = self.quantizer(tensor)
+        value = None
         if not aq._initialized and aq.training:
-            aq.initialize(real.detach())
+            value = real().detach()
+            aq.initialize(value)
         t = self.state.graph.tensors[tensor]
         if tensor == "input":  # the input keeps the sign its data has
-            t.signed = aq._signed if aq._initialized else bool((real < 0).any())
+            t.signed = aq._signed if aq._initialized else bool((real() < 0).any())
         zp, lo, hi = _range(aq, t.signed)
-        per_sample = real[0].numel()
         if not aq._initialized:
-            return (2.0 * real.detach().abs().mean().float() / hi**0.5).clamp_min(1e-8), zp, lo, hi
+            value = real().detach() if value is None else value
+            return (2.0 * value.abs().mean().float() / hi**0.5).clamp_min(1e-8), zp, lo, hi
         return self.step(aq, hi, per_sample), zp, lo, hi
 
     def emit(self, tensor: str, val: _Val) -> None:
@@ -273,10 +277,25 @@ class _Runner:
         raise ValueError("integer-only: the graph has no classifier")
 
     def _quantize(self, op: Op, x: Tensor) -> None:
-        s, zp, lo, hi = self.out_range(op.output, x)
+        s, zp, lo, hi = self.out_range(op.output, lambda: x, x[0].numel())
         v = x.float() / s
         exact = arith.quantize_input(x.detach(), s.detach(), lo, hi)
         self.emit(op.output, _Val(_ste(exact, v if self.grad else None, (v > lo) & (v < hi)), s, zp, lo, hi))
+
+    @staticmethod
+    def _act_bounds(op: Op, step: Tensor, zp: int, lo: int, hi: int) -> tuple[int, Tensor | int]:
+        """The centred code range after the fused activation: ReLU clips at the zero point, ReLU6 also at
+        ``round(6 / s)`` codes above it."""
+        if op.act is None:
+            return lo, hi
+        top: Tensor | int = hi
+        if op.act == "relu6":
+            top = torch.clamp(torch.round(6.0 / step.detach().double()) - zp, max=hi)
+        return max(lo, -zp), top
+
+    @staticmethod
+    def _activated(op: Op, real: Tensor) -> Tensor:
+        return real if op.act is None else real.clamp(0, 6 if op.act == "relu6" else None)
 
     def _conv(self, op: Op, x: _Val) -> None:
         layer = self.net.get_submodule(op.name)
@@ -285,20 +304,14 @@ class _Runner:
         a = op.attrs
         conv = (a["stride"], a["padding"], a["dilation"], a["groups"])
         y = F.conv2d(x.q, wq, None, *conv) if self.grad else None  # the gradient path (exact where f32 is)
-        acc = y.detach().double() if y is not None and arith.exact_in_f32(x.qmax, codes) else \
+        acc = y.detach() if y is not None and arith.exact_in_f32(x.qmax, codes) else \
             arith.conv_sum(x.q, codes, x.qmax, *conv)
         unit = x.step * s_w  # one accumulator unit, per channel
         b_exact = torch.zeros_like(s_w) if b is None else _int_bias(op.name, b.detach().float(), unit.detach())
-        pre = acc + b_exact.double().view(1, -1, 1, 1)
-        real = pre.float() * unit.detach().view(1, -1, 1, 1)
-        if op.act is not None:
-            real = real.clamp(0, 6 if op.act == "relu6" else None)
-        s_y, zp, lo, hi = self.out_range(op.output, real)
-        top: Tensor | int = hi
-        if op.act is not None:
-            lo = max(lo, -zp)
-            if op.act == "relu6":
-                top = torch.clamp(torch.round(6.0 / s_y.detach().double()) - zp, max=hi)
+        pre = arith.add_bias(acc, b_exact.view(1, -1, 1, 1))
+        s_y, zp, lo, hi = self.out_range(
+            op.output, lambda: self._activated(op, pre.float() * unit.detach().view(1, -1, 1, 1)), acc[0].numel())
+        lo, top = self._act_bounds(op, s_y, zp, lo, hi)
         mult = arith.conv_multiplier(x.step.detach(), s_w.detach(), s_y.detach()).view(1, -1, 1, 1)
         exact = arith.requantize(pre, mult, lo, top)
         if y is None:
@@ -310,22 +323,21 @@ class _Runner:
 
     def _add(self, op: Op, a: _Val) -> None:
         b = self.vals[op.inputs[1]]
-        real = a.q.detach() * a.step.detach() + b.q.detach() * b.step.detach()
-        if op.act is not None:
-            real = real.clamp(0, 6 if op.act == "relu6" else None)
-        s_c, zp, lo, hi = self.out_range(op.output, real)
-        if op.act is not None:
-            lo = max(lo, -zp)
-            if op.act == "relu6":
-                hi = min(hi, int(torch.round(6.0 / s_c.detach().double())) - zp)
-        codes = arith.qlinear_add(a.q.detach().double() + a.zp, b.q.detach().double() + b.zp, a.step.detach(),
-                                  a.zp, b.step.detach(), b.zp, s_c.detach(), zp, lo + zp, hi + zp)
+        s_c, zp, lo, hi = self.out_range(
+            op.output, lambda: self._activated(op, a.q.detach() * a.step.detach() + b.q.detach() * b.step.detach()),
+            a.q[0].numel())
+        lo, top = self._act_bounds(op, s_c, zp, lo, hi)
+        # the output depends on the two uint8 codes only: the exact kernel over all 65536 pairs, then a lookup
+        table = arith.qlinear_add_table(a.step.detach(), a.zp, b.step.detach(), b.zp, s_c.detach(), zp,
+                                        lo + zp, int(top) + zp)
+        index = ((a.q.detach() + a.zp) * 256 + (b.q.detach() + b.zp)).long()
+        codes = torch.take(table, index)
         v = (a.q * a.step + b.q * b.step) / s_c if self.grad else None
-        self.emit(op.output, _Val(_ste(codes - zp, v, None if v is None else (v > lo) & (v < hi)), s_c, zp, lo, hi))
+        self.emit(op.output, _Val(_ste(codes - zp, v, None if v is None else (v > lo) & (v < top)), s_c, zp, lo, hi))
 
     def _gap(self, op: Op, x: _Val) -> None:
-        real = x.q.detach().mean((-2, -1), keepdim=True) * x.step.detach()
-        s, zp, lo, hi = self.out_range(op.output, real)
+        s, zp, lo, hi = self.out_range(op.output, lambda: x.q.detach().mean((-2, -1), keepdim=True) * x.step.detach(),
+                                       x.q.shape[1])
         codes = arith.gap_codes(x.q.detach().double() + x.zp, x.step.detach(), x.zp, s.detach(), zp, lo + zp,
                                 hi + zp)
         n = x.q.shape[-2] * x.q.shape[-1]
@@ -344,12 +356,12 @@ class _Runner:
         layer = self.net.get_submodule(op.name)
         wq, codes, s_w = _weight_codes(layer, layer.weight.float(), self.grad)
         y = F.linear(x.q, wq) if self.grad else None
-        acc = y.detach().double() if y is not None and arith.exact_in_f32(x.qmax, codes) else \
+        acc = y.detach() if y is not None and arith.exact_in_f32(x.qmax, codes) else \
             arith.linear_sum(x.q, codes, x.qmax)
         unit = x.step * s_w
         b = layer.bias
         b_exact = None if b is None else _int_bias(op.name, b.detach().float(), unit.detach())
-        logits = arith.gemm_logits(acc if b_exact is None else acc + b_exact.double(), x.step.detach(),
+        logits = arith.gemm_logits(acc if b_exact is None else arith.add_bias(acc, b_exact), x.step.detach(),
                                    s_w.detach())
         if y is None:
             return logits
