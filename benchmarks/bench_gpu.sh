@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU step-time benchmark (issue 14), one device call, under 3 minutes: ResNet20 fp / search / frozen, bf16
+# GPU step-time benchmark, under 3 minutes: ResNet20 fp / search / frozen, bf16
 # autocast, eager model and whole-model torch.compile, batch 128 and 512; CUDA-synchronised medians of interleaved
 # repeats. Writes $OUT/bench_step_b128.md and $OUT/bench_step_b512.md (or benchmarks/results/gpu/ without $OUT).
-# Device call: run(command="bash benchmarks/bench_gpu.sh", timeout_s=240)
+# On a GPU machine with the package installed (make install): bash benchmarks/bench_gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-python3}"

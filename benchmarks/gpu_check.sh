@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, one device call (about 4 minutes on an H100/H200): what a GPU session checks first.
+# What to check first on a GPU machine (about 4 minutes on an H100/H200).
 #   1. the `gpu`-marked tests (search and frozen training steps under torch.cuda.set_sync_debug_mode("error"));
 #   2. benchmarks/bench_step.py at batch 128, bf16 autocast: fp / search / frozen, eager model, then the whole
 #      model under torch.compile(fullgraph=True) in the modes of COMPILE_MODES (default "default,reduce-overhead";
@@ -7,8 +7,8 @@
 #   3. the Hydra app (experiment=cifar10_resnet20: KD from the FP checkpoint + EBR, on-device data, 4096-image
 #      subset, 1 search epoch + 1 frozen epoch) with two SyncAudit windows (search, frozen): every host-device
 #      synchronisation of the app's training step, by call site (APP_AUDIT=0 skips it).
-# Before the call, HERE: bash experiments/gpu_wheels.sh && bash experiments/gpu_pack_data.sh
-# Device call: run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".data"], timeout_s=330)
+# On a GPU machine with the package installed (make install) and CIFAR-10:
+#   CIFAR10_ROOT=/path/to/cifar10 bash benchmarks/gpu_check.sh
 # Writes into $OUT (or benchmarks/results/gpu/): gpu_check.log, bench_step.md, bench_step.json, sync_search.json,
 # sync_frozen.json.
 set -uo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, one device call (at most about 8 minutes on an H100/H200: 150 + 170 + 2 x 75 s of timeouts): CUDA
+# At most about 8 minutes on an H100/H200 (150 + 170 + 2 x 75 s of timeouts): CUDA
 # graphs for the quantized training step (sdq_lightning.modules.graphs.GraphedNetwork, what SDQ(compile=
 # "cuda-graphs") / sdq.compile=cuda-graphs runs), with the batched weight pass (SDQ(batched=True), the default).
 #   1. the `gpu` tests: no host sync in eager and graphed search/frozen steps (per-layer and batched weights),
@@ -11,8 +11,8 @@
 #   3. the Hydra app, FP and then SDQ with sdq.compile=cuda-graphs (experiment=cifar10_resnet20: KD + EBR, on-device
 #      data, an 8192-image subset, batch 256; FP 2 epochs, SDQ 1 search + 1 frozen epoch), in the same call so that
 #      their images/s compare: fp_app_metrics.json and app_metrics.json.
-# Before the call, HERE: bash experiments/gpu_wheels.sh && bash experiments/gpu_pack_data.sh
-# Device call: run(command="bash benchmarks/gpu_graphs_check.sh", carry=[".whl", ".data"], timeout_s=500)
+# On a GPU machine with the package installed (make install) and CIFAR-10:
+#   CIFAR10_ROOT=/path/to/cifar10 bash benchmarks/gpu_graphs_check.sh
 # Writes into $OUT (or benchmarks/results/gpu_graphs/): log.txt, bench_step.md, bench_step.json, fp_app_metrics.json,
 # app_metrics.json.
 set -uo pipefail

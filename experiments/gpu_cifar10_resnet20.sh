@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6, item 3: the paper's CIFAR-10 row on one GPU inside ONE device call (at most ~8.5 minutes wall):
+# The paper's CIFAR-10 row on one GPU in a fixed wall-time budget (TOTAL_S, default 510 s):
 # ResNet-20, weights searched in 1..8 bits under avg_bits <= 1.93, FP activations, FP teacher + KD, EBR.
 #   1. FP ResNet-20 (one-cycle, lr 0.2)                          guard trainer.max_time=FP_MAX_TIME (2:30)
 #   2. SDQ from the FP weights, KD from the FP model, EBR 0.1      guard trainer.max_time=SDQ_MAX_TIME (4:15)
@@ -7,16 +7,17 @@
 # (dataset.on_device=true: batched crop/flip/normalise there). Prints images/s and accuracy of both runs and copies
 # metrics.json, plan.yaml and report.md of each, summary.json and log.txt into $OUT (8 files).
 #
-# Before the device call, HERE: bash experiments/gpu_wheels.sh && bash experiments/gpu_pack_data.sh
-# Device call (see experiments/README.md): command "bash experiments/gpu_cifar10_resnet20.sh",
-#   carry [".whl", ".data"], timeout_s 570.
+# On your GPU machine: clone the repository, `make install` (or `pip install -e '.[sweep]'`: torch, Lightning,
+# timm, Hydra), get CIFAR-10 (an ImageFolder tree train/<class>/*, test/<class>/*, or torchvision's binary
+# release) and run from the repository root:
+#   CIFAR10_ROOT=/path/to/cifar10 bash experiments/gpu_cifar10_resnet20.sh
+# A machine without internet: Hydra's wheels in .whl/ (experiments/gpu_wheels.sh) and the data as
+# .data/cifar10.tar.gz (experiments/gpu_pack_data.sh), both made on a machine that has them, are used when present.
 #
-# Expected on an H100 (estimate, not yet measured; the first device run calibrates it): FP ~4 s/epoch
-# (about 390 steps of ~8 ms, launch-bound) -> FP_EPOCHS=30 in ~2 min; SDQ search/train steps ~3x FP ->
-# SDQ_EPOCHS=18 (SEARCH_EPOCHS=6) in ~3.5-4 min. The cosine/one-cycle schedules are set from the epoch counts, so
-# max_time is only a guard: if it stops a run early, its summary says so (epochs < planned) and the next call
-# should lower the epochs. Env overrides: FP_EPOCHS SDQ_EPOCHS SEARCH_EPOCHS FP_MAX_TIME SDQ_MAX_TIME BATCH FP_LR
-# SDQ_LR TOTAL_S CIFAR10_ROOT PY WORK.
+# Measured on an H200 (docs/RESULTS.md section 17): FP 4.5 s/epoch, SDQ about 35 s per search epoch and 16 s per
+# frozen epoch. The cosine/one-cycle schedules are set from the epoch counts, so max_time is only a guard: if it
+# stops a run early, its summary says so (epochs < planned); lower the epochs then. Env overrides: FP_EPOCHS
+# SDQ_EPOCHS SEARCH_EPOCHS FP_MAX_TIME SDQ_MAX_TIME BATCH FP_LR SDQ_LR TOTAL_S CIFAR10_ROOT PY WORK OUT.
 #
 # SDQ_GPU_PROTOCOL_CPU_SMOKE=1: the same commands on the CPU with tiny limits (trainer=cpu, fp32, subset=256,
 # batch 32, FP 1 epoch, SDQ 1 search epoch (freezes the plan) + 1 train epoch): the test tests/integration/test_gpu_protocol.py runs it.
@@ -35,7 +36,7 @@ echo "=== gpu_cifar10_resnet20 $(date -u +%FT%TZ) smoke=$SMOKE work=$WORK out=$O
 # --- Python packages: the GPU image has torch/lightning/timm, not Hydra (wheels from experiments/gpu_wheels.sh).
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
-  compgen -G ".whl/*.whl" >/dev/null || { echo "error: Hydra is missing and .whl/ is empty: run experiments/gpu_wheels.sh here and carry .whl" >&2; exit 2; }
+  compgen -G ".whl/*.whl" >/dev/null || { echo "error: Hydra is missing and .whl/ is empty: install Hydra (make install) or put its wheels in .whl/ (experiments/gpu_wheels.sh)" >&2; exit 2; }
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
@@ -49,7 +50,7 @@ if [[ -z "$ROOT" ]]; then
   elif [[ -f .data/cifar10.tar.gz ]]; then
     mkdir -p /tmp/sdq_data && tar -xzf .data/cifar10.tar.gz -C /tmp/sdq_data || exit 2
     ROOT=/tmp/sdq_data/cifar10
-  else echo "error: no data: set CIFAR10_ROOT or run experiments/gpu_pack_data.sh here and carry .data" >&2; exit 2; fi
+  else echo "error: no data: set CIFAR10_ROOT=/path/to/cifar10 (or put .data/cifar10.tar.gz from experiments/gpu_pack_data.sh)" >&2; exit 2; fi
 fi
 echo "data: $ROOT after $((SECONDS - T0)) s"
 

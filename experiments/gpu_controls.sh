@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13 on one GPU, ONE device call: the search against its controls with a longer schedule than the CPU allows.
+# The search against its controls on one GPU, with a longer schedule than a CPU allows.
 # Rows (experiments/cifar10_compare.sh, all without KD, FP activations, avg_bits <= 2.0, from
 # checkpoints/resnet20_cifar10_fp.pt, the full training set): sdq_nokd budget_only projection_only random uniform2,
 # seeds SEEDS (default "0 1"), EPOCHS (default 6) with SEARCH (default 3) search epochs (the CPU table: 4 and 2),
@@ -7,10 +7,12 @@
 # and all run AT ONCE (16 cores decode the data in parallel; the GPU interleaves the graphed steps); each stops
 # training at MAX_TIME (default 00:00:07:00, then tests: its metrics.json says how many epochs it ran) and is killed
 # after RUN_TIMEOUT seconds (default 480).
-# Before the call, HERE: bash experiments/gpu_wheels.sh && bash experiments/gpu_pack_data.sh
-# Device call: run(command="bash experiments/gpu_controls.sh", carry=[".whl", ".data"], timeout_s=540)
+# On your GPU machine: clone the repository, `make install` (or `pip install -e '.[sweep]'`: torch, Lightning,
+# timm, Hydra), get CIFAR-10 (an ImageFolder tree train/<class>/*, test/<class>/*, or torchvision's binary
+# release) and run from the repository root:
+#   CIFAR10_ROOT=/path/to/cifar10 bash experiments/gpu_controls.sh      (each run stops training at MAX_TIME)
 # $OUT gets log.txt and runs.tar.gz (one log per run and, per run, metrics.json, history.json and plan.yaml under
-# runs/c10cmp_<row>_<tag>/<run>/): then, here, unpack it and python experiments/controls_table.py runs/c10cmp_*
+# runs/c10cmp_<row>_<tag>/<run>/): unpack it and run python experiments/controls_table.py runs/c10cmp_*
 # SDQ_GPU_CONTROLS_CPU_SMOKE=1: the same on the CPU with a 256-image subset, 2 epochs (1 search), batch 32.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +25,7 @@ if [[ -z "${PY:-}" ]]; then PY=python3; [[ -x .venv/bin/python ]] && PY=.venv/bi
 export OMP_NUM_THREADS=1 PY
 source experiments/gpu_env.sh
 ROOT="$(gpu_data_root)"
-[[ -n "$ROOT" ]] || { echo "error: no data: set CIFAR10_ROOT or carry .data (experiments/gpu_pack_data.sh)" >&2; exit 2; }
+[[ -n "$ROOT" ]] || { echo "error: no data: set CIFAR10_ROOT=/path/to/cifar10 (or put .data/cifar10.tar.gz from experiments/gpu_pack_data.sh)" >&2; exit 2; }
 export CIFAR10_ROOT="$ROOT"
 if [[ "$SMOKE" == 1 ]]; then
   knobs=(EPOCHS=2 SEARCH=1 BATCH=32 LR=0.02 TRAINER=cpu ON_DEVICE=false COMPILE=null WORKERS=0 SUBSET=256)
@@ -60,6 +62,6 @@ for top in outputs/runs/c10cmp_*_"$TAG"*; do
 done
 for f in "$OUT_DIR"/*_s*.log; do echo "--- $(basename "$f"): $(grep -E 'test/acc|froze the plan|error' "$f" | tail -3)"; done
 "$PY" experiments/controls_table.py "$OUT_DIR"/runs/c10cmp_* 2>&1 | tail -30
-# a device call returns a few files, not deep trees: the run folders and logs travel as one archive
+# the run folders and logs as one archive, easy to copy off the GPU machine
 tar -czf "$OUT_DIR/runs.tar.gz" -C "$OUT_DIR" runs $(cd "$OUT_DIR" && ls ./*_s*.log) && rm -rf "$OUT_DIR"/runs "$OUT_DIR"/*_s*.log
 echo "=== done in $((SECONDS - T0)) s"

@@ -1,4 +1,4 @@
-# Sourced (not run) by the device scripts, from the repository root, after PY is set:
+# Sourced (not run) by the GPU scripts, from the repository root, after PY is set:
 #   - prints the torch / Lightning / timm versions and the GPU;
 #   - Hydra and OmegaConf from the wheels in .whl/ (experiments/gpu_wheels.sh) when the image lacks them;
 #   - gpu_data_root: prints the CIFAR-10 root: CIFAR10_ROOT, else .data/cifar10.tar.gz (experiments/gpu_pack_data.sh)

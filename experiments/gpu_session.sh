@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14: everything a GPU session measures, in ONE device call of at most 10 minutes (a session has 15 minutes
-# of device time in all, starts included):
+# Everything measured on a GPU, in one script of at most SESSION_S seconds (default 570):
 #   1. benchmarks/gpu_check.sh without its app audit: the `gpu` tests (no host sync in search and frozen steps)
 #      and the step benchmark at batch 128 bf16 (eager; whole-model torch.compile in COMPILE_MODES, default none:
 #      on an H200 compiling the three models took longer than 130 s, so time the compiled modes in a call of their
@@ -11,8 +10,10 @@
 #      seconds, a SyncAudit window in both runs (AUDIT=1) and the 5 result files (SLIM=1).
 # $OUT gets 7 files: gpu_check.log, bench_step.md, log.txt, summary.json, fp/metrics.json, sdq/metrics.json,
 # sdq/plan.yaml.
-# Before the call, HERE: bash experiments/gpu_wheels.sh && bash experiments/gpu_pack_data.sh
-# Device call: run(command="bash experiments/gpu_session.sh", carry=[".whl", ".data"], timeout_s=600)
+# On your GPU machine: clone the repository, `make install` (or `pip install -e '.[sweep]'`: torch, Lightning,
+# timm, Hydra), get CIFAR-10 (an ImageFolder tree train/<class>/*, test/<class>/*, or torchvision's binary
+# release) and run from the repository root:
+#   CIFAR10_ROOT=/path/to/cifar10 bash experiments/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS

@@ -1,13 +1,9 @@
 #!/usr/bin/env bash
-# Run HERE (not on the device), once, before a device call that uses the Hydra app: puts the wheels that the GPU
-# machine lacks into .whl/ (git-ignored; carried with `carry: [".whl", ...]`).
-#
-# What the GPU image already has (.library/device/KINDS.md, read 2026-11-17): Python 3.12, torch 2.11, torchvision,
-# lightning, pytorch-lightning, timm, torchmetrics, scikit-learn, matplotlib, pyyaml, tqdm, packaging, numpy,
-# pillow, onnx, onnxruntime. Missing there and needed by `python -m sdq_lightning.train`: hydra-core, omegaconf and
-# antlr4-python3-runtime 4.9.3 (the version omegaconf 2.3 pins; it is an sdist on PyPI, so it is built into a pure
-# wheel here). wandb is missing too but only `logger=wandb` imports it; the GPU protocol logs with logger=csv.
-# All three wheels are pure Python (py3-none-any): ~0.4 MiB together.
+# For a GPU machine without internet whose Python (3.12) has torch, Lightning, timm, torchmetrics, scikit-learn and
+# matplotlib but not Hydra: puts the wheels `python -m sdq_lightning.train` needs besides them into .whl/
+# (git-ignored): hydra-core, omegaconf and antlr4-python3-runtime 4.9.3 (the version omegaconf 2.3 pins; an sdist
+# on PyPI, built into a pure wheel here), ~0.4 MiB together. Run it on a machine with internet and copy .whl/ along
+# with the repository; the GPU scripts install from it when Hydra is missing. wandb is only needed for logger=wandb.
 #   bash experiments/gpu_wheels.sh            # copies ../shared/wheels/gpu-py312 when present, else downloads
 set -euo pipefail
 cd "$(dirname "$0")/.."
