@@ -139,3 +139,50 @@ def test_uniform_plan_marks_middle_layers_not_searched(figures, tmp_path) -> Non
     plots.plot_bits_per_layer(plan, tmp_path / "u.png", {"metric": "avg_bits", "target": 1.5})
     legend = _texts(figures[-1].axes[0].get_legend().get_texts())
     assert legend == ["budget: average over layers <= 1.5", "fixed (first/last layer)", "fixed (not searched)"]
+
+
+RESNET_NAMES = ("model.conv1", "model.layer1.0.conv1", "model.layer1.0.conv2", "model.layer2.0.conv1",
+                "model.layer2.0.downsample.0", "model.fc")
+
+
+def _resnet_plan() -> dict:
+    layers = {n: {"w_bits": b, "a_bits": 4, "params": p, "macs": 1000}
+              for n, b, p in zip(RESNET_NAMES, (8, 2, 3, 2, 4, 8), (432, 2304, 2304, 4608, 512, 640))}
+    meta = {"fixed_layers": {"model.conv1": 8, "model.fc": 8}, "budget": {"metric": "avg_bits", "target": 1.93}}
+    return {"metadata": meta, "costs": {"avg_bits": 1.9287, "size": 1.0, "bitops": 2.0}, "layers": layers}
+
+
+def test_bits_vs_params_names_layers_by_path_and_keeps_its_title_inside(figures, tmp_path) -> None:
+    plots.plot_bits_vs_params(_resnet_plan(), tmp_path / "bvp.png")
+    fig = figures[-1]
+    ax = fig.axes[0]
+    labels = {t.get_text() for t in ax.texts}
+    assert {"layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer2.0.downsample.0", "fc"} <= labels
+    fig.tight_layout()
+    fig.canvas.draw()
+    title = ax.title.get_window_extent(fig.canvas.get_renderer())
+    assert 0 <= title.x0 and title.x1 <= fig.bbox.width and title.y1 <= fig.bbox.height, (title, fig.bbox)
+
+
+def test_short_names_strip_the_shared_prefix_and_cut_long_paths() -> None:
+    names = plots.short_names(["net.0", "net.3", "net.features.12.block.conv_pw"], width=12)
+    assert names == {"net.0": "0", "net.3": "3", "net.features.12.block.conv_pw": "\u2026ock.conv_pw"}
+    assert plots.short_names(["model.a.conv", "model.b.conv"]) == {"model.a.conv": "a.conv", "model.b.conv": "b.conv"}
+
+
+def test_training_curves_bits_axis_starts_at_zero_with_the_budget_inside(figures, tmp_path) -> None:
+    history = [{"epoch": 0, "expected_avg_bits": 1.93, "val/acc": 0.5},
+               {"epoch": 1, "expected_avg_bits": 1.91, "val/acc": 0.7, "frozen": True},
+               {"epoch": 2, "expected_avg_bits": 1.89, "val/acc": 0.8}]
+    plots.plot_training_curves(history, tmp_path / "curves.png", 2.0, "avg_bits")
+    ax = figures[-1].axes[0]
+    low, high = ax.get_ylim()
+    assert low == 0 and high >= 2.0 * 1.1  # the budget line is drawn inside the axis, not on its border
+    assert "budget: avg bits <= 2" in _texts(ax.get_legend().get_texts())
+
+
+def test_training_curves_of_a_floating_point_run_have_no_bits_axis(figures, tmp_path) -> None:
+    plots.plot_training_curves([{"epoch": 0, "val/acc": 0.6}, {"epoch": 1, "val/acc": 0.8}], tmp_path / "fp.png")
+    fig = figures[-1]
+    assert len(fig.axes) == 1 and fig.axes[0].get_ylabel() == "val accuracy"
+    assert [list(line.get_ydata()) for line in fig.axes[0].lines] == [[0.6, 0.8]]

@@ -253,7 +253,7 @@ class DivergenceGuard(Callback):
         record = {"path": None, "epoch": trainer.current_epoch, "step": trainer.global_step, "acc": acc}
         if self.save_last_good:
             path = self.checkpoint_path(trainer)
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume from
             record["path"] = str(path)
         self.last_good = record
 

@@ -29,7 +29,8 @@ def uniform_bits(cfg: DictConfig) -> int:
 
 def train_teacher(cfg: DictConfig, run_dir: Path) -> RunResult:
     """A floating-point model trained for ``fp_teacher.epochs`` into ``run_dir/fp``."""
-    return fit_one(cfg, run_dir / "fp", label="fp", sdq_enabled=False, max_epochs=int(cfg.fp_teacher.epochs))
+    return fit_one(cfg, run_dir / "fp", label="fp", sdq_enabled=False, max_epochs=int(cfg.fp_teacher.epochs),
+                   stage="FP teacher")
 
 
 def _row(label: str, result: RunResult, budget: dict[str, Any]) -> dict[str, Any]:
@@ -74,12 +75,12 @@ def run_with_teacher(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     fp = train_teacher(cfg, run_dir)
     teacher = copy.deepcopy(fp.module.model).eval()
     init = fp.module.model.state_dict() if cfg.fp_teacher.init_student else None
-    sdq = fit_one(cfg, run_dir, label="sdq", teacher=teacher, init_state=init)
+    sdq = fit_one(cfg, run_dir, label="sdq", teacher=teacher, init_state=init, stage="SDQ")
     if not cfg.compare.enabled:
         return sdq.metrics
     bits = uniform_bits(cfg)
     uni = fit_one(cfg, run_dir / "uniform", label=f"uniform_w{bits}", teacher=copy.deepcopy(teacher), init_state=init,
-                  sdq_overrides={"weight_bits": (bits,), "search_epochs": 0})
+                  sdq_overrides={"weight_bits": (bits,), "search_epochs": 0}, stage=f"uniform {bits}-bit")
     budget = {"metric": cfg.hardware.metric, "target": float(cfg.hardware.target)}
     rows = [_row("FP (32-bit)", fp, budget), _row("SDQ (mixed)", sdq, budget), _row(f"uniform {bits}-bit", uni, budget)]
     note = verdict(rows[1], rows[2], budget)

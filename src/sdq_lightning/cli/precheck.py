@@ -9,37 +9,68 @@ from omegaconf import DictConfig, OmegaConf
 from sdq_lightning.cli.errors import UserError, one_line
 
 
-def _first_of_sweeps(overrides: list[str]) -> list[str]:
-    """Replace each sweep (``a=1,2,3``, ``range(...)``) by its first value; drop Optuna-style intervals."""
+MAX_JOBS_CHECKED = 64  # a larger grid is checked value by value (each swept value with the others' first values)
+
+
+def _choices(overrides: list[str]) -> list[list[str]]:
+    """Per override, in order, its ``key=value`` choices: one for a plain override, every value of an enumerable
+    sweep (lists, ``range``); Optuna's intervals, which cannot be enumerated, are left out."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     out = []
     for text, ovr in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
         if not ovr.is_sweep_override():
-            out.append(text)
+            out.append([text])
             continue
         try:
-            first = next(iter(ovr.sweep_string_iterator()))
+            out.append([f"{ovr.get_key_element()}={v}" for v in ovr.sweep_string_iterator()])
         except Exception:  # noqa: BLE001 - interval() and friends: nothing to pick
             continue
-        out.append(f"{ovr.get_key_element()}={first}")
     return out
+
+
+def _first_of_sweeps(overrides: list[str]) -> list[str]:
+    """Replace each sweep (``a=1,2,3``, ``range(...)``) by its first value; drop Optuna-style intervals."""
+    return [values[0] for values in _choices(overrides)]
+
+
+def sweep_jobs(overrides: list[str]) -> tuple[list[list[str]], bool]:
+    """The override lists of the jobs a multirun launches (Hydra's grid, in its order) and True; for a grid of more
+    than ``MAX_JOBS_CHECKED`` jobs, one list per swept value (the other sweeps at their first value) and False."""
+    import itertools
+    import math
+
+    choices = _choices(overrides)
+    if math.prod(len(values) for values in choices) <= MAX_JOBS_CHECKED:
+        return [list(job) for job in itertools.product(*choices)], True
+    firsts = [values[0] for values in choices]
+    return [[*firsts[:i], value, *firsts[i + 1:]] for i, values in enumerate(choices) if len(values) > 1
+            for value in values], False
+
+
+def _parse(argv: list[str]):
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(argv)
+
+
+def _compose(conf_dir: Path, config_name: str | None, overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        return hydra_compose(config_name or "train", overrides=overrides)
 
 
 def compose(argv: list[str], conf_dir: Path) -> DictConfig | None:
     """The config a command line composes to (first job of a sweep); ``None`` for help/info requests."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra._internal.utils import get_args_parser
-
-    args = get_args_parser().parse_args(argv)
+    args = _parse(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun or args.cfg:
         return None  # printing help or a config (--cfg job|hydra|all) never needs data or a valid run
     if args.config_path or args.config_dir:
         return None  # a user-supplied config tree: let Hydra validate it
     overrides = _first_of_sweeps(list(args.overrides)) if args.multirun else list(args.overrides)
-    with initialize_config_dir(str(conf_dir), version_base="1.3"):
-        return hydra_compose(args.config_name or "train", overrides=overrides)
+    return _compose(conf_dir, args.config_name, overrides)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -236,7 +267,27 @@ def precheck(argv: list[str], conf_dir: Path) -> DictConfig | None:
     from sdq_lightning.cli.resume import check_resume
 
     cfg = compose(argv, conf_dir)
-    if cfg is not None:
-        check_config(cfg)
-        check_resume(cfg)
+    if cfg is None:
+        return None
+    check_config(cfg)
+    check_resume(cfg)
+    args = _parse(argv)
+    if args.multirun:
+        check_sweep(conf_dir, args.config_name, list(args.overrides))
     return cfg
+
+
+def check_sweep(conf_dir: Path, config_name: str | None, overrides: list[str]) -> None:
+    """Check every job of a multirun before the first one starts; the error names the job."""
+    from sdq_lightning.cli.errors import USER_ERRORS
+
+    jobs, whole_grid = sweep_jobs(overrides)
+    if len(jobs) <= 1:
+        return
+    for number, job in enumerate(jobs):
+        try:
+            check_config(_compose(conf_dir, config_name, job))
+        except USER_ERRORS as err:
+            swept = " ".join(o for o in job if o not in overrides)
+            which = f"sweep job {number} ({swept})" if whole_grid else f"a sweep job with {swept}"
+            raise UserError(f"{which}: {one_line(err)}; no job was started") from None

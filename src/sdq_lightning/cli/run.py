@@ -105,13 +105,18 @@ def _scalar(metrics: dict[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def _build_callbacks(cfg: DictConfig, run_dir: Path, sdq: Callback | None) -> tuple[list[Callback], EpochRecorder,
-                                                                                    ThroughputRecorder]:
-    """SDQ, the epoch and throughput recorders, phase=search's stop, then the named ``callbacks.*`` entries."""
+def _build_callbacks(cfg: DictConfig, run_dir: Path, sdq: Callback | None, stage: str | None = None
+                     ) -> tuple[list[Callback], EpochRecorder, ThroughputRecorder]:
+    """SDQ, the epoch and throughput recorders, phase=search's stop, a progress bar naming ``stage`` (runs of
+    several models), then the named ``callbacks.*`` entries."""
     recorder, throughput = EpochRecorder(), ThroughputRecorder()
     callbacks: list[Callback] = [c for c in (sdq, recorder, throughput) if c is not None]
     if sdq is not None and cfg.phase.get("search_only"):
         callbacks.append(StopAfterSearch(sdq))
+    if stage is not None and cfg.trainer.get("enable_progress_bar", True):
+        from sdq_lightning.utils.progress import stage_progress_bar
+
+        callbacks.append(stage_progress_bar(stage))
     return [*callbacks, *build_callbacks(cfg, run_dir)], recorder, throughput
 
 
@@ -204,19 +209,13 @@ def _metrics(cfg: DictConfig, label: str, enabled: bool, sdq: Any, fitted: dict[
 
 def _write_search_trace(run_dir: Path, sdq: Any, budget: dict[str, Any]) -> dict[str, Path]:
     """search_trace.json and plots/search_trace.png (each layer's expected bits and the controller over the search
-    steps), linked from report.md."""
+    steps); every report.md written into the run folder afterwards links it."""
     trace = getattr(sdq, "search_trace", None) if sdq is not None else None
     if not trace or not trace.get("step"):
         return {}
     (run_dir / "search_trace.json").write_text(json.dumps(trace))
     png = plot_search_trace(trace, run_dir / "plots" / "search_trace.png", budget.get("target"),
                             budget.get("metric", "avg_bits"), getattr(sdq, "budget_control", "dual"))
-    report = run_dir / "report.md"
-    if png is not None and report.is_file():
-        with report.open("a") as fh:
-            fh.write("\n## The search\n\nEach searched layer's expected bits, the expected cost against the budget and "
-                     "the budget controller over the search steps (data: `search_trace.json`).\n\n"
-                     "![search trace](plots/search_trace.png)\n")
     return {"search_trace": png} if png is not None else {}
 
 
@@ -226,8 +225,9 @@ def _write_outputs(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], hist
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (run_dir / "history.json").write_text(json.dumps(history, indent=2, default=str))
     budget = {"metric": cfg.hardware.metric, "target": float(cfg.hardware.target)} if enabled else {}
+    trace = _write_search_trace(run_dir, sdq, budget)
     images = write_report(run_dir, plan, history, metrics, budget, title=f"{metrics['name']}")
-    images.update(_write_search_trace(run_dir, sdq, budget))
+    images.update(trace)
     for wandb_logger in wandb_loggers(logger):
         log_plan_and_plots(wandb_logger, plan_rows(plan), images,
                            {k: v for k, v in metrics.items() if k not in ("overrides", "weight_bits")})
@@ -237,12 +237,13 @@ def _write_outputs(cfg: DictConfig, run_dir: Path, metrics: dict[str, Any], hist
 
 def fit_one(cfg: DictConfig, run_dir: str | Path, *, label: str = "sdq", sdq_enabled: bool | None = None,
             teacher: torch.nn.Module | None = None, init_state: dict[str, torch.Tensor] | None = None,
-            sdq_overrides: dict[str, Any] | None = None, max_epochs: int | None = None) -> RunResult:
+            sdq_overrides: dict[str, Any] | None = None, max_epochs: int | None = None,
+            stage: str | None = None) -> RunResult:
     """Fit (and test) one model into ``run_dir``; writes metrics.json, plan.yaml, report.md and the checkpoint.
 
     The steps: data, model, SDQ callback (``cfg.sdq``; ``teacher``/``sdq_overrides`` replace its values),
     callbacks, loggers and trainer, fit, test (every test sample once, also data-parallel), plan, metrics, files
-    (rank zero only)."""
+    (rank zero only). ``stage``: the name the progress bar shows (one of several models of a run)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -252,7 +253,7 @@ def fit_one(cfg: DictConfig, run_dir: str | Path, *, label: str = "sdq", sdq_ena
     enabled = bool(cfg.sdq.enabled if sdq_enabled is None else sdq_enabled)
     overrides = {**(sdq_overrides or {}), **({"teacher": teacher} if teacher is not None else {})}
     sdq = build_sdq(cfg, run_dir, **overrides) if enabled else None
-    callbacks, recorder, throughput = _build_callbacks(cfg, run_dir, sdq)
+    callbacks, recorder, throughput = _build_callbacks(cfg, run_dir, sdq, stage)
     logger = build_logger(cfg, run_dir, name=f"{cfg.name}-{label}")
     trainer = build_trainer(_trainer_cfg(cfg, sdq, max_epochs), callbacks, logger, run_dir)
     shard_validation_exactly(trainer, datamodule)

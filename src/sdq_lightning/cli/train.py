@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from sdq_lightning.cli.errors import USER_ERRORS, UserError, fail, one_line
 from sdq_lightning.cli.precheck import precheck
+from sdq_lightning.utils.logging import quiet_library_noise
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HYDRA_FILES = (".hydra", "train.log", "config.yaml")
@@ -58,6 +59,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     run_dir = Path(run_dir) if run_dir is not None else _run_dir()
     save_resolved_config(cfg, run_dir)
+    logging.getLogger("sdq_lightning.train").info(f"run folder: {run_dir.resolve()}")
     if cfg.sdq.enabled:
         hw = cfg.hardware
         logging.getLogger("sdq_lightning.train").info(
@@ -117,14 +119,34 @@ def _clean_up_after_user_error(run_dir: Path) -> None:
 
 def _task(cfg: DictConfig) -> float | None:
     route_library_logs_to_hydra()
+    quiet_library_noise()
     run_dir = _run_dir()
     try:
         metrics = run(cfg)
     except USER_ERRORS as err:
         _clean_up_after_user_error(run_dir)
+        _summarise_finished_jobs()
         fail(err)
+    except BaseException:
+        _summarise_finished_jobs()
+        raise
     value = metrics.get(cfg.optimized_metric)
     return None if value is None else float(value)
+
+
+def _summarise_finished_jobs() -> None:
+    """In a multirun whose job failed: sweep_summary.md of the jobs that finished (Hydra stops at the failure)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from sdq_lightning.report.sweep import write_sweep_summary
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    path = write_sweep_summary(hydra_cfg.sweep.dir)
+    if path is not None:
+        print(f"sweep summary of the jobs that finished: {path}", flush=True)
 
 
 _hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(_task)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,27 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend outside the axes and a long title stay in the image
     plt.close(fig)
     return path
+
+
+def _wrapped(title: str, width: int = 64) -> str:
+    return "\n".join(textwrap.wrap(title, width))
+
+
+def short_names(names: Sequence[str], width: int = 24) -> dict[str, str]:
+    """Point labels: each name without the prefix every layer shares (``model.``), cut to its last ``width``
+    characters; never a bare last component such as ``0`` or ``conv1`` that several layers share."""
+    parts = [n.split(".") for n in names]
+    common = 0
+    while parts and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    out = {}
+    for name, p in zip(names, parts):
+        rel = ".".join(p[common:])
+        out[name] = rel if len(rel) <= width else "\u2026" + rel[-(width - 1):]
+    return out
 
 
 FP_ROW = 9.5          # where floating-point layers are drawn on a bits axis (labelled "FP (32)")
@@ -102,7 +121,7 @@ def plot_bits_per_layer(plan: Mapping[str, Any], path: str | Path, budget: Mappi
     _bits_axis(ax, "fp" in seen)
     ax.set_ylim(0, ax.get_ylim()[1] + 0.6)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title(_title(plan, metric, target, "bits per layer"), fontsize=9)
+    ax.set_title(_wrapped(_title(plan, metric, target, "bits per layer"), 90), fontsize=9)
     return _save(fig, path)
 
 
@@ -111,6 +130,7 @@ def plot_bits_vs_params(plan: Mapping[str, Any], path: str | Path, budget: Mappi
     Fixed first/last layers are orange squares, floating-point layers grey at the "FP (32)" row."""
     layers = {n: lb for n, lb in _layers(plan).items() if lb.get("params")}
     kinds = _kinds(plan)
+    labels = short_names(list(layers))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     markers = {"searched": "o", "edge": "s", "fixed": "D", "fp": "X"}
     for kind in ("searched", "edge", "fixed", "fp"):
@@ -122,8 +142,7 @@ def plot_bits_vs_params(plan: Mapping[str, Any], path: str | Path, budget: Mappi
                    edgecolor="black", zorder=3, label=LABELS[kind])
         if len(layers) <= 30:
             for x, y, n in pts:
-                ax.annotate(n.split(".")[-1] if len(n) > 18 else n, (x, y), fontsize=6, xytext=(4, 3),
-                            textcoords="offset points")
+                ax.annotate(labels[n], (x, y), fontsize=6, xytext=(4, 3), textcoords="offset points")
     if layers:
         ax.set_xscale("log")
     metric, target = _budget(plan, budget)
@@ -132,26 +151,36 @@ def plot_bits_vs_params(plan: Mapping[str, Any], path: str | Path, budget: Mappi
     ax.set_xlabel("parameters in layer (log)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title(_title(plan, metric, target, "bits against layer size"), fontsize=9)
+    ax.set_title(_wrapped(_title(plan, metric, target, "bits against layer size")), fontsize=9)
     return _save(fig, path)
 
 
 def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
                          budget_target: float | None = None, budget_metric: str | None = None) -> Path:
-    """Expected average bits (left axis) and val accuracy (right axis) per epoch; dashed: the phase boundary."""
+    """Expected average bits (left axis, from 0, the budget line inside it) and val accuracy (right axis) per epoch;
+    dashed: the phase boundary. A floating-point run (no bits recorded) plots the accuracy alone."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     epochs = [h.get("epoch", i) for i, h in enumerate(history)]
     bits = [(e, h["expected_avg_bits"]) for e, h in zip(epochs, history) if h.get("expected_avg_bits") is not None]
-    if bits:
-        ax.plot(*zip(*bits), "o-", color="tab:blue", label="expected avg bits")
-    if budget_target is not None and budget_metric == "avg_bits":
-        ax.axhline(budget_target, color="tab:red", ls="--", lw=1.2, label=f"budget: avg bits <= {budget_target:g}")
+    acc = [(e, h["val/acc"]) for e, h in zip(epochs, history) if h.get("val/acc") is not None]
     ax.set_xlabel("epoch")
+    if not bits:  # floating point: no bits axis
+        if acc:
+            ax.plot(*zip(*acc), "s-", color="tab:green", label="val acc")
+        ax.set_ylabel("val accuracy", color="tab:green")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("training (floating point, no bits)")
+        return _save(fig, path)
+    ax.plot(*zip(*bits), "o-", color="tab:blue", label="expected avg bits")
+    line = budget_target is not None and budget_metric == "avg_bits"
+    if line:
+        ax.axhline(budget_target, color="tab:red", ls="--", lw=1.2, label=f"budget: avg bits <= {budget_target:g}")
+    top = max([b for _, b in bits] + ([budget_target] if line else []))
+    ax.set_ylim(0, top * 1.15)  # from 0: a change of a few hundredths of a bit does not fill the axis
     ax.set_ylabel("average weight bits", color="tab:blue")
     boundary = [e for e, h in zip(epochs, history) if h.get("frozen")]
     for e in boundary:
         ax.axvline(e + 0.5, color="gray", ls="--", label="plan frozen")
-    acc = [(e, h["val/acc"]) for e, h in zip(epochs, history) if h.get("val/acc") is not None]
     ax2 = ax.twinx()
     if acc:
         ax2.plot(*zip(*acc), "s-", color="tab:green", label="val acc")

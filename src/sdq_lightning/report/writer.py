@@ -10,6 +10,9 @@ from sdq_lightning.report.plots import plot_bits_per_layer, plot_bits_vs_params,
 
 METRIC_LABELS = {"avg_bits": "average weight bits", "size": "size (bytes)", "bitops": "BitOPs / sample"}
 FP_BITS = 32
+SEARCH_SECTION = ("\n## The search\n\nEach searched layer's expected bits, the expected cost against the budget and the "
+                  "budget controller over the search steps (data: `search_trace.json`).\n\n"
+                  "![search trace](plots/search_trace.png)\n")
 
 
 def plan_rows(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -84,7 +87,8 @@ def write_report(run_dir: str | Path, plan: Mapping[str, Any] | None, history: S
                  metrics: Mapping[str, Any], budget: Mapping[str, Any], title: str = "SDQ run",
                  comparison: Sequence[Mapping[str, Any]] | None = None,
                  comparison_note: str | None = None) -> dict[str, Path]:
-    """Write ``report.md`` and ``plots/*.png`` into ``run_dir``; returns the images by key."""
+    """Write ``report.md`` and ``plots/*.png`` into ``run_dir``; returns the images by key. A search trace plotted
+    into the run folder before (``plots/search_trace.png``) gets its section too."""
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
     images: dict[str, Path] = {}
@@ -114,5 +118,7 @@ def write_report(run_dir: str | Path, plan: Mapping[str, Any] | None, history: S
         out.append("\n## Plots\n")
         for key, path in images.items():
             out.append(f"### {captions[key]}\n\n![{key}]({path.relative_to(run_dir).as_posix()})\n")
+    if (plots / "search_trace.png").is_file():
+        out.append(SEARCH_SECTION)
     (run_dir / "report.md").write_text("\n".join(out))
     return images
