@@ -70,7 +70,7 @@ def build(plan_kind: str) -> tuple[nn.Module, nn.Module]:
     return fp, q.eval()
 
 
-def ort_ptq(fp_path: Path, out: Path, fmt: str, calib: np.ndarray) -> Path:
+def ort_ptq(fp_path: Path, out: Path, fmt: str, calib: np.ndarray, per_channel: bool = False) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -85,7 +85,7 @@ def ort_ptq(fp_path: Path, out: Path, fmt: str, calib: np.ndarray) -> Path:
     if not pre.exists():
         quant_pre_process(str(fp_path), str(pre))
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=False)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel)
     return out
 
 

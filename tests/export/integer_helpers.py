@@ -19,7 +19,9 @@ from sdq_lightning.integer import integer_forward, integer_only, trace_integer_g
 from export_helpers import cifar_images, digits_images
 
 FP_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "resnet20_cifar10_fp.pt"
-PLANS = ("w8a8", "w4a8", "mixed")
+PLANS = ("w8a8", "w4a8", "mixed", "sdq2")
+# the SDQ plan of docs/RESULTS.md section 2b (ResNet20, avg_bits 1.998 <= 2.0), weights per layer in module order
+SDQ2_WEIGHT_BITS = (8, 5, 5, 4, 5, 4, 4, 5, 4, 8, 4, 4, 4, 3, 4, 1, 5, 1, 1, 1, 1, 8)
 
 
 def real_images(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -36,10 +38,14 @@ def layer_names(model: nn.Module) -> list[str]:
 
 
 def plan_bits(model: nn.Module, kind: str) -> tuple[dict[str, int], dict[str, int]]:
-    """Weight and input bits per layer: ``wXaY`` (first conv and classifier at 8/8), or ``mixed``: weights cycling
+    """Weight and input bits per layer: ``wXaY`` (first conv and classifier at 8/8); ``mixed``: weights cycling
     1..8 over the layers, input bits cycling 8, 2..7 over the tensors the layers read (layers reading one tensor
-    share its bits)."""
+    share its bits); ``sdq2``: ResNet20's SDQ plan at 1.998 average weight bits, 8-bit inputs."""
     names = layer_names(model)
+    if kind == "sdq2":
+        if len(names) != len(SDQ2_WEIGHT_BITS):
+            raise ValueError(f"plan sdq2 is ResNet20's ({len(SDQ2_WEIGHT_BITS)} layers), the model has {len(names)}")
+        return dict(zip(names, SDQ2_WEIGHT_BITS)), {n: 8 for n in names}
     if kind != "mixed":
         wb, ab = int(kind[1]), int(kind[3])
         edge = (names[0], names[-1])
