@@ -107,10 +107,12 @@ def _scalar(metrics: dict[str, Any], key: str) -> float | None:
 
 def _build_callbacks(cfg: DictConfig, run_dir: Path, sdq: Callback | None, stage: str | None = None
                      ) -> tuple[list[Callback], EpochRecorder, ThroughputRecorder]:
-    """SDQ, the epoch and throughput recorders, phase=search's stop, a progress bar naming ``stage`` (runs of
-    several models), then the named ``callbacks.*`` entries."""
+    """SDQ, the epoch and throughput recorders, the generators' states (resume), phase=search's stop, a progress bar
+    naming ``stage`` (runs of several models), then the named ``callbacks.*`` entries."""
+    from sdq_lightning.utils.rng import RNGStates
+
     recorder, throughput = EpochRecorder(), ThroughputRecorder()
-    callbacks: list[Callback] = [c for c in (sdq, recorder, throughput) if c is not None]
+    callbacks: list[Callback] = [c for c in (sdq, recorder, throughput, RNGStates()) if c is not None]
     if sdq is not None and cfg.phase.get("search_only"):
         callbacks.append(StopAfterSearch(sdq))
     if stage is not None and cfg.trainer.get("enable_progress_bar", True):

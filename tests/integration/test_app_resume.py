@@ -1,0 +1,83 @@
+"""``sdq-train ... resume=<run folder>``: an interrupted run continues in its own folder to the same result as an
+uninterrupted one; a command line that changes what the run trains is one line, exit 2, and writes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from app_helpers import TINY, compose_cfg
+from sdq_lightning.cli.train import run
+
+BASE = ["experiment=digits_demo", "compare.enabled=false", "fp_teacher.enabled=false", "hardware.activation_bits=4",
+        *[o for o in TINY if o not in ("trainer.max_epochs=2", "phase.search_epochs=1")],
+        "trainer.max_epochs=4", "phase.search_epochs=2", "trainer.limit_train_batches=3"]
+
+
+class StopAfterEpoch(pl.Callback):
+    """Ends the fit after epoch ``epoch`` as an interruption would (its checkpoint is the last one written)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch >= self.epoch:
+            trainer.should_stop = True
+
+
+def _weights(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("stop_after", [0, 2], ids=["mid_search", "mid_phase2"])
+def test_a_resumed_run_ends_as_the_uninterrupted_one(tmp_path, stop_after) -> None:
+    whole = run(compose_cfg(BASE), tmp_path / "whole")
+    stop = f"+callbacks.stop._target_={__name__}.StopAfterEpoch"
+    run(compose_cfg([*BASE, stop, f"+callbacks.stop.epoch={stop_after}"]), tmp_path / "cut")
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == stop_after
+    resumed = run(compose_cfg([*BASE, f"resume={tmp_path / 'cut'}"]), tmp_path / "cut")
+    assert resumed["epochs"] == whole["epochs"] == 4
+    for key in ("test/acc", "val/acc", "avg_bits"):
+        assert resumed[key] == whole[key], key
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("change", "key"), [("hardware.target=3.0", "hardware.target"),
+                                              ("hardware.activation_bits=8", "hardware.activation_bits")])
+def test_resuming_with_another_budget_or_activation_width_is_one_line(tmp_path, monkeypatch, capsys, change,
+                                                                       key) -> None:
+    from sdq_lightning.cli.train import main
+
+    folder = tmp_path / "outputs" / "runs" / "digits_demo" / "first"
+    run(compose_cfg([*BASE, "trainer.max_epochs=3", "+callbacks.stop._target_=" + __name__ + ".StopAfterEpoch",
+                     "+callbacks.stop.epoch=0"]), folder)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "outputs").rglob("*")}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDQ_OUTPUT_DIR", str(tmp_path / "outputs"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*BASE, "trainer.max_epochs=3", change, f"resume={folder}"])
+    assert exit_info.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: resume={folder}: the command line changes what the run "
+                                                   f"trains: {key} ("), lines
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "outputs").rglob("*")} == before  # nothing new, nothing moved
+
+
+def test_resume_refuses_a_folder_that_is_no_run(tmp_path, monkeypatch, capsys) -> None:
+    from sdq_lightning.cli.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDQ_OUTPUT_DIR", str(tmp_path / "outputs"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*BASE, f"resume={tmp_path}"])
+    assert exit_info.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == [f"error: resume={tmp_path}: not a run folder (no config.yaml); pass the folder the run printed "
+                     "as 'run folder: ...'"]
+    assert not (tmp_path / "outputs").exists()
