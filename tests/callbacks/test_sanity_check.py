@@ -68,16 +68,18 @@ def test_validate_and_sanity_check_leave_the_quantizers_to_the_first_training_ba
     assert calls == [True] * len(act_quantizers(model)) and all(q._initialized for q in act_quantizers(model))
 
 
-def fit_and_test(make_trainer, digits, seed: int, sanity: bool, search: bool) -> float:
+def fit_and_test(make_trainer, digits, seed: int, sanity: bool, search: bool, epochs: int = 4) -> float:
+    """Test accuracy of the CNN trained ``epochs`` epochs (half of them searching) under uniform W2/A4 or SDQ with
+    ``avg_bits <= 2.0`` and 4-bit activations, with Lightning's default sanity check or without it."""
     L.seed_everything(seed, verbose=False)
     model = ValidatedCNN()
     if search:
         sdq = SDQ(weight_bits=(1, 2, 3, 4, 5, 6, 7, 8), activation_bits=4,
-                  budget={"metric": "avg_bits", "target": 2.0}, search_epochs=2)
+                  budget={"metric": "avg_bits", "target": 2.0}, search_epochs=epochs // 2)
     else:
         sdq = SDQ(weight_bits=(2,), activation_bits=4, search_epochs=0)
     kwargs = {} if sanity else {"num_sanity_val_steps": 0}  # Lightning's default: 2 sanity batches
-    trainer = make_trainer(max_epochs=4, callbacks=[sdq], **kwargs)
+    trainer = make_trainer(max_epochs=epochs, callbacks=[sdq], **kwargs)
     trainer.fit(model, digits.train(seed=seed), digits.test())
     return trainer.test(model, digits.test(), verbose=False)[0]["test_acc"]
 

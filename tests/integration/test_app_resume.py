@@ -81,3 +81,21 @@ def test_resume_refuses_a_folder_that_is_no_run(tmp_path, monkeypatch, capsys) -
     assert lines == [f"error: resume={tmp_path}: not a run folder (no config.yaml); pass the folder the run printed "
                      "as 'run folder: ...'"]
     assert not (tmp_path / "outputs").exists()
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    from sdq_lightning.cli.train import main
+
+    folder = tmp_path / "outputs" / "runs" / "digits_demo" / "first"
+    run(compose_cfg([*BASE, "trainer.max_epochs=3", "+callbacks.stop._target_=" + __name__ + ".StopAfterEpoch",
+                     "+callbacks.stop.epoch=0"]), folder)
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # a copy cut short
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDQ_OUTPUT_DIR", str(tmp_path / "outputs"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*BASE, "trainer.max_epochs=3", f"resume={folder}"])
+    assert exit_info.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: resume={folder}: {ckpt} is not a PyTorch checkpoint")
+    assert "weights_only" not in lines[0]

@@ -72,6 +72,12 @@ def check_resume(cfg: DictConfig) -> Path | None:
         more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
         raise UserError(f"resume={resume}: the command line changes what the run trains: {shown}{more}; resume with "
                         "the run's own overrides (its .hydra/overrides.yaml), or start a new run without resume=")
+    from sdq_lightning.checkpoint import load_checkpoint
+
+    try:
+        load_checkpoint(folder / CHECKPOINT)
+    except ValueError as err:
+        raise UserError(f"resume={resume}: {err}") from None
     return folder
 
 
