@@ -46,7 +46,11 @@ def main() -> None:
     if args.first_forward:
         initialise_at_first_forward()
     digits = Loaders()
-    make = lambda **kw: quiet_trainer(default_root_dir=str(ROOT / "outputs" / "sanity_check_effect"), **kw)  # noqa: E731
+    root = str(ROOT / "outputs" / "sanity_check_effect")
+
+    def make(**kwargs):
+        return quiet_trainer(default_root_dir=root, **kwargs)
+
     print("| run | seed | sanity check on (default) | num_sanity_val_steps=0 |\n|---|---|---|---|")
     for search in (False, True):
         for seed in args.seeds:

@@ -102,8 +102,9 @@ class DivergenceGuard(Callback):
     """
 
     def __init__(self, check_every_n_steps: int | None = None, monitor: str | None = None,
-                 num_classes: int | None = None, tolerance: float = 0.05, reference_acc: float | None = None, patience: int = 2,
-                 action: str = "raise", dirpath: str | Path | None = None, save_last_good: bool = True) -> None:
+                 num_classes: int | None = None, tolerance: float = 0.05, reference_acc: float | None = None,
+                 patience: int = 2, action: str = "raise", dirpath: str | Path | None = None,
+                 save_last_good: bool = True) -> None:
         super().__init__()
         if check_every_n_steps is not None and (isinstance(check_every_n_steps, bool)
                                                 or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1):

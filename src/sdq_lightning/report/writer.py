@@ -10,8 +10,8 @@ from sdq_lightning.report.plots import plot_bits_per_layer, plot_bits_vs_params,
 
 METRIC_LABELS = {"avg_bits": "average weight bits", "size": "size (bytes)", "bitops": "BitOPs / sample"}
 FP_BITS = 32
-SEARCH_SECTION = ("\n## The search\n\nEach searched layer's expected bits, the expected cost against the budget and the "
-                  "budget controller over the search steps (data: `search_trace.json`).\n\n"
+SEARCH_SECTION = ("\n## The search\n\nEach searched layer's expected bits, the expected cost against the budget and "
+                  "the budget controller over the search steps (data: `search_trace.json`).\n\n"
                   "![search trace](plots/search_trace.png)\n")
 
 
