@@ -26,10 +26,8 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "export"))
-from bench_onnx import ort_ptq  # noqa: E402
+from bench_onnx import emit_table, ort_ptq, time_interleaved  # noqa: E402
 from integer_helpers import PLANS, float_model, integer_model, real_images  # noqa: E402
 
 from sdq_lightning.export import export_float_onnx  # noqa: E402
@@ -91,19 +89,7 @@ def main(argv: list[str] | None = None) -> str:
         so.intra_op_num_threads = args.threads
         sess = {k: ort.InferenceSession(str(v), so, providers=["CPUExecutionProvider"]) for k, v in paths.items()}
     inputs = {1: x[-1:].numpy(), args.batch: x[-args.batch:].numpy()}
-    cells = [(k, b) for b in inputs for k in sess]
-    times: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
-    for k, b in cells:  # warm-up
-        for _ in range(3):
-            sess[k].run(None, {"input": inputs[b]})
-    for _ in range(args.repeats):
-        for k, b in cells:
-            iters = args.iters if b == 1 else max(2, args.iters // 8)
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                sess[k].run(None, {"input": inputs[b]})
-            times[(k, b)].append((time.perf_counter() - t0) / iters * 1e3)
-    med = {c: statistics.median(v) for c, v in times.items()}
+    med = time_interleaved(sess, inputs, args.repeats, args.iters)
     b = args.batch
     lines = [f"onnxruntime {ort.__version__} CPU ({platform.machine()}, {os.cpu_count()} cores), intra-op threads="
              f"{args.threads}, torch {torch.__version__}, repeats={args.repeats}, iters={args.iters} (batch {b}: "
@@ -115,12 +101,7 @@ def main(argv: list[str] | None = None) -> str:
         lines.append(f"| {k} | {med[(k, 1)]:.3f} | {med[(k, 1)] / med[('FP', 1)]:.2f} | "
                      f"{med[(k, 1)] / med[('ort-ptq', 1)]:.2f} | {med[(k, b)]:.2f} | "
                      f"{med[(k, b)] / med[('FP', b)]:.2f} | {med[(k, b)] / med[('ort-ptq', b)]:.2f} | {ks} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
-    return table
+    return emit_table(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,36 @@ def ort_ptq(fp_path: Path, out: Path, fmt: str, calib: np.ndarray, per_channel: 
     return out
 
 
+def time_interleaved(sessions: dict, inputs: dict[int, np.ndarray], repeats: int, iters: int
+                     ) -> dict[tuple[str, int], float]:
+    """Median ms per run of every session at every batch size, timed round robin per repeat (every session at the
+    smallest batch, then every session at the next); each repeat times ``iters`` runs at batch 1 (``iters // 8``, at
+    least 2, at larger batches) after a warm-up of 3."""
+    cells = [(k, b) for b in sorted(inputs) for k in sessions]
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
+    for k, b in cells:  # warm-up
+        for _ in range(3):
+            sessions[k].run(None, {"input": inputs[b]})
+    for _ in range(repeats):
+        for k, b in cells:
+            n = iters if b == 1 else max(2, iters // 8)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                sessions[k].run(None, {"input": inputs[b]})
+            times[(k, b)].append((time.perf_counter() - t0) / n * 1e3)
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
+def emit_table(lines: list[str], out: str | None) -> str:
+    """Print the markdown lines and write them to ``out`` (when given); returns the text."""
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(table)
+    return table
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser()
     p.add_argument("--plan", default="mixed", choices=["mixed", "w8a8", "w4a4", "wonly"])
@@ -134,19 +164,7 @@ def main(argv: list[str] | None = None) -> str:
         sess = {k: ort.InferenceSession(str(v), opts, providers=["CPUExecutionProvider"]) for k, v in paths.items()}
     inputs = {1: np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32),
               128: np.random.default_rng(1).standard_normal((128, 3, 32, 32), dtype=np.float32)}
-    cells = [(k, b) for b in (1, 128) for k in models]
-    times: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
-    for k, b in cells:  # warm-up
-        for _ in range(3):
-            sess[k].run(None, {"input": inputs[b]})
-    for _ in range(args.repeats):
-        for k, b in cells:
-            iters = args.iters if b == 1 else max(2, args.iters // 8)
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                sess[k].run(None, {"input": inputs[b]})
-            times[(k, b)].append((time.perf_counter() - t0) / iters * 1e3)
-    med = {c: statistics.median(v) for c, v in times.items()}
+    med = time_interleaved({k: sess[k] for k in models}, inputs, args.repeats, args.iters)
     lines = [f"onnxruntime {ort.__version__} CPU ({platform.machine()}), intra-op threads={args.threads or 'default'}, "
              f"resnet20 plan={args.plan}, repeats={args.repeats}, iters={args.iters} (batch 128: "
              f"{max(2, args.iters // 8)}), {datetime.date.today().isoformat()}", "",
@@ -158,12 +176,7 @@ def main(argv: list[str] | None = None) -> str:
                      f"{med[(k, 128)] / med[('FP', 128)]:.2f} |")
     lines += ["", "top-1 agree / max abs diff: ours vs the PyTorch fake-quantized model, FP and ort-* vs the PyTorch "
               "FP model, on 256 digits images."]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
-    return table
+    return emit_table(lines, args.out)
 
 
 if __name__ == "__main__":

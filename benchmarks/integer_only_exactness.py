@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "export"))
+from bench_onnx import emit_table  # noqa: E402
 from integer_helpers import PLANS, integer_model, ort_codes, real_images, torch_codes  # noqa: E402
 
 from sdq_lightning.export.integer_only import export_integer_onnx  # noqa: E402
@@ -86,12 +88,7 @@ def main(argv: list[str] | None = None) -> str:
                          f"{' (' + ', '.join(sorted(r['tensors'])[:3]) + ')' if r['tensors'] else ''} | "
                          f"{'yes' if r['logits_equal'] else 'NO'} |")
         print(f"{plan}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
-    return table
+    return emit_table(lines, args.out)
 
 
 if __name__ == "__main__":

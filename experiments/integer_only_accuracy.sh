@@ -2,9 +2,9 @@
 # Issue 24: accuracy of phase 2 in the integer-only mode against the fake-quant model, same plan, same schedule.
 # Every row through the Hydra app from the FP checkpoint: plan given (no search), SGD LR cosine, batch 128, fp32, no
 # KD, no EBR (the integer-only mode does not apply EBR), EPOCHS epochs on a class-balanced SUBSET of the training
-# set, tested on the whole test set. Plans (tests/export/integer_helpers.py): w8a8, w4a8 (first conv and
+# set, validated on 2,000 test images per epoch and tested on the whole test set. Plans (tests/export/integer_helpers.py): w8a8, w4a8 (first conv and
 # classifier 8/8), sdq2 (ResNet20's SDQ plan at 1.998 average weight bits, 8-bit inputs).
-#   CIFAR10_ROOT=/path/to/cifar10 [PLANS="w8a8 w4a8 sdq2"] [EPOCHS=3] [SUBSET=10000] \
+#   CIFAR10_ROOT=/path/to/cifar10 [PLANS="w8a8 w4a8 sdq2"] [EPOCHS=3] [SUBSET=10000] [WORKERS=0] \
 #     bash experiments/integer_only_accuracy.sh
 # Then: the test/acc of each run's metrics.json (printed at the end).
 set -euo pipefail
@@ -17,6 +17,7 @@ SEED="${SEED:-0}"
 LR="${LR:-0.02}"
 FP="${FP_CKPT:-checkpoints/resnet20_cifar10_fp.pt}"
 PY="${PY:-.venv/bin/python}"
+WORKERS="${WORKERS:-0}"
 TAG="${TAG:-e${EPOCHS}_sub${SUBSET}_s${SEED}}"
 OUT="outputs/integer_only_accuracy/$TAG"
 mkdir -p "$OUT"
@@ -34,10 +35,10 @@ EOF
 done
 common=(dataset=imagefolder dataset.root="$ROOT" dataset.image_size=32
   'dataset.mean=[0.4914,0.4822,0.4465]' 'dataset.std=[0.2470,0.2435,0.2616]'
-  dataset.in_memory=true dataset.num_workers=2 dataset.batch_size=128 dataset.subset="$SUBSET"
+  dataset.in_memory=true dataset.num_workers="$WORKERS" dataset.batch_size=128 dataset.subset="$SUBSET" dataset.val_subset=2000
   trainer=cpu model.init_checkpoint="$FP" model.lr="$LR" model.scheduler=cosine trainer.max_epochs="$EPOCHS"
   trainer.enable_progress_bar=false phase=train sdq.teacher=null sdq.ebr_weight=0 seed="$SEED" logger=csv
-  compare.enabled=false fp_teacher.enabled=false)
+  compare.enabled=false fp_teacher.enabled=false hardware.target=8.0)
 for plan in $PLANS; do
   for mode in fakequant integer_only; do
     flag=false; [ "$mode" = integer_only ] && flag=true

@@ -48,25 +48,20 @@ def test_resnet20_every_code_equals_onnxruntime(kind, images, tmp_path):
 
 
 @pytest.mark.slow
-def test_mobilenetv2_every_code_equals_onnxruntime(images, tmp_path):
-    """Depthwise convs, ReLU6 (a clip at round(6 / s) codes), linear bottlenecks (signed tensors, zero point 128)."""
+@pytest.mark.parametrize("arch, kind, must_have", [
+    # depthwise convs, ReLU6 (a clip at round(6 / s) codes), linear bottlenecks (signed tensors, zero point 128)
+    ("mobilenetv2_100", "mixed", {"conv", "add", "gap", "linear", "relu6", "depthwise"}),
+    ("resnet18", "w4a8", {"conv", "add", "maxpool", "gap", "linear"}),  # timm's blocks (x += shortcut), max pool
+])
+def test_timm_networks_every_code_equals_onnxruntime(arch, kind, must_have, images, tmp_path):
     x, _, _ = images
-    model = integer_model("mixed", x[:32], arch="mobilenetv2_100")
-    path = export_integer_onnx(model, tmp_path / "mnv2.onnx", intermediates=True)
+    model = integer_model(kind, x[:32], arch=arch)
+    path = export_integer_onnx(model, tmp_path / f"{arch}.onnx", intermediates=True)
     assert _compare(model, path, x[32:48], 16, 2, True) == []
-    ops = {op.kind for op in model.integer_only.graph.ops}
-    assert {"conv", "add", "gap", "linear"} <= ops
-    assert any(op.act == "relu6" for op in model.integer_only.graph.ops)
-    assert any(op.attrs.get("groups", 1) > 1 for op in model.integer_only.graph.ops)
-
-
-@pytest.mark.slow
-def test_resnet18_maxpool_and_timm_blocks(images, tmp_path):
-    x, _, _ = images
-    model = integer_model("w4a8", x[:32], arch="resnet18")
-    path = export_integer_onnx(model, tmp_path / "r18.onnx", intermediates=True)
-    assert _compare(model, path, x[32:40], 8, 2, True) == []
-    assert "maxpool" in {op.kind for op in model.integer_only.graph.ops}
+    ops = model.integer_only.graph.ops
+    found = {op.kind for op in ops} | {op.act for op in ops if op.act} | \
+        {"depthwise" for op in ops if op.attrs.get("groups", 1) > 1}
+    assert must_have <= found
 
 
 def test_kernels_are_integer(images, tmp_path):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sdq_lightning.export.onnx_export import save_model
 from sdq_lightning.integer import is_integer_only, layer_terms
 from sdq_lightning.integer.graph import Op
 
@@ -187,7 +188,6 @@ def export_integer_onnx(net: nn.Module, path: str | Path, intermediates: bool = 
     calibrated) as onnxruntime's integer graph (see the module docstring). ``intermediates``: every tensor of the
     integer graph is a graph output too (uint8 codes with their zero point, named ``t_<tensor>``), for comparing
     each code with PyTorch's."""
-    import onnx
     from onnx import TensorProto, helper
 
     if not is_integer_only(net):
@@ -212,11 +212,5 @@ def export_integer_onnx(net: nn.Module, path: str | Path, intermediates: bool = 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", INTEGER_ONLY_OPSET),
                                                     helper.make_opsetid(_MS, 1)])
     model.ir_version = 10
-    for k, v in {"sdq_form": INTEGER_ONLY_FORM, "sdq_ops": json.dumps(integer_ops(b.graph))}.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    if check:
-        onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_model(model, path, {"sdq_form": INTEGER_ONLY_FORM, "sdq_ops": json.dumps(integer_ops(b.graph))},
+                      check)

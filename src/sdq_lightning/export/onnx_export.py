@@ -220,9 +220,15 @@ def _finish(graph_model: Any, new_nodes: list, new_inits: list, drop: set[str], 
     del graph_model.opset_import[:]
     graph_model.opset_import.append(helper.make_opsetid("", opset))
     graph_model.ir_version = max(graph_model.ir_version, 11 if opset >= 25 else 10 if opset >= 21 else 8)
+    return save_model(onnx.shape_inference.infer_shapes(graph_model), path, meta, check)
+
+
+def save_model(graph_model: Any, path: str | Path, meta: dict[str, str] | None = None, check: bool = True) -> Path:
+    """Add ``meta`` to the model's metadata, check it (``onnx.checker``) and write it to ``path``."""
+    import onnx
+
     for k, v in (meta or {}).items():
         graph_model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    graph_model = onnx.shape_inference.infer_shapes(graph_model)
     if check:
         onnx.checker.check_model(graph_model)
     path = Path(path)
