@@ -11,7 +11,7 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="${QUICKSTART_DIR:-$(mktemp -d)}"
 git clone -q "$repo" "$work/sdq_lightning"
 script="$work/quickstart.sh"
-python3 - "$repo/README.md" "$script" <<'EOF'
+python3 - "$work/sdq_lightning/README.md" "$script" <<'EOF'
 import re, shlex, sys
 text = open(sys.argv[1]).read()
 section = text[text.index("## Getting started"):]
@@ -27,7 +27,7 @@ for raw in block.splitlines():
     guard = ""
     if "SDQ_CIFAR10_ROOT" in command:
         guard = 'if [[ -z "${SDQ_CIFAR10_ROOT:-}" ]]; then echo "== skipped (SDQ_CIFAR10_ROOT unset): ' \
-                + command.replace('"', "'") + '"; else '
+                + command.replace('"', "'").replace("$", "\\$") + '"; else '
     if command == "make test":
         guard = 'if [[ "${QUICKSTART_MAKE_TEST:-0}" != 1 ]]; then echo "== skipped (CI runs make test): make test"; else '
     quoted = shlex.quote(command)

@@ -104,3 +104,22 @@ def test_gpu_scripts_and_their_docs_speak_of_this_project_only() -> None:
     readme = (repo / "experiments" / "README.md").read_text()
     assert "make install" in readme and "CIFAR10_ROOT=/path/to/cifar10 bash experiments/gpu_cifar10_resnet20.sh" \
         in readme
+
+
+def test_getting_started_names_the_venv_the_data_the_quick_preset_and_each_commands_time() -> None:
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    readme = (repo / "README.md").read_text()
+    section = readme[readme.index("## Getting started"):readme.index("## Add SDQ to an existing Lightning project")]
+    block = re.search(r"^```bash\n(.*?)^```", section, re.S | re.M).group(1)
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+    assert commands[:2] == ["make install", "source .venv/bin/activate"]
+    assert "export SDQ_CIFAR10_ROOT=/path/to/cifar10" in commands
+    assert "sdq-train experiment=cifar10_quick dataset.root=$SDQ_CIFAR10_ROOT" in commands
+    timed = re.findall(r"^\| `([^`]+)` \| ([^|]+) \|$", section, re.M)
+    assert {c for c, _ in timed} >= {c for c in commands if not c.startswith(("source", "export"))}, timed
+    assert all(re.search(r"\d", t) for _, t in timed), timed  # a measured figure, not a placeholder
+    assert "**DBP** (Differentiable Bitwidth Parameter)" in section
+    assert "bash .ci/readme_quickstart.sh" in (repo / ".ci" / "run").read_text()
