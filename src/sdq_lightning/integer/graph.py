@@ -160,147 +160,158 @@ class _Classifier:
                          f"{_scope(n) or 'the network'} has no integer form")
 
 
-def trace_integer_graph(net: nn.Module) -> IntegerGraph:
-    """The integer graph of ``net`` (its Conv2d/Linear layers quantized, see the module docstring)."""
-    gm = _Tracer().trace(net)
-    modules = dict(net.named_modules())
-    kind_of = _Classifier(modules)
-    nodes = list(gm.nodes)
-    value: dict[fx.Node, str] = {}  # fx node -> tensor name
-    tensors: dict[str, QTensor] = {}
-    ops: list[Op] = []
-    done: set[fx.Node] = set()
-    names: set[str] = set()
+class _Walker:
+    """One pass over the fx graph in order, fusing each conv's BatchNorm and activation, each add's ReLU."""
 
+    def __init__(self, net: nn.Module) -> None:
+        self.modules = dict(net.named_modules())
+        self.nodes = list(_Tracer().trace(net).nodes)
+        self.kind_of = _Classifier(self.modules)
+        self.value: dict[fx.Node, str] = {}  # fx node -> the tensor it is
+        self.tensors: dict[str, QTensor] = {}
+        self.ops: list[Op] = []
+        self.done: set[fx.Node] = set()  # fused into an op already
+
+    # ---- helpers
+    @staticmethod
     def single_user(n: fx.Node) -> fx.Node | None:
         users = list(n.users)
-        return users[0] if len(users) == 1 else None
+        return users[0] if len(users) == 1 and users[0].op != "output" else None
 
-    def skip_identity(n: fx.Node) -> fx.Node:
+    def skip_identity(self, n: fx.Node) -> fx.Node:
         """``n``'s only consumer after identity modules (Identity, Dropout(0)), or ``n`` itself."""
-        while True:
-            u = single_user(n)
-            if u is None or u.op == "output" or kind_of(u)[0] != "identity":
-                return n
-            done.add(u)
+        while (u := self.single_user(n)) is not None and self.kind_of(u)[0] == "identity":
+            self.done.add(u)
             n = u
+        return n
 
-    def new_tensor(name: str, signed: bool) -> str:
-        tensors[name] = QTensor(name, signed, 8, "")
-        return name
-
-    def unique(base: str) -> str:
-        name, i = base, 1
-        while name in names:
-            name, i = f"{base}_{i}", i + 1
-        names.add(name)
-        return name
-
-    def fuse_act(n: fx.Node) -> tuple[fx.Node, str | None]:
-        n = skip_identity(n)
-        u = single_user(n)
-        if u is not None and u.op != "output" and kind_of(u)[0] == "act":
-            done.add(u)
-            return skip_identity(u), kind_of(u)[1]
+    def fuse_act(self, n: fx.Node) -> tuple[fx.Node, str | None]:
+        """``n`` extended by a ReLU/ReLU6 that only it feeds: (the last node, the activation or None)."""
+        n = self.skip_identity(n)
+        u = self.single_user(n)
+        if u is not None and self.kind_of(u)[0] == "act":
+            self.done.add(u)
+            return self.skip_identity(u), self.kind_of(u)[1]
         return n, None
 
-    def input_of(n: fx.Node, arg: Any) -> str:
-        if not isinstance(arg, fx.Node) or arg not in value:
+    def unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.tensors or name in {op.name for op in self.ops}:
+            name, i = f"{base}_{i}", i + 1
+        return name
+
+    def add_op(self, op: Op, signed: bool, *nodes: fx.Node) -> None:
+        self.ops.append(op)
+        if op.kind != "linear" and op.output not in self.tensors:  # the logits are float, not a held tensor
+            self.tensors[op.output] = QTensor(op.output, signed, 8, "")
+        for n in nodes:
+            self.value[n] = op.output
+
+    def input_of(self, n: fx.Node, arg: Any) -> str:
+        if not isinstance(arg, fx.Node) or arg not in self.value:
             raise ValueError(f"integer-only: op {n.name!r} in {_scope(n) or 'the network'} reads a value the integer "
                              f"graph does not hold ({arg!r})")
-        return value[arg]
+        return self.value[arg]
 
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise ValueError(f"integer-only: the network must take one input tensor, it takes {len(placeholders)}")
-    output = None
-    for n in nodes:
-        if n in done:
-            continue
-        if n.op == "placeholder":
-            ops.append(Op("quantize", "input", ("input_float",), new_tensor(unique("input"), True)))
-            value[n] = "input"
-            continue
-        if n.op == "output":
-            output = n.args[0]
-            continue
-        if n.op == "get_attr":
-            raise ValueError(f"integer-only: {n.name!r} reads the attribute {n.target!r}: no integer form")
-        kind, m = kind_of(n)
-        if kind == "identity":
-            value[n] = input_of(n, n.args[0])
-            continue
-        if kind in ("bn", "act"):
-            what = f"BatchNorm {n.target!r}" if kind == "bn" else f"activation {n.name!r} ({m})"
-            raise ValueError(f"integer-only: {what} in {_scope(n) or 'the network'} does not directly follow a "
-                             f"quantized conv (or, for ReLU, a residual add) whose output nothing else reads")
-        if kind == "conv":
-            x = input_of(n, n.args[0])
-            if m.padding_mode != "zeros" or isinstance(m.padding, str):
-                raise ValueError(f"integer-only: conv {n.target!r} has padding {m.padding!r}/{m.padding_mode!r}; "
-                                 f"only numeric zero padding has an integer form")
-            end, bn, act = skip_identity(n), None, None
-            u = single_user(end)
-            if u is not None and u.op != "output" and kind_of(u)[0] == "bn":
-                done.add(u)
-                bn_mod = kind_of(u)[1]
-                bn = u.target
-                end = u
-                if isinstance(bn_mod, _batchnorm_act_type()):
-                    act = _act_of(bn_mod.act)
-                    if act is False:
-                        raise ValueError(f"integer-only: {u.target!r} applies {type(bn_mod.act).__name__}, which has "
-                                         f"no integer form (ReLU, ReLU6 or none)")
-                    if not isinstance(bn_mod.drop, nn.Identity):
-                        raise ValueError(f"integer-only: {u.target!r} has dropout: no integer form")
-                    end = skip_identity(end)
-            if act is None:
-                end, act = fuse_act(end)
-            ops.append(Op("conv", n.target, (x,), new_tensor(unique(n.target), act is None), bn=bn, act=act,
-                          attrs={"stride": m.stride, "padding": m.padding, "dilation": m.dilation,
-                                 "groups": m.groups}))
-            value[end] = value[n] = ops[-1].output
-            continue
-        if kind == "linear":
-            x = input_of(n, n.args[0])
-            end = skip_identity(n)
-            if single_user(end) is None or single_user(end).op != "output":
-                raise ValueError(f"integer-only: linear layer {n.target!r} must produce the network output (a "
-                                 f"classifier); its output is read by other ops")
-            ops.append(Op("linear", n.target, (x,), "logits"))
-            value[end] = value[n] = "logits"
-            continue
-        if kind == "add":
-            args = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node)]
-            if len(args) != 2 or len(n.args) + len(n.kwargs) != 2:
-                raise ValueError(f"integer-only: add {n.name!r} in {_scope(n)} must add two tensors")
-            a, b = (input_of(n, x) for x in args)
-            end, act = fuse_act(n)
-            name = unique(f"{_scope(n)}.add" if _scope(n) else "add")
-            ops.append(Op("add", name, (a, b), new_tensor(name, act is None), act=act))
-            value[end] = value[n] = name
-            continue
-        x = input_of(n, n.args[0])
-        if kind == "maxpool":
-            name = unique(n.target)
-            ops.append(Op("maxpool", name, (x,), new_tensor(name, tensors[x].signed),
-                          attrs={"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
-                                 "dilation": m.dilation, "ceil_mode": m.ceil_mode}))
-        elif kind == "gap":
-            name = unique(n.target if n.op == "call_module" else f"{_scope(n)}.gap".lstrip("."))
-            ops.append(Op("gap", name, (x,), new_tensor(name, tensors[x].signed)))
-            if not m:  # mean without keepdim: [N, C]
-                ops.append(Op("flatten", unique(name + ".flatten"), (name,), new_tensor(name + ".flat",
-                                                                                        tensors[x].signed)))
-        elif kind == "flatten":
-            name = unique(n.target if n.op == "call_module" else f"{_scope(n)}.flatten".lstrip("."))
-            ops.append(Op("flatten", name, (x,), new_tensor(name, tensors[x].signed)))
-        value[n] = ops[-1].output
-    if output is None or value.get(output) != "logits":
-        raise ValueError("integer-only: the network output must be the logits of its quantized Linear classifier")
-    graph = IntegerGraph(tensors, ops)
-    _assign_quantizers(graph, modules)
-    return graph
+    # ---- the walk
+    def run(self) -> IntegerGraph:
+        if sum(n.op == "placeholder" for n in self.nodes) != 1:
+            raise ValueError("integer-only: the network must take exactly one input tensor")
+        output = None
+        for n in self.nodes:
+            if n in self.done:
+                continue
+            if n.op == "placeholder":
+                self.add_op(Op("quantize", "input", ("input_float",), "input"), True, n)
+            elif n.op == "output":
+                output = n.args[0]
+            elif n.op == "get_attr":
+                raise ValueError(f"integer-only: {n.name!r} reads the attribute {n.target!r}: no integer form")
+            else:
+                kind, m = self.kind_of(n)
+                getattr(self, "_" + kind)(n, m)
+        if output is None or self.value.get(output) != "logits":
+            raise ValueError("integer-only: the network output must be the logits of its quantized Linear classifier")
+        graph = IntegerGraph(self.tensors, self.ops)
+        _assign_quantizers(graph, self.modules)
+        return graph
+
+    def _identity(self, n: fx.Node, m: Any) -> None:
+        self.value[n] = self.input_of(n, n.args[0])
+
+    def _bn(self, n: fx.Node, m: Any) -> None:
+        raise ValueError(f"integer-only: BatchNorm {n.target!r} does not directly follow a quantized conv whose output "
+                         f"nothing else reads")
+
+    def _act(self, n: fx.Node, m: Any) -> None:
+        raise ValueError(f"integer-only: activation {n.name!r} ({m}) in {_scope(n) or 'the network'} does not "
+                         f"directly follow a quantized conv or a residual add whose output nothing else reads")
+
+    def _conv(self, n: fx.Node, m: nn.Conv2d) -> None:
+        x = self.input_of(n, n.args[0])
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise ValueError(f"integer-only: conv {n.target!r} has padding {m.padding!r}/{m.padding_mode!r}; only "
+                             f"numeric zero padding has an integer form")
+        end, bn, act = self.skip_identity(n), None, None
+        u = self.single_user(end)
+        if u is not None and self.kind_of(u)[0] == "bn":
+            self.done.add(u)
+            bn, end = u.target, u
+            bn_mod = self.modules[u.target]
+            if isinstance(bn_mod, _batchnorm_act_type()):  # BatchNorm and its activation in one module
+                act = _act_of(bn_mod.act)
+                if act is False or not isinstance(bn_mod.drop, nn.Identity):
+                    raise ValueError(f"integer-only: {u.target!r} applies {type(bn_mod.act).__name__} (or dropout), "
+                                     f"which has no integer form (ReLU, ReLU6 or none)")
+                end = self.skip_identity(end)
+        if act is None:
+            end, act = self.fuse_act(end)
+        attrs = {"stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups}
+        self.add_op(Op("conv", n.target, (x,), self.unique(n.target), bn=bn, act=act, attrs=attrs), act is None,
+                    n, end)
+
+    def _linear(self, n: fx.Node, m: Any) -> None:
+        x = self.input_of(n, n.args[0])
+        end = self.skip_identity(n)
+        users = list(end.users)
+        if len(users) != 1 or users[0].op != "output":
+            raise ValueError(f"integer-only: linear layer {n.target!r} must produce the network output (a "
+                             f"classifier); its output is read by other ops")
+        self.add_op(Op("linear", n.target, (x,), "logits"), True, n, end)
+
+    def _add(self, n: fx.Node, m: Any) -> None:
+        args = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node)]
+        if len(args) != 2 or len(n.args) + len(n.kwargs) != 2:
+            raise ValueError(f"integer-only: add {n.name!r} in {_scope(n)} must add two tensors")
+        a, b = (self.input_of(n, x) for x in args)
+        end, act = self.fuse_act(n)
+        name = self.unique(f"{_scope(n)}.add" if _scope(n) else "add")
+        self.add_op(Op("add", name, (a, b), name, act=act), act is None, n, end)
+
+    def _name(self, n: fx.Node, what: str) -> str:
+        return self.unique(n.target if n.op == "call_module" else f"{_scope(n)}.{what}".lstrip("."))
+
+    def _maxpool(self, n: fx.Node, m: nn.MaxPool2d) -> None:
+        x, name = self.input_of(n, n.args[0]), self._name(n, "maxpool")
+        attrs = {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding, "dilation": m.dilation,
+                 "ceil_mode": m.ceil_mode}
+        self.add_op(Op("maxpool", name, (x,), name, attrs=attrs), self.tensors[x].signed, n)
+
+    def _gap(self, n: fx.Node, keepdim: bool) -> None:
+        x, name = self.input_of(n, n.args[0]), self._name(n, "gap")
+        self.add_op(Op("gap", name, (x,), name), self.tensors[x].signed, n)
+        if not keepdim:  # mean over (2, 3): [N, C]
+            flat = self.unique(name + ".flatten")
+            self.add_op(Op("flatten", flat, (name,), flat), self.tensors[x].signed, n)
+
+    def _flatten(self, n: fx.Node, m: Any) -> None:
+        x, name = self.input_of(n, n.args[0]), self._name(n, "flatten")
+        self.add_op(Op("flatten", name, (x,), name), self.tensors[x].signed, n)
+
+
+def trace_integer_graph(net: nn.Module) -> IntegerGraph:
+    """The integer graph of ``net`` (its Conv2d/Linear layers quantized, see the module docstring)."""
+    return _Walker(net).run()
 
 
 def _assign_quantizers(graph: IntegerGraph, modules: dict[str, nn.Module]) -> None:
