@@ -99,3 +99,13 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, monkeypatch, cap
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: resume={folder}: {ckpt} is not a PyTorch checkpoint")
     assert "weights_only" not in lines[0]
+
+
+def test_an_option_added_since_the_run_counts_as_unchanged_only_while_unset() -> None:
+    from sdq_lightning.cli.resume import changed_keys
+
+    saved = {"sdq": {"beta": 1.0}}
+    assert changed_keys(saved, {"sdq": {"beta": 1.0, "integer_only": None}}) == []
+    assert changed_keys(saved, {"sdq": {"beta": 1.0, "integer_only": True}}) == ["sdq.integer_only"]
+    assert changed_keys({"sdq": {"beta": 1.0, "integer_only": True}}, {"sdq": {"beta": 1.0, "integer_only": None}}) \
+        == ["sdq.integer_only"]

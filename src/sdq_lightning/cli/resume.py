@@ -48,9 +48,12 @@ def _free(key: str) -> bool:
 
 
 def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The dotted keys whose values differ between two resolved configs, except ``FREE_KEYS``."""
+    """The dotted keys whose values differ between two resolved configs, except ``FREE_KEYS``. A key the saved run
+    did not have (an option added to the configs since) counts as unchanged while it is null, its 'not set' value."""
     a, b = _flat(saved), _flat(now)
-    return sorted(k for k in set(a) | set(b) if not _free(k) and a.get(k, "<unset>") != b.get(k, "<unset>"))
+    return sorted(k for k in set(a) | set(b)
+                  if not _free(k) and a.get(k, "<unset>") != b.get(k, "<unset>")
+                  and not (k not in a and b[k] is None))
 
 
 def check_resume(cfg: DictConfig) -> Path | None:
