@@ -3,7 +3,9 @@
 # initialised from checkpoints/resnet20_cifar10_fp.pt (made by experiments/cifar10_fp_baseline.sh), same seed,
 # same schedule length (EPOCHS), FP activations as in the paper's CIFAR-10 row.
 #   rows: uniform2_kd | sdq | sdq_noebr | sdq_nokd | uniform2 (no KD; the control of sdq_nokd)
-#   search controls (no KD, issue 13): budget_only | projection_only | random (same epochs, same budget as sdq_nokd)
+#   search controls (no KD, issue 13): budget_only | projection_only | size_greedy | random (same epochs, same
+#   budget as sdq_nokd; random is a size-neutral random plan, size_greedy the size heuristic runs before 2026-12-05
+#   called random)
 #   SUBSET=10000 trains on a fixed class-balanced subset of the training set (and evaluates on the full test set)
 #   (default: the first four; ROWS="sdq uniform2_kd" to pick)
 #   CIFAR10_ROOT=/path/to/cifar10 EPOCHS=6 SEARCH=2 bash experiments/cifar10_compare.sh
@@ -44,11 +46,11 @@ for row in $ROWS; do
     sdq)         args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" "${kd[@]}") ;;
     sdq_noebr)   args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.ebr_weight=0 "${kd[@]}") ;;
     sdq_nokd)    args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.teacher=null) ;;
-    budget_only|projection_only|random)
+    budget_only|projection_only|size_greedy|random)
                  args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.teacher=null
                        sdq.search_signal="$row") ;;
     *) echo "error: unknown row '$row' (allowed: uniform2_kd sdq sdq_noebr sdq_nokd uniform2 budget_only" \
-            "projection_only random)" >&2; exit 2 ;;
+            "projection_only size_greedy random)" >&2; exit 2 ;;
   esac
   echo "=== $row ($tag) $(date -u +%FT%TZ)"
   $PY -m sdq_lightning.train name="c10cmp_${row}_${tag}" "${common[@]}" "${args[@]}" "$@"

@@ -1,5 +1,6 @@
 """Issue 13's table: SDQ against the controls that could refute the search, from the run folders that
-experiments/cifar10_compare.sh writes (rows sdq_nokd, budget_only, projection_only, random, uniform2).
+experiments/cifar10_compare.sh writes (rows sdq_nokd, budget_only, projection_only, size_greedy, random, uniform2). Run folders
+written before 2026-12-05 named the size heuristic ``random``: their ``random`` rows are size_greedy plans.
 
     python experiments/controls_table.py outputs/runs/c10cmp_*_ctl*
 
@@ -17,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-ROWS = ("sdq_nokd", "budget_only", "projection_only", "random", "uniform2")
+ROWS = ("sdq_nokd", "budget_only", "projection_only", "size_greedy", "random", "uniform2")
 
 
 def _runs(paths: list[str]):

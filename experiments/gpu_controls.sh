@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The search against its controls on one GPU, with a longer schedule than a CPU allows.
 # Rows (experiments/cifar10_compare.sh, all without KD, FP activations, avg_bits <= 2.0, from
-# checkpoints/resnet20_cifar10_fp.pt, the full training set): sdq_nokd budget_only projection_only random uniform2,
+# checkpoints/resnet20_cifar10_fp.pt, the full training set): sdq_nokd budget_only projection_only size_greedy random uniform2,
 # seeds SEEDS (default "0 1"), EPOCHS (default 6) with SEARCH (default 3) search epochs (the CPU table: 4 and 2),
 # batch 128 at lr 0.02 as on the CPU, bf16, on-device data, sdq.compile=cuda-graphs. Every run is its own process
 # and all run AT ONCE (16 cores decode the data in parallel; the GPU interleaves the graphed steps); each stops
@@ -43,7 +43,7 @@ TAG="${TAG:-gpu}"
 echo "=== gpu_controls $(date -u +%FT%TZ) smoke=$SMOKE ${knobs[*]} tag=$TAG"
 pids=()
 for seed in ${SEEDS:-0 1}; do
-  for row in ${ROWS:-sdq_nokd budget_only projection_only random uniform2}; do
+  for row in ${ROWS:-sdq_nokd budget_only projection_only size_greedy random uniform2}; do
     env "${knobs[@]}" SEED="$seed" ROWS="$row" TAG="$TAG" timeout "${RUN_TIMEOUT:-480}" \
       bash experiments/cifar10_compare.sh "${extra[@]}" >"$OUT_DIR/${row}_s${seed}.log" 2>&1 &
     pids+=($!)

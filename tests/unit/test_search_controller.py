@@ -94,7 +94,7 @@ def test_freeze_projection_is_a_small_correction_and_meets_the_budget():
     assert abs(expected - 2.0) <= 0.1
 
 
-@pytest.mark.parametrize("signal", ["projection_only", "random"])
+@pytest.mark.parametrize("signal", ["projection_only", "size_greedy"])
 def test_controls_that_do_not_search_keep_the_dbps_and_project_from_the_top(signal):
     model, cm, search = _searched(signal=signal)
     before = [q.dbp.detach().clone() for q in search.quantizers]
@@ -105,13 +105,39 @@ def test_controls_that_do_not_search_keep_the_dbps_and_project_from_the_top(sign
     assert cm.of_bits(bits, "avg_bits") <= 2.0 + 1e-9
 
 
-def test_random_control_depends_on_its_seed():
+@pytest.mark.parametrize("signal", ["size_greedy", "random"])
+def test_seeded_controls_depend_on_their_seed(signal):
     plans = []
     for seed in (0, 1, 2):
-        model, cm, search = _searched(widths=(64, 64, 64, 64, 64, 64), signal="random", seed=seed)
+        model, cm, search = _searched(widths=(64, 64, 64, 64, 64, 64), signal=signal, seed=seed)
         _run(model, cm, search, 2)
         plans.append(search.freeze_bits()[1])
     assert len({tuple(sorted(p.items())) for p in plans}) > 1
+
+
+def test_random_control_is_size_neutral_and_not_size_greedy():
+    """The random control's plans lie within 1 % under the target, differ from seed to seed, and some put a large
+    layer above a small one, which the size-greedy control never does (it drops the largest layers first)."""
+    plans = {}
+    for signal in ("random", "size_greedy"):
+        plans[signal] = []
+        for seed in range(10):
+            model, cm, search = _searched(widths=(32, 32, 32, 96, 96, 96), signal=signal, seed=seed)
+            before = [q.dbp.detach().clone() for q in search.quantizers]
+            _run(model, cm, search, 2)
+            assert all(torch.equal(b, q.dbp.detach()) for b, q in zip(before, search.quantizers))
+            decided, bits, _ = search.freeze_bits()
+            assert cm.of_bits(bits, "avg_bits") <= 2.0 + 1e-9
+            if signal == "random":
+                assert decided == bits and cm.of_bits(bits, "avg_bits") >= 0.99 * 2.0
+            plans[signal].append([bits[n] for n in search.names])  # layers of 1024, 1024, 3072, 9216, 9216 weights
+    assert len({tuple(p) for p in plans["random"]}) >= 8
+
+    def large_above_small(p):
+        return max(p[3:]) > min(p[:2])
+
+    assert not any(large_above_small(p) for p in plans["size_greedy"])
+    assert any(large_above_small(p) for p in plans["random"])
 
 
 def test_controller_state_round_trips():

@@ -122,7 +122,7 @@ class SDQ(Callback):
             schedule to the target, reached after ``budget_reach`` of the search; ``"penalty"``: the fixed budget
             penalty ``penalty_weight * R(E[cost])`` (``penalty``: ``"squared_hinge"`` or ``"hinge"``) and SGD.
         search_signal: ``"task+budget"`` (default), or a control: ``"budget_only"``, ``"projection_only"``,
-            ``"random"`` (see :mod:`sdq_lightning.callbacks.search`).
+            ``"size_greedy"``, ``"random"`` (see :mod:`sdq_lightning.callbacks.search`).
         task_weight: weight of the normalised task force on the DBPs (``dual``).
         budget_reach: fraction of the search after which the schedule holds the target (0 < x <= 1).
         projection_sensitivity: how the freeze's projection ranks layers: ``"task_grad"`` (default: accumulated

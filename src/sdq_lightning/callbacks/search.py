@@ -12,7 +12,10 @@ Search signals (``search_signal``), the controls that can refute the method:
 * ``budget_only``: the same controller, no task force (the task gradients are still measured for the projection);
 * ``projection_only``: the DBPs never move; the freeze projects the starting plan (every layer at its top
   candidate) onto the budget by the measured sensitivity;
-* ``random``: the DBPs never move; the freeze projects the starting plan by a seeded random ranking.
+* ``size_greedy``: the DBPs never move; the freeze projects the starting plan by a seeded random per-layer slope
+  divided by the cost a drop saves, so the largest layers fall first (a size heuristic, not a random plan);
+* ``random``: the DBPs never move; the freeze takes a plan drawn uniformly from all plans whose cost lies within 1 %
+  under the target (:func:`sdq_lightning.planning.random_plan`, seeded): size-neutral, no ranking of any kind.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from sdq_lightning.quantizers.sdq import stacked_expected_bits
 __all__ = ["BUDGET_CONTROLS", "PROJECTION_SENSITIVITIES", "SEARCH_SIGNALS", "BitSearch"]
 
 BUDGET_CONTROLS = ("dual", "penalty")
-SEARCH_SIGNALS = ("task+budget", "budget_only", "projection_only", "random")
+SEARCH_SIGNALS = ("task+budget", "budget_only", "projection_only", "size_greedy", "random")
 PROJECTION_SENSITIVITIES = ("task_grad", "weight_mse")
 ROUNDINGS = ("budget", "argmax")
 
@@ -254,7 +257,7 @@ class BitSearch:
     # ------------------------------------------------------------------ freeze
     def sensitivities(self, root: torch.nn.Module | None = None) -> dict[str, dict[int, float]]:
         """``sens[name][bits]``: the loss the layer adds at ``bits`` (up to a constant), for the projection."""
-        if self.signal == "random":
+        if self.signal == "size_greedy":
             rng = _random.Random(self.seed)
             out = {}
             for n, q in zip(self.names, self.quantizers):
@@ -264,27 +267,23 @@ class BitSearch:
         if self.projection_sensitivity == "weight_mse":
             return {n: quantization_mse(e.layer) for n in self.names
                     for e in self.cost_model.entries if e.name == n}
-        out = {}
+        from sdq_lightning.planning.sensitivity import level_table
+
         sens = self.optimizer.sensitivity() if self.optimizer is not None else [None] * len(self.names)
-        for n, q, s in zip(self.names, self.quantizers, sens):
-            # per index i: the EMA of -dL/dbeta_i estimates the loss decrease of b_{i-1} -> b_i; integrate it
-            values = [0.0] * len(q.candidates) if s is None else [float(v) for v in s.detach().cpu()]
-            level_gain = [max(v, 0.0) for v in values]
-            known = [v for i, v in enumerate(values) if i > 0 and v != 0.0]
-            fill = max(sum(known) / len(known), 0.0) if known else 0.0
-            acc, table = 0.0, {}
-            for i, b in enumerate(q.candidates):
-                if i > 0:
-                    acc -= level_gain[i] if values[i] != 0.0 else fill
-                table[b] = acc
-            out[n] = table
-        return out
+        # per index i: the EMA of -dL/dbeta_i estimates the loss decrease of b_{i-1} -> b_i; integrated per layer
+        return {n: level_table(q.candidates, [0.0] * len(q.candidates) if s is None else s.detach().cpu().tolist())
+                for n, q, s in zip(self.names, self.quantizers, sens)}
 
     def freeze_bits(self) -> tuple[dict[str, int | None], dict[str, int | None], float]:
         """(decided bits, projected bits, expected avg bits before the projection)."""
         expected_avg = float(self.cost_model.expected("avg_bits").detach())
         decided = self.cost_model.current_bits()
         self.argmax_changed = 0
+        if self.signal == "random":  # a size-neutral random plan, taken as drawn (no projection, no fill-up)
+            from sdq_lightning.planning import PlanProblem, random_plan
+
+            drawn = random_plan(PlanProblem.of_cost_model(self.cost_model), self.budget, seed=self.seed)
+            return {**decided, **drawn}, {**decided, **drawn}, expected_avg
         if not self.moves:  # the controls that do not search start the projection from the top candidates
             for n, q in zip(self.names, self.quantizers):
                 decided[n] = q.candidates[-1]

@@ -26,12 +26,12 @@ __all__ = ["PlanProblem"]
 class PlanProblem:
     """The searched layers of a model (execution order), their candidates, the fixed layers and the cost model."""
 
-    model: nn.Module
+    model: nn.Module | None
     profile: dict[str, LayerProfile]
     cost_model: CostModel
     names: list[str]
     candidates: dict[str, tuple[int, ...]]
-    spec: QuantSpec
+    spec: QuantSpec | None  # None: built from a cost model (no plan files)
 
     @classmethod
     def from_model(cls, model: nn.Module, example_input: Tensor, weight_bits: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8),
@@ -42,6 +42,13 @@ class PlanProblem:
         quantized = copy.deepcopy(model).cpu()
         quantize_model(quantized, spec)
         return cls._build(quantized, example_input.cpu(), spec)
+
+    @classmethod
+    def of_cost_model(cls, cost_model: CostModel) -> PlanProblem:
+        """The problem over an existing (quantized) model's cost model, e.g. the search's own at the freeze."""
+        names = cost_model.searchable()
+        cands = {n: tuple(cost_model._quantizer(n).candidates) for n in names}
+        return cls(None, {}, cost_model, names, cands, None)  # enough for costs and the planners, not plan()
 
     @classmethod
     def _build(cls, quantized: nn.Module, example_input: Tensor, spec: QuantSpec) -> PlanProblem:
