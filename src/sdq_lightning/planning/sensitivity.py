@@ -116,8 +116,12 @@ def weight_step(w: Tensor, bits: int, mode: str = "mse") -> Tensor:
     s0 = weight_step_init(w, bits)
     if mode == "lsq_init" or bits == 1:
         return s0
-    errors = torch.stack([((quantize_weight(w, s0 * a, bits) - w) ** 2).sum() for a in _GRID.tolist()])
-    return s0 * _GRID[int(errors.argmin())]
+    flat = w.detach().reshape(1, -1)
+    grid = (s0 * _GRID.to(w.device, w.dtype)).reshape(-1, 1)
+    chunk = max(1, (1 << 22) // flat.shape[1])  # steps per pass: about 4M elements at a time
+    errors = torch.cat([((quantize_weight(flat, grid[i:i + chunk], bits) - flat) ** 2).sum(1)
+                        for i in range(0, len(grid), chunk)])
+    return grid[int(errors.argmin()), 0]
 
 
 @torch.no_grad()
