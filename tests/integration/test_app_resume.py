@@ -3,6 +3,7 @@ uninterrupted one; a command line that changes what the run trains is one line, 
 
 from __future__ import annotations
 
+import csv
 import json
 
 import lightning.pytorch as pl
@@ -46,6 +47,28 @@ def test_a_resumed_run_ends_as_the_uninterrupted_one(tmp_path, stop_after) -> No
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     history = json.loads((tmp_path / "cut" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert _csv_rows(tmp_path / "cut") == _csv_rows(tmp_path / "whole")
+    assert not (tmp_path / "cut" / "metrics.earlier.csv").exists()
+
+
+def _csv_rows(run_dir) -> list[tuple[str, str, str]]:
+    """(epoch, step, val/acc) of every row of the run's metrics.csv that has a val/acc."""
+    with (run_dir / "metrics.csv").open(newline="") as fh:
+        return [(r["epoch"], r["step"], r["val/acc"]) for r in csv.DictReader(fh) if r.get("val/acc")]
+
+
+def test_a_resumed_fp_run_keeps_the_curve_of_the_epochs_before_the_interruption(tmp_path) -> None:
+    fp = [*BASE, "sdq.enabled=false"]
+    whole = run(compose_cfg(fp), tmp_path / "whole")
+    stop = f"+callbacks.stop._target_={__name__}.StopAfterEpoch"
+    run(compose_cfg([*fp, stop, "+callbacks.stop.epoch=1"]), tmp_path / "cut")
+    resumed = run(compose_cfg([*fp, f"resume={tmp_path / 'cut'}"]), tmp_path / "cut")
+    assert resumed["val/acc"] == whole["val/acc"]
+    history = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert history == json.loads((tmp_path / "whole" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    rows = _csv_rows(tmp_path / "cut")
+    assert [r[0] for r in rows] == ["0", "1", "2", "3"] and rows == _csv_rows(tmp_path / "whole")
 
 
 @pytest.mark.parametrize(("change", "key"), [("hardware.target=3.0", "hardware.target"),

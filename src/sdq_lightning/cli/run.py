@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from sdq_lightning.report import plan_rows, write_report
@@ -51,6 +52,65 @@ class EpochRecorder(Callback):
             if key in trainer.callback_metrics:
                 rec[key] = float(trainer.callback_metrics[key])
         self.history.append(rec)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
+EARLIER_CSV = "metrics.earlier.csv"
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    import csv
+
+    if not path.is_file():
+        return [], []
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict[str, str]]) -> None:
+    import csv
+
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _before(rows: list[dict[str, str]], later: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows of ``rows`` from epochs before the first epoch of ``later`` (all of them when ``later`` is empty)."""
+    epochs = [int(r["epoch"]) for r in later if r.get("epoch") not in (None, "")]
+    if not epochs:
+        return rows
+    return [r for r in rows if r.get("epoch") not in (None, "") and int(r["epoch"]) < min(epochs)]
+
+
+def _union(*headers: list[str]) -> list[str]:
+    return list(dict.fromkeys(f for h in headers for f in h))
+
+
+def keep_earlier_metrics(run_dir: Path) -> None:
+    """Before a resumed fit: the CSV logger rewrites ``metrics.csv``, so its rows (and those of earlier
+    interruptions) are kept in ``metrics.earlier.csv`` until :func:`merge_earlier_metrics` puts them back."""
+    kept_fields, kept = _read_csv(run_dir / EARLIER_CSV)
+    fields, rows = _read_csv(run_dir / "metrics.csv")
+    if rows:
+        _write_csv(run_dir / EARLIER_CSV, _union(kept_fields, fields), [*_before(kept, rows), *rows])
+
+
+def merge_earlier_metrics(run_dir: Path) -> None:
+    """After a resumed fit: ``metrics.csv`` = the kept rows of the epochs before this fit's first, then this fit's."""
+    kept_fields, kept = _read_csv(run_dir / EARLIER_CSV)
+    if not kept:
+        return
+    fields, rows = _read_csv(run_dir / "metrics.csv")
+    _write_csv(run_dir / "metrics.csv", _union(kept_fields, fields), [*_before(kept, rows), *rows])
+    (run_dir / EARLIER_CSV).unlink()
 
 
 class StopAfterSearch(Callback):
@@ -256,11 +316,13 @@ def fit_one(cfg: DictConfig, run_dir: str | Path, *, label: str = "sdq", sdq_ena
     overrides = {**(sdq_overrides or {}), **({"teacher": teacher} if teacher is not None else {})}
     sdq = build_sdq(cfg, run_dir, **overrides) if enabled else None
     callbacks, recorder, throughput = _build_callbacks(cfg, run_dir, sdq, stage)
+    from sdq_lightning.cli.resume import checkpoint_of
+
+    if checkpoint_of(cfg) is not None and rank_zero_only.rank == 0:
+        keep_earlier_metrics(run_dir)  # before the CSV logger exists: it deletes metrics.csv
     logger = build_logger(cfg, run_dir, name=f"{cfg.name}-{label}")
     trainer = build_trainer(_trainer_cfg(cfg, sdq, max_epochs), callbacks, logger, run_dir)
     shard_validation_exactly(trainer, datamodule)
-    from sdq_lightning.cli.resume import checkpoint_of
-
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint_of(cfg))
     fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     if cfg.run_test and not cfg.phase.get("search_only"):
@@ -270,6 +332,9 @@ def fit_one(cfg: DictConfig, run_dir: str | Path, *, label: str = "sdq", sdq_ena
     history = _merge_history(sdq.history if sdq is not None else [], recorder.history)
     images: dict[str, Path] = {}
     if trainer.is_global_zero:
+        for lg in trainer.loggers:
+            lg.save()
+        merge_earlier_metrics(run_dir)
         _write_plan(sdq, plan, run_dir)
         images = _write_outputs(cfg, run_dir, metrics, history, plan, logger, enabled, sdq)
     return RunResult(metrics, plan, history, module, images)
