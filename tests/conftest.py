@@ -1,4 +1,5 @@
-"""Test-wide settings: Hypothesis profiles; importing sdq_lightning registers its timm models."""
+"""Test-wide settings: Hypothesis profiles; the ``gpu`` marker; importing sdq_lightning registers its timm models.
+Shared helpers (digits data, a user module, searched models) live in the ``helpers`` package next to this file."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 # process, and subprocess tests inherit this).
 os.environ.setdefault("SDQ_KERNELS", "eager")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import sdq_lightning  # noqa: E402,F401  (registers resnet20/32/56 and digits_cnn in timm)
@@ -17,3 +20,13 @@ settings.register_profile("default", max_examples=40, deadline=None, derandomize
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``@pytest.mark.gpu`` is the whole GPU gate: without CUDA those tests are skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

@@ -1,35 +1,20 @@
-"""Fixtures for callback tests: real scikit-learn digits with a fixed split, and a trained FP teacher."""
+"""Fixtures for callback tests: real scikit-learn digits with a fixed split (helpers.data), a quiet trainer and a
+trained FP teacher."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
-import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
 
-from sdq_lightning import SDQClassifier
-from sdq_lightning.lit import EpochSeededSampler
-
-
-def digits_split() -> tuple[TensorDataset, TensorDataset]:
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    return TensorDataset(xtr, ytr), TensorDataset(xte, yte)
-
-
-class Loaders:
-    def __init__(self) -> None:
-        self.train_set, self.test_set = digits_split()
-
-    def train(self, batch_size: int = 64, seed: int = 0) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=batch_size, sampler=EpochSeededSampler(self.train_set, seed))
-
-    def test(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=512)
+# scripts in experiments/ import this file (and the test modules here) with only this folder on sys.path
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+from helpers.data import Loaders  # noqa: E402
+from sdq_lightning import SDQClassifier  # noqa: E402
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:

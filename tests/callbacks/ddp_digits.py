@@ -9,11 +9,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
-from sdq_lightning import SDQ, SDQClassifier
-from sdq_lightning.quantizers import SDQWeightQuantizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the helpers package (run as a script)
+from helpers.data import digits_unit  # noqa: E402
+from sdq_lightning import SDQ, SDQClassifier  # noqa: E402
+from sdq_lightning.quantizers import SDQWeightQuantizer  # noqa: E402
 
 
 class RecordDraws(Callback):
@@ -27,9 +28,8 @@ class RecordDraws(Callback):
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    data = TensorDataset(x[:1024], torch.tensor(d.target)[:1024])
+    x, y = digits_unit()
+    data = TensorDataset(x[:1024], y[:1024])
     sdq = SDQ(activation_bits=4, budget={"metric": "avg_bits", "target": 2.5}, search_epochs=2, dbp_lr=0.3,
               save_dir=out)
     rec = RecordDraws()

@@ -7,31 +7,20 @@ no skip on inf) and added unscaled penalty/EBR/KD gradients: DBPs moved by up to
 
 from __future__ import annotations
 
+from functools import partial
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
-from torch import nn
-from torch.nn import functional as F
 
+from helpers import user_module
 from sdq_lightning import SDQ
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 
 
-class UserNet(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                                 nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                 nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(32, 10))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+# the user module of these tests (experiments/precision_grads.py imports it under this name)
+UserNet = partial(user_module.UserNet, body="cnn_widening", width=16, lr=0.05, momentum=0.9)
 
 
 class FirstGrads(SDQ):

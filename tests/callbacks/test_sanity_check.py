@@ -11,15 +11,18 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from test_user_cnn import UserCNN
 
+from helpers.user_module import USER_CNN, UserNet
 from sdq_lightning import SDQ
 from sdq_lightning.modules.fused import lsq_act_quantize
 from sdq_lightning.quantizers import ActQuantizer
 
 
-class ValidatedCNN(UserCNN):
-    """The user's CNN with a validation loop, as most Lightning projects have one."""
+class ValidatedCNN(UserNet):
+    """The user's CNN (test_user_cnn.py's) with a validation loop, as most Lightning projects have one."""
+
+    def __init__(self) -> None:
+        super().__init__(**USER_CNN)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch

@@ -6,9 +6,8 @@ import copy
 
 import lightning as L
 import torch
-from torch import nn
-from torch.nn import functional as F
 
+from helpers.user_module import UserNet
 from sdq_lightning import SDQ, BitPlan, SDQClassifier
 from sdq_lightning.quantizers import SDQWeightQuantizer
 
@@ -49,25 +48,9 @@ def test_learns_digits_under_budget(make_trainer, digits, fp_teacher, tmp_path):
         f"tighter budget: {tight.plan.average_bits:.4f} bits, not below {sdq.plan.average_bits:.4f}"
 
 
-class UserModule(L.LightningModule):
-    """A user's own module: knows nothing of SDQ, SGD with weight decay on every parameter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-
-
 def test_user_module_with_weight_decay(make_trainer, digits):
     L.seed_everything(0, verbose=False)
-    module = UserModule()
+    module = UserNet("cnn_plain", width=16, lr=0.05, momentum=0.9, weight_decay=5e-4)  # decay on every parameter
     sdq = SDQ(activation_bits=None, budget={"metric": "avg_bits", "target": 3.0}, search_epochs=2)
     trainer = make_trainer(max_epochs=3, callbacks=[sdq])
     trainer.fit(module, digits.train())

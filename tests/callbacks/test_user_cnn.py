@@ -7,46 +7,15 @@ absolute-Adam update outran the step's size) and the run ended at 10 % while the
 from __future__ import annotations
 
 import lightning as L
-import torch
-from torch import nn
-from torch.nn import functional as F
-from torchmetrics.classification import MulticlassAccuracy
 
+from helpers.user_module import USER_CNN, UserNet
 from sdq_lightning import SDQ
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 
 
-class UserCNN(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32)
-        self.c2, self.b2 = nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64)
-        self.c3, self.b3 = nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64)
-        self.f1, self.f2 = nn.Linear(64 * 4 * 4, 128), nn.Linear(128, 10)
-        self.acc = MulticlassAccuracy(num_classes=10)
-
-    def forward(self, x):
-        x = F.relu(self.b1(self.c1(x)))
-        x = F.relu(self.b2(self.c2(x)))
-        x = F.relu(self.b3(self.c3(x)))
-        return self.f2(F.relu(self.f1(x.flatten(1))))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.acc(self(x), y)
-        self.log("test_acc", self.acc)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-
 def test_fresh_user_cnn_at_high_lr_learns_under_two_bits(make_trainer, digits):
     L.seed_everything(0, verbose=False)
-    model = UserCNN()
+    model = UserNet(**USER_CNN)
     sdq = SDQ(weight_bits=(1, 2, 3, 4, 5, 6, 7, 8), activation_bits=4,
               budget={"metric": "avg_bits", "target": 2.0}, search_epochs=3)
     trainer = make_trainer(max_epochs=6, callbacks=[sdq])

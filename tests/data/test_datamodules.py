@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from sklearn.datasets import load_digits
 
+from helpers.data import digits_tree
 from sdq_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 
 CIFAR_ROOT = os.environ.get("SDQ_CIFAR10_ROOT")
@@ -52,24 +49,10 @@ def test_digits_bad_arguments():
         DigitsDataModule(subset=0)
 
 
-def _digits_tree(root: Path, per_class: int = 3, size: int = 32) -> Path:
-    """An ImageFolder tree of real digits images (RGB PNGs) under root/train and root/val."""
-    data = load_digits()
-    for split, offset in (("train", 0), ("val", per_class)):
-        for cls in range(10):
-            folder = root / split / f"c{cls}"
-            folder.mkdir(parents=True)
-            idx = np.flatnonzero(data.target == cls)[offset:offset + per_class]
-            for i in idx:
-                img = Image.fromarray((data.images[i] * 255 / 16).astype(np.uint8)).resize((size, size))
-                img.convert("RGB").save(folder / f"{i}.png")
-    return root
-
-
 @pytest.mark.parametrize("in_memory", [False, True])
 @pytest.mark.parametrize("image_size", [32, 64])
 def test_imagefolder_tree(tmp_path, in_memory, image_size):
-    root = _digits_tree(tmp_path / "tree")
+    root = digits_tree(tmp_path / "tree")
     dm = ImageFolderDataModule(str(root), image_size=image_size, batch_size=8, num_workers=0, in_memory=in_memory)
     assert dm.num_classes == 10
     dm.setup()
@@ -87,7 +70,7 @@ def test_imagefolder_errors(tmp_path):
     (tmp_path / "t" / "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="test/ or val/"):
         ImageFolderDataModule(str(tmp_path / "t")).prepare_data()
-    root = _digits_tree(tmp_path / "tree", per_class=1)
+    root = digits_tree(tmp_path / "tree", per_class=1)
     with pytest.raises(ValueError, match="num_classes"):
         _ = ImageFolderDataModule(str(root), num_classes=5).num_classes
 

@@ -7,13 +7,11 @@ import os
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from sklearn.datasets import load_digits
 
+from helpers.data import digits_tree
 from sdq_lightning.data import CIFAR10DataModule, ImageFolderDataModule
 from sdq_lightning.data.device import DeviceImageLoader, crop_flip
 
@@ -21,23 +19,10 @@ CIFAR_ROOT = os.environ.get("SDQ_CIFAR10_ROOT")
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
-def _tree(root: Path, per_class: int = 4, size: int = 32) -> Path:
-    """An ImageFolder tree of real digits images (coloured RGB PNGs) under root/train and root/test."""
-    data = load_digits()
-    for split, offset in (("train", 0), ("test", per_class)):
-        for cls in range(10):
-            folder = root / split / f"c{cls}"
-            folder.mkdir(parents=True)
-            for i in np.flatnonzero(data.target == cls)[offset:offset + per_class]:
-                g = (data.images[i] * 255 / 16).astype(np.uint8)
-                rgb = np.stack([g, 255 - g, (g // 2 + 60)], axis=-1).astype(np.uint8)
-                Image.fromarray(rgb).resize((size, size)).save(folder / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    return _tree(tmp_path_factory.mktemp("on_device") / "tree")
+    # coloured RGB PNGs (the channels differ), 4 per class under train/ and test/
+    return digits_tree(tmp_path_factory.mktemp("on_device") / "tree", ("train", "test"), per_class=4, coloured=True)
 
 
 def _dm(root: Path, **kw) -> ImageFolderDataModule:

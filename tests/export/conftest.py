@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from export_helpers import build_mixed, digits_images
+from export_helpers import build_mixed
+from helpers.data import digits_images
 
 @pytest.fixture(scope="session")
 def resnet20_mixed() -> nn.Module:

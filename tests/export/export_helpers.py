@@ -4,6 +4,7 @@ mixed-precision models (1..8-bit weights, 2..8-bit inputs) calibrated and briefl
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import timm
@@ -11,18 +12,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import sdq_lightning  # noqa: F401
-from sdq_lightning import BitPlan, LayerBits, QuantSpec, quantize_model
-
-
-def digits_images(n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn digits (8x8, 0..16) as 3x32x32 in [-1, 1] (bilinear resize), with labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images[:n], dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    return (x - 0.5) / 0.5, torch.tensor(d.target[:n], dtype=torch.long)
+# benchmarks/bench_onnx.py imports this file with only this folder on sys.path
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+import sdq_lightning  # noqa: E402,F401
+from helpers.data import digits_images  # noqa: E402  (bench_onnx.py imports it from here)
+from sdq_lightning import BitPlan, LayerBits, QuantSpec, quantize_model  # noqa: E402
 
 
 def cifar_images(n: int = 256) -> tuple[torch.Tensor, torch.Tensor] | None:

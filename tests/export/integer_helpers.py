@@ -16,7 +16,8 @@ import sdq_lightning  # noqa: F401
 from sdq_lightning import BitPlan, LayerBits
 from sdq_lightning.integer import integer_forward, integer_only, trace_integer_graph
 
-from export_helpers import cifar_images, digits_images
+from export_helpers import cifar_images
+from helpers.data import digits_images
 
 FP_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "resnet20_cifar10_fp.pt"
 PLANS = ("w8a8", "w4a8", "mixed", "sdq2")

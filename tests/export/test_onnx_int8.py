@@ -21,7 +21,8 @@ from sdq_lightning.export import (
     run_onnx,
 )
 
-from export_helpers import build_mixed, cifar_images, digits_images, mixed_bits
+from export_helpers import build_mixed, cifar_images, mixed_bits
+from helpers.data import digits_images
 
 
 def _images(n: int = 256) -> tuple[torch.Tensor, str]:

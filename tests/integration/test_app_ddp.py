@@ -81,7 +81,6 @@ def test_trainer_auto_precision_and_sync_batchnorm(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_run_with_auto_precision(tmp_path):
     proc = run_cli([*DDP_RUN, "trainer=gpu", "trainer.limit_test_batches=2"], tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,13 +6,11 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
-from sklearn.datasets import load_digits
 
 from app_helpers import EXPERIMENTS, TINY, compose_cfg
+from helpers.data import digits_tree as write_digits_tree
 from sdq_lightning.cli.train import run
 
 CIFAR_ROOT = os.environ.get("SDQ_CIFAR10_ROOT")
@@ -23,16 +21,7 @@ SLOW = {"imagenet_mobilenetv2", "cifar10_resnet20", "uniform_imagenet_mobilenetv
 @pytest.fixture(scope="module")
 def digits_tree(tmp_path_factory) -> Path:
     """Real digits images as a tiny ImageNet-style tree (train/, val/), 2 per class, 32x32 RGB."""
-    root = tmp_path_factory.mktemp("digits_tree")
-    data = load_digits()
-    for split, offset in (("train", 0), ("val", 2)):
-        for cls in range(10):
-            folder = root / split / f"{cls:02d}"
-            folder.mkdir(parents=True)
-            for i in np.flatnonzero(data.target == cls)[offset:offset + 2]:
-                img = Image.fromarray((data.images[i] * 255 / 16).astype(np.uint8)).resize((32, 32))
-                img.convert("RGB").save(folder / f"{i}.png")
-    return root
+    return write_digits_tree(tmp_path_factory.mktemp("digits_tree"), per_class=2, class_name="{:02d}")
 
 
 def substitute_data(name: str, digits_tree: Path) -> list[str]:

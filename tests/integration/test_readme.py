@@ -153,12 +153,12 @@ def lightning_prelude(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
 
 
 def reload_prelude(tmp_path: Path) -> dict:
-    """For the reload/export block: a user's own LightningModule class (``LitNet``, from tests/export) trained with
-    SDQ for a few batches and saved as ``checkpoints/last.ckpt``, and an input batch ``x``."""
+    """For the reload/export block: a user's own LightningModule class (``LitNet``: helpers.user_module.UserNet)
+    trained with SDQ for a few batches and saved as ``checkpoints/last.ckpt``, and an input batch ``x``."""
     import lightning.pytorch as pl
 
-    sys.path.insert(0, str(REPO / "tests" / "export"))
-    from user_litnet import LitNet, digits, digits_loader
+    from helpers.data import digits_signed, digits_signed_loader
+    from helpers.user_module import UserNet
 
     pl.seed_everything(0, verbose=False)
     sdq = sdq_lightning.SDQ(weight_bits=(2, 4, 8), activation_bits=4, budget={"metric": "avg_bits", "target": 3.0},
@@ -166,10 +166,10 @@ def reload_prelude(tmp_path: Path) -> dict:
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, callbacks=[sdq], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path)
-    trainer.fit(LitNet(), digits_loader())
+    trainer.fit(UserNet(), digits_signed_loader())
     (tmp_path / "checkpoints").mkdir(exist_ok=True)
     trainer.save_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    return {"LitNet": LitNet, "x": digits(8)[0]}
+    return {"LitNet": UserNet, "x": digits_signed(8)[0]}
 
 
 def check_python_block(code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 from torch import nn
 
 import sdq_lightning as sq
+from helpers.quantized import freeze_spread, quantized_model, weight_quantizers
 from sdq_lightning.modules.batched import BatchedWeights, batch_weights, segment_quantize
 from sdq_lightning.modules.graphs import GraphedNetwork
 from sdq_lightning.quantizers import SDQWeightQuantizer
@@ -20,19 +20,11 @@ from sdq_lightning.quantizers.estimators import register_estimator, unregister_e
 from sdq_lightning.quantizers.functional import counter_uniform, counter_uniform_many, lsq_quantize
 
 
-def _quantizers(net: nn.Module) -> list[SDQWeightQuantizer]:
-    return [m for m in net.modules() if isinstance(m, SDQWeightQuantizer)]
-
-
 def _net(name="resnet20", per_channel=False, abits=None, bits=tuple(range(1, 9)), seed=0, **spec) -> nn.Module:
-    torch.manual_seed(seed)
-    kw = {"pretrained": False} if name == "mobilenetv2_100" else {}
-    model = timm.create_model(name, num_classes=10, **kw)
-    sq.quantize_model(model, sq.QuantSpec(weight_bits=bits, activation_bits=abits, per_channel=per_channel, seed=3,
-                                          **spec))
-    model.train()
+    model = quantized_model(name, seed, weight_bits=bits, activation_bits=abits, per_channel=per_channel, seed=3,
+                            **spec)
     g = torch.Generator().manual_seed(seed + 1)
-    for q in _quantizers(model):  # every layer at its own level, DBPs anywhere in [0, 1]
+    for q in weight_quantizers(model):  # every layer at its own level, DBPs anywhere in [0, 1]
         if not q.frozen:
             q.set_level(int(torch.randint(0, len(q.candidates), (1,), generator=g)), reinit_dbp=None)
             with torch.no_grad():
@@ -66,18 +58,18 @@ def _assert_same(a: nn.Module, b: nn.Module, x: torch.Tensor, steps: int = 3) ->
             # step gradients cancel heavily: both float32 paths sit ~1e-4 (of the largest entry) from a float64
             # reference, the batched one no further than the per-layer one (measured when this test was written)
             assert err < 1e-3, (name, err)
-        for qa, qb in zip(_quantizers(a), _quantizers(b)):
+        for qa, qb in zip(weight_quantizers(a), weight_quantizers(b)):
             for buf in ("draw_step", "last_index", "level"):
                 assert torch.equal(getattr(qa, buf), getattr(qb, buf)), buf
         opt_a.step()
         opt_b.step()
-        for q in _quantizers(a) + _quantizers(b):
+        for q in weight_quantizers(a) + weight_quantizers(b):
             q.clamp_dbp_()
     a.eval()
     b.eval()
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
-    for qa, qb in zip(_quantizers(a), _quantizers(b)):
+    for qa, qb in zip(weight_quantizers(a), weight_quantizers(b)):
         assert torch.equal(qa.last_index, qb.last_index)
     a.train()
     b.train()
@@ -105,16 +97,14 @@ def test_batched_equals_per_layer_while_searching(per_channel, estimator, monkey
     x = torch.randn(4, 3, 32, 32)
     _assert_same(a, b, x)
     # a's quantizers ran per layer; none of b's did (the batched pass serves all of them)
-    assert calls and not any(q in calls for q in _quantizers(b))
+    assert calls and not any(q in calls for q in weight_quantizers(b))
     groups = bw.groups()
     assert sorted((len(g.layers), g.frozen) for g in groups) == [(2, True), (20, False)]  # stem + fc fixed at 8
 
 
 def test_batched_equals_per_layer_frozen_mixed_bits_with_binary_and_activations():
     a = _net(name="mobilenetv2_100", abits=4, bits=(1, 2, 3, 4, 8))
-    for i, q in enumerate(_quantizers(a)):
-        if not q.frozen:
-            q.freeze(q.candidates[i % len(q.candidates)])  # 1-bit layers among them
+    freeze_spread(a)  # 1-bit layers among them
     b = copy.deepcopy(a)
     bw = batch_weights(b)
     x = torch.randn(2, 3, 32, 32)
@@ -147,7 +137,7 @@ def test_groups_follow_the_freeze_and_unbatchable_layers_run_their_own_forward(m
         assert not any(id(m.weight_quant) in own for i, m in enumerate(b_layers) if i not in (3, 5))
         assert bw.builds == 1
         for net in (a, b):  # the freeze of half the layers: rebuilt once, still equal
-            for i, q in enumerate(_quantizers(net)):
+            for i, q in enumerate(weight_quantizers(net)):
                 if not q.frozen and i % 2 == 0:
                     q.freeze(q.candidates[1])
         _assert_same(a, b, x, steps=2)
@@ -243,7 +233,7 @@ def test_graphed_network_captures_the_batched_weights(monkeypatch):
         b(x)
     _assert_same(a, b, x, steps=2)
     assert graphs.captures == 1 and graphs.replays == 2 and log
-    assert not any(q in calls for q in _quantizers(b))
+    assert not any(q in calls for q in weight_quantizers(b))
     graphs.remove()
     assert vars(b)["forward"] is bw
 
@@ -282,7 +272,7 @@ def test_linear_expected_cost_equals_the_per_layer_sum(metric):
     cm = sq.CostModel(net, prof)
     fast = cm.expected(metric)
     assert cm._linear_cache[1] is not None  # the vectorised path ran
-    dbps = [q.dbp for q in _quantizers(net) if not q.frozen]
+    dbps = [q.dbp for q in weight_quantizers(net) if not q.frozen]
     g_fast = torch.autograd.grad(fast, dbps)
     cost_mod._LINEAR.discard(metric)  # the per-layer sum, as for a metric not declared linear
     try:
@@ -322,7 +312,7 @@ def test_stacked_expected_bits_equals_each_quantizer():
     from sdq_lightning.quantizers.sdq import stacked_expected_bits
 
     net = _net()
-    qs = [q for q in _quantizers(net) if not q.frozen]
+    qs = [q for q in weight_quantizers(net) if not q.frozen]
     with torch.no_grad():
         qs[0].dbp[qs[0].current_level] = 1.3  # outside [0, 1]: clamped in value, identity gradient, as per layer
     qs[1].set_level(0)
@@ -334,7 +324,7 @@ def test_stacked_expected_bits_equals_each_quantizer():
         assert torch.equal(a, b)
     cascade = SDQWeightQuantizer((2, 4, 8), reading="cascade", weight=torch.randn(4, 4))
     assert stacked_expected_bits(qs + [cascade]) is None
-    assert stacked_expected_bits(qs[:1] + [_quantizers(net)[0]]) is None  # a frozen (fixed 8-bit) stem
+    assert stacked_expected_bits(qs[:1] + [weight_quantizers(net)[0]]) is None  # a frozen (fixed 8-bit) stem
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["search", "frozen"])
@@ -345,9 +335,7 @@ def test_chunks_give_the_same_values_and_gradients(frozen, monkeypatch):
 
     a = _net()
     if frozen:
-        for i, q in enumerate(_quantizers(a)):
-            if not q.frozen:
-                q.freeze(q.candidates[i % len(q.candidates)])
+        freeze_spread(a)
     b = copy.deepcopy(a)
     batch_weights(a)
     batch_weights(b)

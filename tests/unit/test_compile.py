@@ -11,6 +11,7 @@ import torch
 import torch._dynamo
 
 import sdq_lightning as sq
+from helpers.quantized import freeze_spread, freeze_where_candidate, quantized_model, weight_quantizers
 from sdq_lightning.modules.fused import get_kernels, set_kernels
 
 
@@ -25,23 +26,15 @@ def _eager_kernels():
 
 
 def _model(name: str, frozen: bool, abits=4, size=32) -> tuple[torch.nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    kw = {"num_classes": 10}
-    if name == "mobilenetv2_100":
-        kw["pretrained"] = False
-    model = timm.create_model(name, **kw)
-    sq.quantize_model(model, sq.QuantSpec(weight_bits=tuple(range(1, 9)), activation_bits=abits, seed=3))
+    model = quantized_model(name, 0, weight_bits=tuple(range(1, 9)), activation_bits=abits, seed=3)
     x = torch.randn(4, 3, size, size)
-    model.train()
     with torch.no_grad():
         model(x)  # initialises the activation quantizers (sign and step from data, once)
-    layers = sq.quant_layers(model)
-    for i, (n, m) in enumerate(layers.items()):
-        q = m.weight_quant
-        if q is not None and len(q.candidates) > 1:
-            if frozen:
-                q.freeze(q.candidates[i % len(q.candidates)])
-            else:
+    if frozen:
+        freeze_spread(model)
+    else:
+        for i, q in enumerate(weight_quantizers(model)):
+            if not q.frozen:
                 q.set_level(3 + i % 5, reinit_dbp=0.6)
     return model, x
 
@@ -83,7 +76,6 @@ def test_fullgraph_compiled_training_step_equals_eager(frozen):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("batched", [False, True], ids=["per_layer", "batched"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["search", "frozen"])
 def test_cuda_training_step_never_synchronises(frozen, batched):
@@ -102,9 +94,7 @@ def test_cuda_training_step_never_synchronises(frozen, batched):
     search = BitSearch(CostModel(model, prof), Budget("avg_bits", 2.0))
     search.start(100, 1)
     if frozen:
-        for q in model.modules():
-            if isinstance(q, sq.SDQWeightQuantizer) and 2 in q.candidates:
-                q.freeze(2)
+        freeze_where_candidate(model, 2)
     steps = [m.steps for m in model.modules() if isinstance(m, sq.SDQWeightQuantizer)]
     sgd = torch.optim.SGD([p for n, p in model.named_parameters() if not n.endswith(("dbp", "steps", "step"))],
                           lr=0.01)

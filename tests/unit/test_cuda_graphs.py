@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 import sdq_lightning as sq
+from helpers.quantized import freeze_where_candidate, quantized_model
+from helpers.user_module import UserNet
 from sdq_lightning.modules.graphs import GraphedNetwork
 
 
@@ -43,13 +45,9 @@ def _stand_in(log: list):
 
 
 def _searched_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = timm.create_model("resnet20", num_classes=10)
-    sq.quantize_model(model, sq.QuantSpec(weight_bits=tuple(range(1, 9)), activation_bits=4))
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(8, 3, 32, 32))  # the activation quantizers' initialisation reads data: before capture
-    return model
+    # the activation quantizers' initialisation reads data: before capture
+    return quantized_model("resnet20", seed, calibrate=(8, 3, 32, 32), weight_bits=tuple(range(1, 9)),
+                           activation_bits=4)
 
 
 def _buffers(net: nn.Module) -> list[torch.Tensor]:
@@ -150,24 +148,12 @@ def test_a_replaced_forward_is_refused():
         GraphedNetwork(net, capture_fn=_stand_in([]))
 
 
-class _Lit(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, batch, _):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+def _lit() -> UserNet:
+    return UserNet("rgb_tiny", width=8, lr=0.05, momentum=0.0)
 
 
 def _fit(tmp_path, cuda: bool, graph_work=None, **sdq_kwargs):
-    """Fit ``_Lit`` with SDQ (search 1 epoch of 6 batches, then 1 epoch frozen); ``graph_work``: a capture function
+    """Fit ``_lit()`` with SDQ (search 1 epoch of 6 batches, then 1 epoch frozen); ``graph_work``: a capture function
     for the graphs around the network (``SDQ._graph_eager_work``), as ``compile="cuda-graphs"`` turns them on."""
     torch.manual_seed(0)
     x, y = torch.randn(96, 3, 16, 16), torch.randint(0, 4, (96,))
@@ -179,7 +165,7 @@ def _fit(tmp_path, cuda: bool, graph_work=None, **sdq_kwargs):
     hw = {"accelerator": "cuda", "devices": 1, "precision": "bf16-mixed"} if cuda else {"accelerator": "cpu"}
     trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **hw)
-    lit = _Lit()
+    lit = _lit()
     trainer.fit(lit, loader)
     return cb, lit
 
@@ -192,7 +178,7 @@ def test_a_fit_with_the_eager_work_graphed_equals_the_eager_fit(tmp_path):
     from sdq_lightning.modules.graphs import capture_eagerly
 
     torch.manual_seed(0)
-    teacher = _Lit().model.eval()
+    teacher = _lit().net.eval()
     kw = {"teacher": teacher, "kd_in_search": True, "ebr_weight": 0.1, "activation_bits": 4, "guard": False}
     cb_e, lit_e = _fit(tmp_path / "eager", cuda=False, **copy.deepcopy(kw))
     cb_g, lit_g = _fit(tmp_path / "graphed", cuda=False, graph_work=capture_eagerly, **copy.deepcopy(kw))
@@ -246,7 +232,7 @@ def test_sdq_compile_auto_is_eager_on_cpu(tmp_path):
     from sdq_lightning.modules.batched import BatchedWeights
 
     # no graphs: the network's forward is the batched weight pass the callback installs by default, nothing else
-    assert cb.compile is None and cb._graphs is None and isinstance(vars(lit.model).get("forward"), BatchedWeights)
+    assert cb.compile is None and cb._graphs is None and isinstance(vars(lit.net).get("forward"), BatchedWeights)
     assert cb.plan is not None and cb.plan.average_bits <= 4.0
 
 
@@ -257,9 +243,7 @@ def _cuda_nets(frozen: bool) -> list[nn.Module]:
     for _ in range(2):
         net = _searched_net().cuda()
         if frozen:
-            for q in net.modules():
-                if isinstance(q, sq.SDQWeightQuantizer) and 2 in q.candidates:
-                    q.freeze(2)
+            freeze_where_candidate(net, 2)
         nets.append(net)
     return nets
 
@@ -301,7 +285,6 @@ def _train(net: nn.Module, data, frozen: bool, strict_from: int | None = None) -
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("batched", [False, True], ids=["per_layer", "batched"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["search", "frozen"])
 def test_cuda_graph_steps_match_eager_and_never_synchronise(frozen, batched):
@@ -321,9 +304,8 @@ def test_cuda_graph_steps_match_eager_and_never_synchronise(frozen, batched):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sdq_callback_with_cuda_graphs_searches_freezes_and_distils(tmp_path):
-    teacher = _Lit().model
+    teacher = _lit().net
     cb_e, _ = _fit(tmp_path / "eager", cuda=True, teacher=copy.deepcopy(teacher), activation_bits=None)
     cb_g, _ = _fit(tmp_path / "graphs", cuda=True, teacher=copy.deepcopy(teacher), activation_bits=None,
                    compile="cuda-graphs")
@@ -348,14 +330,13 @@ def test_kernels_auto_compiles_the_lsq_kernels_on_the_cpu(tmp_path):
         cb = sq.SDQ(budget={"metric": "avg_bits", "target": 4.0}, weight_bits=(2, 4, 8), kernels="auto")
         trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-        cb.setup(trainer, _Lit(), "validate")
+        cb.setup(trainer, _lit(), "validate")
         assert get_kernels() == "compile"
     finally:
         set_kernels(before)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphed_teacher_and_ebr_match_eager_and_never_synchronise():
     from torch.nn import functional as F
 
@@ -393,7 +374,6 @@ def test_graphed_teacher_and_ebr_match_eager_and_never_synchronise():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphed_dbp_step_matches_eager_and_never_synchronises():
     from sdq_lightning.callbacks.search import BitSearch
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from helpers.quantized import freeze_spread, quantized_model
 from sdq_lightning.losses import EntropyBinRegularizer, bin_regularization, kd_loss
 
 
@@ -44,18 +45,11 @@ def test_kd_loss_is_soft_cross_entropy():
 def test_batched_ebr_equals_the_per_layer_sum(per_channel, weighting, entropy):
     """EBR over every frozen layer in one pass (the form the callback runs each phase-2 step) against the layer-by-
     layer reference, 1-bit layers included: value and weight gradients within float rounding."""
-    import timm
-
     import sdq_lightning as sq
 
-    torch.manual_seed(0)
-    net = timm.create_model("resnet20", num_classes=10)
-    sq.quantize_model(net, sq.QuantSpec(weight_bits=(1, 2, 3, 4, 8), activation_bits=None, per_channel=per_channel))
+    net = quantized_model("resnet20", 0, weight_bits=(1, 2, 3, 4, 8), activation_bits=None, per_channel=per_channel)
+    freeze_spread(net)
     layers = [m for m in sq.quant_layers(net).values() if m.weight_quant is not None]
-    for i, m in enumerate(layers):
-        q = m.weight_quant
-        if not q.frozen:
-            q.freeze(q.candidates[i % len(q.candidates)])
     assert {m.weight_quant.bits for m in layers} >= {1, 2, 8}
     reg = EntropyBinRegularizer(weighting, entropy)
     weights = [m.weight for m in layers]
