@@ -67,7 +67,7 @@ def test_quantize_searchable_then_fixed_at_a_plan():
     given = sq.BitPlan.from_model(root2.model, torch.randn(1, 3, 8, 8)).with_bits({"0": 4, "3": 2})
     root3 = _Wrapped()
     _, rebased = setup.quantize(root3, spec, given)
-    assert rebased is not None
+    assert dict(rebased) == {"model.0": 4, "model.3": 2}  # the plan as applied, under the root's names
     assert {n: q.bits for n, q in ((n, m.weight_quant) for n, m in sq.quant_layers(root3).items())} == \
         {"model.0": 4, "model.3": 2}
 

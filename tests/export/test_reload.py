@@ -54,7 +54,7 @@ def test_checkpoint_carries_a_searched_state_and_the_plan(trained):
     state = torch.load(ckpt, weights_only=True)
     assert state["state_dict"]["net.3.weight_quant.steps"].shape == (3,)  # one step per candidate 2, 4, 8
     plan = plan_from_checkpoint(state)
-    assert plan is not None and plan.metadata["candidates"] == [2, 4, 8]
+    assert plan.metadata["candidates"] == [2, 4, 8]
     assert plan.average_bits <= 3.0
 
 

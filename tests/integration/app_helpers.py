@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 import sdq_lightning
@@ -51,3 +53,10 @@ def run_cli(args: list[str], tmp_path: Path, timeout: float = 300) -> subprocess
                           capture_output=True, text=True, timeout=timeout)
 
 
+
+
+def assert_val_acc_is_the_last_epochs(run_dir: Path, metrics: dict) -> None:
+    """metrics.json's val/acc is the accuracy of the last epoch's validation (history.json), not a stale or missing
+    value."""
+    history = json.loads((run_dir / "history.json").read_text())
+    assert metrics["val/acc"] == pytest.approx(history[-1]["val/acc"], rel=0, abs=1e-7), (metrics, history[-1])

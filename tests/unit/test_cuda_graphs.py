@@ -233,7 +233,7 @@ def test_sdq_compile_auto_is_eager_on_cpu(tmp_path):
 
     # no graphs: the network's forward is the batched weight pass the callback installs by default, nothing else
     assert cb.compile is None and cb._graphs is None and isinstance(vars(lit.net).get("forward"), BatchedWeights)
-    assert cb.plan is not None and cb.plan.average_bits <= 4.0
+    assert cb.plan.average_bits <= 4.0
 
 
 # ----------------------------------------------------------------------------------------------------- GPU
@@ -309,7 +309,7 @@ def test_sdq_callback_with_cuda_graphs_searches_freezes_and_distils(tmp_path):
     cb_e, _ = _fit(tmp_path / "eager", cuda=True, teacher=copy.deepcopy(teacher), activation_bits=None)
     cb_g, _ = _fit(tmp_path / "graphs", cuda=True, teacher=copy.deepcopy(teacher), activation_bits=None,
                    compile="cuda-graphs")
-    assert cb_g.plan is not None and cb_g.plan.average_bits <= 4.0
+    assert cb_g.plan.average_bits <= 4.0
     assert [h["phase"] for h in cb_g.history] == ["search", "train"]
     # KD reached the graphed network's output in phase 2 (the term is logged only when the teacher's gradient was added)
     assert "kd" in cb_g._terms and float(cb_g._terms["kd"]) > 0

@@ -62,7 +62,10 @@ def test_penalty_control_is_kept_and_differs():
     assert traj[-1] < traj[0]  # the penalty pushes down
     model2, cm2, search2 = _searched(signal="budget_only")
     traj2 = _run(model2, cm2, search2, 60)
-    assert traj2 != traj
+    # the dual controller follows its schedule to the target in 60 steps; the penalty alone has no schedule and is
+    # still far above it (5.0 bits here): another controller, not the default under another name
+    assert traj2[-1] == pytest.approx(2.0, rel=0.05)
+    assert traj[-1] > 4.0
 
 
 def test_task_force_decides_which_layers_keep_bits():
