@@ -36,9 +36,9 @@ class StepTermLog:
     ``trainer.callback_metrics`` is the epoch mean, the names Lightning gives a value logged on step and on epoch.
 
     Every step adds each term into a running sum on its device (one in-place add, no host read); ``self.log`` runs
-    only on logging steps and at the epoch end. Calling ``self.log(on_step=True, on_epoch=True)`` every step cost
-    about 0.4 ms of host time and 3 launches per term (``benchmarks/app_host_time.py``), which on a GPU adds to every
-    step. With a progress bar, the bar's terms are also logged every step (to the bar only). After a resume from a
+    only on logging steps and at the epoch end, because ``self.log(on_step=True, on_epoch=True)`` every step costs
+    host time and kernel launches per term (``benchmarks/app_host_time.py`` measures them), which on a GPU add to
+    every step. With a progress bar, the bar's terms are also logged every step (to the bar only). After a resume from a
     mid-epoch checkpoint the epoch mean covers the steps after the resume."""
 
     def __init__(self) -> None:

@@ -134,8 +134,8 @@ class SDQ(Callback):
         settle: sequential settling while the schedule holds the target (``budget_control="dual"``; default True):
             one layer after another, the largest first, has its live DBP rounded to 0 or 1 and stops moving, while
             the layers still moving hold the budget, so the freeze decides only the last (smallest) layer and the
-            projection is a one-layer correction. False: the hardening force alone (measured to leave up to 12 of
-            20 layers fractional; docs/RESULTS.md section 19).
+            projection is a one-layer correction. False: the hardening force alone, which may leave many layers
+            fractional for the freeze's rounding and the projection to decide.
         dbp_lr: DBP travel per step. None (default): ``dual`` derives it from the search length and the budget;
             ``penalty`` uses 0.05 (SGD). step_lr: learning rate of the quantizer step sizes (Adam on log s).
         drop_threshold: a live DBP at or below it moves the layer one level down (progressive), only while the
@@ -153,31 +153,28 @@ class SDQ(Callback):
         seed: sampling seed (draws are a function of seed, layer and global step: identical on every rank).
         save_dir: where ``plan.yaml`` goes (default: the trainer's log dir).
         kernels: ``"eager"`` or ``"compile"``: the LSQ fake-quantization arithmetic in eager PyTorch or through
-            ``torch.compile`` (about 10x faster on CPU, bit-identical forward; see :mod:`sdq_lightning.modules.fused`);
+            ``torch.compile`` (faster on the CPU, bit-identical forward; see :mod:`sdq_lightning.modules.fused`);
             set for the process at ``setup``. None (default) keeps the process setting (``SDQ_KERNELS``, else eager).
             ``"auto"`` (the Hydra app's default): ``"compile"`` on the CPU, ``"eager"`` on a CUDA device (where the
-            CUDA graphs of ``compile="auto"`` remove the launch cost and the compiled kernels did not pay for their
-            compilation: docs/RESULTS.md section 18).
+            CUDA graphs of ``compile="auto"`` remove the launch cost, so compiling the kernels does not pay for
+            itself).
         compile: None (default) or a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"`` (CUDA graphs),
             ``"max-autotune"``): the network is compiled whole, ``fullgraph=True``, at the first training batch
             after the activation quantizers have seen data (their sign mode is read from it: with activation
             quantizers the first step runs eager) (``nn.Module.compile``: the state dict keeps its keys). It
-            recompiles once, at the freeze. On the CPU it is the fastest step (search 1.05x, frozen 1.02x of a
-            compiled FP step; docs/RESULTS.md section 19), worth its compile time on runs of more than a few
-            epochs. ``"cuda-graphs"``: no compiler; the network's training forward and
+            recompiles once, at the freeze. On the CPU it gives the fastest step, worth its compile time on runs of
+            more than a few epochs. ``"cuda-graphs"``: no compiler; the network's training forward and
             backward are captured as CUDA graphs from the second batch and replayed every step
             (:class:`~sdq_lightning.modules.graphs.GraphedNetwork`; re-captured at the freeze; CUDA, one device;
             KD then reads the network's output); the KD teacher's forward, KD's gradient, the EBR term with its
             gradients, the DBP step and the step-size optimizer (without a gradient scaler) replay as a graph each
             (:class:`~sdq_lightning.modules.graphs.GraphedCall`; a capture that fails warns and that piece stays
             eager). ``"auto"`` (the Hydra app's default): ``"cuda-graphs"`` on one CUDA device, falling back to
-            eager with a warning if the capture fails; None elsewhere (CPU, several processes). GPU figures:
-            docs/RESULTS.md sections 17-18 (the graphs around the network: counted on the CPU, section 21).
+            eager with a warning if the capture fails; None elsewhere (CPU, several processes).
         batched: quantize every layer's weight in one batched pass per forward
             (:class:`~sdq_lightning.modules.batched.BatchedWeights`, installed on the network at setup): the same
-            values and draws as each layer's own quantizer, and a fixed number of kernels instead of about 100 per
-            layer and pass (``benchmarks/count_ops.py``; docs/RESULTS.md section 20). Default True; False runs each
-            layer's quantizer in its own forward.
+            values and draws as each layer's own quantizer, and a number of kernels that does not grow with the
+            number of layers. Default True; False runs each layer's quantizer in its own forward.
         teacher_cls: how to rebuild a teacher checkpoint of your own LightningModule: its class, an import path
             (``"pkg.mod.LitNet"``) or a factory (see :func:`~sdq_lightning.callbacks.teacher.load_teacher`).
         guard: ``True`` (default), ``False`` or keyword arguments of
@@ -378,7 +375,7 @@ class SDQ(Callback):
             # a compiled network fuses the LSQ arithmetic itself and runs the eager kernels inside its graph; switching
             # the kernels back here (the test stage's setup) would recompile it
             kernels = self.kernels
-            if kernels == "auto":  # measured (docs/RESULTS.md 16, 18): compiled on the CPU, eager under CUDA graphs
+            if kernels == "auto":  # compiled on the CPU; eager on CUDA, where the graphs already remove launch cost
                 kernels = "eager" if trainer.strategy.root_device.type == "cuda" else "compile"
             set_kernels("eager" if self._compiled else kernels)
         self.report, rebased = quantize(pl_module, self.spec, self.plan if self._given_plan else None)
@@ -428,7 +425,7 @@ class SDQ(Callback):
             if self._step_opt is not None and self._pending_opt_states.get("step"):
                 self._step_opt.load_state_dict(self._pending_opt_states["step"])
             self._pending_opt_states = None
-        if self._compile_request == "auto":  # measured: docs/RESULTS.md section 18
+        if self._compile_request == "auto":  # CUDA graphs where one CUDA device runs the fit, else eager
             single_cuda = pl_module.device.type == "cuda" and trainer.world_size == 1
             self.compile = "cuda-graphs" if single_cuda and not self.spec.integer_only else None
         if self.compile == "cuda-graphs":

@@ -101,9 +101,9 @@ class EntropyBinRegularizer(nn.Module):
     def one_pass(self, layers: Iterable[nn.Module]) -> bool:
         """Whether ``forward`` computes these (frozen) layers in one pass, which never reads the device from the host.
 
-        One pass when every weight fits one chunk of the batched weights (a ResNet20: launches are what count);
-        above, its autograd graph keeps several weight-sized tensors (a ResNet-18: about 650 MiB against 30-280 per
-        layer, docs/RESULTS.md section 20), and per-layer kernels are large enough for launches not to matter."""
+        One pass when every weight fits one chunk of the batched weights (small models, where launches are what
+        count); above, its autograd graph would keep several weight-sized tensors, and per-layer kernels are large
+        enough for launches not to matter."""
         layers = self._frozen(layers)
         return bool(layers) and self._fits_one_pass(layers)
 

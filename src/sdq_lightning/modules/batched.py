@@ -1,12 +1,12 @@
 """Every quantized layer's weight in one batched pass per forward, instead of one quantizer call per layer.
 
 On a GPU a small quantized network's training step is bound by kernel launches, and under CUDA graphs by the number
-of (tiny) kernels the graph holds: a searched ResNet20 issued about 100 kernels per layer for its weight quantizer in
-the forward pass and as many again in the backward (``benchmarks/count_ops.py``), ten times the float network's
+of (tiny) kernels the graph holds: a weight quantizer run per layer issues many kernels per layer in the forward
+pass and as many again in the backward (``benchmarks/count_ops.py`` counts them), many times the float network's
 whole step. Weights do not depend on the input, so all layers can be quantized at once: :class:`BatchedWeights`
 concatenates the weights into one flat vector and quantizes it with one set of elementwise kernels, each segment of
 the vector (a layer, or an output channel with ``per_channel``) with its own step size and integer range, then hands
-each layer a view of the result. The kernel count no longer grows with the number of layers.
+each layer a view of the result, so the kernel count does not grow with the number of layers.
 
 Same numbers as the per-layer quantizers (``tests/unit/test_batched.py``): the same draws (the counter-based
 generator of :mod:`sdq_lightning.quantizers.functional`, vectorised over the layers' keys), the same forward values
@@ -96,9 +96,9 @@ def _fq_grads(grad: Tensor, w: Tensor, v: Tensor, r: Tensor, s: Tensor, qn: Tens
 
 CHUNK = 1 << 20
 """Elements per chunk of the flat pass. Its temporaries (a couple of dozen per element in backward) are bounded by
-the chunk, not by the model: a searched ResNet-18 (11M weights) in one piece peaked about 1 GB above the per-layer
-quantizers, in chunks of 2^20 as low as they (``benchmarks/mem_batched.py``, docs/RESULTS.md section 20). A ResNet20
-(270k weights) is one chunk, so its kernel count does not change."""
+the chunk, not by the model, so a large model's peak memory stays near that of the per-layer quantizers
+(``benchmarks/mem_batched.py`` measures it). A small model (a ResNet20's 270k weights) is one chunk, so its kernel
+count does not change."""
 
 
 def _chunks(n: int):

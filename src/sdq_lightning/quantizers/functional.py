@@ -187,10 +187,10 @@ def stream_key(*parts: int) -> int:
 def counter_uniform(key: int, counter: Tensor, k: int) -> Tensor:
     """``k`` uniforms in (0, 1) (float32), a pure function of ``(key, counter)``; see :func:`_counter_uniform`.
 
-    Under ``torch.compile`` the hash runs as one opaque custom op (``sdq::counter_uniform``): inlined, inductor fused
-    its 64-bit integer arithmetic into the batch-norm and activation-quantization kernels of the network, and the
-    searched ResNet20's compiled CPU step was 1.5x the frozen one (RESULTS 19). Eager (and CUDA-graph capture) call
-    the function directly: no dispatcher on the hot path."""
+    Under ``torch.compile`` the hash runs as one opaque custom op (``sdq::counter_uniform``), so that inductor does
+    not fuse its 64-bit integer arithmetic into the network's batch-norm and activation-quantization kernels (which
+    slows the searched step down markedly on the CPU). Eager (and CUDA-graph capture) call the function directly: no
+    dispatcher on the hot path."""
     if torch.compiler.is_compiling():
         return torch.ops.sdq.counter_uniform(counter, key, k)
     return _counter_uniform(key, counter, k)

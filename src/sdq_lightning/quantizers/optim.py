@@ -27,7 +27,8 @@ optimizer does (``scaler.unscale_(opt)`` then ``scaler.step(opt)``: skipped when
   take bits back; at most one change per ``min_steps_between_drops`` steps;
 * a sensitivity estimate per layer for the projection: an EMA of ``-dL/dbeta_l`` (the loss decrease per level).
 
-``budget_control="penalty"``: plain SGD on ``dL/dbeta + lambda_b dR(E[C])/dbeta`` (the first implementation's rule).
+``budget_control="penalty"``: plain SGD on ``dL/dbeta + lambda_b dR(E[C])/dbeta`` (a fixed penalty weight, no
+schedule: kept as a control for the dual controller).
 
 :class:`LogStepAdam`: Adam on ``log s`` for the LSQ step sizes, ``s <- s exp(-lr m_hat / (sqrt(v_hat) + eps))``:
 positive by construction and scale-free (a 1e-3 absolute Adam step moved an 8-bit weight step of 4e-3 by 25 % per
@@ -229,8 +230,8 @@ class DBPOptimizer(torch.optim.Optimizer):
         """Lower bound of the multiplier. Two-sided while the schedule descends and holds (the search ends AT the
         budget). While hardening, one-sided (>= 0) as long as the expected cost is within ``HARDEN_SLACK`` of the
         target, so the DBPs can settle on 0/1 under the budget instead of being held fractional on it; below that,
-        two-sided again: the hardening force (DBPs under 0.5 pushed to 0) must not carry the search under the budget
-        (it did, on a CIFAR-10 seed: 2.0 -> 1.69 expected bits, docs/RESULTS.md section 14). With sequential
+        two-sided again: the hardening force (DBPs under 0.5 pushed to 0) must not carry the search far under the
+        budget, which would give away bits the budget allows. With sequential
         settling (``settle=True``) always two-sided: the layers still moving hold the target exactly and absorb
         each settled layer's rounding."""
         two_sided = torch.full_like(self.multiplier, -self.max_multiplier)
@@ -448,7 +449,7 @@ class LogStepAdam(torch.optim.Optimizer):
     def _update(self, group: dict, ps: list[Tensor], grads: list[Tensor]) -> None:
         b1, b2 = group["betas"]
         # every operation a foreach over the group's tensors: a handful of kernel launches per step in all,
-        # not a dozen per parameter (on a GPU the per-parameter loop was the step's cost)
+        # not a dozen per parameter (on a GPU, launches rather than arithmetic set the cost of this step)
         glog = torch._foreach_mul([g.float() for g in grads], ps)  # dL/dlog s = s dL/ds
         m = [self.state[p]["exp_avg"] for p in ps]
         v = [self.state[p]["exp_avg_sq"] for p in ps]
