@@ -79,6 +79,16 @@ def test_measured_plans_meet_the_budget_and_replan_from_their_file(tmp_path, cap
     assert _bits(BitPlan.load(again)) == _bits(plan)
 
 
+def test_the_oracle_prints_its_split_half_agreement_per_level(tmp_path, capsys, fp_checkpoint) -> None:
+    """Every layer searched (4 layers): the overall split-half correlation, then one per level, each in [-1, 1]."""
+    main(["--method", "oracle", "--budget", "avg_bits=3.0", "--out", str(tmp_path / "plan.yaml"), "--first-last",
+          "search", "--weight-bits", "1,2,3,4", "--checkpoint", str(fp_checkpoint), *DIGITS])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("split-half Spearman"))
+    per_level = dict(part.split(": ") for part in line.split("; ")[1].split(", "))
+    assert list(per_level) == ["2->1", "3->2", "4->3"]
+    assert all(-1.0 <= float(v) <= 1.0 for v in per_level.values())
+
+
 @pytest.mark.slow
 def test_a_search_runs_sensitivities_plan_and_the_plan_trains(tmp_path, capsys) -> None:
     base = ["experiment=digits_demo", "compare.enabled=false", "fp_teacher.enabled=false", *TINY]

@@ -206,7 +206,11 @@ def make_plan(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
                 a, b = sens.halves()
                 levels = [(hi, hi - 1) for hi in weight_bits if hi - 1 in weight_bits]
                 lines.append(f"split-half Spearman of the one-level drops: "
-                             f"{spearman(a.increments(levels), b.increments(levels)):.3f}")
+                             f"{spearman(a.increments(levels), b.increments(levels)):.3f} (all levels)")
+                if len(problem.names) >= 3:  # per level: a rank correlation over the layers
+                    lines[-1] += "; " + ", ".join(
+                        f"{hi}->{lo}: {spearman(a.increments([(hi, lo)]), b.increments([(hi, lo)])):.3f}"
+                        for hi, lo in levels)
         else:
             sens = hawq(model, batches, problem.names, weight_bits, probes=args.probes, step=args.step,
                         seed=args.seed, progress=True)
