@@ -4,7 +4,7 @@
 
 Run folders are named ``fixedplan_b<budget>_<plan>_s<seed>_<tag>``. Per budget and plan: runs, plan average bits,
 mean and standard deviation of the metric; then every measured plan (oracle, hawq, any extra plan such as sdq)
-against every control (random, size_greedy, uniform) on the seeds both have: mean paired difference with its 95 %
+against every control (random, size_greedy, uniform) and against each other on the seeds both have: mean paired difference with its 95 %
 t-interval, and how many seeds the plan is ahead. ``--metric val/acc`` reads the held-out split (for choices);
 the default, test/acc, is the final table.
 """
@@ -68,10 +68,12 @@ def main() -> None:
     print()
     print(f"| setting | budget | plan - control | seeds | mean diff (points) | 95 % interval | plan ahead |")
     print("|---|---|---|---|---|---|---|")
+    measured = sorted({plan for (_, _, plan) in rows if plan not in CONTROLS})
     for (tag, budget, plan), by_seed in sorted(rows.items()):
         if plan in CONTROLS:
             continue
-        for control in CONTROLS:
+        # every control, then the measured plans after this one in name order (each pair once)
+        for control in [*CONTROLS, *(m for m in measured if m > plan)]:
             other = rows.get((tag, budget, control))
             if not other:
                 continue

@@ -1,0 +1,51 @@
+"""experiments/fixed_plan_table.py pairs runs by seed with a t-interval; fixed_plan_protocol.sh refuses bad methods."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from scipy.stats import t
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _runs(root: Path, plan: str, accs: dict[int, float], bits: float = 1.99) -> None:
+    for seed, acc in accs.items():
+        run = root / f"fixedplan_b2.0_{plan}_s{seed}_e1_sub10000" / "2026-12-05_00-00-00_0"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({"test/acc": acc, "val/acc": acc - 0.01, "avg_bits": bits}))
+
+
+def test_the_table_pairs_plans_by_seed_with_a_t_interval(tmp_path) -> None:
+    _runs(tmp_path, "oracle", {0: 0.84, 1: 0.83, 2: 0.85})
+    _runs(tmp_path, "random", {0: 0.82, 1: 0.825, 2: 0.81, 3: 0.90})  # seed 3 has no oracle run: not paired
+    out = subprocess.run([sys.executable, str(REPO / "experiments" / "fixed_plan_table.py"),
+                          *map(str, sorted(tmp_path.iterdir()))], capture_output=True, text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if "oracle - random" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    diffs = [2.0, 0.5, 4.0]
+    half = t.ppf(0.975, 2) * statistics.stdev(diffs) / math.sqrt(3)
+    mean = statistics.fmean(diffs)
+    assert cells[3] == "3" and cells[4] == f"{mean:+.2f}"
+    assert cells[5] == f"[{mean - half:+.2f}, {mean + half:+.2f}]" and cells[6] == "3/3"
+    means = {c[2]: c[5] for c in ([x.strip() for x in line.strip("|").split("|")] for line in out.splitlines()[2:4])
+             if len(c) > 5}
+    assert means == {"oracle": "84.00", "random": "83.88"}
+
+
+def test_the_protocol_refuses_an_unknown_method_in_one_line(tmp_path) -> None:
+    fp = tmp_path / "fp.pt"
+    fp.write_bytes(b"")
+    env = dict(os.environ, CIFAR10_ROOT=str(tmp_path), FP_CKPT=str(fp), METHODS="oracle hawq_v9", PY="false")
+    res = subprocess.run(["bash", str(REPO / "experiments" / "fixed_plan_protocol.sh")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: unknown method 'hawq_v9' (allowed: oracle hawq random size_greedy uniform; other plans: "
+        "EXTRA=budget:name=file)"]
