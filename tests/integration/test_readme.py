@@ -37,6 +37,7 @@ APP = ("sdq-train", "python -m sdq_lightning.train")
 SKIP = {
     "pip install": "needs the network (package index)",
     "sdq-export": "needs a finished run folder; tests/export/test_app_export.py runs sdq-export end to end",
+    "sdq-plan": "needs the CIFAR-10 root; tests/integration/test_plan_cli.py runs sdq-plan end to end on digits",
     "source .venv/bin/activate": "a shell's state; .ci/readme_quickstart.sh runs the Getting started block as written",
     "export SDQ_CIFAR10_ROOT=": "a shell variable; .ci/readme_quickstart.sh keeps CI's value",
 }
