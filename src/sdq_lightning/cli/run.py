@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import functools
 import json
 import time
@@ -64,8 +65,6 @@ EARLIER_CSV = "metrics.earlier.csv"
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    import csv
-
     if not path.is_file():
         return [], []
     with path.open(newline="") as fh:
@@ -74,8 +73,6 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict[str, str]]) -> None:
-    import csv
-
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -318,12 +315,13 @@ def fit_one(cfg: DictConfig, run_dir: str | Path, *, label: str = "sdq", sdq_ena
     callbacks, recorder, throughput = _build_callbacks(cfg, run_dir, sdq, stage)
     from sdq_lightning.cli.resume import checkpoint_of
 
-    if checkpoint_of(cfg) is not None and rank_zero_only.rank == 0:
+    ckpt_path = checkpoint_of(cfg)
+    if ckpt_path is not None and rank_zero_only.rank == 0:
         keep_earlier_metrics(run_dir)  # before the CSV logger exists: it deletes metrics.csv
     logger = build_logger(cfg, run_dir, name=f"{cfg.name}-{label}")
     trainer = build_trainer(_trainer_cfg(cfg, sdq, max_epochs), callbacks, logger, run_dir)
     shard_validation_exactly(trainer, datamodule)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint_of(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     if cfg.run_test and not cfg.phase.get("search_only"):
         fitted.update(evaluate_test_split(trainer, module, datamodule))
