@@ -26,6 +26,7 @@ current scale like the loss, and the callback's optimizers go through the scaler
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,6 +47,7 @@ from sdq_lightning.callbacks.search import (
     PROJECTION_SENSITIVITIES,
     ROUNDINGS,
     SEARCH_SIGNALS,
+    TASK_ESTIMATES,
     BitSearch,
 )
 from sdq_lightning.callbacks.schedule import Schedule, resolve_schedule
@@ -56,6 +58,7 @@ from sdq_lightning.callbacks.freeze import freeze_message, freeze_searched, free
 from sdq_lightning.checkpoint import network_of, network_prefix
 from sdq_lightning.callbacks.setup import (
     default_input_fn,
+    default_probe_loss,
     find_example_input,
     num_classes_of,
     profile_network,
@@ -124,6 +127,14 @@ class SDQ(Callback):
         search_signal: ``"task+budget"`` (default), or a control: ``"budget_only"``, ``"projection_only"``,
             ``"size_greedy"``, ``"random"`` (see :mod:`sdq_lightning.callbacks.search`).
         task_weight: weight of the normalised task force on the DBPs (``dual``).
+        task_estimate: what the task force measures. ``"pathwise"`` (default): the DBP gradient through the
+            relaxation, ``<dL/dw_q, Q_hi(w) - Q_lo(w)>`` (first order); ``"paired"``: after each training step's
+            backward, one extra forward of the same batch (no gradients) with one layer's draw flipped between its
+            two live widths, so ``L(b_hi) - L(b_lo)`` of that layer is measured with the batch's noise cancelled
+            (one layer per step, the one not measured for longest; about a third of a step's cost more). See
+            ``docs/method.md``, "What the task force measures".
+        probe_loss: the loss the paired forwards compare, ``probe_loss(output, batch) -> Tensor``; default the
+            cross-entropy of the network's output against ``batch[1]``.
         budget_reach: fraction of the search after which the schedule holds the target (0 < x <= 1).
         projection_sensitivity: how the freeze's projection ranks layers: ``"task_grad"`` (default: accumulated
             DBP task gradients) or ``"weight_mse"`` (data-free weight quantization error).
@@ -229,6 +240,8 @@ class SDQ(Callback):
         budget_control: str = "dual",
         search_signal: str = "task+budget",
         task_weight: float = 1.0,
+        task_estimate: str = "pathwise",
+        probe_loss: Callable[[Any, Any], Tensor] | None = None,
         budget_reach: float = 0.75,
         projection_sensitivity: str = "task_grad",
         compile: str | None = None,
@@ -244,6 +257,7 @@ class SDQ(Callback):
             raise ValueError(f"kernels must be one of {(*KERNELS, 'auto')} or None, got {kernels!r}")
         for name, value, allowed in (("budget_control", budget_control, BUDGET_CONTROLS),
                                      ("search_signal", search_signal, SEARCH_SIGNALS),
+                                     ("task_estimate", task_estimate, TASK_ESTIMATES),
                                      ("projection_sensitivity", projection_sensitivity, PROJECTION_SENSITIVITIES),
                                      ("rounding", rounding, ROUNDINGS)):
             if value not in allowed:
@@ -260,6 +274,14 @@ class SDQ(Callback):
         self._compile_request = compile
         self.budget_control, self.search_signal = budget_control, search_signal
         self.task_weight, self.budget_reach = float(task_weight), float(budget_reach)
+        if probe_loss is not None and not callable(probe_loss):
+            raise ValueError(f"probe_loss must be a function (output, batch) -> loss, got {type(probe_loss).__name__}")
+        if task_estimate == "paired" and reading != "progressive":
+            raise ValueError(f"task_estimate='paired' needs reading='progressive', got reading={reading!r}")
+        self.task_estimate, self.probe_loss = task_estimate, probe_loss or default_probe_loss
+        self._probe_out: Any = None  # the training forward's output of this step (task_estimate="paired")
+        self._probe_batch: Any = None
+        self._probe_hook: Any = None
         self.projection_sensitivity = projection_sensitivity
         self.rounding = rounding
         if not isinstance(settle, bool):
@@ -442,6 +464,8 @@ class SDQ(Callback):
         self._weight_layers = None
         self._dbp_quantizers = [m for m in pl_module.modules() if isinstance(m, SDQWeightQuantizer)]
         self._step_graph = None
+        if self.task_estimate == "paired" and self.phase is Phase.SEARCH and self._probe_hook is None:
+            self._probe_hook = network_of(pl_module).register_forward_hook(self._capture_probe_output)
         if self._graph_work:  # a new fit: new optimizers, so new graphs
             self._graph_eager_work(self._graph_capture)
 
@@ -473,6 +497,7 @@ class SDQ(Callback):
         if self.phase is Phase.SEARCH and trainer.state.fn == TrainerFn.FITTING:
             rank_zero_warn(self._ended_mid_search(trainer))
         self.losses.detach()
+        self._stop_probing()
         if self._graphs is not None:  # evaluation after fit runs the network's own forward
             self._graphs.remove()
             self._graphs, self._compiled = None, False
@@ -482,6 +507,8 @@ class SDQ(Callback):
             return
         scaler = grad_scaler(trainer)
         if self.phase is Phase.SEARCH and self.search is not None and self.search.optimizer is not None:
+            if self.search.probes and self._probe_out is not None:
+                self._probe(trainer, pl_module)
             self._terms.update(self.search.step(scaler))
         else:
             quantizers = self._dbp_quantizers
@@ -498,6 +525,40 @@ class SDQ(Callback):
             else:
                 self._step_opt.step()
             self._step_opt.zero_grad(set_to_none=True)
+
+    # ---- the paired forwards of task_estimate="paired"
+    def _capture_probe_output(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._probe_out = output
+
+    def _stop_probing(self) -> None:
+        if self._probe_hook is not None:
+            self._probe_hook.remove()
+        self._probe_hook, self._probe_out, self._probe_batch = None, None, None
+
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The second forward of this step's batch for :meth:`BitSearch.probe`: same weights, same draws except the
+        probed layer's, no gradients, the same precision context as the training step; every buffer (BatchNorm
+        statistics, draw counters, activation-quantizer state) is put back afterwards, so the training run is the one
+        it would be without the probe, apart from the DBP moves the measurement causes."""
+        net = network_of(pl_module)
+        batch, out = self._probe_batch, self._probe_out
+        self._probe_out = None
+        buffers = list(net.buffers())
+        saved = [b.clone() for b in buffers]
+        x = self.input_fn(batch)
+        context = getattr(getattr(trainer, "precision_plugin", None), "forward_context", None)
+
+        def loss_of() -> Tensor:
+            with torch.no_grad(), (context() if context is not None else contextlib.nullcontext()):
+                return self.probe_loss(net(x), batch)
+
+        try:
+            with torch.no_grad():
+                main = self.probe_loss(out.detach() if isinstance(out, Tensor) else out, batch)
+            self.search.probe(main, loss_of)
+        finally:
+            torch._foreach_copy_(buffers, saved)
 
     def _graph_eager_work(self, capture_fn: CallCaptureFn | None = None) -> None:
         """Replay the work that stays eager next to a graphed network as CUDA graphs of its own: the KD teacher's
@@ -552,6 +613,8 @@ class SDQ(Callback):
             tau = self._temperature(self._progress(trainer, batch_idx), self.search_epochs)
             self.search.begin_step(trainer.global_step, tau)
             self._terms["temperature"] = torch.tensor(tau)  # a host tensor: logging a float copies it to the device
+            if self.search.task_estimate == "paired":
+                self._probe_batch = batch
         elif "cost" not in self._terms and self.plan is not None:
             self._terms["cost"] = torch.tensor(self.plan.cost(self.budget.metric))
         if self.compile is not None and not self._compiled and self._act_quant_ready(pl_module):
@@ -568,7 +631,7 @@ class SDQ(Callback):
                            drop_threshold=self.drop_threshold, reinit_dbp=self.reinit_dbp,
                            min_steps_between_drops=self.min_steps_between_drops,
                            projection_sensitivity=self.projection_sensitivity, seed=self.spec.seed,
-                           rounding=self.rounding, settle=self.settle)
+                           rounding=self.rounding, settle=self.settle, task_estimate=self.task_estimate)
         if self._graph_work:  # under CUDA graphs the DBP step is a graph of its own
             search.use_graphs(True, capture_fn=self._graph_capture)
         return search
@@ -662,6 +725,7 @@ class SDQ(Callback):
         if self.search is None:
             self.search = self._make_search()
         result = freeze_searched(self.search, pl_module)
+        self._stop_probing()
         if self.spec.integer_only:
             activate_integer_only(network_of(pl_module))
         self.phase = Phase.TRAIN

@@ -21,7 +21,7 @@ Search signals (``search_signal``), the controls that can refute the method:
 from __future__ import annotations
 
 import random as _random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -33,10 +33,11 @@ from sdq_lightning.modules.graphs import CallCaptureFn, GraphedCall
 from sdq_lightning.quantizers.optim import DBPOptimizer
 from sdq_lightning.quantizers.sdq import stacked_expected_bits
 
-__all__ = ["BUDGET_CONTROLS", "PROJECTION_SENSITIVITIES", "SEARCH_SIGNALS", "BitSearch"]
+__all__ = ["BUDGET_CONTROLS", "PROJECTION_SENSITIVITIES", "SEARCH_SIGNALS", "TASK_ESTIMATES", "BitSearch"]
 
 BUDGET_CONTROLS = ("dual", "penalty")
 SEARCH_SIGNALS = ("task+budget", "budget_only", "projection_only", "size_greedy", "random")
+TASK_ESTIMATES = ("pathwise", "paired")
 PROJECTION_SENSITIVITIES = ("task_grad", "weight_mse")
 ROUNDINGS = ("budget", "argmax")
 
@@ -49,9 +50,12 @@ class BitSearch:
                  budget_reach: float = 0.75, penalty_weight: float = 1.0, penalty: str = "squared_hinge",
                  drop_threshold: float = 0.05, reinit_dbp: float = 1.0, min_steps_between_drops: int = 1,
                  projection_sensitivity: str = "task_grad", seed: int = 0, rounding: str = "argmax",
-                 settle: bool = True) -> None:
+                 settle: bool = True, task_estimate: str = "pathwise") -> None:
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if task_estimate not in TASK_ESTIMATES:
+            raise ValueError(f"task_estimate must be one of {TASK_ESTIMATES}, got {task_estimate!r}")
+        self.task_estimate = task_estimate
         self.rounding = rounding
         self.settle = bool(settle)
         self.argmax_changed = 0  # layers the last freeze_bits' budget rounding moved from the per-layer argmax
@@ -64,6 +68,13 @@ class BitSearch:
         self.projection_sensitivity, self.seed = projection_sensitivity, int(seed)
         self.names = cost_model.searchable()
         self.quantizers = [cost_model._quantizer(n) for n in self.names]
+        if task_estimate == "paired":
+            other = [(n, getattr(q, "reading", "?")) for n, q in zip(self.names, self.quantizers)
+                     if getattr(q, "reading", "") != "progressive"]
+            if other:
+                raise ValueError(f"task_estimate='paired' needs the progressive reading; layer {other[0][0]} reads "
+                                 f"its DBPs as {other[0][1]!r}")
+        self._draw = (0, 1.0)  # the last begin_step's (global step, temperature): a probe repeats that step's draws
         self.units = self._unit_costs()
         self.optimizer: DBPOptimizer | None = None
         self.start_cost: float | None = None
@@ -126,7 +137,8 @@ class BitSearch:
         self.optimizer = DBPOptimizer(self.quantizers, self.units, lr=lr, control=self.control,
                                       task_weight=self.task_weight if self.signal == "task+budget" else 0.0,
                                       drop_threshold=self.drop_threshold, reinit_dbp=self.reinit_dbp,
-                                      min_steps_between_drops=self.min_steps_between_drops, settle=self.settle)
+                                      min_steps_between_drops=self.min_steps_between_drops, settle=self.settle,
+                                      measured=self.task_estimate == "paired")
         if pending_state and pending_state.get("optimizer") is not None:
             self.optimizer.load_state_dict(pending_state["optimizer"])
 
@@ -166,12 +178,60 @@ class BitSearch:
         per layer (on a GPU each is a kernel launch)."""
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self._draw = (int(global_step), float(temperature))
         if not self.quantizers:
             return
         for bufs, value in (([q.draw_step for q in self.quantizers], int(global_step)),
                             ([q.temperature for q in self.quantizers], float(temperature))):
             torch._foreach_zero_(bufs)
             torch._foreach_add_(bufs, value)
+
+    @property
+    def probes(self) -> bool:
+        """Whether the task signal is measured by paired forwards (:meth:`probe`) rather than the DBP gradients."""
+        return self.task_estimate == "paired" and self.optimizer is not None
+
+    @torch.no_grad()
+    def probe(self, main_loss: Tensor, loss_of: Callable[[], Tensor]) -> None:
+        """One paired measurement of ``L(b_hi) - L(b_lo)`` (``task_estimate="paired"``).
+
+        ``main_loss``: the task loss of this step's training forward; ``loss_of()``: the same loss from a second
+        forward of the same batch with the same weights (no gradients; the caller keeps BatchNorm statistics and
+        other buffers unchanged). Between the two, one layer's draw is flipped (hi <-> lo at its live level) and
+        every other layer draws what it drew (the same draw step): the difference is that layer's loss change at its
+        live level on this batch, with the batch's noise cancelled. The layer probed is the one not probed for
+        longest among those still moving (level above the lowest, not settled), a level never measured first. All
+        on the device: the choice, the flip and the record."""
+        qs, opt = self.quantizers, self.optimizer
+        if not qs or opt is None:
+            return
+        dbps = [q.dbp for q in qs]
+        levels = torch.stack([q.level for q in qs])
+        took_hi = torch.stack([q.last_index for q in qs]) == levels
+        states = [opt.state[p] for p in dbps]
+        settled = torch.stack([st["settled"] for st in states]) > 0.5
+        unmeasured = torch.stack([st["probes"] for st in states]).gather(1, levels.view(-1, 1)).view(-1) == 0
+        last = torch.stack([st["probed_at"] for st in states]).float()
+        eligible = (levels > 0) & ~settled
+        score = torch.where(eligible, unmeasured.float() * 1e9 - last, torch.full_like(last, -float("inf")))
+        layer = score.argmax()
+        p = torch.stack([d.detach() for d in dbps])
+        live = p.gather(1, levels.view(-1, 1)).view(-1)
+        flip = torch.arange(len(qs), device=p.device) == layer
+        forced = torch.where(flip, (~took_hi).to(p.dtype), live)  # the other of the two widths, with certainty
+        torch._foreach_copy_(dbps, p.scatter(1, levels.view(-1, 1), forced.view(-1, 1)).unbind(0))
+        try:
+            self.begin_step(*self._draw)  # the same uniforms as the training forward
+            other = loss_of().detach().float()
+        finally:
+            torch._foreach_copy_(dbps, p.unbind(0))
+        main = main_loss.detach().float()
+        hi_minus_lo = torch.where(took_hi.index_select(0, layer.view(1))[0], main - other, other - main)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(hi_minus_lo)  # every rank probes the same layer on its own batch
+            hi_minus_lo = hi_minus_lo / torch.distributed.get_world_size()
+        ok = eligible.index_select(0, layer.view(1))[0] & torch.isfinite(hi_minus_lo)
+        opt.record_probe(torch.where(ok, layer, torch.full_like(layer, -1)), torch.where(ok, hi_minus_lo, 0.0))
 
     @property
     def moves(self) -> bool:
@@ -182,6 +242,9 @@ class BitSearch:
         opt = self.optimizer
         if scaler is not None:
             scaler.unscale_(opt)
+        if self.task_estimate == "paired":  # the measured differences replace the pathwise gradients
+            for q, g in zip(self.quantizers, opt.measured_grads()):
+                q.dbp.grad = g.to(q.dbp.dtype)
         now, nxt = self.target_at(self.steps_done), self.target_at(self.steps_done + 1)
         opt.set_schedule(now, nxt, harden=self.harden_at(self.steps_done))
         if self.graph is not None and scaler is None and opt.stackable and self.moves:

@@ -21,8 +21,22 @@ from sdq_lightning.checkpoint import network_of, network_prefix
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.surgery import QuantReport, QuantSpec, quantize_model
 
-__all__ = ["default_input_fn", "find_example_input", "num_classes_of", "profile_network", "quantize",
+__all__ = ["default_input_fn", "default_probe_loss", "find_example_input", "num_classes_of", "profile_network", "quantize",
            "quantizer_params", "take_from_optimizers"]
+
+
+def default_probe_loss(output: Any, batch: Any) -> Tensor:
+    """The loss the paired forwards of ``task_estimate="paired"`` compare: the cross-entropy of a classifier's
+    logits against the integer labels in ``batch[1]`` (or a dict batch's ``label``/``labels``/``target``/``y``)."""
+    target = None
+    if isinstance(batch, dict):
+        target = next((batch[k] for k in ("label", "labels", "target", "targets", "y") if k in batch), None)
+    elif isinstance(batch, (list, tuple)) and len(batch) > 1:
+        target = batch[1]
+    if not isinstance(output, Tensor) or not isinstance(target, Tensor) or target.dtype.is_floating_point:
+        raise ValueError("task_estimate='paired' compares the cross-entropy of the network's logits against integer "
+                         "labels in batch[1]; for another output or batch pass probe_loss=lambda output, batch: ...")
+    return torch.nn.functional.cross_entropy(output.float(), target)
 
 
 def default_input_fn(batch: Any) -> Tensor:

@@ -60,12 +60,17 @@ class DBPOptimizer(torch.optim.Optimizer):
         drop_threshold, reinit_dbp, min_steps_between_drops: progressive level drops (``None`` threshold = none).
         rms_decay, sens_decay: EMA decays of the task-force scale and of the sensitivity.
         max_multiplier: upper bound of lambda, in units of the nominal push.
+        measured: the task gradients are measured loss differences written by :meth:`record_probe` (the search's
+            ``task_estimate="paired"``): the sensitivity is theirs, not an EMA of ``.grad``.
+        probe_decay: EMA decay of the measured differences per probe of a layer's level (the first probes of a
+            level are averaged, not decayed from zero).
     """
 
     def __init__(self, quantizers: Sequence[nn.Module], units: Sequence[float], lr: float, control: str = "dual",
                  task_weight: float = 1.0, drop_threshold: float | None = 0.05, reinit_dbp: float = 1.0,
                  min_steps_between_drops: int = 1, rms_decay: float = 0.98, sens_decay: float = 0.99,
-                 max_multiplier: float = 20.0, settle: bool = True) -> None:
+                 max_multiplier: float = 20.0, settle: bool = True, measured: bool = False,
+                 probe_decay: float = 0.8) -> None:
         if control not in ("dual", "penalty"):
             raise ValueError(f"control must be 'dual' or 'penalty', got {control!r}")
         if len(quantizers) != len(units):
@@ -81,6 +86,10 @@ class DBPOptimizer(torch.optim.Optimizer):
         self.rms_decay, self.sens_decay = float(rms_decay), float(sens_decay)
         self.max_multiplier = float(max_multiplier)
         self.settle = bool(settle) and control == "dual"
+        self.measured = bool(measured)
+        if not 0.0 <= probe_decay < 1.0:
+            raise ValueError(f"probe_decay must be in [0, 1), got {probe_decay!r}")
+        self.probe_decay = float(probe_decay)
         dev = quantizers[0].dbp.device if quantizers else torch.device("cpu")
         self.multiplier = torch.zeros((), device=dev)
         self.rms = torch.zeros((), device=dev)
@@ -105,6 +114,8 @@ class DBPOptimizer(torch.optim.Optimizer):
             st["sens"] = torch.zeros_like(q.dbp.detach())
             st["last_drop"] = torch.full((), -(10**9), dtype=torch.long, device=dev)
             st["settled"] = torch.zeros((), device=dev)  # 1.0 once settled (float: torch casts state on load)
+            st["probes"] = torch.zeros_like(q.dbp.detach())  # measured differences per level (task_estimate=paired)
+            st["probed_at"] = torch.full((), -1, dtype=torch.long, device=dev)
         # One [layers, candidates] step instead of a loop over layers when every searched layer reads its DBPs
         # progressively over the same number of candidates (the usual case): a few dozen kernels per step in all,
         # where the loop issued about 100 per layer (on a GPU the step was bound by kernel launches).
@@ -164,8 +175,11 @@ class DBPOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         controller = state_dict.pop("controller", None)
         super().load_state_dict(state_dict)
-        for g in self.param_groups:  # checkpoints from before settling existed
-            self.state[g["params"][0]].setdefault("settled", torch.zeros((), device=g["params"][0].device))
+        for g in self.param_groups:  # checkpoints from before settling and probing existed
+            p = g["params"][0]
+            self.state[p].setdefault("settled", torch.zeros((), device=p.device))
+            self.state[p].setdefault("probes", torch.zeros_like(p.detach()))
+            self.state[p].setdefault("probed_at", torch.full((), -1, dtype=torch.long, device=p.device))
         if controller is not None:
             self.load_controller_state(controller)
 
@@ -211,7 +225,10 @@ class DBPOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def update_sensitivity(self, grads: list[Tensor] | None = None, live: list[Tensor] | None = None) -> None:
         """EMA of -dL/dbeta on the live entries (the loss decrease per level up), for the projection. Called by
-        :meth:`step`, and alone by the controls that measure without moving."""
+        :meth:`step`, and alone by the controls that measure without moving. A no-op when the differences are
+        measured (``measured=True``: :meth:`record_probe` writes the sensitivity)."""
+        if self.measured:
+            return
         params = [g["params"][0] for g in self.param_groups]
         grads = [g.float() for g in self._grads()] if grads is None else grads
         live = [self._live_mask(q, p) for q, p in zip(self.quantizers, params)] if live is None else live
@@ -280,10 +297,11 @@ class DBPOptimizer(torch.optim.Optimizer):
         lv = levels.view(-1, 1)
         idx = torch.arange(p.shape[1], device=p.device).view(1, -1)
         live = (idx == lv) & (lv > 0)
-        sens_list = [self.state[x]["sens"] for x in params]
-        sens = torch.stack(sens_list)
-        torch._foreach_copy_(sens_list, torch.where(live, self.sens_decay * sens - (1 - self.sens_decay) * g,
-                                                    sens).unbind(0))
+        if not self.measured:
+            sens_list = [self.state[x]["sens"] for x in params]
+            sens = torch.stack(sens_list)
+            torch._foreach_copy_(sens_list, torch.where(live, self.sens_decay * sens - (1 - self.sens_decay) * g,
+                                                        sens).unbind(0))
         settled_list = [self.state[x]["settled"] for x in params]
         settled = torch.stack(settled_list) > 0.5
         if self.settle and (self.branch_free or self._harden > 0):  # before the multiplier is solved, so this step
@@ -401,6 +419,38 @@ class DBPOptimizer(torch.optim.Optimizer):
             p.index_put_((new.view(1),), value.view(1))
             lvl.copy_(new)
             st["last_drop"].copy_(torch.where(drop | rise, step, st["last_drop"]))
+
+    # ------------------------------------------------------------------ measured differences (task_estimate=paired)
+    @torch.no_grad()
+    def record_probe(self, layer: Tensor, hi_minus_lo: Tensor) -> None:
+        """Record one measured ``L(b_hi) - L(b_lo)`` of the live level of the layer ``layer`` (a 0-dim device index;
+        nothing is recorded when that layer sits at its lowest candidate): the sensitivity of that level moves to
+        the running mean of its measurements, then to an EMA with ``probe_decay``. All on the device."""
+        params = [g["params"][0] for g in self.param_groups]
+        sens_list = [self.state[x]["sens"] for x in params]
+        count_list = [self.state[x]["probes"] for x in params]
+        at_list = [self.state[x]["probed_at"] for x in params]
+        sens, count = torch.stack(sens_list), torch.stack(count_list)
+        levels = torch.stack([q.level for q in self.quantizers]).view(-1, 1)
+        rows = torch.arange(len(params), device=sens.device).view(-1, 1) == layer
+        cols = torch.arange(sens.shape[1], device=sens.device).view(1, -1) == levels
+        hit = rows & cols & (levels > 0)
+        count = count + hit.to(count.dtype)
+        weight = torch.maximum(1.0 / count.clamp_min(1.0), torch.full_like(count, 1.0 - self.probe_decay))
+        value = -hi_minus_lo.detach().to(sens.dtype)  # the loss decrease per level up, as the EMA of -dL/dbeta
+        torch._foreach_copy_(sens_list, torch.where(hit, sens + weight * (value - sens), sens).unbind(0))
+        torch._foreach_copy_(count_list, count.unbind(0))
+        at = torch.stack(at_list)
+        torch._foreach_copy_(at_list, torch.where(rows.view(-1), self.step_count, at).unbind(0))
+
+    def measured_grads(self) -> list[Tensor]:
+        """The task gradients of the measured differences: ``dE[L]/dbeta = L(b_hi) - L(b_lo)`` per level (the
+        expected loss is linear in the live DBP), 0 where a level was never measured."""
+        out = []
+        for g in self.param_groups:
+            st = self.state[g["params"][0]]
+            out.append(torch.where(st["probes"] > 0, -st["sens"], torch.zeros_like(st["sens"])))
+        return out
 
     def sensitivity(self) -> list[Tensor]:
         """Per layer, the EMA of -dL/dbeta per candidate index (0 where never live)."""

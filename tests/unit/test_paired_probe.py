@@ -1,0 +1,122 @@
+"""task_estimate="paired": the search measures L(b_hi) - L(b_lo) of one layer per step by a second forward of the
+same batch with that layer's draw flipped. What must hold: the measurement is the loss difference computed
+directly, the probe leaves the model as it found it, and a run with probes trains the same network as one without
+(apart from the DBP moves the measurements cause)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers.data import Loaders
+from helpers.user_module import UserNet
+from torch import nn
+
+import sdq_lightning as sq
+from sdq_lightning.callbacks.search import BitSearch
+
+
+def _searched_net():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    prof = sq.profile_model(model, torch.randn(1, 16))
+    sq.quantize_model(model, sq.QuantSpec(weight_bits=(1, 2, 3, 4), activation_bits=None, first_last="search"))
+    model.train()
+    cm = sq.CostModel(model, prof)
+    search = BitSearch(cm, sq.Budget("avg_bits", 2.0), task_estimate="paired")
+    search.start(steps_per_epoch=10, search_epochs=1)
+    return model, search
+
+
+def _loss(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def test_a_probe_records_the_directly_computed_loss_difference():
+    model, search = _searched_net()
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    q0 = search.quantizers[0]
+    with torch.no_grad():
+        q0.dbp[q0.level] = 0.5  # a fractional live DBP: the step's draw may take either width
+    search.begin_step(3, 1.0)
+    main = _loss(model, x, y)
+    dbps = [q.dbp.detach().clone() for q in search.quantizers]
+    search.probe(main, lambda: _loss(model, x, y))
+    # the first probe takes the first layer (every level unmeasured); its sensitivity is L(lo) - L(hi)
+    level = int(q0.level)
+    sens = search.optimizer.state[q0.dbp]["sens"]
+    direct = {}
+    with torch.no_grad():
+        for value in (1.0, 0.0):
+            q0.dbp[level] = value
+            search.begin_step(3, 1.0)
+            direct[value] = float(_loss(model, x, y))
+        q0.dbp.copy_(dbps[0])
+    assert direct[0.0] != direct[1.0]
+    assert float(sens[level]) == pytest.approx(direct[0.0] - direct[1.0], rel=1e-5, abs=1e-7)
+    assert int(search.optimizer.state[q0.dbp]["probes"][level]) == 1
+    # the DBPs are put back; no other layer was measured
+    for q, before in zip(search.quantizers, dbps):
+        assert torch.equal(q.dbp.detach(), before)
+    assert all(float(search.optimizer.state[q.dbp]["probes"].sum()) == 0 for q in search.quantizers[1:])
+
+
+def test_probes_go_round_the_layers_and_drive_the_task_gradient():
+    model, search = _searched_net()
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    n = len(search.quantizers)
+    for t in range(n):
+        search.begin_step(t, 1.0)
+        search.probe(_loss(model, x, y), lambda: _loss(model, x, y))
+        search.optimizer.step_count.add_(1)
+    counts = [int(search.optimizer.state[q.dbp]["probes"].sum()) for q in search.quantizers]
+    assert counts == [1] * n  # each layer once before any twice
+    grads = search.optimizer.measured_grads()
+    for q, g in zip(search.quantizers, grads):
+        sens = search.optimizer.state[q.dbp]["sens"]
+        assert float(g[q.level]) == pytest.approx(-float(sens[q.level]))
+
+
+def test_paired_needs_the_progressive_reading():
+    with pytest.raises(ValueError, match="task_estimate='paired' needs reading='progressive'"):
+        sq.SDQ(reading="cascade", task_estimate="paired")
+    with pytest.raises(ValueError, match="task_estimate must be one of"):
+        sq.SDQ(task_estimate="exact")
+
+
+class _Snapshot(pl.Callback):
+    """The module's state at the last search batch, before the SDQ callback (after this one) freezes the plan."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == 7:
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def _fit(task_estimate: str):
+    pl.seed_everything(0)
+    snap = _Snapshot()
+    module = UserNet(body="cnn_bn", width=8)
+    cb = sq.SDQ(weight_bits=(1, 2, 4, 8), activation_bits=4, budget={"metric": "avg_bits", "target": 3.0},
+                search_epochs=1, search_signal="budget_only", task_estimate=task_estimate, ebr_weight=0.0,
+                kernels="eager")
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=8,
+                         accelerator="cpu", callbacks=[snap, cb])
+    trainer.fit(module, Loaders().train(batch_size=64))
+    return snap.state, cb
+
+
+def test_probing_leaves_the_training_run_unchanged():
+    """Budget only: the task force is not used, so a run with probes must train exactly the network a run without
+    them trains (weights, BatchNorm statistics): a probe that left a buffer, a draw counter or a DBP changed would
+    show here. The measurements themselves are there."""
+    a, _ = _fit("pathwise")
+    b, cb = _fit("paired")
+    keys = [k for k in a if k.endswith(("weight", "bias", "running_mean", "running_var"))
+            and "quant" not in k and "dbp" not in k]
+    assert len(keys) >= 6
+    for k in keys:
+        assert torch.equal(a[k], b[k]), k
+    probes = sum(float(cb.search.optimizer.state[q.dbp]["probes"].sum()) for q in cb.search.quantizers)
+    assert probes == 8  # one measurement per training step
