@@ -1,7 +1,11 @@
 """Pure quantization functions: straight-through rounding, LSQ gradient scaling, uniform and binary quantizers.
 
 Everything here is stateless and works on plain tensors; the modules in :mod:`sdq_lightning.quantizers` hold the
-state (step sizes, bitwidths, DBPs).
+state (step sizes, bitwidths, DBPs). The LSQ arithmetic is defined here and nowhere else: the quotient
+(:func:`lsq_quotient`), the codes (:func:`lsq_codes`, :func:`binary_codes`), the fake-quantized value
+(:func:`dequantize`, :func:`fake_quant`) and the per-element gradients (:func:`lsq_grads`, :func:`binary_grads`,
+:func:`fake_quant_grads`). The fused activation kernels, the batched weight pass, EBR, the SDQ quantizer's integer
+codes and the integer-only network call these.
 """
 
 from __future__ import annotations
@@ -14,15 +18,23 @@ from torch import Tensor
 __all__ = [
     "MAX_BITS",
     "MIN_BITS",
+    "binary_codes",
+    "binary_grads",
     "binary_quantize",
     "counter_uniform",
     "counter_uniform_many",
+    "dequantize",
+    "fake_quant",
+    "fake_quant_grads",
     "fake_quantize_dynamic",
     "stream_key",
     "grad_scale",
     "int_range",
+    "lsq_codes",
     "lsq_grad_factor",
+    "lsq_grads",
     "lsq_quantize",
+    "lsq_quotient",
     "quantize_weight",
     "round_ste",
     "weight_step_init",
@@ -63,6 +75,73 @@ def lsq_grad_factor(numel: int, qp: int) -> float:
     return 1.0 / math.sqrt(max(numel, 1) * max(qp, 1))
 
 
+def lsq_quotient(x: Tensor, step: Tensor) -> Tensor:
+    """``x / s`` as every LSQ path computes it: ``x * (1/s)``. PyTorch's fake-quantize kernels multiply by the
+    float32 reciprocal too, and the two forms differ at exact rounding ties (e.g. ``x = 2.5 s``), so this keeps the
+    integer codes identical to torch's (and to the ONNX export's)."""
+    return x * (1.0 / step)
+
+
+def lsq_codes(v: Tensor, qn, qp) -> Tensor:
+    """LSQ integer codes of the quotient ``v`` (:func:`lsq_quotient`): ``clamp(round(v), Qn, Qp)``, rounding half to
+    even. ``qn``, ``qp``: numbers, or tensors broadcastable to ``v``."""
+    return torch.clamp(torch.round(v), qn, qp)
+
+
+def binary_codes(v: Tensor) -> Tensor:
+    """1-bit codes of the quotient ``v``: ``+1`` where ``v >= 0`` (zero included), else ``-1``, in ``v``'s dtype."""
+    return torch.where(v >= 0, 1.0, -1.0).to(v.dtype)
+
+
+def dequantize(v: Tensor, r: Tensor | None, step: Tensor, binary) -> Tensor:
+    """The fake-quantized value ``codes * s`` from the quotient ``v`` and its LSQ codes ``r``: the codes are ``r``, or
+    :func:`binary_codes` where ``binary`` (``False``/``None``, ``True`` (``r`` may then be None) or a bool tensor
+    broadcastable to ``v``, chosen per element)."""
+    if binary is True:
+        return binary_codes(v) * step
+    if binary is not False and binary is not None:
+        r = torch.where(binary, binary_codes(v), r)
+    return r * step
+
+
+def fake_quant(x: Tensor, step: Tensor, qn, qp, binary=False) -> Tensor:
+    """``s * clamp(round(x / s), Qn, Qp)``, or ``s * sign(x / s)`` where ``binary`` (see :func:`dequantize`), on plain
+    tensors (no gradient rule of its own: :func:`lsq_quantize` gives it LSQ's)."""
+    v = lsq_quotient(x, step)
+    return dequantize(v, None if binary is True else lsq_codes(v, qn, qp), step, binary)
+
+
+def lsq_grads(grad: Tensor, v: Tensor, r: Tensor, qn, qp) -> tuple[Tensor, Tensor]:
+    """Per element, LSQ's gradients (Esser et al. 2020) of ``x`` and of ``s`` (before the sum over the elements a
+    step serves and before the gradient factor), from the gradient ``grad`` of the fake-quantized value and the
+    quotient ``v`` and codes ``r``: inside ``Qn < v < Qp``, straight through and ``r - v``; outside (the boundary
+    values included, as the gradient of ``clamp``), 0 and ``r`` (``Qn`` or ``Qp``)."""
+    inside = (v > qn) & (v < qp)
+    return grad * inside, grad * torch.where(inside, r - v, r)
+
+
+def binary_grads(grad: Tensor, x: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+    """Per element, the 1-bit gradients of ``x`` and of ``s`` (as :func:`lsq_grads`): a hard-tanh straight-through
+    on ``u = x / s``: where ``|u| <= 1``, ``grad`` and ``sign(u) - u``; outside, 0 and ``sign(u)``."""
+    u = x / step
+    near = u.abs() <= 1
+    return grad * near, grad * (binary_codes(u) - u * near)
+
+
+def fake_quant_grads(grad: Tensor, x: Tensor, step: Tensor, v: Tensor | None, r: Tensor | None, qn, qp,
+                     binary) -> tuple[Tensor, Tensor]:
+    """Per element, the gradients of ``x`` and ``s`` of :func:`fake_quant`: :func:`lsq_grads` from the quotient and
+    codes ``(v, r)`` (None when ``binary is True``), :func:`binary_grads` where ``binary``."""
+    if binary is not True:
+        gx, gs = lsq_grads(grad, v, r, qn, qp)
+        if binary is False or binary is None:
+            return gx, gs
+    bx, bs = binary_grads(grad, x, step)
+    if binary is True:
+        return bx, bs
+    return torch.where(binary, bx, gx), torch.where(binary, bs, gs)
+
+
 class _FakeQuant(torch.autograd.Function):
     """LSQ fake quantization (and its 1-bit form) as ONE autograd node: a handful of elementwise kernels forward and
     backward, where the composite of ``grad_scale``, ``clamp`` and a straight-through ``round`` recorded a dozen
@@ -78,13 +157,7 @@ class _FakeQuant(torch.autograd.Function):
         ctx.tensor_at = [i for i, a in enumerate(extra) if isinstance(a, Tensor)]
         ctx.numbers = [None if isinstance(a, Tensor) else a for a in extra]
         ctx.save_for_backward(x, step, *[extra[i] for i in ctx.tensor_at])
-        # x * (1/s), not x / s: PyTorch's fake-quantize kernels multiply by the float32 reciprocal, and the two
-        # differ at exact rounding ties (e.g. x = 2.5 s), so this keeps the integer codes identical to torch's.
-        multi = None if binary is True else torch.round(torch.clamp(x * (1.0 / step), qn, qp)) * step
-        if binary is False:
-            return multi
-        sign = torch.where(x / step >= 0, 1.0, -1.0).to(x.dtype) * step
-        return sign if binary is True else torch.where(binary, sign, multi)
+        return fake_quant(x, step, qn, qp, binary)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
@@ -93,19 +166,11 @@ class _FakeQuant(torch.autograd.Function):
         for i, t in zip(ctx.tensor_at, saved):
             extra[i] = t
         qn, qp, g, binary = extra
-        gx = gs = None
-        if binary is not True:  # LSQ (Esser et al. 2020): masks on x/s; boundary values count as clipped (as in
-            v = x * (1.0 / step)  # torch.clamp's gradient, which the composite form of this function used)
-            inside = (v > qn) & (v < qp)
-            gx = grad * inside
-            gs = grad * (torch.round(torch.clamp(v, qn, qp)) - v * inside)
-        if binary is not False:  # sign with a hard-tanh straight-through: |x/s| <= 1 passes
-            u = x / step
-            near = u.abs() <= 1
-            bx = grad * near
-            bs = grad * (torch.where(u >= 0, 1.0, -1.0).to(u.dtype) - u * near)
-            gx = bx if binary is True else torch.where(binary, bx, gx)
-            gs = bs if binary is True else torch.where(binary, bs, gs)
+        v = r = None
+        if binary is not True:
+            v = lsq_quotient(x, step)
+            r = lsq_codes(v, qn, qp)
+        gx, gs = fake_quant_grads(grad, x, step, v, r, qn, qp, binary)
         gs = gs.sum_to_size(step.shape) * g
         return gx, gs.to(step.dtype), None, None, None, None
 
