@@ -2,10 +2,13 @@
 
 Forward: ``x_q = clamp(round(x * (1/s)), Qn, Qp) * s`` then the conv (or linear) on ``x_q``. Only ``x``, ``s`` and the
 (fake-quantized) weight are saved; ``x_q`` is recomputed in backward, so a quantized layer keeps what the float layer
-keeps (its input) instead of the input, three LSQ intermediates and ``x_q``. Values are bit-identical to
-:func:`sdq_lightning.quantizers.lsq_quantize` followed by the layer; the LSQ gradients are those of the paper (inside
-``Qn < x/s < Qp``: straight-through for ``x`` and ``round(x/s) - x/s`` for ``s``; outside: 0 and ``Qn`` / ``Qp``),
-the step gradient scaled by ``grad_factor``.
+keeps (its input) instead of the input, three LSQ intermediates and ``x_q``. The arithmetic is that of
+:mod:`sdq_lightning.quantizers.functional` (``lsq_codes``, ``fake_quant``, ``lsq_grads``, called here), so values are
+bit-identical to :func:`sdq_lightning.quantizers.lsq_quantize` followed by the layer; the LSQ gradients are those of
+the paper (inside ``Qn < x/s < Qp``: straight-through for ``x`` and ``round(x/s) - x/s`` for ``s``; outside: 0 and
+``Qn`` / ``Qp``), the step gradient scaled by ``grad_factor``. These autograd functions are not ``lsq_quantize``'s
+node because they save the layer's input in place of ``x_q``, compute the codes in float32 for low-precision inputs,
+and run the elementwise pieces through the selected kernels (below).
 
 Under autocast the quantized input, weight and bias are cast to the autocast dtype for the conv/linear, as autocast
 would do, and the backward uses the same casts.
@@ -27,6 +30,8 @@ import warnings
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from sdq_lightning.quantizers.functional import dequantize, fake_quant, lsq_codes, lsq_grads, lsq_quotient
 
 __all__ = ["KERNELS", "get_kernels", "lsq_act_quantize", "quant_conv2d", "quant_linear", "set_kernels"]
 
@@ -72,21 +77,20 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 
 def _codes(x: Tensor, step: Tensor, qn: int, qp: int) -> tuple[Tensor, Tensor]:
-    """``(x/s, clamp(round(x/s)))`` in float32 whatever the input dtype (bf16 codes would round wrongly)."""
-    v = x.float() * (1.0 / step.float())
-    return v, torch.clamp(torch.round(v), qn, qp)
+    """``(x/s, codes)`` in float32 whatever the input dtype (bf16 codes would round wrongly)."""
+    v = lsq_quotient(x.float(), step.float())
+    return v, lsq_codes(v, qn, qp)
 
 
 def _fq_eager(x: Tensor, step: Tensor, qn: int, qp: int) -> Tensor:
     """Fake-quantized ``x`` in float32."""
-    return _codes(x, step, qn, qp)[1] * step.float()
+    return fake_quant(x.float(), step.float(), qn, qp)
 
 
 def _grads_from_codes(gxq: Tensor, v: Tensor, r: Tensor, qn: int, qp: int) -> tuple[Tensor, Tensor]:
     """LSQ gradients of ``x`` and (before the grad factor) of ``step``, in float32, from the gradient of ``x_q``."""
-    gxq = gxq.float()
-    inside = (v > qn) & (v < qp)  # as the composite clamp gradient: boundary values count as clipped
-    return gxq * inside, (gxq * torch.where(inside, r - v, r)).sum()
+    gx, gs = lsq_grads(gxq.float(), v, r, qn, qp)
+    return gx, gs.sum()
 
 
 def _grads_eager(gxq: Tensor, x: Tensor, step: Tensor, qn: int, qp: int) -> tuple[Tensor, Tensor]:
@@ -98,7 +102,7 @@ def _backward_xq(x: Tensor, step: Tensor, qn: int, qp: int) -> tuple[Tensor, tup
     kernels are compiled: the compiled gradient kernel recomputes them inside its one loop)."""
     if _mode == "eager":
         v, r = _codes(x, step, qn, qp)
-        return r * step.float(), (v, r)
+        return dequantize(v, r, step.float(), False), (v, r)
     return _kernel("fq")(x, step, qn, qp), None
 
 
