@@ -33,7 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from sdq_lightning.modules.layers import is_quant_layer
-from sdq_lightning.quantizers.functional import counter_uniform_many
+from sdq_lightning.quantizers.functional import (
+    counter_uniform_many,
+    dequantize,
+    fake_quant,
+    fake_quant_grads,
+    lsq_codes,
+    lsq_quotient,
+)
 from sdq_lightning.quantizers.sdq import SDQWeightQuantizer, _distributed, _ste_clamp01
 
 __all__ = ["BatchedWeights", "batch_weights", "segment_index", "segment_quantize", "segment_sum"]
@@ -53,45 +60,9 @@ def _expand(seg: Tensor, s: Tensor, table: Tensor,
 
 
 def _codes(w: Tensor, s: Tensor, qn: Tensor, qp: Tensor) -> tuple[Tensor, Tensor]:
-    """``v = x * (1/s)`` (as PyTorch's fake quantization) and the clamped, rounded codes."""
-    v = w * (1.0 / s)
-    return v, torch.round(torch.clamp(v, qn, qp))
-
-
-def _value(v: Tensor, r: Tensor, s: Tensor, binary: Tensor | None) -> Tensor:
-    """The values of ``_FakeQuant``: the codes times the step; a 1-bit element's code is the sign of the same
-    quotient (``_FakeQuant`` tests ``x / s >= 0``: the same sign, ``s > 0``), and ``where(b, sign * s, code * s)``
-    multiplies the same numbers as ``where(b, sign, code) * s``."""
-    if binary is True:
-        return torch.where(v >= 0, 1.0, -1.0).to(v.dtype) * s
-    if binary is not None:
-        r = torch.where(binary, torch.where(v >= 0, 1.0, -1.0).to(v.dtype), r)
-    return r * s
-
-
-def _fq(w: Tensor, s: Tensor, qn: Tensor, qp: Tensor, binary: Tensor | bool | None) -> Tensor:
-    if binary is True:
-        return _value(w * (1.0 / s), None, s, True)
-    return _value(*_codes(w, s, qn, qp), s, binary)
-
-
-def _fq_grads(grad: Tensor, w: Tensor, v: Tensor, r: Tensor, s: Tensor, qn: Tensor, qp: Tensor,
-              binary: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Per element: the weight gradient and the step gradient (before the segment sum and the LSQ factor), as
-    ``_FakeQuant.backward``, from the codes ``(v, r)`` of :func:`_codes`."""
-    if binary is not True:
-        inside = (v > qn) & (v < qp)
-        gx = grad * inside
-        gs = grad * (r - v * inside)
-        if binary is None:
-            return gx, gs
-    u = w / s
-    near = u.abs() <= 1
-    bx = grad * near
-    bs = grad * (torch.where(u >= 0, 1.0, -1.0).to(u.dtype) - u * near)
-    if binary is True:
-        return bx, bs
-    return torch.where(binary, bx, gx), torch.where(binary, bs, gs)
+    """The quotient and codes of every element, kept for both the value and the gradient in backward."""
+    v = lsq_quotient(w, s)
+    return v, lsq_codes(v, qn, qp)
 
 
 CHUNK = 1 << 20
@@ -132,10 +103,10 @@ def segment_index(layers: list[nn.Module]) -> tuple[Tensor, Tensor]:
 
 
 def _forward_chunk(w, seg, s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary) -> Tensor:
-    hi = _fq(w, *_expand(seg, s_hi, t_hi, has_binary))
+    hi = fake_quant(w, *_expand(seg, s_hi, t_hi, has_binary))
     if s_lo is None:
         return hi
-    lo = _fq(w, *_expand(seg, s_lo, t_lo, has_binary))
+    lo = fake_quant(w, *_expand(seg, s_lo, t_lo, has_binary))
     me = mask.index_select(0, seg)
     if hard:
         return torch.where(me > 0.5, hi, lo)
@@ -148,7 +119,7 @@ def _backward_chunk(grad, w, seg, s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary
     se_hi, qn_hi, qp_hi, b_hi = _expand(seg, s_hi, t_hi, has_binary)
     v_hi, r_hi = _codes(w, se_hi, qn_hi, qp_hi) if b_hi is not True else (None, None)
     if s_lo is None:
-        gw, gs = _fq_grads(grad, w, v_hi, r_hi, se_hi, qn_hi, qp_hi, b_hi)
+        gw, gs = fake_quant_grads(grad, w, se_hi, v_hi, r_hi, qn_hi, qp_hi, b_hi)
         _accumulate(acc_hi, seg, gs)
         return gw
     se_lo, qn_lo, qp_lo, b_lo = _expand(seg, s_lo, t_lo, has_binary)
@@ -161,12 +132,12 @@ def _backward_chunk(grad, w, seg, s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary
         g_hi = grad * me
         g_lo = grad - g_hi
         if acc_mask is not None:
-            diff = _value(v_hi, r_hi, se_hi, b_hi) - _value(v_lo, r_lo, se_lo, b_lo)
+            diff = dequantize(v_hi, r_hi, se_hi, b_hi) - dequantize(v_lo, r_lo, se_lo, b_lo)
             _accumulate(acc_mask, seg, grad * diff)
-    gw_hi, gs_hi = _fq_grads(g_hi, w, v_hi, r_hi, se_hi, qn_hi, qp_hi, b_hi)
+    gw_hi, gs_hi = fake_quant_grads(g_hi, w, se_hi, v_hi, r_hi, qn_hi, qp_hi, b_hi)
     _accumulate(acc_hi, seg, gs_hi)
     del gs_hi
-    gw_lo, gs_lo = _fq_grads(g_lo, w, v_lo, r_lo, se_lo, qn_lo, qp_lo, b_lo)
+    gw_lo, gs_lo = fake_quant_grads(g_lo, w, se_lo, v_lo, r_lo, qn_lo, qp_lo, b_lo)
     _accumulate(acc_lo, seg, gs_lo)
     return gw_hi.add_(gw_lo)
 
@@ -176,7 +147,9 @@ class _SegmentQuant(torch.autograd.Function):
     Qn, Qp, 1-bit flag; ``table[:, 3]`` = the LSQ gradient factor). With a second quantizer (``s_lo``, ``t_lo``)
     and a per-segment ``mask``: ``lo + mask * (hi - lo)`` (``hard=False``, the training mix, gradient to the mask)
     or ``where(mask > 0.5, hi, lo)`` (``hard=True``). Saves only its inputs; the codes are recomputed in backward.
-    Chunks of :data:`CHUNK` elements bound the temporaries (one chunk: no extra kernel)."""
+    Chunks of :data:`CHUNK` elements bound the temporaries (one chunk: no extra kernel). Per element, the arithmetic is
+    :func:`~sdq_lightning.quantizers.functional.fake_quant` and its ``fake_quant_grads``; this node adds the mix, the
+    per-segment sums and factors, and computes both quantizers' codes once for the value and the gradients."""
 
     @staticmethod
     def forward(ctx, w, seg, s_hi, t_hi, s_lo, t_lo, mask, hard, has_binary):  # noqa: D102
