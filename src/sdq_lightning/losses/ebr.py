@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sdq_lightning.modules.batched import CHUNK, segment_index, segment_sum
-from sdq_lightning.quantizers.functional import int_range
+from sdq_lightning.quantizers.functional import binary_codes, int_range, lsq_codes, lsq_quotient
 
 __all__ = ["EBR_WEIGHTINGS", "EntropyBinRegularizer", "bin_regularization"]
 
@@ -40,13 +40,13 @@ def bin_regularization(w: Tensor, step: Tensor, bits: int) -> tuple[Tensor, Tens
     """
     per_channel = step.dim() > 0 and step.numel() > 1
     x2 = w.flatten(1) if per_channel else w.reshape(1, -1)
-    x = x2 * (1.0 / step.detach().reshape(-1, 1).to(w.dtype))  # as the quantizer: codes agree at exact ties
+    x = lsq_quotient(x2, step.detach().reshape(-1, 1).to(w.dtype))
     if bits == 1:
-        codes = torch.where(x >= 0, 1.0, -1.0).to(x.dtype).detach()
+        codes = binary_codes(x.detach())
         idx, nbins = (codes > 0).long(), 2
     else:
         qn, qp = int_range(bits, signed=True)
-        codes = torch.clamp(torch.round(x), qn, qp).detach()
+        codes = lsq_codes(x.detach(), qn, qp)
         idx, nbins = (codes - qn).long(), qp - qn + 1
     flat = (idx + torch.arange(x.shape[0], device=x.device).unsqueeze(1) * nbins).flatten()
     # index_add_ with a known size, not bincount: bincount sizes its output from the data (a host read on CUDA)
@@ -170,13 +170,13 @@ class _BatchedBins:
         layers = self.layers
         w = torch.cat([m.weight.reshape(-1) for m in layers])
         steps = torch.cat([m.weight_quant.steps[m.weight_quant._frozen_index].reshape(-1) for m in layers])
-        x = w * (1.0 / steps.detach().to(w.dtype)).index_select(0, self.seg)  # as the quantizer: codes agree
+        x = lsq_quotient(w, steps.detach().to(w.dtype).index_select(0, self.seg))
         qn, qp = self.qn.index_select(0, self.seg), self.qp.index_select(0, self.seg)
-        codes = torch.clamp(torch.round(x), qn, qp).detach()
+        codes = lsq_codes(x.detach(), qn, qp)
         local = codes - qn
         if self.any_binary:
             binary = self.binary.index_select(0, self.seg)
-            sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype).detach()
+            sign = binary_codes(x.detach())
             codes = torch.where(binary, sign, codes)
             local = torch.where(binary, (sign > 0).to(x.dtype), local)
         flat = self.bin_base.index_select(0, self.seg) + local.long()
