@@ -46,11 +46,14 @@ from sdq_lightning.quantizers.estimators import estimator_index, estimator_name,
 from sdq_lightning.quantizers.functional import (
     MAX_BITS,
     MIN_BITS,
+    binary_codes,
     counter_uniform,
     fake_quantize_dynamic,
     int_range,
+    lsq_codes,
     lsq_grad_factor,
     lsq_quantize,
+    lsq_quotient,
     quantize_weight,
     stream_key,
     weight_step_init,
@@ -407,11 +410,8 @@ class SDQWeightQuantizer(nn.Module):
             raise ValueError("integer_weight needs a frozen quantizer; call freeze(bits) first")
         i, b = self._frozen_index, self.candidates[self._frozen_index]
         s = self._step(i, w)
-        if b == 1:
-            codes = torch.where(w / s >= 0, 1, -1)
-        else:
-            qn, qp = int_range(b, signed=True)
-            codes = torch.clamp(w * (1.0 / s), qn, qp).round()  # the arithmetic of lsq_quantize
+        v = lsq_quotient(w, s)
+        codes = binary_codes(v) if b == 1 else lsq_codes(v, *int_range(b, signed=True))
         return codes.to(torch.int8), s.detach().clone(), b
 
     # ----------------------------------------------------------------- sampling
