@@ -26,7 +26,14 @@ from torch.nn import functional as F
 from sdq_lightning.integer import arith
 from sdq_lightning.integer.graph import NEW_QUANT, IntegerGraph, Op, trace_integer_graph
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
-from sdq_lightning.quantizers.functional import grad_scale, int_range, lsq_grad_factor
+from sdq_lightning.quantizers.functional import (
+    binary_codes,
+    grad_scale,
+    int_range,
+    lsq_codes,
+    lsq_grad_factor,
+    lsq_quotient,
+)
 
 __all__ = ["IntegerForward", "IntegerOnly", "activate_integer_only", "attach_integer_only", "bn_denominator",
            "integer_forward", "integer_only", "is_integer_only", "layer_terms"]
@@ -203,12 +210,12 @@ def _weight_codes(layer: nn.Module, w: Tensor, grad: bool) -> tuple[Tensor, Tens
     step = wq.steps[wq.index_of(bits)].reshape(-1)
     if grad:
         step = grad_scale(step, lsq_grad_factor(w[0].numel(), qp))
-    v = w * (1.0 / step).view(-1, *([1] * (w.dim() - 1)))
+    v = lsq_quotient(w, step.view(-1, *([1] * (w.dim() - 1))))
     if bits == 1:
-        exact = torch.where(v.detach() >= 0, 1.0, -1.0)
+        exact = binary_codes(v.detach())
         inside = v.abs() <= 1
     else:
-        exact = torch.clamp(torch.round(v.detach()), qn, qp)
+        exact = lsq_codes(v.detach(), qn, qp)
         inside = (v > qn) & (v < qp)
     return (_ste(exact, v, inside) if grad else exact), exact, step
 
