@@ -5,7 +5,7 @@
 >>> model2 = load_packed("out/model.sdqpack")                  # outputs equal the fake-quantized model's
 >>> export_run("outputs/runs/digits_demo/<run>", "out/")          # a run folder of the app (= sdq-export)
 
-New formats: :func:`register_export_format` (see ``docs/extending.md``).
+New formats: :func:`register_export_format`; new ONNX forms: :func:`register_lowering` (see ``docs/extending.md``).
 """
 
 from sdq_lightning.export.api import (
@@ -23,6 +23,13 @@ from sdq_lightning.export.formats import (
     get_export_format,
     register_export_format,
     unregister_export_format,
+)
+from sdq_lightning.export.lowering import (
+    LOWERINGS,
+    LoweringContext,
+    get_lowering,
+    register_lowering,
+    unregister_lowering,
 )
 from sdq_lightning.export.bitpack import pack_bits, packed_nbytes, unpack_bits
 from sdq_lightning.export.onnx_export import (
@@ -49,9 +56,11 @@ __all__ = [
     "DEFAULT_FORMATS",
     "DEFAULT_OPSET",
     "FORMATS",
+    "LOWERINGS",
     "MIN_OPSET",
     "ONNX_FORMS",
     "ExportContext",
+    "LoweringContext",
     "capability_report",
     "check_exportable",
     "check_plan_matches",
@@ -61,6 +70,7 @@ __all__ = [
     "export_onnx",
     "export_run",
     "get_export_format",
+    "get_lowering",
     "ideal_packed_bytes",
     "load_packed",
     "load_run_model",
@@ -71,10 +81,12 @@ __all__ = [
     "packed_nbytes",
     "read_header",
     "register_export_format",
+    "register_lowering",
     "report_markdown",
     "run_onnx",
     "save_packed",
     "unpack_bits",
     "unregister_export_format",
+    "unregister_lowering",
     "write_report",
 ]

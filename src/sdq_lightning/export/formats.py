@@ -113,10 +113,10 @@ def _export_packed(ctx: ExportContext) -> dict[str, Any]:
 @register_export_format("onnx", default=True, description="model.onnx with QuantizeLinear/DequantizeLinear, "
                                                           "checked in onnxruntime")
 def _export_onnx(ctx: ExportContext) -> dict[str, Any]:
-    from sdq_lightning.export.onnx_export import DEFAULT_FORM, DEFAULT_OPSET, ONNX_FORMS, export_onnx, run_onnx
-
     from sdq_lightning.checkpoint import network_of
-    from sdq_lightning.export.integer_only import INTEGER_ONLY_FORM, INTEGER_ONLY_OPSET, export_integer_onnx
+    from sdq_lightning.export.integer_only import INTEGER_ONLY_OPSET
+    from sdq_lightning.export.lowering import INTEGER_ONLY_FORM, ONNX_FORMS, LoweringContext, get_lowering
+    from sdq_lightning.export.onnx_export import DEFAULT_FORM, DEFAULT_OPSET, run_onnx
     from sdq_lightning.integer import is_integer_only
 
     form = ctx.options.get("onnx_form") or DEFAULT_FORM
@@ -125,11 +125,9 @@ def _export_onnx(ctx: ExportContext) -> dict[str, Any]:
             raise ValueError(f"this model was trained integer-only: its ONNX form is {INTEGER_ONLY_FORM!r}, got "
                              f"onnx_form={form!r}")
         form = INTEGER_ONLY_FORM
-        p = export_integer_onnx(network_of(ctx.model), ctx.out_dir / "model.onnx")
     elif form not in ONNX_FORMS:
         raise ValueError(f"onnx_form must be one of {', '.join(ONNX_FORMS)}, got {form!r}")
-    else:
-        p = export_onnx(ctx.model, ctx.out_dir / "model.onnx", ctx.example_input, opset=ctx.opset, form=form)
+    p = get_lowering(form)(LoweringContext(ctx.model, ctx.out_dir / "model.onnx", ctx.example_input, ctx.opset))
     out: dict[str, Any] = {"files": {"onnx": str(p)}, "onnx_form": form}
     if form == INTEGER_ONLY_FORM:
         out["onnx_opset"] = INTEGER_ONLY_OPSET

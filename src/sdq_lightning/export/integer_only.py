@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from sdq_lightning.export.onnx_export import save_model
+from sdq_lightning.export.graph import save_model
+from sdq_lightning.export.lowering import INTEGER_ONLY_FORM
 from sdq_lightning.integer import is_integer_only, layer_terms
 from sdq_lightning.integer.graph import Op
 
 __all__ = ["INTEGER_ONLY_FORM", "INTEGER_ONLY_OPSET", "export_integer_onnx", "integer_ops"]
 
-INTEGER_ONLY_FORM = "integer_only"
 INTEGER_ONLY_OPSET = 21
 _MS = "com.microsoft"
 
