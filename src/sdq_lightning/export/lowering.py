@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from sdq_lightning.registry import Registry, RegistryNames
 
-__all__ = ["INTEGER_ONLY_FORM", "LOWERINGS", "ONNX_FORMS", "Lowering", "LoweringContext", "get_lowering", "register_lowering",
-           "unregister_lowering"]
+__all__ = ["INTEGER_ONLY_FORM", "LOWERINGS", "ONNX_FORMS", "Lowering", "LoweringContext", "get_lowering",
+           "register_lowering", "unregister_lowering"]
 
 
 @dataclass
