@@ -1,4 +1,6 @@
-"""``quantize_model(model, spec)``: swap the selected Conv2d/Linear layers for quantized ones, in place.
+"""``quantize_model(model, spec)``: swap the selected layers for quantized ones, in place. A layer is a candidate
+when it is an instance of a class with a registered quantized layer type (:mod:`~sdq_lightning.surgery.layer_types`:
+``nn.Conv2d`` and ``nn.Linear`` built in); a subclass without a registration of its own is refused when selected.
 
 Selection precedence: a layer is quantized when it matches ``include`` (all layers when empty) and does not match
 ``exclude``; the first conv and the classifier then follow ``first_last`` whatever the patterns say. Patterns are
@@ -17,6 +19,8 @@ from torch import nn
 from sdq_lightning.modules import QuantConv2d, QuantLinear, is_quant_layer
 from sdq_lightning.quantizers import READINGS, ActQuantizer, SDQWeightQuantizer, validate_candidates
 from sdq_lightning.quantizers.estimators import get_estimator
+from sdq_lightning.surgery.layer_types import build_quant_layer, check_quant_layer_type, has_quant_layer_type, \
+    quantizable_types
 
 __all__ = [
     "FIRST_LAST_POLICIES",
@@ -108,7 +112,7 @@ class QuantReport:
     searched: list[str] = field(default_factory=list)
     fixed: dict[str, int] = field(default_factory=dict)
     kept_float: list[str] = field(default_factory=list)
-    unsupported: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)  # kept in FP: a subclass with no quantized layer type
     first_layer: str | None = None
     last_layer: str | None = None
     changed: bool = True
@@ -119,15 +123,11 @@ class QuantReport:
                 f"first={self.first_layer}, last={self.last_layer}")
 
 
-def _is_target(m: nn.Module) -> bool:
-    return type(m) in (nn.Conv2d, nn.Linear) or is_quant_layer(m)
-
-
 def find_first_last(model: nn.Module) -> tuple[str | None, str | None]:
     """First conv and classifier: timm's ``pretrained_cfg`` (``first_conv``, ``classifier``), else the first and
-    last Conv2d/Linear in module order."""
+    last quantizable layer (Conv2d/Linear) in module order."""
     modules = dict(model.named_modules())
-    names = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    names = [n for n, m in modules.items() if isinstance(m, quantizable_types())]
     if not names:
         return None, None
     first = last = None
@@ -157,8 +157,32 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _layer_bits(spec: QuantSpec, name: str, edge: bool) -> tuple[tuple[int, ...], int | None] | None:
+    """``(weight bit candidates, input bits)`` of layer ``name`` under ``spec`` (``edge``: the first conv or the
+    classifier), or None for a layer kept in FP."""
+    if name in spec.layer_bits:
+        bits = spec.layer_bits[name]
+        if bits is None:
+            return None
+        cands, abits = (bits,), spec.layer_act_bits.get(name, spec.activation_bits)
+    elif edge and spec.first_last == "fp":
+        return None
+    elif edge and spec.first_last == "8bit":
+        cands, abits = (spec.first_last_bits,), spec.first_last_bits
+    elif not edge and not ((not spec.include or _matches(name, spec.include)) and not _matches(name, spec.exclude)):
+        return None
+    else:
+        cands, abits = spec.weight_bits, spec.activation_bits
+    abits = spec.layer_act_bits.get(name, abits)
+    validate_activation_bits(abits, f"activation bits of {name}")
+    return cands, abits
+
+
 def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> QuantReport:
-    """Swap the selected layers of ``model`` for :class:`QuantConv2d` / :class:`QuantLinear`, in place.
+    """Swap the selected layers of ``model`` for :class:`QuantConv2d` / :class:`QuantLinear` (the registered
+    quantized layer types), in place. A selected layer whose class is a subclass with no registration of its own
+    (e.g. timm's ``Conv2dSame``) is a one-line ``ValueError`` naming it, raised before any layer is swapped; one kept
+    in FP is listed in ``report.unsupported``.
 
     Idempotent: a model that already holds quantized layers is left unchanged (``report.changed`` is False).
     """
@@ -170,43 +194,26 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> QuantRepo
     if existing:
         return QuantReport(quantized=list(existing), first_layer=first, last_layer=last, changed=False)
     modules = dict(model.named_modules())
+    candidates = {n: m for n, m in modules.items() if isinstance(m, quantizable_types())}
     for key, name in (("layer_bits", spec.layer_bits), ("layer_act_bits", spec.layer_act_bits)):
-        unknown = sorted(set(name) - {n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))})
+        unknown = sorted(set(name) - set(candidates))
         if unknown:
             raise ValueError(f"{key} names layers that are not Conv2d/Linear layers of the model: {unknown[:5]}")
+    decided = {name: _layer_bits(spec, name, name in (first, last)) for name in candidates}
+    for name, bits in decided.items():
+        if bits is not None:
+            check_quant_layer_type(candidates[name], name)  # before any layer is swapped
     report = QuantReport(first_layer=first, last_layer=last)
-    for name, module in modules.items():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+    for name, module in candidates.items():
+        if decided[name] is None:
+            (report.kept_float if has_quant_layer_type(module) else report.unsupported).append(name)
             continue
-        if not _is_target(module):
-            report.unsupported.append(name)
-            continue
-        edge = name in (first, last)
-        selected = (not spec.include or _matches(name, spec.include)) and not _matches(name, spec.exclude)
-        if name in spec.layer_bits:
-            bits = spec.layer_bits[name]
-            if bits is None:
-                report.kept_float.append(name)
-                continue
-            cands, abits = (bits,), spec.layer_act_bits.get(name, spec.activation_bits)
-        elif edge and spec.first_last == "fp":
-            report.kept_float.append(name)
-            continue
-        elif edge and spec.first_last == "8bit":
-            cands, abits = (spec.first_last_bits,), spec.first_last_bits
-        elif not selected and not edge:
-            report.kept_float.append(name)
-            continue
-        else:
-            cands, abits = spec.weight_bits, spec.activation_bits
-        abits = spec.layer_act_bits.get(name, abits)
-        validate_activation_bits(abits, f"activation bits of {name}")
+        cands, abits = decided[name]
         wq = SDQWeightQuantizer(cands, spec.reading, spec.estimator, weight=module.weight.detach(),
                                 per_channel=spec.per_channel, seed=spec.seed, layer_id=zlib.crc32(name.encode()))
         wq.to(module.weight.device)
         aq = ActQuantizer(abits).to(module.weight.device) if abits is not None else None
-        cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-        _set_module(model, name, cls.from_float(module, wq, aq))
+        _set_module(model, name, build_quant_layer(module, name, wq, aq))
         report.quantized.append(name)
         if len(cands) > 1:
             report.searched.append(name)
