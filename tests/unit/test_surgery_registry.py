@@ -4,10 +4,6 @@ by name before any layer is swapped, and listed as unsupported when kept in FP."
 
 from __future__ import annotations
 
-import re
-import types
-from pathlib import Path
-
 import pytest
 import torch
 from timm.layers import Conv2dSame
@@ -16,16 +12,7 @@ from torch import nn
 import sdq_lightning as sq
 from sdq_lightning.modules import QuantLinear
 from sdq_lightning.surgery import QUANT_LAYER_TYPES, register_quant_layer, unregister_quant_layer
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
-
-
-def doc_example(section: str) -> types.ModuleType:
-    """The first python block of ``section`` in docs/extending.md, executed as a module."""
-    text = DOC.read_text().split(f"## {section}\n", 1)[1]
-    module = types.ModuleType("doc_example")
-    exec(compile(re.search(r"```python\n(.*?)```", text, re.S).group(1), str(DOC), "exec"), module.__dict__)
-    return module
+from test_export_registry import doc_example  # runs a python block of docs/extending.md
 
 
 def _net(conv: nn.Module, head: nn.Module) -> nn.Sequential:
