@@ -1,37 +1,54 @@
 """How far other sensitivities agree with the oracle's: Spearman rank correlations over layers.
 
     python experiments/sensitivity_agreement.py outputs/fixed_plan/plans/oracle.json \\
-        hawq=outputs/fixed_plan/plans/hawq.json search=search_sens.json
+        hawq=outputs/fixed_plan/plans/hawq.json search=<search run folder or .ckpt>
 
-Each file is ``{layer: {bits: loss_increase}}`` (``sdq-plan --sensitivities``). Per other method: the correlation of
-the one-level drops S(b-1) - S(b) over every layer and level both have, then per level (over layers: the comparisons
-a plan at that level makes), then of the values themselves.
+A ``.json`` file is ``{layer: {bits: loss_increase}}`` (``sdq-plan --sensitivities``); a run folder or checkpoint is
+read as the search's own measurements, restricted to the levels it measured (a level a layer never reached has no
+measurement to compare). Per other method: the correlation of the one-level drops S(lo) - S(hi) over every layer and
+level both have, then per level (over layers: the comparisons a plan at that level makes), then of the values
+themselves (json files only), and how many layer-levels were compared.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from sdq_lightning.planning import Sensitivity, spearman
 
 
+def _load(path: str, name: str, layers: list[str], bits: list[int]) -> Sensitivity:
+    if path.endswith(".json"):
+        return Sensitivity.from_json(path, name)
+    from sdq_lightning.planning import from_search
+
+    ckpt = Path(path)
+    if ckpt.is_dir():
+        ckpt = ckpt / "checkpoints" / "last.ckpt"
+    return from_search(ckpt, layers, bits)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or any("=" not in a for a in argv[1:]):
-        raise SystemExit("usage: sensitivity_agreement.py ORACLE.json NAME=OTHER.json [NAME=OTHER.json ...]")
+        raise SystemExit("usage: sensitivity_agreement.py ORACLE.json NAME=OTHER.json|RUN [NAME=... ...]")
     ref = Sensitivity.from_json(argv[0], "oracle")
+    layers = list(ref.values)
     bits = sorted({b for t in ref.values.values() for b in t})
-    levels = [(hi, hi - 1) for hi in bits if hi - 1 in bits]
+    levels = ref.one_level_drops()
     print("| method vs oracle | one-level drops, all levels | " + " | ".join(f"{h}->{lo}" for h, lo in levels)
-          + " | values |")
-    print("|---|---:|" + "---:|" * len(levels) + "---:|")
+          + " | values | compared |")
+    print("|---|---:|" + "---:|" * len(levels) + "---:|---:|")
     for arg in argv[1:]:
         name, path = arg.split("=", 1)
-        other = Sensitivity.from_json(path, name)
-        per_level = [spearman(ref.increments([lv]), other.increments([lv])) for lv in levels]
+        other = _load(path, name, layers, bits)
+        agree = ref.agreement(other, levels)
         flat_ref = {(n, b): v for n, t in ref.values.items() for b, v in t.items() if b != bits[-1]}
         flat_other = {(n, b): v for n, t in other.values.items() for b, v in t.items() if b != bits[-1]}
-        print(f"| {name} | {spearman(ref.increments(levels), other.increments(levels)):.3f} | "
-              + " | ".join(f"{r:.3f}" for r in per_level) + f" | {spearman(flat_ref, flat_other):.3f} |")
+        values = f"{spearman(flat_ref, flat_other):.3f}" if "measured" not in other.meta else "-"
+        compared = len(other.increments(levels))
+        print(f"| {name} | {agree.pop('all'):.3f} | " + " | ".join(f"{r:.3f}" for r in agree.values())
+              + f" | {values} | {compared} |")
 
 
 if __name__ == "__main__":

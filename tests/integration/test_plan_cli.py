@@ -105,3 +105,20 @@ def test_a_search_runs_sensitivities_plan_and_the_plan_trains(tmp_path, capsys) 
     trained = run(compose_cfg([*base, "phase=train", f"phase.plan={out}"]), tmp_path / "trained")
     assert trained is not None and searched is not None
     assert _bits(BitPlan.load(next((tmp_path / "trained").rglob("plan.yaml")))) == _bits(BitPlan.load(out))
+
+
+def test_held_out_batches_mix_the_classes(tmp_path) -> None:
+    """An ImageFolder held-out split is sorted by class: measuring on its first batches would measure one class per
+    batch (and a few classes in all). The batches sdq-plan measures on are a seeded random order of it."""
+    from helpers.data import digits_tree
+
+    from sdq_lightning.cli.plan import _batches, _parser
+
+    root = digits_tree(tmp_path / "tree", splits=("train", "test"), per_class=12, size=8)
+    args = _parser().parse_args(["--model", "digits_cnn", "--dataset", "imagefolder", "--data", str(root),
+                                 "--image-size", "8", "--val-size", "60", "--batches", "2", "--batch-size", "16",
+                                 "--method", "uniform", "--budget", "avg_bits=2", "--out", str(tmp_path / "p.yaml")])
+    first, second = _batches(args)
+    assert len(set(first[1].tolist())) >= 5 and len(set(second[1].tolist())) >= 5
+    again = _batches(args)
+    assert torch.equal(again[0][1], first[1])  # seeded: the same images every time

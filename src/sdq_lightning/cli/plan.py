@@ -155,12 +155,18 @@ def _batches(args: argparse.Namespace) -> list[Any]:
             kwargs["download"] = False
         dm = cls(**kwargs)
     dm.setup("fit")
-    out = []
-    for i, batch in enumerate(dm.val_dataloader()):
-        if i >= args.batches:
-            break
-        out.append(batch)
-    return out
+    return held_out_batches(dm.val_set, args.batch_size, args.batches)
+
+
+def held_out_batches(dataset: Any, batch_size: int, batches: int, seed: int = 0) -> list[Any]:
+    """The first ``batches`` batches of a seeded random order of the held-out set: every batch mixes the classes
+    (an ImageFolder split is sorted by class, so its first batches would each hold one class)."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    subset = Subset(dataset, order[:batch_size * batches].tolist())
+    return list(DataLoader(subset, batch_size=batch_size, shuffle=False))
 
 
 def _search_layers_checkpoint(run: str) -> str:
@@ -186,7 +192,6 @@ def make_plan(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
         hawq,
         random_plan,
         size_greedy_plan,
-        spearman,
         uniform_plan,
     )
 
@@ -204,13 +209,10 @@ def make_plan(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
             sens = finite_difference(model, batches, problem.names, weight_bits, step=args.step, progress=True)
             if len(batches) >= 2:
                 a, b = sens.halves()
-                levels = [(hi, hi - 1) for hi in weight_bits if hi - 1 in weight_bits]
-                lines.append(f"split-half Spearman of the one-level drops: "
-                             f"{spearman(a.increments(levels), b.increments(levels)):.3f} (all levels)")
+                agree = a.agreement(b)
+                lines.append(f"split-half Spearman of the one-level drops: {agree.pop('all'):.3f} (all levels)")
                 if len(problem.names) >= 3:  # per level: a rank correlation over the layers
-                    lines[-1] += "; " + ", ".join(
-                        f"{hi}->{lo}: {spearman(a.increments([(hi, lo)]), b.increments([(hi, lo)])):.3f}"
-                        for hi, lo in levels)
+                    lines[-1] += "; " + ", ".join(f"{level}: {r:.3f}" for level, r in agree.items())
         else:
             sens = hawq(model, batches, problem.names, weight_bits, probes=args.probes, step=args.step,
                         seed=args.seed, progress=True)

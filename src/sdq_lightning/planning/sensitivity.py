@@ -85,11 +85,31 @@ class Sensitivity:
     def increments(self, levels: Iterable[tuple[int, int]]) -> dict[tuple[str, int, int], float]:
         """``S(lo) - S(hi)`` for every layer and each ``(hi, lo)`` pair both of whose bits it has: what a one-level
         drop costs, the quantity a plan's decisions compare."""
+        measured = self.meta.get("measured")
         out = {}
         for n, t in self.values.items():
             for hi, lo in levels:
-                if hi in t and lo in t:
+                if hi in t and lo in t and (measured is None or (n, hi, lo) in measured):
                     out[(n, hi, lo)] = t[lo] - t[hi]
+        return out
+
+    def one_level_drops(self) -> list[tuple[int, int]]:
+        """The ``(hi, lo)`` pairs of adjacent bitwidths every table has in common, lowest first."""
+        bits = sorted(set.intersection(*(set(t) for t in self.values.values()))) if self.values else []
+        return [(hi, lo) for lo, hi in zip(bits[:-1], bits[1:])]
+
+    def agreement(self, other: Sensitivity, levels: Sequence[tuple[int, int]] | None = None
+                  ) -> dict[str, float]:
+        """Spearman rank correlations of the one-level drops with ``other``'s, over the entries both have (a search
+        has only the levels it measured): ``"all"`` over every layer and level, then per level ``"hi->lo"`` over
+        the layers (the comparisons a plan at that level makes; NaN where fewer than 3 layers are shared)."""
+        levels = list(levels) if levels is not None else self.one_level_drops()
+        out = {"all": spearman(self.increments(levels), other.increments(levels))}
+        for hi, lo in levels:
+            try:
+                out[f"{hi}->{lo}"] = spearman(self.increments([(hi, lo)]), other.increments([(hi, lo)]))
+            except ValueError:
+                out[f"{hi}->{lo}"] = float("nan")
         return out
 
 
@@ -257,14 +277,18 @@ def from_search(checkpoint: str | Path, layers: Sequence[str], candidates: Seque
     if len(state) != len(layers):
         raise ValueError(f"{path}: the search measured {len(state)} layers but {len(layers)} searched layers were "
                          "given (another model or first/last policy?)")
-    values = {}
+    values, measured = {}, set()
     for i, name in enumerate(layers):
-        sens = state[i]["sens"] if i in state else state[str(i)]["sens"]
+        st = state[i] if i in state else state[str(i)]
+        sens = st["sens"]
         if sens.numel() != len(candidates):
             raise ValueError(f"{path}: layer {name} has {sens.numel()} candidates, expected {len(candidates)}")
         table = level_table(candidates, sens.tolist())
         values[name] = {b: v - table[candidates[-1]] for b, v in table.items()}
-    return Sensitivity(values, "search", None, {"checkpoint": str(path)})
+        # what the search measured: levels probed (task_estimate="paired"), else levels whose EMA ever moved
+        seen = (st["probes"] > 0) if "probes" in st and bool((st["probes"] > 0).any()) else (sens != 0)
+        measured.update((name, candidates[j], candidates[j - 1]) for j in range(1, len(candidates)) if bool(seen[j]))
+    return Sensitivity(values, "search", None, {"checkpoint": str(path), "measured": measured})
 
 
 # ----------------------------------------------------------------------------- progress
