@@ -93,12 +93,13 @@ class _Snapshot(pl.Callback):
             self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
-def _fit(task_estimate: str):
+def _fit(task_estimate: str, probes_per_step: int = 1):
     pl.seed_everything(0)
     snap = _Snapshot()
     module = UserNet(body="cnn_bn", width=8)
     cb = sq.SDQ(weight_bits=(1, 2, 4, 8), activation_bits=4, budget={"metric": "avg_bits", "target": 3.0},
                 search_epochs=1, search_signal="budget_only", task_estimate=task_estimate, ebr_weight=0.0,
+                probes_per_step=probes_per_step,
                 kernels="eager")
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=8,
@@ -112,11 +113,11 @@ def test_probing_leaves_the_training_run_unchanged():
     them trains (weights, BatchNorm statistics): a probe that left a buffer, a draw counter or a DBP changed would
     show here. The measurements themselves are there."""
     a, _ = _fit("pathwise")
-    b, cb = _fit("paired")
+    b, cb = _fit("paired", probes_per_step=3)
     keys = [k for k in a if k.endswith(("weight", "bias", "running_mean", "running_var"))
             and "quant" not in k and "dbp" not in k]
     assert len(keys) >= 6
     for k in keys:
         assert torch.equal(a[k], b[k]), k
     probes = sum(float(cb.search.optimizer.state[q.dbp]["probes"].sum()) for q in cb.search.quantizers)
-    assert probes == 8  # one measurement per training step
+    assert probes == 8 * 3  # probes_per_step measurements per training step

@@ -133,6 +133,7 @@ class SDQ(Callback):
             two live widths, so ``L(b_hi) - L(b_lo)`` of that layer is measured with the batch's noise cancelled
             (one layer per step, the one not measured for longest; about a third of a step's cost more). See
             ``docs/method.md``, "What the task force measures".
+        probes_per_step: ``"paired"`` only: layers measured per training step (one no-grad forward each).
         probe_loss: the loss the paired forwards compare, ``probe_loss(output, batch) -> Tensor``; default the
             cross-entropy of the network's output against ``batch[1]``.
         budget_reach: fraction of the search after which the schedule holds the target (0 < x <= 1).
@@ -241,6 +242,7 @@ class SDQ(Callback):
         search_signal: str = "task+budget",
         task_weight: float = 1.0,
         task_estimate: str = "pathwise",
+        probes_per_step: int = 1,
         probe_loss: Callable[[Any, Any], Tensor] | None = None,
         budget_reach: float = 0.75,
         projection_sensitivity: str = "task_grad",
@@ -278,7 +280,10 @@ class SDQ(Callback):
             raise ValueError(f"probe_loss must be a function (output, batch) -> loss, got {type(probe_loss).__name__}")
         if task_estimate == "paired" and reading != "progressive":
             raise ValueError(f"task_estimate='paired' needs reading='progressive', got reading={reading!r}")
+        if isinstance(probes_per_step, bool) or not isinstance(probes_per_step, int) or probes_per_step < 1:
+            raise ValueError(f"probes_per_step must be an integer >= 1, got {probes_per_step!r}")
         self.task_estimate, self.probe_loss = task_estimate, probe_loss or default_probe_loss
+        self.probes_per_step = probes_per_step
         self._probe_out: Any = None  # the training forward's output of this step (task_estimate="paired")
         self._probe_batch: Any = None
         self._probe_hook: Any = None
@@ -537,7 +542,7 @@ class SDQ(Callback):
         self._probe_hook, self._probe_out, self._probe_batch = None, None, None
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The second forward of this step's batch for :meth:`BitSearch.probe`: same weights, same draws except the
+        """The further forwards of this step's batch for :meth:`BitSearch.probe` (``probes_per_step``): same weights, same draws except the
         probed layer's, no gradients, the same precision context as the training step; every buffer (BatchNorm
         statistics, draw counters, activation-quantizer state) is put back afterwards, so the training run is the one
         it would be without the probe, apart from the DBP moves the measurement causes."""
@@ -556,7 +561,8 @@ class SDQ(Callback):
         try:
             with torch.no_grad():
                 main = self.probe_loss(out.detach() if isinstance(out, Tensor) else out, batch)
-            self.search.probe(main, loss_of)
+            for _ in range(self.probes_per_step):  # each probe takes the layer measured longest ago
+                self.search.probe(main, loss_of)
         finally:
             torch._foreach_copy_(buffers, saved)
 
