@@ -5,7 +5,8 @@
 # level, over the layer-levels the search measured).
 #
 #   CIFAR10_ROOT=/path/to/cifar10 [ESTIMATES="paired pathwise"] [SEEDS="0 1"] [BUDGET=2.0] [SEARCH_EPOCHS=2] \
-#     [SUBSET=10000] [LR=0.02] bash experiments/search_signal.sh [more app overrides]
+#     [SUBSET=10000] [LR=0.02] [PROBES=4] bash experiments/search_signal.sh [more app overrides]
+# PROBES: layers measured per step by the paired estimate (sdq.probes_per_step).
 #
 # The oracle is measured once (sdq-plan --method oracle, 4,096 held-out images) into outputs/fixed_plan/plans/,
 # shared with experiments/fixed_plan_protocol.sh; each search's plan.yaml can be trained there with
@@ -21,6 +22,7 @@ BUDGET="${BUDGET:-2.0}"
 SEARCH_EPOCHS="${SEARCH_EPOCHS:-2}"
 SUBSET="${SUBSET:-10000}"
 LR="${LR:-0.02}"
+PROBES="${PROBES:-4}"
 TRAINER="${TRAINER:-cpu}"
 PRECISION="${PRECISION:-32}"
 FP="${FP_CKPT:-checkpoints/resnet20_cifar10_fp.pt}"
@@ -30,7 +32,7 @@ OUTPUTS="${SDQ_OUTPUT_DIR:-outputs}"
 ARGS=("$@")
 test -f "$FP" || { echo "error: $FP not found; run experiments/cifar10_fp_baseline.sh first" >&2; exit 2; }
 for e in $ESTIMATES; do
-  case "$e" in paired|pathwise) ;; *) echo "error: unknown estimate '$e' (allowed: paired pathwise)" >&2; exit 2 ;; esac
+  case "$e" in paired|paired_train|pathwise) ;; *) echo "error: unknown estimate '$e' (allowed: paired paired_train pathwise)" >&2; exit 2 ;; esac
 done
 mkdir -p "$PLANS"
 [ -f "$PLANS/oracle.json" ] || "$PY" -m sdq_lightning.cli.plan --checkpoint "$FP" --model resnet20 --data "$ROOT" \
@@ -40,7 +42,9 @@ mkdir -p "$PLANS"
 runs=()
 for s in $SEEDS; do
   for e in $ESTIMATES; do
-    name="search26_${e}_b${BUDGET}_s${s}_e${SEARCH_EPOCHS}_sub${SUBSET}"
+    tag="$e"; extra=()
+    [ "$e" != pathwise ] && { tag="${e}${PROBES}"; extra=(sdq.probes_per_step="$PROBES"); }
+    name="search26_${tag}_b${BUDGET}_s${s}_e${SEARCH_EPOCHS}_sub${SUBSET}"
     if ! ls "$OUTPUTS/runs/$name"/*/plan.yaml >/dev/null 2>&1; then
       echo "=== $name $(date -u +%FT%TZ)"
       "$PY" -m sdq_lightning.train name="$name" phase=search phase.search_epochs="$SEARCH_EPOCHS" \
@@ -50,10 +54,10 @@ for s in $SEEDS; do
         dataset.val_size=5000 dataset.val_subset=null trainer="$TRAINER" trainer.precision="$PRECISION" \
         trainer.enable_progress_bar=false model.init_checkpoint="$FP" model.lr="$LR" model.scheduler=cosine \
         hardware.activation_bits=null hardware.target="$BUDGET" sdq.teacher=null sdq.ebr_weight=0 \
-        sdq.task_estimate="$e" logger=csv seed="$s" "${ARGS[@]}"
+        sdq.task_estimate="$e" "${extra[@]}" logger=csv seed="$s" "${ARGS[@]}"
     fi
     run_dir=$(ls -d "$OUTPUTS/runs/$name"/*/ | tail -1)
-    runs+=("${e}_s${s}=${run_dir%/}")
+    runs+=("${tag}_s${s}=${run_dir%/}")
   done
 done
 "$PY" experiments/sensitivity_agreement.py "$PLANS/oracle.json" "${runs[@]}"

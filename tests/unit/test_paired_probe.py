@@ -81,6 +81,12 @@ def test_probes_go_round_the_layers_and_drive_the_task_gradient():
 def test_paired_needs_the_progressive_reading():
     with pytest.raises(ValueError, match="task_estimate='paired' needs reading='progressive'"):
         sq.SDQ(reading="cascade", task_estimate="paired")
+    with pytest.raises(ValueError, match="task_estimate='paired_train' needs reading='progressive'"):
+        sq.SDQ(reading="cascade", task_estimate="paired_train")
+    with pytest.raises(ValueError, match="probes_per_step must be an integer >= 1"):
+        sq.SDQ(task_estimate="paired", probes_per_step=0)
+    with pytest.raises(ValueError, match="task_estimate='paired' needs reading='progressive'"):
+        sq.SDQ(reading="cascade", task_estimate="paired")
     with pytest.raises(ValueError, match="task_estimate must be one of"):
         sq.SDQ(task_estimate="exact")
 
@@ -108,12 +114,13 @@ def _fit(task_estimate: str, probes_per_step: int = 1):
     return snap.state, cb
 
 
-def test_probing_leaves_the_training_run_unchanged():
+@pytest.mark.parametrize("estimate", ["paired", "paired_train"])
+def test_probing_leaves_the_training_run_unchanged(estimate):
     """Budget only: the task force is not used, so a run with probes must train exactly the network a run without
     them trains (weights, BatchNorm statistics): a probe that left a buffer, a draw counter or a DBP changed would
     show here. The measurements themselves are there."""
     a, _ = _fit("pathwise")
-    b, cb = _fit("paired", probes_per_step=3)
+    b, cb = _fit(estimate, probes_per_step=3)
     keys = [k for k in a if k.endswith(("weight", "bias", "running_mean", "running_var"))
             and "quant" not in k and "dbp" not in k]
     assert len(keys) >= 6

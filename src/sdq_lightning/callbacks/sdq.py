@@ -129,11 +129,12 @@ class SDQ(Callback):
         task_weight: weight of the normalised task force on the DBPs (``dual``).
         task_estimate: what the task force measures. ``"pathwise"`` (default): the DBP gradient through the
             relaxation, ``<dL/dw_q, Q_hi(w) - Q_lo(w)>`` (first order); ``"paired"``: after each training step's
-            backward, one extra forward of the same batch (no gradients) with one layer's draw flipped between its
-            two live widths, so ``L(b_hi) - L(b_lo)`` of that layer is measured with the batch's noise cancelled
-            (one layer per step, the one not measured for longest; about a third of a step's cost more). See
-            ``docs/method.md``, "What the task force measures".
-        probes_per_step: ``"paired"`` only: layers measured per training step (one no-grad forward each).
+            backward, ``L(b_hi) - L(b_lo)`` of ``probes_per_step`` layers (those measured longest ago) on the same
+            batch, no gradients, in eval mode: one forward at every layer's current decision, one more per probed
+            layer with its decision flipped between its two live widths, so the batch's noise cancels;
+            ``"paired_train"``: the same in train mode, against the training forward's own draws and batch
+            statistics (one forward per probe). See ``docs/method.md``, "What the task force measures".
+        probes_per_step: ``"paired"``/``"paired_train"``: layers measured per training step.
         probe_loss: the loss the paired forwards compare, ``probe_loss(output, batch) -> Tensor``; default the
             cross-entropy of the network's output against ``batch[1]``.
         budget_reach: fraction of the search after which the schedule holds the target (0 < x <= 1).
@@ -278,8 +279,8 @@ class SDQ(Callback):
         self.task_weight, self.budget_reach = float(task_weight), float(budget_reach)
         if probe_loss is not None and not callable(probe_loss):
             raise ValueError(f"probe_loss must be a function (output, batch) -> loss, got {type(probe_loss).__name__}")
-        if task_estimate == "paired" and reading != "progressive":
-            raise ValueError(f"task_estimate='paired' needs reading='progressive', got reading={reading!r}")
+        if task_estimate.startswith("paired") and reading != "progressive":
+            raise ValueError(f"task_estimate={task_estimate!r} needs reading='progressive', got reading={reading!r}")
         if isinstance(probes_per_step, bool) or not isinstance(probes_per_step, int) or probes_per_step < 1:
             raise ValueError(f"probes_per_step must be an integer >= 1, got {probes_per_step!r}")
         self.task_estimate, self.probe_loss = task_estimate, probe_loss or default_probe_loss
@@ -469,7 +470,7 @@ class SDQ(Callback):
         self._weight_layers = None
         self._dbp_quantizers = [m for m in pl_module.modules() if isinstance(m, SDQWeightQuantizer)]
         self._step_graph = None
-        if self.task_estimate == "paired" and self.phase is Phase.SEARCH and self._probe_hook is None:
+        if self.task_estimate == "paired_train" and self.phase is Phase.SEARCH and self._probe_hook is None:
             self._probe_hook = network_of(pl_module).register_forward_hook(self._capture_probe_output)
         if self._graph_work:  # a new fit: new optimizers, so new graphs
             self._graph_eager_work(self._graph_capture)
@@ -512,7 +513,8 @@ class SDQ(Callback):
             return
         scaler = grad_scaler(trainer)
         if self.phase is Phase.SEARCH and self.search is not None and self.search.optimizer is not None:
-            if self.search.probes and self._probe_out is not None:
+            if self.search.probes and self._probe_batch is not None and \
+                    (self.task_estimate == "paired" or self._probe_out is not None):
                 self._probe(trainer, pl_module)
             self._terms.update(self.search.step(scaler))
         else:
@@ -531,7 +533,7 @@ class SDQ(Callback):
                 self._step_opt.step()
             self._step_opt.zero_grad(set_to_none=True)
 
-    # ---- the paired forwards of task_estimate="paired"
+    # ---- the paired forwards of task_estimate="paired" / "paired_train"
     def _capture_probe_output(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if module.training and torch.is_grad_enabled():
             self._probe_out = output
@@ -542,15 +544,19 @@ class SDQ(Callback):
         self._probe_hook, self._probe_out, self._probe_batch = None, None, None
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The further forwards of this step's batch for :meth:`BitSearch.probe` (``probes_per_step``): same weights, same draws except the
-        probed layer's, no gradients, the same precision context as the training step; every buffer (BatchNorm
-        statistics, draw counters, activation-quantizer state) is put back afterwards, so the training run is the one
-        it would be without the probe, apart from the DBP moves the measurement causes."""
+        """The further forwards of this step's batch for :meth:`BitSearch.probe`, ``probes_per_step`` layers, no
+        gradients, the training step's precision context, the same weights. ``paired``: in eval mode (BatchNorm's
+        running statistics, every layer at its current decision), one forward for the reference loss and one per
+        probed layer with that layer's decision flipped. ``paired_train``: the reference is the training forward's
+        own loss and each probe repeats its draws and batch statistics with one layer's draw flipped. Every buffer
+        (BatchNorm statistics, draw counters, activation-quantizer state) and the module's train mode are put back
+        afterwards, so training goes on as it would without the probes, apart from the DBP moves they cause."""
         net = network_of(pl_module)
         batch, out = self._probe_batch, self._probe_out
         self._probe_out = None
         buffers = list(net.buffers())
         saved = [b.clone() for b in buffers]
+        modes = [(m, m.training) for m in net.modules()]
         x = self.input_fn(batch)
         context = getattr(getattr(trainer, "precision_plugin", None), "forward_context", None)
 
@@ -559,11 +565,17 @@ class SDQ(Callback):
                 return self.probe_loss(net(x), batch)
 
         try:
-            with torch.no_grad():
-                main = self.probe_loss(out.detach() if isinstance(out, Tensor) else out, batch)
+            if self.task_estimate == "paired":
+                net.eval()
+                main = loss_of()  # also sets every layer's last_index to its current decision
+            else:
+                with torch.no_grad():
+                    main = self.probe_loss(out.detach() if isinstance(out, Tensor) else out, batch)
             for _ in range(self.probes_per_step):  # each probe takes the layer measured longest ago
                 self.search.probe(main, loss_of)
         finally:
+            for m, training in modes:
+                m.training = training
             torch._foreach_copy_(buffers, saved)
 
     def _graph_eager_work(self, capture_fn: CallCaptureFn | None = None) -> None:
@@ -619,7 +631,7 @@ class SDQ(Callback):
             tau = self._temperature(self._progress(trainer, batch_idx), self.search_epochs)
             self.search.begin_step(trainer.global_step, tau)
             self._terms["temperature"] = torch.tensor(tau)  # a host tensor: logging a float copies it to the device
-            if self.search.task_estimate == "paired":
+            if self.search.probes_wanted:
                 self._probe_batch = batch
         elif "cost" not in self._terms and self.plan is not None:
             self._terms["cost"] = torch.tensor(self.plan.cost(self.budget.metric))

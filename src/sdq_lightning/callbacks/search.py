@@ -37,7 +37,7 @@ __all__ = ["BUDGET_CONTROLS", "PROJECTION_SENSITIVITIES", "SEARCH_SIGNALS", "TAS
 
 BUDGET_CONTROLS = ("dual", "penalty")
 SEARCH_SIGNALS = ("task+budget", "budget_only", "projection_only", "size_greedy", "random")
-TASK_ESTIMATES = ("pathwise", "paired")
+TASK_ESTIMATES = ("pathwise", "paired", "paired_train")
 PROJECTION_SENSITIVITIES = ("task_grad", "weight_mse")
 ROUNDINGS = ("budget", "argmax")
 
@@ -68,11 +68,11 @@ class BitSearch:
         self.projection_sensitivity, self.seed = projection_sensitivity, int(seed)
         self.names = cost_model.searchable()
         self.quantizers = [cost_model._quantizer(n) for n in self.names]
-        if task_estimate == "paired":
+        if task_estimate != "pathwise":
             other = [(n, getattr(q, "reading", "?")) for n, q in zip(self.names, self.quantizers)
                      if getattr(q, "reading", "") != "progressive"]
             if other:
-                raise ValueError(f"task_estimate='paired' needs the progressive reading; layer {other[0][0]} reads "
+                raise ValueError(f"task_estimate={task_estimate!r} needs the progressive reading; layer {other[0][0]} reads "
                                  f"its DBPs as {other[0][1]!r}")
         self._draw = (0, 1.0)  # the last begin_step's (global step, temperature): a probe repeats that step's draws
         self.units = self._unit_costs()
@@ -138,7 +138,7 @@ class BitSearch:
                                       task_weight=self.task_weight if self.signal == "task+budget" else 0.0,
                                       drop_threshold=self.drop_threshold, reinit_dbp=self.reinit_dbp,
                                       min_steps_between_drops=self.min_steps_between_drops, settle=self.settle,
-                                      measured=self.task_estimate == "paired")
+                                      measured=self.probes_wanted)
         if pending_state and pending_state.get("optimizer") is not None:
             self.optimizer.load_state_dict(pending_state["optimizer"])
 
@@ -187,19 +187,26 @@ class BitSearch:
             torch._foreach_add_(bufs, value)
 
     @property
-    def probes(self) -> bool:
+    def probes_wanted(self) -> bool:
         """Whether the task signal is measured by paired forwards (:meth:`probe`) rather than the DBP gradients."""
-        return self.task_estimate == "paired" and self.optimizer is not None
+        return self.task_estimate != "pathwise"
+
+    @property
+    def probes(self) -> bool:
+        """Whether a probe can be recorded now (paired estimate, the search started)."""
+        return self.probes_wanted and self.optimizer is not None
 
     @torch.no_grad()
     def probe(self, main_loss: Tensor, loss_of: Callable[[], Tensor]) -> None:
-        """One paired measurement of ``L(b_hi) - L(b_lo)`` (``task_estimate="paired"``).
+        """One paired measurement of ``L(b_hi) - L(b_lo)`` (``task_estimate="paired"`` or ``"paired_train"``).
 
-        ``main_loss``: the task loss of this step's training forward; ``loss_of()``: the same loss from a second
-        forward of the same batch with the same weights (no gradients; the caller keeps BatchNorm statistics and
-        other buffers unchanged). Between the two, one layer's draw is flipped (hi <-> lo at its live level) and
-        every other layer draws what it drew (the same draw step): the difference is that layer's loss change at its
-        live level on this batch, with the batch's noise cancelled. The layer probed is the one not probed for
+        ``main_loss``: the reference loss of this step's batch, from a forward whose every layer's ``last_index``
+        says which of its two live widths it used (the training forward, or an eval forward at the current
+        decisions); ``loss_of()``: the same loss from another forward of the same batch with the same weights and
+        mode (no gradients; the caller keeps BatchNorm statistics and other buffers unchanged). Between the two,
+        one layer's width is flipped (hi <-> lo at its live level) and every other layer uses what it used (in
+        train mode: the same draw step): the difference is that layer's loss change at its live level on this
+        batch, with the batch's noise cancelled. The layer probed is the one not probed for
         longest among those still moving (level above the lowest, not settled), a level never measured first. All
         on the device: the choice, the flip and the record."""
         qs, opt = self.quantizers, self.optimizer
@@ -242,7 +249,7 @@ class BitSearch:
         opt = self.optimizer
         if scaler is not None:
             scaler.unscale_(opt)
-        if self.task_estimate == "paired":  # the measured differences replace the pathwise gradients
+        if self.probes_wanted:  # the measured differences replace the pathwise gradients
             for q, g in zip(self.quantizers, opt.measured_grads()):
                 q.dbp.grad = g.to(q.dbp.dtype)
         now, nxt = self.target_at(self.steps_done), self.target_at(self.steps_done + 1)
