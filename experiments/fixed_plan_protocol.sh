@@ -8,7 +8,8 @@
 #      random       one size-neutral plan per seed (uniform over the plans within 1 % under the target)
 #      size_greedy  the size heuristic (largest layers down first)
 #      uniform      the highest uniform width that fits
-#    and any plan file given as EXTRA="budget:name=path/to/plan.yaml ..." (e.g. 2.0:sdq=<search run>/plan.yaml).
+#    and any plan file given as EXTRA="budget:name=path/to/plan.yaml ..." (e.g. 2.0:sdq=<search run>/plan.yaml);
+#    "{seed}" in the path is replaced by the seed, so each seed trains its own plan (e.g. a search with that seed).
 # 2. Runs through the Hydra app: phase=train phase.plan=<plan> model.init_checkpoint=$FP_CKPT, no KD, no EBR, SGD
 #    with cosine LR from LR, batch 128, bf16 autocast, EPOCHS epochs on a class-balanced SUBSET of the 45,000
 #    training images left after the held-out split (the subset depends on the seed, the same for every plan of a
@@ -96,7 +97,8 @@ for s in $SEEDS; do            # seeds outermost: an interrupted table still pai
       run "fixedplan_b${b}_${m}_s${s}_${TAG}" "$(plan_file "$b" "$m" "$s")" "$s"
     done
     for e in ${EXTRA:-}; do          # budget:name=file
-      [ "${e%%:*}" = "$b" ] && { n="${e#*:}"; run "fixedplan_b${b}_${n%%=*}_s${s}_${TAG}" "${n#*=}" "$s"; }
+      # {seed} in the file name: one plan per seed (e.g. a search run with that seed), trained with that seed
+      [ "${e%%:*}" = "$b" ] && { n="${e#*:}"; f="${n#*=}"; run "fixedplan_b${b}_${n%%=*}_s${s}_${TAG}" "${f//\{seed\}/$s}" "$s"; }
     done
   done
 done
