@@ -128,3 +128,28 @@ def test_probing_leaves_the_training_run_unchanged(estimate):
         assert torch.equal(a[k], b[k]), k
     probes = sum(float(cb.search.optimizer.state[q.dbp]["probes"].sum()) for q in cb.search.quantizers)
     assert probes == 8 * 3  # probes_per_step measurements per training step
+
+
+class _Regression(UserNet):
+    """A module whose batches carry float targets (MSE on the logits): the default probe loss does not apply."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+
+def test_the_default_falls_back_to_pathwise_with_a_warning_where_the_probe_loss_does_not_fit():
+    pl.seed_everything(0)
+    module = _Regression(body="cnn_bn", width=8)
+    loader = torch.utils.data.DataLoader(
+        [(x, torch.nn.functional.one_hot(y, 10).float()) for x, y in Loaders().train_set], batch_size=64)
+    cb = sq.SDQ(weight_bits=(1, 2, 4, 8), activation_bits=4, budget={"metric": "avg_bits", "target": 3.0},
+                search_epochs=1, ebr_weight=0.0, kernels="eager")
+    assert cb.task_estimate == "paired"  # the default under the progressive reading
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=4,
+                         accelerator="cpu", callbacks=[cb])
+    with pytest.warns(UserWarning, match="falls back to 'pathwise'"):
+        trainer.fit(module, loader)
+    assert cb.search.task_estimate == "pathwise" and not cb.search.optimizer.measured
+    assert sq.SDQ(reading="cascade").task_estimate == "pathwise"

@@ -127,14 +127,17 @@ class SDQ(Callback):
         search_signal: ``"task+budget"`` (default), or a control: ``"budget_only"``, ``"projection_only"``,
             ``"size_greedy"``, ``"random"`` (see :mod:`sdq_lightning.callbacks.search`).
         task_weight: weight of the normalised task force on the DBPs (``dual``).
-        task_estimate: what the task force measures. ``"pathwise"`` (default): the DBP gradient through the
-            relaxation, ``<dL/dw_q, Q_hi(w) - Q_lo(w)>`` (first order); ``"paired"``: after each training step's
+        task_estimate: what the task force measures. None (default): ``"paired"`` under the progressive reading,
+            ``"pathwise"`` under ``cascade``. ``"paired"``: after each training step's
             backward, ``L(b_hi) - L(b_lo)`` of ``probes_per_step`` layers (those measured longest ago) on the same
             batch, no gradients, in eval mode: one forward at every layer's current decision, one more per probed
             layer with its decision flipped between its two live widths, so the batch's noise cancels;
             ``"paired_train"``: the same in train mode, against the training forward's own draws and batch
-            statistics (one forward per probe). See ``docs/method.md``, "What the task force measures".
-        probes_per_step: ``"paired"``/``"paired_train"``: layers measured per training step.
+            statistics (one forward per probe); ``"pathwise"``: the DBP gradient through the relaxation,
+            ``<dL/dw_q, Q_hi(w) - Q_lo(w)>`` (first order, no extra forward). Where the default ``probe_loss``
+            does not fit the batches, the search warns once and measures pathwise. See ``docs/method.md``, "What
+            the task force measures".
+        probes_per_step: ``"paired"``/``"paired_train"``: layers measured per training step (default 4).
         probe_loss: the loss the paired forwards compare, ``probe_loss(output, batch) -> Tensor``; default the
             cross-entropy of the network's output against ``batch[1]``.
         budget_reach: fraction of the search after which the schedule holds the target (0 < x <= 1).
@@ -242,8 +245,8 @@ class SDQ(Callback):
         budget_control: str = "dual",
         search_signal: str = "task+budget",
         task_weight: float = 1.0,
-        task_estimate: str = "pathwise",
-        probes_per_step: int = 1,
+        task_estimate: str | None = None,
+        probes_per_step: int = 4,
         probe_loss: Callable[[Any, Any], Tensor] | None = None,
         budget_reach: float = 0.75,
         projection_sensitivity: str = "task_grad",
@@ -260,7 +263,7 @@ class SDQ(Callback):
             raise ValueError(f"kernels must be one of {(*KERNELS, 'auto')} or None, got {kernels!r}")
         for name, value, allowed in (("budget_control", budget_control, BUDGET_CONTROLS),
                                      ("search_signal", search_signal, SEARCH_SIGNALS),
-                                     ("task_estimate", task_estimate, TASK_ESTIMATES),
+                                     ("task_estimate", task_estimate, (None, *TASK_ESTIMATES)),
                                      ("projection_sensitivity", projection_sensitivity, PROJECTION_SENSITIVITIES),
                                      ("rounding", rounding, ROUNDINGS)):
             if value not in allowed:
@@ -279,6 +282,8 @@ class SDQ(Callback):
         self.task_weight, self.budget_reach = float(task_weight), float(budget_reach)
         if probe_loss is not None and not callable(probe_loss):
             raise ValueError(f"probe_loss must be a function (output, batch) -> loss, got {type(probe_loss).__name__}")
+        if task_estimate is None:
+            task_estimate = "paired" if reading == "progressive" else "pathwise"
         if task_estimate.startswith("paired") and reading != "progressive":
             raise ValueError(f"task_estimate={task_estimate!r} needs reading='progressive', got reading={reading!r}")
         if isinstance(probes_per_step, bool) or not isinstance(probes_per_step, int) or probes_per_step < 1:
@@ -565,12 +570,23 @@ class SDQ(Callback):
                 return self.probe_loss(net(x), batch)
 
         try:
-            if self.task_estimate == "paired":
-                net.eval()
-                main = loss_of()  # also sets every layer's last_index to its current decision
-            else:
-                with torch.no_grad():
-                    main = self.probe_loss(out.detach() if isinstance(out, Tensor) else out, batch)
+            try:
+                if self.task_estimate == "paired":
+                    net.eval()
+                    main = loss_of()  # also sets every layer's last_index to its current decision
+                else:
+                    with torch.no_grad():
+                        main = self.probe_loss(out.detach() if isinstance(out, Tensor) else out, batch)
+            except ValueError as err:
+                if self.probe_loss is not default_probe_loss:
+                    raise
+                # the default loss does not fit this module's batches: measure with the DBP gradients instead
+                rank_zero_warn(f"[SDQ] task_estimate={self.task_estimate!r} falls back to 'pathwise' for this "
+                               f"search: {err}")
+                self.task_estimate = "pathwise"
+                self.search.use_pathwise()
+                self._stop_probing()
+                return
             for _ in range(self.probes_per_step):  # each probe takes the layer measured longest ago
                 self.search.probe(main, loss_of)
         finally:

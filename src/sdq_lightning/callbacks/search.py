@@ -191,6 +191,12 @@ class BitSearch:
         """Whether the task signal is measured by paired forwards (:meth:`probe`) rather than the DBP gradients."""
         return self.task_estimate != "pathwise"
 
+    def use_pathwise(self) -> None:
+        """Measure the task force by the DBP gradients from now on (the paired measurements cannot be made)."""
+        self.task_estimate = "pathwise"
+        if self.optimizer is not None:
+            self.optimizer.measured = False
+
     @property
     def probes(self) -> bool:
         """Whether a probe can be recorded now (paired estimate, the search started)."""

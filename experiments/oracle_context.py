@@ -1,0 +1,89 @@
+"""How far the oracle's ranking of one-level drops depends on the context it is measured in.
+
+    python experiments/oracle_context.py --data <cifar10 root> [--checkpoint checkpoints/resnet20_cifar10_fp.pt]
+        [--oracle outputs/fixed_plan/plans/oracle.json] [--batches 4]
+
+The oracle (``sdq-plan --method oracle``) quantizes one layer alone, every other layer in floating point, BatchNorm in
+eval mode. A search decides its drops in another context. Printed, as Spearman correlations over the searched layers
+against the oracle file's one-level drops (the same held-out batches as sdq-plan, a seeded random order):
+
+* ``train-mode BN``: the same finite differences with BatchNorm on batch statistics (what a train-mode probe sees);
+* ``others at b bits``: the drop b -> b-1 of each layer while every other searched layer is at b bits (the oracle's
+  quantizer, eval mode), for b = 3 and 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from sdq_lightning.cli.plan import _batches, _model, _parser
+from sdq_lightning.planning import PlanProblem, Sensitivity, spearman
+from sdq_lightning.planning.sensitivity import quantize_alone
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--checkpoint", default="checkpoints/resnet20_cifar10_fp.pt")
+    p.add_argument("--oracle", default="outputs/fixed_plan/plans/oracle.json")
+    p.add_argument("--batches", type=int, default=4)
+    a = p.parse_args()
+    args = _parser().parse_args(["--checkpoint", a.checkpoint, "--model", "resnet20", "--data", a.data,
+                                 "--dataset", "imagefolder", "--method", "oracle", "--budget", "avg_bits=2.0",
+                                 "--batches", str(a.batches), "--out", "unused.yaml"])
+    model, in_chans = _model(args)
+    batches = _batches(args)
+    problem = PlanProblem.from_model(model, torch.zeros(1, in_chans, 32, 32), tuple(range(1, 9)), None, "8bit")
+    oracle = Sensitivity.from_json(a.oracle, "oracle")
+    modules = dict(model.named_modules())
+    names = problem.names
+    original = {n: modules[n].weight.detach().clone() for n in names}
+    quantized = {(n, b): quantize_alone(original[n], b) for n in names for b in (1, 2, 3, 4)}
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    torch.set_grad_enabled(False)
+
+    def loss(train: bool) -> float:
+        model.train(train)
+        saved = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+        out = sum(float(F.cross_entropy(model(x).float(), y)) for x, y in batches) / len(batches)
+        for m, (mean, var) in zip(bns, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+        return out
+
+    def set_all(bits: int | None) -> None:
+        for n in names:
+            modules[n].weight.copy_(original[n] if bits is None else quantized[(n, bits)])
+
+    # train-mode BatchNorm, every other layer FP
+    set_all(None)
+    base = loss(True)
+    values = {}
+    for n in names:
+        values[n] = {}
+        for b in (1, 2, 3, 4):
+            modules[n].weight.copy_(quantized[(n, b)])
+            values[n][b] = loss(True) - base
+        modules[n].weight.copy_(original[n])
+    agree = oracle.agreement(Sensitivity(values, "train_bn"), [(2, 1), (3, 2), (4, 3)])
+    print("train-mode BN, others FP: " + ", ".join(f"{k} {v:.3f}" for k, v in agree.items()))
+    # the others at b bits, eval mode
+    for b in (3, 2):
+        set_all(b)
+        base = loss(False)
+        drops = {}
+        for n in names:
+            modules[n].weight.copy_(quantized[(n, b - 1)])
+            drops[(n, b, b - 1)] = loss(False) - base
+            modules[n].weight.copy_(quantized[(n, b)])
+        r = spearman(oracle.increments([(b, b - 1)]), drops)
+        print(f"others at {b} bits (eval), drop {b}->{b - 1}: Spearman {r:.3f} against the FP-context oracle "
+              f"(loss with every searched layer at {b} bits: {base:.3f})")
+    set_all(None)
+
+
+if __name__ == "__main__":
+    main()
