@@ -12,7 +12,10 @@ operations that launch work (``benchmarks/count_ops.py``'s rule: allocations, vi
 eagerly inside a mark); their operations are counted as replayed, the rest (copying the inputs in, keeping the
 logged terms, the schedule's device scalars) stays eager.
 
-    python benchmarks/count_app_ops.py [--batch 8] [--steps 4] [--batched both] [--graphs]
+``--task-estimate``: the search's task estimate (default ``pathwise``: the callback's own work around the network;
+``paired``, the callback's default, adds its no-grad probe forwards of the network to ``SDQ.on_before_optimizer_step``).
+
+    python benchmarks/count_app_ops.py [--batch 8] [--steps 4] [--batched both] [--graphs] [--task-estimate paired]
 """
 
 from __future__ import annotations
@@ -128,8 +131,8 @@ def _attribute(e, hook: str | None, counts: Counter) -> None:
         _attribute(c, hook, counts)
 
 
-def run(batch: int, skip: int, steps: int, sdq: bool, batched: bool = True, graphs: bool = False
-        ) -> dict[int, Counter]:
+def run(batch: int, skip: int, steps: int, sdq: bool, batched: bool = True, graphs: bool = False,
+        task_estimate: str = "pathwise") -> dict[int, Counter]:
     pl.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(0)
     n = batch * (skip + steps + 1)
@@ -142,7 +145,7 @@ def run(batch: int, skip: int, steps: int, sdq: bool, batched: bool = True, grap
         teacher = copy.deepcopy(model)
         cb = SDQ(weight_bits=tuple(range(1, 9)), activation_bits=None, search_epochs=1,
                  budget={"metric": "avg_bits", "target": 1.93}, teacher=teacher, ebr_weight=0.1, batched=batched,
-                 guard=False)
+                 guard=False, task_estimate=task_estimate)
         if graphs:  # what compile="cuda-graphs" turns on, with the counting stand-in for the capture
             cb._graph_eager_work(_replay_stand_in)
         callbacks.append(cb)
@@ -161,6 +164,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="steps counted per epoch (the average is printed)")
     ap.add_argument("--batched", choices=("on", "off", "both"), default="both",
                     help="SDQ(batched=...): the batched weight pass (on, the default), per layer (off), or both")
+    ap.add_argument("--task-estimate", choices=("pathwise", "paired", "paired_train"), default="pathwise",
+                    help="the search's task estimate (paired adds its probe forwards to the DBP step's hook)")
     ap.add_argument("--top", type=int, default=12, help="hooks listed per run (by operations)")
     ap.add_argument("--graphs", action="store_true",
                     help="the teacher's forward, KD, EBR, the DBP step and the step sizes as under "
@@ -169,7 +174,8 @@ def main() -> None:
     torch.set_num_threads(1)
     runs = {"fp": run(args.batch, args.skip, args.steps, sdq=False)[0]}
     for b in ({"on": [True], "off": [False], "both": [True, False]}[args.batched]):
-        counts = run(args.batch, args.skip, args.steps, sdq=True, batched=b, graphs=args.graphs)
+        counts = run(args.batch, args.skip, args.steps, sdq=True, batched=b, graphs=args.graphs,
+                     task_estimate=args.task_estimate)
         suffix = "" if b else " (per layer)"
         runs["sdq search" + suffix], runs["sdq frozen" + suffix] = counts[0], counts[1]
     print(f"torch {torch.__version__}, ResNet20, batch {args.batch}, bf16-mixed, FP activations, KD + EBR 0.1 in "
