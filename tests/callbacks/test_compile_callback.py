@@ -8,6 +8,7 @@ autograd split as inductor, eager kernels. Same seed, same draws: the plan and t
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -42,6 +43,7 @@ def _patch_compile(monkeypatch, calls):
     monkeypatch.setattr(nn.Module, "compile", aot_eager_compile)
 
 
+@pytest.mark.slow
 def test_whole_network_compile_matches_eager_with_kd_and_ebr(make_trainer, digits, fp_teacher, monkeypatch):
     compiled_calls = []
     # under torch.compile the batched weight pass steps aside (the compiler fuses the per-layer quantizers): the
@@ -61,6 +63,7 @@ def test_whole_network_compile_matches_eager_with_kd_and_ebr(make_trainer, digit
             assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), name
 
 
+@pytest.mark.slow
 def test_compiled_network_keeps_eager_kernels_through_test_and_has_room_to_recompile(make_trainer, digits, fp_teacher,
                                                                                      monkeypatch):
     """The app's default kernels="compile" with compile=...: the compiled graph runs the eager LSQ kernels, and the

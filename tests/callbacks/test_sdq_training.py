@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import lightning as L
+import pytest
 import torch
 
 from helpers.user_module import UserNet
@@ -30,6 +31,7 @@ def _fit_sdq(quiet_trainer, digits, teacher, target: float, **kwargs) -> tuple[S
     return sdq, student, acc
 
 
+@pytest.mark.slow
 def test_learns_digits_under_budget(make_trainer, digits, fp_teacher, tmp_path):
     sdq, student, acc = _fit_sdq(make_trainer, digits, fp_teacher, 2.0, save_dir=tmp_path)
     assert acc >= 0.90, f"test accuracy {acc:.4f} below 0.90"
