@@ -16,12 +16,16 @@ values beyond the range.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import timm
 import torch
 from torch import Tensor, nn
 
 import sdq_lightning as sq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers.quantized import scatter_levels  # noqa: E402 - the tests' searched-model setup
 from sdq_lightning.integer.network import _weight_codes
 from sdq_lightning.losses import EntropyBinRegularizer, bin_regularization
 from sdq_lightning.modules import QuantConv2d, batch_weights, get_kernels, set_kernels
@@ -182,15 +186,7 @@ def _resnet(per_channel: bool, seed: int = 0) -> nn.Module:
     sq.quantize_model(model, sq.QuantSpec(weight_bits=tuple(BITS), activation_bits=4, per_channel=per_channel,
                                           seed=3))
     model.train()
-    g = _gen(seed + 1)
-    for q in (m for m in model.modules() if isinstance(m, SDQWeightQuantizer)):
-        if not q.frozen:
-            q.set_level(int(torch.randint(0, len(q.candidates), (1,), generator=g)), reinit_dbp=None)
-            with torch.no_grad():
-                q.dbp.copy_(torch.rand(len(q.candidates), generator=g))
-            q.set_temperature(0.7)
-            q.set_draw_step(11)
-    return model
+    return scatter_levels(model, seed + 1)
 
 
 def _net_step(res: dict, tag: str, net: nn.Module, x: Tensor) -> None:

@@ -44,3 +44,17 @@ def freeze_where_candidate(net: nn.Module, bits: int) -> None:
     for q in weight_quantizers(net):
         if bits in q.candidates:
             q.freeze(bits)
+
+
+def scatter_levels(net: nn.Module, seed: int) -> nn.Module:
+    """Every searched layer at a random level with random DBPs in [0, 1] (seeded), temperature 0.7, draw step 11:
+    a searched model mid-search, every reading of the DBPs exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for q in weight_quantizers(net):
+        if not q.frozen:
+            q.set_level(int(torch.randint(0, len(q.candidates), (1,), generator=g)), reinit_dbp=None)
+            with torch.no_grad():
+                q.dbp.copy_(torch.rand(len(q.candidates), generator=g))
+            q.set_temperature(0.7)
+            q.set_draw_step(11)
+    return net

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import sdq_lightning as sq
-from helpers.quantized import freeze_spread, quantized_model, weight_quantizers
+from helpers.quantized import freeze_spread, quantized_model, scatter_levels, weight_quantizers
 from sdq_lightning.modules.batched import BatchedWeights, batch_weights, segment_quantize
 from sdq_lightning.modules.graphs import GraphedNetwork
 from sdq_lightning.quantizers import SDQWeightQuantizer
@@ -23,15 +23,7 @@ from sdq_lightning.quantizers.functional import counter_uniform, counter_uniform
 def _net(name="resnet20", per_channel=False, abits=None, bits=tuple(range(1, 9)), seed=0, **spec) -> nn.Module:
     model = quantized_model(name, seed, weight_bits=bits, activation_bits=abits, per_channel=per_channel, seed=3,
                             **spec)
-    g = torch.Generator().manual_seed(seed + 1)
-    for q in weight_quantizers(model):  # every layer at its own level, DBPs anywhere in [0, 1]
-        if not q.frozen:
-            q.set_level(int(torch.randint(0, len(q.candidates), (1,), generator=g)), reinit_dbp=None)
-            with torch.no_grad():
-                q.dbp.copy_(torch.rand(len(q.candidates), generator=g))
-            q.set_temperature(0.7)
-            q.set_draw_step(11)
-    return model
+    return scatter_levels(model, seed + 1)  # every layer at its own level, DBPs anywhere in [0, 1]
 
 
 def _step(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
