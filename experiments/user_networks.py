@@ -3,6 +3,10 @@ weights at the same schedule, 4-bit activations, per network shape and seed, on 
 suite's user module and split). Lightning's default trainer settings apart from the device, logging and the bar.
 
     OMP_NUM_THREADS=2 python experiments/user_networks.py [--bodies cnn_fc cnn_bn] [--seeds 0 1 2] [--epochs 6]
+    OMP_NUM_THREADS=2 python experiments/user_networks.py --cifar10 <root> [--subset 5000] [--bodies rgb_vgg rgb_fc]
+
+``--cifar10``: a harder task, a class-balanced subset of the CIFAR-10 training images (ImageFolder tree, decoded once
+into memory) and 2,000 test images, with two 3-channel user networks (``rgb_vgg``, ``rgb_fc``).
 
 Prints each run's test accuracy and plan bits, then per shape the mean paired difference SDQ - uniform with a 95 %
 t-interval and the seed spread of each row.
@@ -26,9 +30,71 @@ from helpers.user_module import USER_CNN, UserNet  # noqa: E402
 from sdq_lightning import SDQ  # noqa: E402
 
 
-def fit(body: str, seed: int, epochs: int, uniform: bool, loaders: Loaders) -> tuple[float, float]:
+def _rgb_vgg(width: int = 32):
+    from torch import nn
+
+    w2 = 2 * width
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(width, w2, 3, padding=1), nn.BatchNorm2d(w2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(w2, w2, 3, padding=1), nn.BatchNorm2d(w2), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w2, 10))
+
+
+def _rgb_fc(width: int = 32):
+    from torch import nn
+
+    w2 = 2 * width
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, w2, 3, stride=2, padding=1), nn.BatchNorm2d(w2), nn.ReLU(),
+                         nn.Conv2d(w2, w2, 3, stride=2, padding=1), nn.BatchNorm2d(w2), nn.ReLU(),
+                         nn.Conv2d(w2, w2, 3, stride=2, padding=1), nn.BatchNorm2d(w2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(w2 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+RGB = {"rgb_vgg": _rgb_vgg, "rgb_fc": _rgb_fc}
+
+
+class CifarLoaders:
+    """A class-balanced subset of an ImageFolder CIFAR-10 tree's train/ split and 2,000 test/ images, in memory."""
+
+    def __init__(self, root: str, subset: int, test: int = 2000) -> None:
+        import torch
+        from torch.utils.data import TensorDataset
+        from torchvision import datasets, transforms
+
+        tf = transforms.Compose([transforms.ToTensor(),
+                                 transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))])
+
+        def load(split: str, n: int) -> TensorDataset:
+            ds = datasets.ImageFolder(str(Path(root) / split), transform=tf)
+            targets = torch.tensor(ds.targets)
+            g = torch.Generator().manual_seed(0)
+            idx = torch.cat([torch.nonzero(targets == c).view(-1)[torch.randperm(int((targets == c).sum()),
+                                                                                  generator=g)[:n // 10]]
+                             for c in range(10)])
+            x = torch.stack([ds[i][0] for i in idx.tolist()])
+            return TensorDataset(x, targets[idx])
+
+        self.train_set, self.test_set = load("train", subset), load("test", test)
+
+    def train(self, batch_size: int = 64, seed: int = 0):
+        from torch.utils.data import DataLoader
+
+        from sdq_lightning.lit import EpochSeededSampler
+
+        return DataLoader(self.train_set, batch_size=batch_size, sampler=EpochSeededSampler(self.train_set, seed))
+
+    def test(self):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.test_set, batch_size=512)
+
+
+def fit(body: str, seed: int, epochs: int, uniform: bool, loaders) -> tuple[float, float]:
     L.seed_everything(seed, verbose=False)
-    model = UserNet(**{**USER_CNN, "body": body})
+    model = UserNet(**{**USER_CNN, "body": "cnn_fc" if body in RGB else body})
+    if body in RGB:
+        model.net = RGB[body]()
     if uniform:
         sdq = SDQ(weight_bits=(2,), activation_bits=4)
     else:
@@ -56,8 +122,16 @@ def main() -> None:
     ap.add_argument("--bodies", nargs="+", default=["cnn_fc", "cnn_bn"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--cifar10", help="a CIFAR-10 ImageFolder root (train/, test/): the harder task")
+    ap.add_argument("--subset", type=int, default=5000, help="--cifar10: training images (class-balanced)")
     args = ap.parse_args()
-    loaders = Loaders()
+    if args.cifar10 and args.bodies == ["cnn_fc", "cnn_bn"]:
+        args.bodies = list(RGB)
+    bad = [b for b in args.bodies if (b in RGB) != bool(args.cifar10)]
+    if bad:
+        raise SystemExit(f"error: network {bad[0]!r} does not fit this data; digits: cnn_fc cnn_bn cnn_widening "
+                         f"cnn_plain; --cifar10: {' '.join(RGB)}")
+    loaders = CifarLoaders(args.cifar10, args.subset) if args.cifar10 else Loaders()
     print("| network | seed | SDQ test acc (%) | SDQ avg bits | uniform 2-bit test acc (%) | uniform avg bits |")
     print("|---|---|---|---|---|---|")
     results = {}
