@@ -15,24 +15,41 @@ from sdq_lightning.budget import (
 )
 from sdq_lightning.checkpoint import load_quantized
 from sdq_lightning.modules import QuantConv2d, QuantLinear, batch_weights, get_kernels, set_kernels
+from sdq_lightning.options import (
+    EBROptions,
+    FreezeOptions,
+    KDOptions,
+    LayerOptions,
+    RuntimeOptions,
+    SearchOptions,
+    register_schema,
+)
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.surgery import QuantReport, QuantSpec, dequantize_model, quant_layers, quantize_model
 
 __version__ = "0.1.0"
+
+register_schema()  # the Hydra app's sdq node is typed by the option classes (sdq_lightning.options)
 
 __all__ = [
     "ActQuantizer",
     "BitPlan",
     "Budget",
     "CostModel",
+    "EBROptions",
+    "FreezeOptions",
+    "KDOptions",
     "LayerBits",
+    "LayerOptions",
     "QuantConv2d",
     "QuantLinear",
     "QuantReport",
     "QuantSpec",
+    "RuntimeOptions",
     "SDQ",
     "SDQClassifier",
     "SDQWeightQuantizer",
+    "SearchOptions",
     "batch_weights",
     "dequantize_model",
     "get_kernels",

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,16 +42,8 @@ from torch import Tensor, nn
 
 from sdq_lightning.budget import BitPlan, Budget, CostModel
 from sdq_lightning.budget.profile import LayerProfile
-from sdq_lightning.budget.search import PENALTIES
-from sdq_lightning.callbacks.search import (
-    BUDGET_CONTROLS,
-    PROJECTION_SENSITIVITIES,
-    ROUNDINGS,
-    SEARCH_SIGNALS,
-    TASK_ESTIMATES,
-    BitSearch,
-)
-from sdq_lightning.callbacks.schedule import Schedule, resolve_schedule
+from sdq_lightning.callbacks.search import BitSearch
+from sdq_lightning.callbacks.schedule import resolve_schedule
 from sdq_lightning.callbacks.guard import DivergenceGuard, infer_num_classes
 from sdq_lightning.callbacks.losses import AddedLosses
 from sdq_lightning.callbacks.monitor import StepTermLog, epoch_record, log_epoch
@@ -68,16 +61,25 @@ from sdq_lightning.callbacks.setup import (
 )
 from sdq_lightning.callbacks.teacher import check_teacher_file
 from sdq_lightning.integer import activate_integer_only
-from sdq_lightning.modules.fused import KERNELS, set_kernels
+from sdq_lightning.modules.fused import set_kernels
 from sdq_lightning.modules.batched import BatchedWeights, batch_weights
 from sdq_lightning.modules.graphs import CallCaptureFn, GraphedNetwork, GraphedOptimizerStep
+from sdq_lightning.options import (
+    COMPILE_MODES,
+    EBROptions,
+    FreezeOptions,
+    KDOptions,
+    LayerOptions,
+    RuntimeOptions,
+    SearchOptions,
+    coerce_options,
+)
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.quantizers.optim import LogStepAdam
 from sdq_lightning.surgery import QuantSpec, quant_layers
 
 __all__ = ["COMPILE_MODES", "SDQ", "Phase", "grad_scaler"]
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "cuda-graphs", "auto")
 # Per-step terms that describe the search; phase 2 logs the plan's cost ("cost") instead.
 SEARCH_TERMS = ("expected_cost", "budget_schedule", "multiplier", "penalty", "temperature")
 MIN_SAMPLES_PER_CLASS = 10  # fewer training samples per class than this: warned at the start of training
@@ -99,7 +101,7 @@ def _scale_of(scaler: Any) -> Tensor | float:
     return scale if isinstance(scale, Tensor) else float(scaler.get_scale())
 
 
-RECOMPILE_LIMIT = 32  # Dynamo recompiles allowed to a network compiled by SDQ(compile=...)
+RECOMPILE_LIMIT = 32  # Dynamo recompiles allowed to a network compiled by SDQ(runtime={"compile": ...})
 
 
 class Phase(str, enum.Enum):
@@ -115,95 +117,31 @@ class SDQ(Callback):
         activation_bits: input-activation bits of every quantized layer (2..8), None = floating point.
         budget: ``{"metric": "avg_bits" | "size" | "bitops", "target": float}`` (size in bytes, bitops per sample).
         search_epochs: length of phase 1; the phase boundary is the end of that epoch. Must be < max_epochs.
-        first_last: ``"8bit"`` (default), ``"fp"`` or ``"search"``; ``first_last_bits``: bits under ``"8bit"``.
-        include / exclude: layer names or regexes (see :class:`QuantSpec`).
-        reading: ``"progressive"`` (default) or ``"cascade"``. estimator: ``"gumbel"`` (default), ``"ste"`` or one
-            added with :func:`sdq_lightning.quantizers.register_estimator`.
-        temperature: Gumbel temperature: a value, ``(start, end)`` annealed geometrically over the search (default
-            ``(1.0, 0.1)``) or a function of the (fractional) epoch.
-        budget_control: ``"dual"`` (default): a multiplier solved every step drives the expected cost along a
-            schedule to the target, reached after ``budget_reach`` of the search; ``"penalty"``: the fixed budget
-            penalty ``penalty_weight * R(E[cost])`` (``penalty``: ``"squared_hinge"`` or ``"hinge"``) and SGD.
-        search_signal: ``"task+budget"`` (default), or a control: ``"budget_only"``, ``"projection_only"``,
-            ``"size_greedy"``, ``"random"`` (see :mod:`sdq_lightning.callbacks.search`).
-        task_weight: weight of the normalised task force on the DBPs (``dual``).
-        task_estimate: what the task force measures. None (default): ``"paired"`` under the progressive reading,
-            ``"pathwise"`` under ``cascade``. ``"paired"``: after each training step's
-            backward, ``L(b_hi) - L(b_lo)`` of ``probes_per_step`` layers (those measured longest ago) on the same
-            batch, no gradients, in eval mode: one forward at every layer's current decision, one more per probed
-            layer with its decision flipped between its two live widths, so the batch's noise cancels;
-            ``"paired_train"``: the same in train mode, against the training forward's own draws and batch
-            statistics (one forward per probe); ``"pathwise"``: the DBP gradient through the relaxation,
-            ``<dL/dw_q, Q_hi(w) - Q_lo(w)>`` (first order, no extra forward). Where the default ``probe_loss``
-            does not fit the batches, the search warns once and measures pathwise. See ``docs/method.md``, "What
-            the task force measures".
-        probes_per_step: ``"paired"``/``"paired_train"``: layers measured per training step (default 4).
-        probe_loss: the loss the paired forwards compare, ``probe_loss(output, batch) -> Tensor``; default the
-            cross-entropy of the network's output against ``batch[1]``.
-        budget_reach: fraction of the search after which the schedule holds the target (0 < x <= 1).
-        projection_sensitivity: how the freeze's projection ranks layers: ``"task_grad"`` (default: accumulated
-            DBP task gradients) or ``"weight_mse"`` (data-free weight quantization error).
-        rounding: the freeze's decision before the projection: ``"argmax"`` (default: each live DBP rounded at 0.5
-            on its own) or ``"budget"`` (the lower live bitwidth everywhere, then the higher one in order of
-            decreasing DBP wherever the budget allows: the DBPs, not the projection, decide what a search that ended
-            fractional leaves over; see :meth:`~sdq_lightning.callbacks.search.BitSearch.round_to_budget`).
-        settle: sequential settling while the schedule holds the target (``budget_control="dual"``; default True):
-            one layer after another, the largest first, has its live DBP rounded to 0 or 1 and stops moving, while
-            the layers still moving hold the budget, so the freeze decides only the last (smallest) layer and the
-            projection is a one-layer correction. False: the hardening force alone, which may leave many layers
-            fractional for the freeze's rounding and the projection to decide.
-        dbp_lr: DBP travel per step. None (default): ``dual`` derives it from the search length and the budget;
-            ``penalty`` uses 0.05 (SGD). step_lr: learning rate of the quantizer step sizes (Adam on log s).
-        drop_threshold: a live DBP at or below it moves the layer one level down (progressive), only while the
-            expected cost is above the schedule, and at most once per ``min_steps_between_drops`` steps per layer.
-        ebr_weight: lambda_E of EBR in phase 2 (0 = off); ebr_weighting / ebr_entropy_weight: see :mod:`losses.ebr`.
-        teacher: None, an nn.Module, a timm model name or a checkpoint path (``teacher_arch`` names the timm model of
-            a plain state dict). kd_temperature, kd_weight: KD settings. With a teacher, the gradient of
-            ``kd_weight * KD(student, teacher)`` is ADDED to that of the module's own loss, which is multiplied by
-            ``ce_weight`` (default 1: the module's loss is kept; 0 = pure distillation as in the paper's phase 2).
-            kd_in_search: KD in phase 1 too.
+        teacher: None, an nn.Module, a timm model name or a checkpoint path: KD in phase 2 (see ``kd``).
         plan: a BitPlan or a plan file: skip the search and train under that plan.
-        input_fn: how to get the model input from a batch (default ``batch[0]``).
-        example_input: a tensor used to profile the model (default: the module's ``example_input_array``, else a
-            batch of the datamodule, else the first training batch).
         seed: sampling seed (draws are a function of seed, layer and global step: identical on every rank).
-        save_dir: where ``plan.yaml`` goes (default: the trainer's log dir).
-        kernels: ``"eager"`` or ``"compile"``: the LSQ fake-quantization arithmetic in eager PyTorch or through
-            ``torch.compile`` (faster on the CPU, bit-identical forward; see :mod:`sdq_lightning.modules.fused`);
-            set for the process at ``setup``. None (default) keeps the process setting (``SDQ_KERNELS``, else eager).
-            ``"auto"`` (the Hydra app's default): ``"compile"`` on the CPU, ``"eager"`` on a CUDA device (where the
-            CUDA graphs of ``compile="auto"`` remove the launch cost, so compiling the kernels does not pay for
-            itself).
-        compile: None (default) or a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"`` (CUDA graphs),
-            ``"max-autotune"``): the network is compiled whole, ``fullgraph=True``, at the first training batch
-            after the activation quantizers have seen data (their sign mode is read from it: with activation
-            quantizers the first step runs eager) (``nn.Module.compile``: the state dict keeps its keys). It
-            recompiles once, at the freeze. On the CPU it gives the fastest step, worth its compile time on runs of
-            more than a few epochs. ``"cuda-graphs"``: no compiler; the network's training forward and
-            backward are captured as CUDA graphs from the second batch and replayed every step
-            (:class:`~sdq_lightning.modules.graphs.GraphedNetwork`; re-captured at the freeze; CUDA, one device;
-            KD then reads the network's output); the KD teacher's forward, KD's gradient, the EBR term with its
-            gradients, the DBP step and the step-size optimizer (without a gradient scaler) replay as a graph each
-            (:class:`~sdq_lightning.modules.graphs.GraphedCall`; a capture that fails warns and that piece stays
-            eager). ``"auto"`` (the Hydra app's default): ``"cuda-graphs"`` on one CUDA device, falling back to
-            eager with a warning if the capture fails; None elsewhere (CPU, several processes).
-        batched: quantize every layer's weight in one batched pass per forward
-            (:class:`~sdq_lightning.modules.batched.BatchedWeights`, installed on the network at setup): the same
-            values and draws as each layer's own quantizer, and a number of kernels that does not grow with the
-            number of layers. Default True; False runs each layer's quantizer in its own forward.
-        teacher_cls: how to rebuild a teacher checkpoint of your own LightningModule: its class, an import path
-            (``"pkg.mod.LitNet"``) or a factory (see :func:`~sdq_lightning.callbacks.teacher.load_teacher`).
-        guard: ``True`` (default), ``False`` or keyword arguments of
-            :class:`~sdq_lightning.callbacks.guard.DivergenceGuard`: a non-finite training loss, or validation
-            accuracy falling to chance after it had been above, stops the run with one line and keeps
-            ``checkpoints/last_good.ckpt`` in the run's folder (``save_dir``, else ``trainer.log_dir``); the
-            accuracy is the module's own validation metric under a usual name (``val/acc``, ``val_acc``, ...) or
-            ``guard={"monitor": "<name>"}``.
         integer_only: phase 2 trains the integer graph onnxruntime runs (:mod:`sdq_lightning.integer`): per-channel
             weight steps, BatchNorm frozen and folded at the phase boundary (or at setup when nothing is searched),
             the residual stream and every tensor quantized as deployed, exact integer forward, straight-through
-            gradients; ``sdq-export`` then writes onnxruntime's integer graph. Runs eager and per layer (``compile``,
-            ``batched`` do not apply); EBR is not applied (its bins are the unfolded weights'). Default False.
+            gradients; ``sdq-export`` then writes onnxruntime's integer graph. Runs eager and per layer
+            (``runtime.compile``, ``runtime.batched`` do not apply); EBR is not applied (its bins are the unfolded
+            weights').
+
+    The expert options, each a frozen dataclass of :mod:`sdq_lightning.options` or a dict of its fields (left out:
+    the defaults), documented field by field there:
+        layers: :class:`~sdq_lightning.options.LayerOptions`: first/last-layer policy, include / exclude,
+            per-channel steps.
+        search: :class:`~sdq_lightning.options.SearchOptions`: reading, estimator, temperature, the budget
+            controller, the task force (``task_estimate``, probes), settling, the DBP and step learning rates, drops.
+        freeze: :class:`~sdq_lightning.options.FreezeOptions`: the phase boundary's rounding and projection.
+        ebr: :class:`~sdq_lightning.options.EBROptions`: EBR in phase 2 (``weight=0``: off).
+        kd: :class:`~sdq_lightning.options.KDOptions`: how ``teacher`` is loaded and distilled (temperature,
+            weights, KD during the search).
+        runtime: :class:`~sdq_lightning.options.RuntimeOptions`: LSQ kernels, ``torch.compile`` / CUDA graphs, the
+            batched weight pass, the divergence guard, ``input_fn``, ``example_input``, ``save_dir``.
+
+    Example: ``SDQ(weight_bits=(2, 4, 8), budget={"metric": "avg_bits", "target": 3.0},
+    search={"budget_control": "penalty"}, runtime=RuntimeOptions(guard=False))``.
     """
 
     def __init__(
@@ -212,129 +150,57 @@ class SDQ(Callback):
         activation_bits: int | None = 4,
         budget: dict | Budget | None = None,
         search_epochs: int = 3,
-        first_last: str = "8bit",
-        first_last_bits: int = 8,
-        include: Sequence[str] = (),
-        exclude: Sequence[str] = (),
-        reading: str = "progressive",
-        estimator: str = "gumbel",
-        per_channel: bool = False,
-        temperature: Schedule = (1.0, 0.1),
-        penalty_weight: float = 1.0,
-        penalty: str = "squared_hinge",
-        dbp_lr: float | None = None,
-        step_lr: float = 1e-2,
-        drop_threshold: float = 0.05,
-        reinit_dbp: float = 1.0,
-        min_steps_between_drops: int = 1,
-        ebr_weight: float = 0.1,
-        ebr_weighting: str = "uniform",
-        ebr_entropy_weight: float = 0.0,
-        teacher: nn.Module | str | None = None,
-        teacher_arch: str | None = None,
-        kd_temperature: float = 1.0,
-        kd_weight: float = 1.0,
-        ce_weight: float = 1.0,
-        kd_in_search: bool = False,
+        *,
+        teacher: nn.Module | str | Path | None = None,
         plan: BitPlan | str | Path | None = None,
-        input_fn: Callable[[Any], Tensor] | None = None,
-        example_input: Tensor | None = None,
         seed: int = 0,
-        save_dir: str | Path | None = None,
-        kernels: str | None = None,
-        budget_control: str = "dual",
-        search_signal: str = "task+budget",
-        task_weight: float = 1.0,
-        task_estimate: str | None = None,
-        probes_per_step: int = 4,
-        probe_loss: Callable[[Any, Any], Tensor] | None = None,
-        budget_reach: float = 0.75,
-        projection_sensitivity: str = "task_grad",
-        compile: str | None = None,
-        rounding: str = "argmax",
-        settle: bool = True,
-        batched: bool = True,
-        teacher_cls: Any = None,
-        guard: bool | dict = True,
         integer_only: bool = False,
+        layers: LayerOptions | dict | None = None,
+        search: SearchOptions | dict | None = None,
+        freeze: FreezeOptions | dict | None = None,
+        ebr: EBROptions | dict | None = None,
+        kd: KDOptions | dict | None = None,
+        runtime: RuntimeOptions | dict | None = None,
     ) -> None:
         super().__init__()
-        if kernels is not None and kernels not in (*KERNELS, "auto"):
-            raise ValueError(f"kernels must be one of {(*KERNELS, 'auto')} or None, got {kernels!r}")
-        for name, value, allowed in (("budget_control", budget_control, BUDGET_CONTROLS),
-                                     ("search_signal", search_signal, SEARCH_SIGNALS),
-                                     ("task_estimate", task_estimate, (None, *TASK_ESTIMATES)),
-                                     ("projection_sensitivity", projection_sensitivity, PROJECTION_SENSITIVITIES),
-                                     ("rounding", rounding, ROUNDINGS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if compile is not None and compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {compile!r}")
-        if isinstance(task_weight, bool) or not isinstance(task_weight, (int, float)) or task_weight < 0:
-            raise ValueError(f"task_weight must be a number >= 0, got {task_weight!r}")
-        if isinstance(budget_reach, bool) or not isinstance(budget_reach, (int, float)) or \
-                not 0 < budget_reach <= 1:
-            raise ValueError(f"budget_reach must be a number in (0, 1], got {budget_reach!r}")
-        self.kernels = kernels
-        self.compile = None if compile == "auto" else compile  # "auto" is resolved at fit start
-        self._compile_request = compile
-        self.budget_control, self.search_signal = budget_control, search_signal
-        self.task_weight, self.budget_reach = float(task_weight), float(budget_reach)
-        if probe_loss is not None and not callable(probe_loss):
-            raise ValueError(f"probe_loss must be a function (output, batch) -> loss, got {type(probe_loss).__name__}")
-        if task_estimate is None:
-            task_estimate = "paired" if reading == "progressive" else "pathwise"
-        if task_estimate.startswith("paired") and reading != "progressive":
-            raise ValueError(f"task_estimate={task_estimate!r} needs reading='progressive', got reading={reading!r}")
-        if isinstance(probes_per_step, bool) or not isinstance(probes_per_step, int) or probes_per_step < 1:
-            raise ValueError(f"probes_per_step must be an integer >= 1, got {probes_per_step!r}")
-        self.task_estimate, self.probe_loss = task_estimate, probe_loss or default_probe_loss
-        self.probes_per_step = probes_per_step
+        self.options = SimpleNamespace(
+            layers=coerce_options(LayerOptions, layers, "layers"),
+            search=coerce_options(SearchOptions, search, "search"),
+            freeze=coerce_options(FreezeOptions, freeze, "freeze"),
+            ebr=coerce_options(EBROptions, ebr, "ebr"),
+            kd=coerce_options(KDOptions, kd, "kd"),
+            runtime=coerce_options(RuntimeOptions, runtime, "runtime"))
+        lay, opt, run = self.options.layers, self.options.search, self.options.runtime
+        self.kernels = run.kernels
+        self.compile = None if run.compile == "auto" else run.compile  # "auto" is resolved at fit start
+        self._compile_request = run.compile
+        self.task_estimate = opt.resolved_task_estimate  # falls back to "pathwise" where probing cannot run
+        self.probe_loss = opt.probe_loss or default_probe_loss
+        self.probes_per_step = opt.probes_per_step
         self._probe_out: Any = None  # the training forward's output of this step (task_estimate="paired")
         self._probe_batch: Any = None
         self._probe_hook: Any = None
-        self.projection_sensitivity = projection_sensitivity
-        self.rounding = rounding
-        if not isinstance(settle, bool):
-            raise ValueError(f"settle must be true or false, got {settle!r}")
-        self.settle = settle
-        if not isinstance(batched, bool):
-            raise ValueError(f"batched must be true or false, got {batched!r}")
         if not isinstance(integer_only, bool):
             raise ValueError(f"integer_only must be true or false, got {integer_only!r}")
-        if integer_only and compile not in (None, "auto"):
-            raise ValueError(f"integer_only runs eager: compile must be None or 'auto', got {compile!r}")
-        self.batched = batched and not integer_only
-        self.spec = QuantSpec(weight_bits=tuple(weight_bits), activation_bits=activation_bits, first_last=first_last,
-                              first_last_bits=first_last_bits, include=tuple(include or ()),
-                              exclude=tuple(exclude or ()), reading=reading, estimator=estimator,
-                              per_channel=per_channel, seed=seed, integer_only=integer_only)
+        if integer_only and run.compile not in (None, "auto"):
+            raise ValueError(f"integer_only runs eager: compile must be None or 'auto', got {run.compile!r}")
+        self.batched = run.batched and not integer_only
+        self.spec = QuantSpec(weight_bits=tuple(weight_bits), activation_bits=activation_bits,
+                              first_last=lay.first_last, first_last_bits=lay.first_last_bits, include=lay.include,
+                              exclude=lay.exclude, reading=opt.reading, estimator=opt.estimator,
+                              per_channel=lay.per_channel, seed=seed, integer_only=integer_only)
         self.budget = Budget.coerce(budget)
         if isinstance(search_epochs, bool) or not isinstance(search_epochs, int) or search_epochs < 0:
             raise ValueError(f"search_epochs must be an integer >= 0, got {search_epochs!r}")
-        self._temperature = resolve_schedule(temperature, "temperature")
-        for name, value in (("penalty_weight", penalty_weight), ("ebr_weight", ebr_weight), ("kd_weight", kd_weight),
-                            ("ce_weight", ce_weight), ("ebr_entropy_weight", ebr_entropy_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        for name, value in (("dbp_lr", 1.0 if dbp_lr is None else dbp_lr), ("step_lr", step_lr),
-                            ("kd_temperature", kd_temperature)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        if penalty not in PENALTIES:
-            raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
-        if not 0.0 <= drop_threshold < 1.0:
-            raise ValueError(f"drop_threshold must be in [0, 1), got {drop_threshold!r}")
-        if not 0.0 < reinit_dbp <= 1.0:
-            raise ValueError(f"reinit_dbp must be in (0, 1], got {reinit_dbp!r}")
+        self._temperature = resolve_schedule(opt.temperature, "temperature")
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
             raise ValueError(f"teacher must be None, an nn.Module, a timm model name or a checkpoint path, got "
                              f"{type(teacher).__name__}")
+        kd = self.options.kd
         if isinstance(teacher, (str, Path)):
-            check_teacher_file(teacher, teacher_arch, teacher_cls)
-        if not isinstance(guard, (bool, dict)) and not hasattr(guard, "items"):
-            raise ValueError(f"guard must be True, False or a dict of DivergenceGuard arguments, got {guard!r}")
-        self.guard = DivergenceGuard(**dict(guard)) if (guard is not False and not isinstance(guard, bool)) else \
+            check_teacher_file(teacher, kd.teacher_arch, kd.teacher_cls)
+        guard = run.guard
+        self.guard = DivergenceGuard(**dict(guard)) if not isinstance(guard, bool) else \
             (DivergenceGuard() if guard else None)
         if isinstance(plan, (str, Path)):
             plan = BitPlan.load(plan)
@@ -345,17 +211,12 @@ class SDQ(Callback):
             raise ValueError("search_epochs=0 needs plan=... or a single weight bitwidth (uniform quantization); "
                              f"got weight_bits={self.spec.weight_bits}")
         self.search_epochs = search_epochs if self.searching_enabled else 0
-        self.penalty_weight, self.penalty_kind = float(penalty_weight), penalty
-        self.dbp_lr = None if dbp_lr is None else float(dbp_lr)
-        self.step_lr = float(step_lr)
-        self.drop_threshold, self.reinit_dbp = float(drop_threshold), float(reinit_dbp)
-        self.min_steps_between_drops = int(min_steps_between_drops)
-        self.losses = AddedLosses(ebr_weight, ebr_weighting, ebr_entropy_weight, teacher, teacher_arch, teacher_cls,
-                                  kd_temperature, kd_weight, ce_weight)
-        self.kd_in_search = bool(kd_in_search)
-        self.input_fn = input_fn or default_input_fn
-        self.example_input = example_input
-        self.save_dir = Path(save_dir) if save_dir is not None else None
+        ebr = self.options.ebr
+        self.losses = AddedLosses(ebr.weight, ebr.weighting, ebr.entropy_weight, teacher, kd.teacher_arch,
+                                  kd.teacher_cls, kd.temperature, kd.weight, kd.ce_weight)
+        self.input_fn = run.input_fn or default_input_fn
+        self.example_input = run.example_input
+        self.save_dir = Path(run.save_dir) if run.save_dir is not None else None
 
         self.plan: BitPlan | None = plan
         self._given_plan = plan is not None
@@ -453,7 +314,7 @@ class SDQ(Callback):
         _, steps = quantizer_params(pl_module)  # (also turns off the gradient of single-candidate DBPs)
         all_dbps = [m.dbp for m in pl_module.modules() if isinstance(m, SDQWeightQuantizer)]
         take_from_optimizers(trainer.optimizers, steps + all_dbps)
-        self._step_opt = LogStepAdam(steps, lr=self.step_lr) if steps else None
+        self._step_opt = LogStepAdam(steps, lr=self.options.search.step_lr) if steps else None
         if self._pending_opt_states:
             if self._step_opt is not None and self._pending_opt_states.get("step"):
                 self._step_opt.load_state_dict(self._pending_opt_states["step"])
@@ -653,19 +514,20 @@ class SDQ(Callback):
             self._terms["cost"] = torch.tensor(self.plan.cost(self.budget.metric))
         if self.compile is not None and not self._compiled and self._act_quant_ready(pl_module):
             self._compile_network(pl_module)
-        kd = self.losses.teacher is not None and (self.phase is Phase.TRAIN or self.kd_in_search)
+        kd = self.losses.teacher is not None and (self.phase is Phase.TRAIN or self.options.kd.in_search)
         if kd and x is None:
             x = self.input_fn(batch)
         self.losses.before_batch(x, pl_module.device, kd)
 
     def _make_search(self) -> BitSearch:
-        search = BitSearch(self.cost_model, self.budget, control=self.budget_control, signal=self.search_signal,
-                           dbp_lr=self.dbp_lr, task_weight=self.task_weight, budget_reach=self.budget_reach,
-                           penalty_weight=self.penalty_weight, penalty=self.penalty_kind,
-                           drop_threshold=self.drop_threshold, reinit_dbp=self.reinit_dbp,
-                           min_steps_between_drops=self.min_steps_between_drops,
-                           projection_sensitivity=self.projection_sensitivity, seed=self.spec.seed,
-                           rounding=self.rounding, settle=self.settle, task_estimate=self.task_estimate)
+        opt, frz = self.options.search, self.options.freeze
+        search = BitSearch(self.cost_model, self.budget, control=opt.budget_control, signal=opt.search_signal,
+                           dbp_lr=opt.dbp_lr, task_weight=opt.task_weight, budget_reach=opt.budget_reach,
+                           penalty_weight=opt.penalty_weight, penalty=opt.penalty,
+                           drop_threshold=opt.drop_threshold, reinit_dbp=opt.reinit_dbp,
+                           min_steps_between_drops=opt.min_steps_between_drops,
+                           projection_sensitivity=frz.projection_sensitivity, seed=self.spec.seed,
+                           rounding=frz.rounding, settle=opt.settle, task_estimate=self.task_estimate)
         if self._graph_work:  # under CUDA graphs the DBP step is a graph of its own
             search.use_graphs(True, capture_fn=self._graph_capture)
         return search
@@ -749,7 +611,8 @@ class SDQ(Callback):
     def _epoch_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         freeze_info = getattr(self, "_freeze_record", None)
         phase = Phase.SEARCH.value if freeze_info is not None else self.phase.value  # the epoch that froze searched
-        dual = self.search is not None and self.search.optimizer is not None and self.budget_control == "dual"
+        dual = self.search is not None and self.search.optimizer is not None and \
+            self.options.search.budget_control == "dual"
         return epoch_record(trainer.current_epoch, phase, self.budget, self.cost_model, self._terms,
                             self.search.optimizer.multiplier if dual else None, freeze_info, trainer.callback_metrics)
 

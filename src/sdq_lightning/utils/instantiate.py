@@ -3,7 +3,8 @@
 Every object comes from a config node with a ``_target_`` (``hydra.utils.instantiate``), as in the
 lightning-hydra-template: ``sdq`` (the callback), ``logger.<name>`` and ``callbacks.<name>`` (any number of named
 entries). The dataset comes from the registry (``dataset.name``, see :mod:`sdq_lightning.data.registry`) or a
-``_target_``. A ``null`` in the ``sdq`` node means the callback's own default: the key is not passed.
+``_target_``. The ``sdq`` node is typed by :class:`sdq_lightning.options.SDQConfig`: every key is passed as it is,
+its option groups as dicts (``enabled`` is the app's).
 """
 
 from __future__ import annotations
@@ -17,11 +18,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sdq_lightning.utils.wandb import setup_wandb_env
-
-# Keys of the sdq node that are the app's, not the callback's.
-SDQ_APP_KEYS = ("enabled",)
-# Keys of the sdq node whose null is a value (floating-point activations), not "use the callback's default".
-SDQ_NULL_IS_VALUE = ("activation_bits",)
 
 
 def to_dict(node: Any) -> dict[str, Any]:
@@ -55,38 +51,30 @@ def build_model(cfg: DictConfig, datamodule: pl.LightningDataModule,
 
 
 def sdq_node(cfg: DictConfig) -> dict[str, Any]:
-    """The ``sdq`` node as ``instantiate`` gets it: resolved, app keys and "use the default" nulls removed."""
+    """The ``sdq`` node as ``instantiate`` gets it: resolved, without the app's ``enabled``."""
     node = to_dict(cfg.sdq)
-    out = {}
-    for key, value in node.items():
-        if key in SDQ_APP_KEYS or (value is None and key not in SDQ_NULL_IS_VALUE):
-            continue
-        out[key] = value
-    if isinstance(out.get("weight_bits"), list):
-        out["weight_bits"] = tuple(out["weight_bits"])
-    if isinstance(out.get("temperature"), list):
-        out["temperature"] = tuple(out["temperature"])
-    budget = out.get("budget")
+    node.pop("enabled", None)
+    if isinstance(node.get("weight_bits"), list):
+        node["weight_bits"] = tuple(node["weight_bits"])
+    budget = node.get("budget")
     if isinstance(budget, dict) and budget.get("target") is not None:
-        out["budget"] = {**budget, "target": float(budget["target"])}
-    if out.get("plan") is not None:
-        out["plan"] = str(out["plan"])
-    return out
+        node["budget"] = {**budget, "target": float(budget["target"])}
+    if node.get("plan") is not None:
+        node["plan"] = str(node["plan"])
+    return node
 
 
-def sdq_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """Keyword arguments of :class:`sdq_lightning.SDQ` from the ``sdq`` node (without ``_target_``)."""
-    return {k: v for k, v in sdq_node(cfg).items() if k != "_target_"}
-
-
-def build_sdq(cfg: DictConfig, save_dir: str | Path, **overrides: Any) -> pl.Callback | None:
-    """The SDQ callback from ``cfg.sdq`` (``None`` when ``sdq.enabled`` is false: a floating-point run).
+def build_sdq(cfg: DictConfig, save_dir: str | Path | None, **overrides: Any) -> pl.Callback | None:
+    """The SDQ callback from ``cfg.sdq`` (``None`` when ``sdq.enabled`` is false: a floating-point run), writing
+    into ``save_dir`` (``runtime.save_dir``).
 
     ``overrides`` (a teacher module, the uniform baseline's bits, ...) replace config values."""
     if not cfg.sdq.get("enabled", True):
         return None
-    partial = instantiate(sdq_node(cfg), _partial_=True, _convert_="all")
-    return partial(**{"save_dir": str(save_dir), **overrides})
+    node = sdq_node(cfg)
+    node["runtime"] = {**node.get("runtime", {}), "save_dir": None if save_dir is None else str(save_dir)}
+    partial = instantiate(node, _partial_=True, _convert_="all")
+    return partial(**overrides)
 
 
 def _named_entries(node: Any, group: str) -> dict[str, dict[str, Any]]:
