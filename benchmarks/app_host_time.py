@@ -109,7 +109,7 @@ def run_app(args, sdq: bool) -> dict[int, tuple[list[float], dict[str, float]]]:
     if sdq:
         callbacks.append(SDQ(weight_bits=tuple(range(1, 9)), activation_bits=None, search_epochs=1,
                              budget={"metric": "avg_bits", "target": 1.93}, teacher=copy.deepcopy(model),
-                             ebr_weight=0.1, guard=False, kernels="eager"))
+                             ebr={"weight": 0.1}, runtime={"guard": False, "kernels": "eager"}))
         epochs = 2
     trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, precision=args.precision, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

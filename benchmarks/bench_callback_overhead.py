@@ -61,7 +61,7 @@ def run(arm: str, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> 
     callbacks: list[Callback] = [timer]
     budget = {"metric": "avg_bits", "target": 2.0}
     if arm == "search/callback":
-        callbacks.insert(0, SDQ(activation_bits=4, budget=budget, search_epochs=1, ebr_weight=0.1))
+        callbacks.insert(0, SDQ(activation_bits=4, budget=budget, search_epochs=1, ebr={"weight": 0.1}))
     elif arm == "search/plain":
         sq.quantize_model(module, sq.QuantSpec(activation_bits=4))
     else:
@@ -72,7 +72,7 @@ def run(arm: str, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> 
         bits = sq.project_to_budget(cm, cm.current_bits(), sq.Budget(**budget))
         plan = sq.BitPlan.from_model(plan_model, profile=prof).with_bits(bits)
         if arm.startswith("frozen/callback"):
-            callbacks.insert(0, SDQ(activation_bits=4, plan=plan, ebr_weight=0.1 if arm.endswith("+ebr") else 0.0))
+            callbacks.insert(0, SDQ(activation_bits=4, plan=plan, ebr={"weight": 0.1 if arm.endswith("+ebr") else 0.0}))
         else:
             plan.rebased(module).apply(module)
     trainer = L.Trainer(max_epochs=2 if arm == "search/callback" else 1, limit_train_batches=steps + warmup,

@@ -144,8 +144,9 @@ def run(batch: int, skip: int, steps: int, sdq: bool, batched: bool = True, grap
     if sdq:
         teacher = copy.deepcopy(model)
         cb = SDQ(weight_bits=tuple(range(1, 9)), activation_bits=None, search_epochs=1,
-                 budget={"metric": "avg_bits", "target": 1.93}, teacher=teacher, ebr_weight=0.1, batched=batched,
-                 guard=False, task_estimate=task_estimate)
+                 budget={"metric": "avg_bits", "target": 1.93}, teacher=teacher,
+                 search={"task_estimate": task_estimate}, ebr={"weight": 0.1},
+                 runtime={"batched": batched, "guard": False})
         if graphs:  # what compile="cuda-graphs" turns on, with the counting stand-in for the capture
             cb._graph_eager_work(_replay_stand_in)
         callbacks.append(cb)

@@ -30,8 +30,8 @@ def main(out: Path) -> None:
     L.seed_everything(0, verbose=False)
     x, y = digits_unit()
     data = TensorDataset(x[:1024], y[:1024])
-    sdq = SDQ(activation_bits=4, budget={"metric": "avg_bits", "target": 2.5}, search_epochs=2, dbp_lr=0.3,
-              save_dir=out)
+    sdq = SDQ(activation_bits=4, budget={"metric": "avg_bits", "target": 2.5}, search_epochs=2,
+              search={"dbp_lr": 0.3}, runtime={"save_dir": out})
     rec = RecordDraws()
     trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

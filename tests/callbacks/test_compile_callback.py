@@ -21,8 +21,8 @@ def _run(make_trainer, digits, teacher, compile_mode, kernels="eager", batched=T
     model = SDQClassifier("digits_cnn", in_chans=1, lr=0.05)
     model.model.load_state_dict(teacher.model.state_dict())
     sdq = SDQ(weight_bits=(1, 2, 4, 8), activation_bits=4, budget={"metric": "avg_bits", "target": 3.0},
-              search_epochs=2, teacher=teacher, ebr_weight=0.1, compile=compile_mode, kernels=kernels,
-              guard=False, batched=batched)
+              search_epochs=2, teacher=teacher, ebr={"weight": 0.1},
+              runtime={"compile": compile_mode, "kernels": kernels, "guard": False, "batched": batched})
     trainer = make_trainer(max_epochs=4, callbacks=[sdq], limit_train_batches=6)
     val = DataLoader(digits.test_set, batch_size=64)  # 450 images: a smaller last batch, another graph
     trainer.fit(model, digits.train(), val)

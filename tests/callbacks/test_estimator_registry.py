@@ -62,7 +62,7 @@ def test_sdq_callback_searches_with_a_registered_estimator(toy_estimator, make_t
     L.seed_everything(0, verbose=False)
     model = SDQClassifier("digits_cnn", in_chans=1, lr=0.05)
     sdq = SDQ(weight_bits=(1, 2, 4, 8), activation_bits=None, budget={"metric": "avg_bits", "target": 3.0},
-              search_epochs=1, estimator=toy_estimator, guard=False)
+              search_epochs=1, search={"estimator": toy_estimator}, runtime={"guard": False})
     make_trainer(max_epochs=2, callbacks=[sdq], limit_train_batches=8).fit(model, digits.train())
     quantizers = [m for m in model.modules() if isinstance(m, SDQWeightQuantizer) and len(m.candidates) > 1]
     assert quantizers and all(q.estimator == toy_estimator for q in quantizers)

@@ -29,7 +29,8 @@ def test_integer_only_phase_2(searched, digits, make_trainer, tmp_path):
     lit = SDQClassifier("digits_cnn", num_classes=10, in_chans=1, lr=0.05)
     bits = (2, 4, 8) if searched else (4,)
     cb = SDQ(weight_bits=bits, activation_bits=8, budget={"metric": "avg_bits", "target": 5.0},
-             search_epochs=1 if searched else 0, integer_only=True, ebr_weight=0.0, save_dir=tmp_path)
+             search_epochs=1 if searched else 0, integer_only=True, ebr={"weight": 0.0},
+             runtime={"save_dir": tmp_path})
     trainer = make_trainer(max_epochs=2, callbacks=[cb], limit_train_batches=4)
     trainer.fit(lit, digits.train())
     net = lit.model
@@ -47,4 +48,4 @@ def test_integer_only_errors():
     with pytest.raises(ValueError, match="integer_only must be true or false"):
         SDQ(weight_bits=(4,), integer_only="yes")
     with pytest.raises(ValueError, match="integer_only runs eager"):
-        SDQ(weight_bits=(4,), integer_only=True, compile="default")
+        SDQ(weight_bits=(4,), integer_only=True, runtime={"compile": "default"})

@@ -27,7 +27,7 @@ def _run(make_trainer, digits, teacher, search_epochs, ckpt_dir, stop=None, resu
     module = SDQClassifier("digits_cnn", in_chans=1, lr=0.05)
     module.model.load_state_dict(teacher.model.state_dict())
     sdq = SDQ(activation_bits=4, budget={"metric": "avg_bits", "target": 2.5}, search_epochs=search_epochs,
-              teacher=teacher.model, dbp_lr=0.2, save_dir=ckpt_dir, **EXTRA)
+              teacher=teacher.model, search={"dbp_lr": 0.2}, runtime={"save_dir": ckpt_dir}, **EXTRA)
     callbacks = [sdq, ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)]
     if stop:
         callbacks.append(StopAfter(stop))

@@ -64,7 +64,7 @@ class Tiny(ValidatedCNN):
 def test_a_search_too_short_to_reach_the_budget_warns_with_its_numbers(make_trainer, digits) -> None:
     L.seed_everything(0, verbose=False)
     sdq = SDQ(weight_bits=(1, 2, 3, 4, 5, 6, 7, 8), activation_bits=4, budget={"metric": "avg_bits", "target": 1.5},
-              search_epochs=1, dbp_lr=1e-4)
+              search_epochs=1, search={"dbp_lr": 1e-4})
     trainer = make_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, callbacks=[sdq])
     with pytest.warns(UserWarning) as record:
         trainer.fit(Tiny(), digits.train(), digits.test())

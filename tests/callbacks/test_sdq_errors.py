@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from sdq_lightning import SDQ, BitPlan, SDQClassifier
+from sdq_lightning import SDQ, BitPlan, EBROptions, FreezeOptions, SDQClassifier, SearchOptions
 
 
 def test_unknown_budget_metric():
@@ -36,7 +36,7 @@ def test_search_epochs_not_below_max_epochs(make_trainer, digits):
 
 def test_teacher_with_other_classes(make_trainer, digits):
     teacher = SDQClassifier("digits_cnn", in_chans=1, num_classes=5).model
-    sdq = SDQ(search_epochs=1, teacher=teacher, example_input=torch.zeros(1, 1, 8, 8))
+    sdq = SDQ(search_epochs=1, teacher=teacher, runtime={"example_input": torch.zeros(1, 1, 8, 8)})
     with pytest.raises(ValueError, match="teacher outputs 5 classes but the student has 10"):
         make_trainer(max_epochs=2, callbacks=[sdq]).fit(SDQClassifier("digits_cnn", in_chans=1), digits.train())
 
@@ -59,7 +59,7 @@ def test_search_epochs_zero_without_plan():
 
 def test_bad_temperature():
     with pytest.raises(ValueError, match="temperature must be a positive number, a \\(start, end\\) pair"):
-        SDQ(temperature=(1.0, -0.1))
+        SDQ(search={"temperature": (1.0, -0.1)})
 
 
 def test_bad_activation_bits():
@@ -105,10 +105,22 @@ def test_missing_plan_file(tmp_path):
 
 def test_unknown_kernels():
     with pytest.raises(ValueError, match=r"kernels must be one of \('eager', 'compile', 'auto'\) or None, got 'cuda'"):
-        SDQ(kernels="cuda")
+        SDQ(runtime={"kernels": "cuda"})
 
 
 def test_settle_must_be_a_bool():
     with pytest.raises(ValueError, match="settle must be true or false, got 'yes'"):
-        SDQ(settle="yes")
-    assert SDQ(settle=False).settle is False
+        SDQ(search={"settle": "yes"})
+    assert SDQ(search=SearchOptions(settle=False)).options.search.settle is False
+
+
+def test_options_take_a_dataclass_or_a_dict_and_name_an_unknown_key():
+    assert SDQ(freeze={"rounding": "budget"}).options.freeze == FreezeOptions(rounding="budget")
+    with pytest.raises(ValueError, match=r"search has no option 'ebr_weight'; its options: reading, estimator, "):
+        SDQ(search={"ebr_weight": 0.2})
+    with pytest.raises(ValueError, match="kd must be a KDOptions or a dict of its fields, got float"):
+        SDQ(kd=1.0)
+    with pytest.raises(ValueError, match="ebr.weight must be a number >= 0, got -1"):
+        EBROptions(weight=-1)
+    with pytest.raises(TypeError, match="keyword-only|positional argument"):
+        SDQ((2, 4), 4, None, 1, None)  # after search_epochs every argument is named

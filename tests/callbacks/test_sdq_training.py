@@ -20,12 +20,12 @@ def _student(teacher: SDQClassifier) -> SDQClassifier:
     return student
 
 
-def _fit_sdq(quiet_trainer, digits, teacher, target: float, **kwargs) -> tuple[SDQ, SDQClassifier, float]:
+def _fit_sdq(quiet_trainer, digits, teacher, target: float, save_dir) -> tuple[SDQ, SDQClassifier, float]:
     L.seed_everything(0, verbose=False)
     student = _student(teacher)
     sdq = SDQ(activation_bits=4, budget={"metric": "avg_bits", "target": target}, search_epochs=4,
-              teacher=teacher.model, **kwargs)
-    trainer = quiet_trainer(max_epochs=8, callbacks=[sdq], default_root_dir=kwargs.get("save_dir"))
+              teacher=teacher.model, runtime={"save_dir": save_dir})
+    trainer = quiet_trainer(max_epochs=8, callbacks=[sdq], default_root_dir=save_dir)
     trainer.fit(student, digits.train())
     acc = trainer.test(student, digits.test(), verbose=False)[0]["test/acc"]
     return sdq, student, acc
@@ -33,7 +33,7 @@ def _fit_sdq(quiet_trainer, digits, teacher, target: float, **kwargs) -> tuple[S
 
 @pytest.mark.slow
 def test_learns_digits_under_budget(make_trainer, digits, fp_teacher, tmp_path):
-    sdq, student, acc = _fit_sdq(make_trainer, digits, fp_teacher, 2.0, save_dir=tmp_path)
+    sdq, student, acc = _fit_sdq(make_trainer, digits, fp_teacher, 2.0, tmp_path)
     assert acc >= 0.90, f"test accuracy {acc:.4f} below 0.90"
     assert sdq.plan.average_bits <= 2.0, f"plan average {sdq.plan.average_bits:.4f} above the 2.0 budget"
     assert len(set(sdq.plan.values())) > 1, f"expected a mixed plan, got {dict(sdq.plan)}"
@@ -44,7 +44,7 @@ def test_learns_digits_under_budget(make_trainer, digits, fp_teacher, tmp_path):
     for name, m in student.named_modules():
         if isinstance(m, SDQWeightQuantizer):
             assert m.frozen
-    tight, _, _ = _fit_sdq(make_trainer, digits, fp_teacher, 1.5, save_dir=tmp_path / "tight")
+    tight, _, _ = _fit_sdq(make_trainer, digits, fp_teacher, 1.5, tmp_path / "tight")
     assert tight.plan.average_bits <= 1.5, f"plan average {tight.plan.average_bits:.4f} above the 1.5 budget"
     assert tight.plan.average_bits < sdq.plan.average_bits, \
         f"tighter budget: {tight.plan.average_bits:.4f} bits, not below {sdq.plan.average_bits:.4f}"

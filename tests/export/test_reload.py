@@ -29,7 +29,7 @@ def trained(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor]:
     pl.seed_everything(0, verbose=False)
     lit = UserNet()
     sdq = sq.SDQ(weight_bits=(2, 4, 8), activation_bits=4, budget={"metric": "avg_bits", "target": 3.0},
-                 search_epochs=1, kernels="eager", save_dir=tmp)
+                 search_epochs=1, runtime={"kernels": "eager", "save_dir": tmp})
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=4, callbacks=[sdq], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
     trainer.fit(lit, digits_signed_loader())

@@ -163,7 +163,7 @@ def reload_prelude(tmp_path: Path) -> dict:
 
     pl.seed_everything(0, verbose=False)
     sdq = sdq_lightning.SDQ(weight_bits=(2, 4, 8), activation_bits=4, budget={"metric": "avg_bits", "target": 3.0},
-                            search_epochs=1, kernels="eager", save_dir=tmp_path)
+                            search_epochs=1, runtime={"kernels": "eager", "save_dir": tmp_path})
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, callbacks=[sdq], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path)

@@ -251,7 +251,7 @@ def test_the_callback_installs_the_batched_weights_by_default():
 
     assert SDQ().batched is True
     with pytest.raises(ValueError, match="batched must be true or false"):
-        SDQ(batched="yes")
+        SDQ(runtime={"batched": "yes"})
 
 
 # ---------------------------------------------------------------------------- the vectorised expected cost

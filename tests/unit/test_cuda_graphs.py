@@ -158,8 +158,9 @@ def _fit(tmp_path, cuda: bool, graph_work=None, **sdq_kwargs):
     torch.manual_seed(0)
     x, y = torch.randn(96, 3, 16, 16), torch.randint(0, 4, (96,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    cb = sq.SDQ(weight_bits=(2, 4, 8), budget={"metric": "avg_bits", "target": 4.0}, search_epochs=1,
-                save_dir=tmp_path, **sdq_kwargs)
+    runtime = {"save_dir": tmp_path, **sdq_kwargs.pop("runtime", {})}
+    cb = sq.SDQ(weight_bits=(2, 4, 8), budget={"metric": "avg_bits", "target": 4.0}, search_epochs=1, runtime=runtime,
+                **sdq_kwargs)
     if graph_work is not None:
         cb._graph_eager_work(graph_work)
     hw = {"accelerator": "cuda", "devices": 1, "precision": "bf16-mixed"} if cuda else {"accelerator": "cpu"}
@@ -179,7 +180,8 @@ def test_a_fit_with_the_eager_work_graphed_equals_the_eager_fit(tmp_path):
 
     torch.manual_seed(0)
     teacher = _lit().net.eval()
-    kw = {"teacher": teacher, "kd_in_search": True, "ebr_weight": 0.1, "activation_bits": 4, "guard": False}
+    kw = {"teacher": teacher, "kd": {"in_search": True}, "ebr": {"weight": 0.1}, "activation_bits": 4,
+          "runtime": {"guard": False}}
     cb_e, lit_e = _fit(tmp_path / "eager", cuda=False, **copy.deepcopy(kw))
     cb_g, lit_g = _fit(tmp_path / "graphed", cuda=False, graph_work=capture_eagerly, **copy.deepcopy(kw))
     teacher_g, kd_g, ebr_g = cb_g.losses.graphs
@@ -224,11 +226,11 @@ def test_graphed_optimizer_step_equals_the_optimizer_and_recaptures_at_a_new_lr(
 
 def test_sdq_cuda_graphs_on_cpu_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="compile='cuda-graphs' needs a CUDA device, but this run is on cpu"):
-        _fit(tmp_path, cuda=False, compile="cuda-graphs")
+        _fit(tmp_path, cuda=False, runtime={"compile": "cuda-graphs"})
 
 
 def test_sdq_compile_auto_is_eager_on_cpu(tmp_path):
-    cb, lit = _fit(tmp_path, cuda=False, compile="auto")
+    cb, lit = _fit(tmp_path, cuda=False, runtime={"compile": "auto"})
     from sdq_lightning.modules.batched import BatchedWeights
 
     # no graphs: the network's forward is the batched weight pass the callback installs by default, nothing else
@@ -308,7 +310,7 @@ def test_sdq_callback_with_cuda_graphs_searches_freezes_and_distils(tmp_path):
     teacher = _lit().net
     cb_e, _ = _fit(tmp_path / "eager", cuda=True, teacher=copy.deepcopy(teacher), activation_bits=None)
     cb_g, _ = _fit(tmp_path / "graphs", cuda=True, teacher=copy.deepcopy(teacher), activation_bits=None,
-                   compile="cuda-graphs")
+                   runtime={"compile": "cuda-graphs"})
     assert cb_g.plan.average_bits <= 4.0
     assert [h["phase"] for h in cb_g.history] == ["search", "train"]
     # KD reached the graphed network's output in phase 2 (the term is logged only when the teacher's gradient was added)
@@ -327,7 +329,7 @@ def test_kernels_auto_compiles_the_lsq_kernels_on_the_cpu(tmp_path):
     before = get_kernels()
     try:
         set_kernels("eager")
-        cb = sq.SDQ(budget={"metric": "avg_bits", "target": 4.0}, weight_bits=(2, 4, 8), kernels="auto")
+        cb = sq.SDQ(budget={"metric": "avg_bits", "target": 4.0}, weight_bits=(2, 4, 8), runtime={"kernels": "auto"})
         trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
         cb.setup(trainer, _lit(), "validate")

@@ -80,15 +80,15 @@ def test_probes_go_round_the_layers_and_drive_the_task_gradient():
 
 def test_paired_needs_the_progressive_reading():
     with pytest.raises(ValueError, match="task_estimate='paired' needs reading='progressive'"):
-        sq.SDQ(reading="cascade", task_estimate="paired")
+        sq.SDQ(search={"reading": "cascade", "task_estimate": "paired"})
     with pytest.raises(ValueError, match="task_estimate='paired_train' needs reading='progressive'"):
-        sq.SDQ(reading="cascade", task_estimate="paired_train")
+        sq.SDQ(search={"reading": "cascade", "task_estimate": "paired_train"})
     with pytest.raises(ValueError, match="probes_per_step must be an integer >= 1"):
-        sq.SDQ(task_estimate="paired", probes_per_step=0)
+        sq.SDQ(search={"task_estimate": "paired", "probes_per_step": 0})
     with pytest.raises(ValueError, match="task_estimate='paired' needs reading='progressive'"):
-        sq.SDQ(reading="cascade", task_estimate="paired")
+        sq.SDQ(search={"reading": "cascade", "task_estimate": "paired"})
     with pytest.raises(ValueError, match="task_estimate must be one of"):
-        sq.SDQ(task_estimate="exact")
+        sq.SDQ(search={"task_estimate": "exact"})
 
 
 class _Snapshot(pl.Callback):
@@ -104,9 +104,9 @@ def _fit(task_estimate: str, probes_per_step: int = 1):
     snap = _Snapshot()
     module = UserNet(body="cnn_bn", width=8)
     cb = sq.SDQ(weight_bits=(1, 2, 4, 8), activation_bits=4, budget={"metric": "avg_bits", "target": 3.0},
-                search_epochs=1, search_signal="budget_only", task_estimate=task_estimate, ebr_weight=0.0,
-                probes_per_step=probes_per_step,
-                kernels="eager")
+                search_epochs=1, search={"search_signal": "budget_only", "task_estimate": task_estimate,
+                                         "probes_per_step": probes_per_step},
+                ebr={"weight": 0.0}, runtime={"kernels": "eager"})
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=8,
                          accelerator="cpu", callbacks=[snap, cb])
@@ -144,7 +144,7 @@ def test_the_default_falls_back_to_pathwise_with_a_warning_where_the_probe_loss_
     loader = torch.utils.data.DataLoader(
         [(x, torch.nn.functional.one_hot(y, 10).float()) for x, y in Loaders().train_set], batch_size=64)
     cb = sq.SDQ(weight_bits=(1, 2, 4, 8), activation_bits=4, budget={"metric": "avg_bits", "target": 3.0},
-                search_epochs=1, ebr_weight=0.0, kernels="eager")
+                search_epochs=1, ebr={"weight": 0.0}, runtime={"kernels": "eager"})
     assert cb.task_estimate == "paired"  # the default under the progressive reading
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=4,
@@ -152,4 +152,4 @@ def test_the_default_falls_back_to_pathwise_with_a_warning_where_the_probe_loss_
     with pytest.warns(UserWarning, match="falls back to 'pathwise'"):
         trainer.fit(module, loader)
     assert cb.search.task_estimate == "pathwise" and not cb.search.optimizer.measured
-    assert sq.SDQ(reading="cascade").task_estimate == "pathwise"
+    assert sq.SDQ(search={"reading": "cascade"}).task_estimate == "pathwise"
