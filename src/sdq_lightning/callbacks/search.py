@@ -307,16 +307,10 @@ class BitSearch:
                 opt.step()
         else:  # measure only: the sensitivity EMA, no move
             opt.update_sensitivity()
-            opt._budget_grads = None
         return expected.detach(), objective.detach()
 
     def _graphed_core(self, task_grads: Tensor) -> Tensor:
-        opt = self.optimizer
-        opt.branch_free = True  # what is captured must not depend on this step's schedule
-        try:
-            return self._core(None, task_grads)[0]
-        finally:
-            opt.branch_free = False
+        return self._core(None, task_grads)[0]
 
     def flush_trace(self) -> dict[str, list]:
         """Move the recorded trace to the host (one read; call at epoch ends) and return it."""
