@@ -1,8 +1,10 @@
-"""The app builds the SDQ callback, loggers and callbacks from `_target_` config nodes; nulls keep the callback's
-defaults; a dataset is added through the public registry."""
+"""The app builds the SDQ callback, loggers and callbacks from `_target_` config nodes; the sdq node, typed by the
+option classes, holds the callback's defaults and refuses a wrong type or key when composed; a dataset is added through
+the public registry."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from app_helpers import TINY, assert_val_acc_is_the_last_epochs, compose_cfg
-from sdq_lightning import SDQ
+from sdq_lightning import SDQ, EBROptions, FreezeOptions, KDOptions, LayerOptions, RuntimeOptions, SearchOptions
 from sdq_lightning.cli.train import run
 from sdq_lightning.data import dataset_class, register_dataset, registered_datasets
 from sdq_lightning.utils import build_callbacks, build_logger, build_sdq
@@ -22,6 +24,8 @@ from sdq_lightning.utils.instantiate import sdq_node
 
 BASE = ["experiment=digits_demo", "compare.enabled=false", "fp_teacher.enabled=false"]
 SDQ_DEFAULTS = {k: p.default for k, p in inspect.signature(SDQ.__init__).parameters.items() if k != "self"}
+GROUPS = {"layers": LayerOptions, "search": SearchOptions, "freeze": FreezeOptions, "ebr": EBROptions, "kd": KDOptions,
+          "runtime": RuntimeOptions}
 
 
 def test_sdq_node_targets_the_callback_and_interpolates_hardware_and_phase():
@@ -33,24 +37,45 @@ def test_sdq_node_targets_the_callback_and_interpolates_hardware_and_phase():
     assert "enabled" not in node
 
 
-def test_null_means_the_callbacks_default(tmp_path):
+def test_the_node_holds_the_callbacks_defaults(tmp_path):
     cfg = compose_cfg(BASE)
-    assert cfg.sdq.dbp_lr is None and cfg.sdq.penalty_weight is None
     sdq = build_sdq(cfg, tmp_path)
-    assert sdq.dbp_lr == SDQ_DEFAULTS["dbp_lr"] and sdq.penalty_weight == SDQ_DEFAULTS["penalty_weight"]
+    app_runtime = {"kernels": "eager", "compile": "auto"}  # SDQ_KERNELS=eager in the tests; CUDA graphs where there
+    for group, cls in GROUPS.items():
+        node = sdq_node(cfg)[group]
+        defaults = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+        defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+        assert node == {**defaults, **(app_runtime if group == "runtime" else {})}, group
+        if group != "runtime":
+            assert getattr(sdq.options, group) == cls(), group
     assert sdq.spec.activation_bits is None  # digits_demo: null activation bits = floating point (not the default 4)
     assert SDQ_DEFAULTS["activation_bits"] == 4
-    # every null left in the node is passed as None only where None is a value
-    assert [k for k, v in sdq_node(cfg).items() if v is None] == ["activation_bits"]
 
 
 def test_overrides_reach_the_callback(tmp_path):
-    cfg = compose_cfg([*BASE, "sdq.dbp_lr=0.3", "sdq.kernels=eager", "sdq.per_channel=true", "seed=7"])
+    cfg = compose_cfg([*BASE, "sdq.search.dbp_lr=0.3", "sdq.runtime.kernels=eager", "sdq.layers.per_channel=true",
+                       "sdq.search.settle=false", "sdq.ebr.weight=0", "seed=7"])
     sdq = build_sdq(cfg, tmp_path)
-    assert sdq.dbp_lr == 0.3 and sdq.kernels == "eager" and sdq.spec.per_channel is True and sdq.spec.seed == 7
+    assert sdq.options.search == SearchOptions(dbp_lr=0.3, settle=False)
+    assert sdq.kernels == "eager" and sdq.spec.per_channel is True and sdq.spec.seed == 7
+    assert sdq.losses.ebr_weight == 0.0 and sdq.save_dir == tmp_path
     uniform = build_sdq(cfg, tmp_path, weight_bits=(2,), search_epochs=0)  # what compare's uniform run passes
     assert uniform.spec.weight_bits == (2,) and uniform.search_epochs == 0
     assert build_sdq(compose_cfg([*BASE, "sdq.enabled=false"]), tmp_path) is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sdq.search.settle=notabool", "Value 'notabool' is not a valid bool"),
+    ("sdq.search.nope=1", "Key 'nope' not in 'SearchOptions'"),
+    ("sdq.ebr_weight=0.1", "Key 'ebr_weight' not in 'SDQConfig'"),
+    ("sdq.kd.temperature=warm", "Value 'warm' of type 'str' could not be converted to Float"),
+])
+def test_a_wrong_type_or_an_unknown_key_fails_when_the_config_is_composed(override, message):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_cfg([*BASE, override])
+    assert message in str(info.value.__cause__ or info.value)
 
 
 def test_every_sdq_key_is_an_argument_of_the_callback():
@@ -58,6 +83,7 @@ def test_every_sdq_key_is_an_argument_of_the_callback():
     cfg = compose_cfg(BASE)
     unknown = set(cfg.sdq.keys()) - set(SDQ_DEFAULTS) - {"_target_", "enabled"}
     assert not unknown, unknown
+    assert set(GROUPS) <= set(cfg.sdq.keys())
 
 
 def test_callbacks_and_loggers_are_named_target_entries(tmp_path):

@@ -43,7 +43,7 @@ PRECHECK_CASES = {
     # issue 10.7: found before the FP teacher trains (it used to train first, then fail and leave a run folder)
     "search_longer_than_run": (["experiment=digits_demo", "trainer.max_epochs=3", "phase.search_epochs=4"],
                                "phase.search_epochs=4 must be smaller than trainer.max_epochs=3"),
-    "bad_sdq_argument": (["experiment=digits_demo", "sdq.dbp_lr=-1"], "dbp_lr must be a number > 0"),
+    "bad_sdq_argument": (["experiment=digits_demo", "sdq.search.dbp_lr=-1"], "dbp_lr must be a number > 0"),
     "train_without_plan": (["experiment=digits_demo", "phase=train"], "phase.plan"),
     "missing_init_checkpoint": (["experiment=digits_demo", "model.init_checkpoint=/no/such.pt"],
                                 "model.init_checkpoint file not found: /no/such.pt"),
@@ -163,6 +163,7 @@ def test_model_without_conv_or_linear_is_refused():
     cfg = compose_cfg(["experiment=digits_demo", "model.backbone=sdq_test_no_layers"])
     with pytest.raises(UserError, match="has no Conv2d/Linear layer for SDQ to quantize"):
         check_config(cfg)
-    cfg = compose_cfg(["experiment=digits_demo", "sdq.exclude=[model.conv2,model.conv3]", "sdq.first_last=fp"])
-    with pytest.raises(UserError, match="no Conv2d/Linear layer left after sdq.include/sdq.exclude"):
+    cfg = compose_cfg(["experiment=digits_demo", "sdq.layers.exclude=[model.conv2,model.conv3]",
+                       "sdq.layers.first_last=fp"])
+    with pytest.raises(UserError, match="no Conv2d/Linear layer left after sdq.layers.include/exclude"):
         check_config(cfg)

@@ -16,12 +16,13 @@ REPO = Path(__file__).resolve().parents[2]
 STAND_IN = f"""
 import json, sys
 from hydra import compose, initialize_config_dir
+import sdq_lightning  # registers the sdq node's schema
 assert sys.argv[1:3] == ["-m", "sdq_lightning.train"], sys.argv
 with initialize_config_dir({str(CONF_DIR)!r}, version_base="1.3"):
     cfg = compose("train", overrides=sys.argv[3:])
 print("CFG " + json.dumps({{"name": cfg.name, "bits": list(cfg.hardware.weight_bits), "target": cfg.hardware.target,
                           "abits": cfg.hardware.activation_bits, "search": cfg.phase.search_epochs,
-                          "teacher": cfg.sdq.teacher, "ebr": cfg.sdq.ebr_weight, "seed": cfg.seed,
+                          "teacher": cfg.sdq.teacher, "ebr": cfg.sdq.ebr.weight, "seed": cfg.seed,
                           "epochs": cfg.trainer.max_epochs, "init": cfg.model.init_checkpoint}}))
 """
 

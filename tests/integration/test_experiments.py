@@ -83,13 +83,13 @@ def test_logger_none_and_fp_run(tmp_path):
 
 
 def test_app_with_compiled_kernels(tmp_path, recwarn):
-    """sdq.kernels=compile (the app's default outside the test suite) runs, and does not fall back to eager."""
+    """sdq.runtime.kernels=compile (the app's default outside the test suite) runs, and does not fall back to eager."""
     import sdq_lightning as sq
 
     before = sq.get_kernels()
     try:
         cfg = compose_cfg(["experiment=digits_demo", "compare.enabled=false", "fp_teacher.enabled=false",
-                           "sdq.kernels=compile", "hardware.activation_bits=4", *TINY])
+                           "sdq.runtime.kernels=compile", "hardware.activation_bits=4", *TINY])
         metrics = run(cfg, tmp_path / "run")
         assert sq.get_kernels() == "compile"
         assert sq.modules.fused._compiled, "no LSQ kernel was compiled: the run never quantized an activation"

@@ -36,7 +36,7 @@ def test_gpu_protocol_cpu_smoke(tmp_path):
     assert sdq["budget_met"] is True and sdq["avg_bits"] <= 1.93 and sdq["weight_bits"] == list(range(1, 9))
     assert sdq["activation_bits"] is None and sdq["epochs"] == 2
     overrides = " ".join(sdq["overrides"])
-    for needed in ("experiment=cifar10_resnet20", "dataset.on_device=true", "sdq.teacher=", "sdq.ebr_weight=0.1",
+    for needed in ("experiment=cifar10_resnet20", "dataset.on_device=true", "sdq.teacher=", "sdq.ebr.weight=0.1",
                    "trainer.max_time="):
         assert needed in overrides
     plan = yaml.safe_load((out / "sdq" / "plan.yaml").read_text())

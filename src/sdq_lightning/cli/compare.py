@@ -90,7 +90,7 @@ def run_with_teacher(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     first_last = {"8bit": "first/last layers at 8 bits count towards it",
                   "fp": "first/last layers in floating point count at 32 bits",
-                  "search": "first/last layers are searched too"}.get(str(cfg.sdq.first_last), "")
+                  "search": "first/last layers are searched too"}.get(str(cfg.sdq.layers.first_last), "")
     print(f"\n{cfg.name}: budget {budget['metric']} <= {budget['target']:g} ({first_last})\n")
     print(markdown_table(rows))
     print(note + "\n")

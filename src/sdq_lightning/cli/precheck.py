@@ -236,8 +236,8 @@ def _check_quantizable(cfg: DictConfig, weight_bits: tuple[int, ...], budget: ob
         raise UserError(no_layers)
     try:
         spec = QuantSpec(weight_bits=weight_bits, activation_bits=cfg.hardware.activation_bits,
-                         first_last=cfg.sdq.first_last, include=tuple(cfg.sdq.include or ()),
-                         exclude=tuple(cfg.sdq.exclude or ()))
+                         first_last=cfg.sdq.layers.first_last, include=tuple(cfg.sdq.layers.include),
+                         exclude=tuple(cfg.sdq.layers.exclude))
         holder = nn.Module()  # names as the SDQ callback sees them in SDQClassifier: model.<layer>
         holder.model = model
         quantize_model(holder, spec)
@@ -245,7 +245,7 @@ def _check_quantizable(cfg: DictConfig, weight_bits: tuple[int, ...], budget: ob
         return
     if not quant_layers(model):
         raise UserError(no_layers.replace("has no Conv2d/Linear layer", "has no Conv2d/Linear layer left after "
-                                          "sdq.include/sdq.exclude"))
+                                          "sdq.layers.include/exclude"))
     if not searching:
         return
     try:

@@ -274,7 +274,7 @@ def _write_search_trace(run_dir: Path, sdq: Any, budget: dict[str, Any]) -> dict
         return {}
     (run_dir / "search_trace.json").write_text(json.dumps(trace))
     png = plot_search_trace(trace, run_dir / "plots" / "search_trace.png", budget.get("target"),
-                            budget.get("metric", "avg_bits"), getattr(sdq, "budget_control", "dual"))
+                            budget.get("metric", "avg_bits"), sdq.options.search.budget_control)
     return {"search_trace": png} if png is not None else {}
 
 
