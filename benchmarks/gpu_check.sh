@@ -42,7 +42,7 @@ elif [[ -n "$ROOT" ]]; then
   timeout 150 "$PY" -m sdq_lightning.train experiment=cifar10_resnet20 trainer=gpu trainer.precision=bf16-mixed \
     dataset.root="$ROOT" dataset.download=false dataset.on_device=true dataset.subset=4096 dataset.val_subset=1024 \
     fp_teacher.enabled=false model.init_checkpoint=checkpoints/resnet20_cifar10_fp.pt \
-    sdq.teacher=checkpoints/resnet20_cifar10_fp.pt sdq.teacher_arch=resnet20 sdq.ebr_weight=0.1 \
+    sdq.teacher=checkpoints/resnet20_cifar10_fp.pt sdq.kd.teacher_arch=resnet20 sdq.ebr.weight=0.1 \
     trainer.max_epochs=2 phase.search_epochs=1 trainer.enable_progress_bar=false logger=csv save_checkpoint=false \
     run_test=false name=gpu_check hydra.run.dir=/tmp/gpu_check_run \
     "+callbacks.audit_search._target_=$audit" +callbacks.audit_search.start=5 +callbacks.audit_search.steps=20 \

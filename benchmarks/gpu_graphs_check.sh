@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # At most about 8 minutes on an H100/H200 (150 + 170 + 2 x 75 s of timeouts): CUDA
 # graphs for the quantized training step (sdq_lightning.modules.graphs.GraphedNetwork, what SDQ(compile=
-# "cuda-graphs") / sdq.compile=cuda-graphs runs), with the batched weight pass (SDQ(batched=True), the default).
+# "cuda-graphs") / sdq.runtime.compile=cuda-graphs runs), with the batched weight pass (SDQ(batched=True), the default).
 #   1. the `gpu` tests: no host sync in eager and graphed search/frozen steps (per-layer and batched weights),
 #      graphed steps against eager ones, the SDQ callback with compile="cuda-graphs" (search, freeze, KD) against
 #      eager, the graphs around the network (teacher, KD, EBR, DBP step: against eager, no sync; all five graphs
 #      replayed in the callback);
 #   2. benchmarks/bench_step.py at batch 128, bf16: fp / search / frozen eager with batched and per-layer (+pl)
 #      weights, then CUDA graphs around each (GRAPH_MODES; BENCH_TIMEOUT, default 170 s);
-#   3. the Hydra app, FP and then SDQ with sdq.compile=cuda-graphs (experiment=cifar10_resnet20: KD + EBR, on-device
+#   3. the Hydra app, FP and then SDQ with sdq.runtime.compile=cuda-graphs (experiment=cifar10_resnet20: KD + EBR, on-device
 #      data, an 8192-image subset, batch 256; FP 2 epochs, SDQ 1 search + 1 frozen epoch), in the same call so that
 #      their images/s compare: fp_app_metrics.json and app_metrics.json.
 # On a GPU machine with the package installed (make install) and CIFAR-10:
@@ -36,7 +36,7 @@ timeout "${BENCH_TIMEOUT:-170}" "$PY" benchmarks/bench_step.py --device cuda --b
 for f in bench_step.md bench_step.json; do [[ -f "$OUT_DIR/bench/$f" ]] && mv "$OUT_DIR/bench/$f" "$OUT_DIR/$f"; done
 rmdir "$OUT_DIR/bench" 2>/dev/null
 
-echo "=== 3. the app, FP then SDQ with sdq.compile=cuda-graphs ($((SECONDS - T0)) s)"
+echo "=== 3. the app, FP then SDQ with sdq.runtime.compile=cuda-graphs ($((SECONDS - T0)) s)"
 ROOT="$(gpu_data_root)"
 if [[ -n "$ROOT" && "${APP:-1}" == 1 ]]; then
   COMMON=(experiment=cifar10_resnet20 trainer=gpu trainer.precision=bf16-mixed dataset.root="$ROOT"
@@ -47,7 +47,7 @@ if [[ -n "$ROOT" && "${APP:-1}" == 1 ]]; then
     hydra.run.dir=/tmp/gpu_fp_run
   cp /tmp/gpu_fp_run/metrics.json "$OUT_DIR/fp_app_metrics.json" 2>/dev/null || echo "no FP app metrics.json"
   timeout "${APP_TIMEOUT:-75}" "$PY" -m sdq_lightning.train "${COMMON[@]}" sdq.teacher=checkpoints/resnet20_cifar10_fp.pt \
-    sdq.teacher_arch=resnet20 sdq.ebr_weight=0.1 sdq.compile=cuda-graphs sdq.kernels=eager phase.search_epochs=1 \
+    sdq.kd.teacher_arch=resnet20 sdq.ebr.weight=0.1 sdq.runtime.compile=cuda-graphs sdq.runtime.kernels=eager phase.search_epochs=1 \
     name=gpu_graphs hydra.run.dir=/tmp/gpu_graphs_run
   cp /tmp/gpu_graphs_run/metrics.json "$OUT_DIR/app_metrics.json" 2>/dev/null || echo "no app metrics.json"
 else

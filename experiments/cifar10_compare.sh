@@ -32,11 +32,11 @@ test -f "$FP" || { echo "error: $FP not found; run experiments/cifar10_fp_baseli
 common=(dataset=imagefolder dataset.root="$ROOT" dataset.image_size=32
   'dataset.mean=[0.4914,0.4822,0.4465]' 'dataset.std=[0.2470,0.2435,0.2616]'
   dataset.in_memory=true dataset.num_workers="$WORKERS" dataset.batch_size="$BATCH" dataset.subset="$SUBSET"
-  dataset.val_subset=10000 dataset.on_device="$ON_DEVICE" trainer="$TRAINER" sdq.compile="$COMPILE"
+  dataset.val_subset=10000 dataset.on_device="$ON_DEVICE" trainer="$TRAINER" sdq.runtime.compile="$COMPILE"
   model.init_checkpoint="$FP" model.lr="$LR" model.scheduler=cosine
   trainer.max_epochs="$EPOCHS" trainer.precision=bf16-mixed trainer.enable_progress_bar=false
   hardware.activation_bits="$ABITS" seed="$SEED" logger=csv)
-kd=(sdq.teacher="$FP" sdq.teacher_arch=resnet20)
+kd=(sdq.teacher="$FP" sdq.kd.teacher_arch=resnet20)
 tag="a${ABITS}_s${SEED}${TAG:+_$TAG}"
 [ "$SUBSET" = null ] || tag="${tag}_sub${SUBSET}"  # TAG=e8 (say) keeps a longer schedule apart
 for row in $ROWS; do
@@ -44,11 +44,11 @@ for row in $ROWS; do
     uniform2_kd) args=(hardware.weight_bits=[2] hardware.target=2.1 phase.search_epochs=0 "${kd[@]}") ;;
     uniform2)    args=(hardware.weight_bits=[2] hardware.target=2.1 phase.search_epochs=0 sdq.teacher=null) ;;
     sdq)         args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" "${kd[@]}") ;;
-    sdq_noebr)   args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.ebr_weight=0 "${kd[@]}") ;;
+    sdq_noebr)   args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.ebr.weight=0 "${kd[@]}") ;;
     sdq_nokd)    args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.teacher=null) ;;
     budget_only|projection_only|size_greedy|random)
                  args=(hardware.target="$TARGET" phase.search_epochs="$SEARCH" sdq.teacher=null
-                       sdq.search_signal="$row") ;;
+                       sdq.search.search_signal="$row") ;;
     *) echo "error: unknown row '$row' (allowed: uniform2_kd sdq sdq_noebr sdq_nokd uniform2 budget_only" \
             "projection_only size_greedy random)" >&2; exit 2 ;;
   esac

@@ -78,7 +78,7 @@ common=(dataset=imagefolder dataset.root="$ROOT" dataset.image_size=32
   dataset.in_memory=true dataset.on_device=true dataset.batch_size=128 dataset.subset="$SUBSET"
   dataset.val_size=5000 dataset.val_subset=null trainer="$TRAINER" trainer.precision="$PRECISION"
   model.init_checkpoint="$FP" model.lr="$LR" model.scheduler=cosine trainer.max_epochs="$EPOCHS"
-  trainer.enable_progress_bar=false hardware.activation_bits=null sdq.teacher=null sdq.ebr_weight=0
+  trainer.enable_progress_bar=false hardware.activation_bits=null sdq.teacher=null sdq.ebr.weight=0
   save_checkpoint=false logger=csv phase=train)
 
 run() {  # name plan seed

@@ -60,7 +60,7 @@ if [[ "$SMOKE" == 1 ]]; then
   hw=(trainer=cpu trainer.precision=32-true dataset.subset=256 dataset.num_workers=0)
   BATCH=32 FP_EPOCHS=1 SDQ_EPOCHS=2 SEARCH_EPOCHS=1 FP_MAX_TIME=00:00:02:00 SDQ_MAX_TIME=00:00:02:00 TOTAL_S="${TOTAL_S:-300}"
 else
-  hw=(trainer=gpu trainer.precision=bf16-mixed dataset.num_workers=8 sdq.kernels="${KERNELS:-eager}")
+  hw=(trainer=gpu trainer.precision=bf16-mixed dataset.num_workers=8 sdq.runtime.kernels="${KERNELS:-eager}")
   BATCH="${BATCH:-256}" TOTAL_S="${TOTAL_S:-510}"
   if [[ -n "${BENCH_JSON:-}" && -f "${BENCH_JSON}" && -z "${FP_EPOCHS:-}" ]]; then
     read -r FP_EPOCHS SDQ_EPOCHS SEARCH_EPOCHS FP_MAX_TIME SDQ_MAX_TIME FP_KILL < <("$PY" - "$BENCH_JSON" "$BATCH" \
@@ -127,7 +127,7 @@ if [[ $fp_rc == 0 ]]; then
   echo "=== SDQ: $SDQ_EPOCHS epochs ($SEARCH_EPOCHS search), max_time $SDQ_MAX_TIME, $(left) s left"
   timeout --signal=INT --kill-after=10 "$(( $(left) - 20 > 30 ? $(left) - 20 : 30 ))" \
     "$PY" -m sdq_lightning.train "${common[@]}" name=gpu_c10_r20_sdq hydra.run.dir="$WORK/sdq" \
-    model.init_checkpoint="$FP_PT" sdq.teacher="$FP_PT" sdq.teacher_arch=resnet20 sdq.ebr_weight=0.1 \
+    model.init_checkpoint="$FP_PT" sdq.teacher="$FP_PT" sdq.kd.teacher_arch=resnet20 sdq.ebr.weight=0.1 \
     model.scheduler=cosine model.lr="${SDQ_LR:-$(awk "BEGIN{print 0.02*$BATCH/128}")}" trainer.max_epochs="$SDQ_EPOCHS" \
     phase.search_epochs="$SEARCH_EPOCHS" trainer.max_time="$SDQ_MAX_TIME"
   sdq_rc=$?

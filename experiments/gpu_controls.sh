@@ -3,7 +3,7 @@
 # Rows (experiments/cifar10_compare.sh, all without KD, FP activations, avg_bits <= 2.0, from
 # checkpoints/resnet20_cifar10_fp.pt, the full training set): sdq_nokd budget_only projection_only size_greedy random uniform2,
 # seeds SEEDS (default "0 1"), EPOCHS (default 6) with SEARCH (default 3) search epochs (the CPU table: 4 and 2),
-# batch 128 at lr 0.02 as on the CPU, bf16, on-device data, sdq.compile=cuda-graphs. Every run is its own process
+# batch 128 at lr 0.02 as on the CPU, bf16, on-device data, sdq.runtime.compile=cuda-graphs. Every run is its own process
 # and all run AT ONCE (16 cores decode the data in parallel; the GPU interleaves the graphed steps); each stops
 # training at MAX_TIME (default 00:00:07:00, then tests: its metrics.json says how many epochs it ran) and is killed
 # after RUN_TIMEOUT seconds (default 480).
@@ -33,10 +33,10 @@ if [[ "$SMOKE" == 1 ]]; then
 else
   knobs=(EPOCHS="${EPOCHS:-6}" SEARCH="${SEARCH:-3}" BATCH="${BATCH:-128}" LR="${LR:-0.02}" TRAINER=gpu
          ON_DEVICE=true COMPILE="${COMPILE:-cuda-graphs}" WORKERS=0 SUBSET=null)
-  extra=(sdq.kernels=eager trainer.max_time="${MAX_TIME:-00:00:07:00}")
+  extra=(sdq.runtime.kernels=eager trainer.max_time="${MAX_TIME:-00:00:07:00}")
 fi
-# EXTRA: more app overrides for every run, e.g. EXTRA="sdq.rounding=budget" TAG=gpu_budget (a separate tag keeps the
-# run folders apart)
+# EXTRA: more app overrides for every run, e.g. EXTRA="sdq.freeze.rounding=budget" TAG=gpu_budget (a separate tag keeps
+# the run folders apart)
 read -r -a more <<<"${EXTRA:-}"
 extra+=("${more[@]}")
 TAG="${TAG:-gpu}"

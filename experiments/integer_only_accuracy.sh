@@ -37,7 +37,7 @@ common=(dataset=imagefolder dataset.root="$ROOT" dataset.image_size=32
   'dataset.mean=[0.4914,0.4822,0.4465]' 'dataset.std=[0.2470,0.2435,0.2616]'
   dataset.in_memory=true dataset.num_workers="$WORKERS" dataset.batch_size=128 dataset.subset="$SUBSET" dataset.val_subset=2000
   trainer=cpu model.init_checkpoint="$FP" model.lr="$LR" model.scheduler=cosine trainer.max_epochs="$EPOCHS"
-  trainer.enable_progress_bar=false phase=train sdq.teacher=null sdq.ebr_weight=0 seed="$SEED" logger=csv
+  trainer.enable_progress_bar=false phase=train sdq.teacher=null sdq.ebr.weight=0 seed="$SEED" logger=csv
   compare.enabled=false fp_teacher.enabled=false hardware.target=8.0)
 for plan in $PLANS; do
   for mode in fakequant integer_only; do

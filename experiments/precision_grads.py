@@ -26,7 +26,7 @@ from test_precision import FirstGrads, UserNet  # noqa: E402
 def first_grads(precision: str, digits: Loaders) -> dict[str, torch.Tensor]:
     L.seed_everything(0, verbose=False)
     sdq = FirstGrads(activation_bits=4, budget={"metric": "avg_bits", "target": 3.0}, search_epochs=1,
-                     ebr_weight=0.1)
+                     ebr={"weight": 0.1})
     kw = dict(max_epochs=2, callbacks=[sdq], limit_train_batches=1, default_root_dir=str(ROOT / "outputs" / "prec"))
     if precision == "16-mixed":
         kw["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]

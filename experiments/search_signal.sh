@@ -6,7 +6,7 @@
 #
 #   CIFAR10_ROOT=/path/to/cifar10 [ESTIMATES="paired pathwise"] [SEEDS="0 1"] [BUDGET=2.0] [SEARCH_EPOCHS=2] \
 #     [SUBSET=10000] [LR=0.02] [PROBES=4] bash experiments/search_signal.sh [more app overrides]
-# PROBES: layers measured per step by the paired estimate (sdq.probes_per_step).
+# PROBES: layers measured per step by the paired estimate (sdq.search.probes_per_step).
 #
 # The oracle is measured once (sdq-plan --method oracle, 4,096 held-out images) into outputs/fixed_plan/plans/,
 # shared with experiments/fixed_plan_protocol.sh; each search's plan.yaml can be trained there with
@@ -43,7 +43,7 @@ runs=()
 for s in $SEEDS; do
   for e in $ESTIMATES; do
     tag="$e"; extra=()
-    [ "$e" != pathwise ] && { tag="${e}${PROBES}"; extra=(sdq.probes_per_step="$PROBES"); }
+    [ "$e" != pathwise ] && { tag="${e}${PROBES}"; extra=(sdq.search.probes_per_step="$PROBES"); }
     name="search26_${tag}_b${BUDGET}_s${s}_e${SEARCH_EPOCHS}_sub${SUBSET}"
     if ! ls "$OUTPUTS/runs/$name"/*/plan.yaml >/dev/null 2>&1; then
       echo "=== $name $(date -u +%FT%TZ)"
@@ -53,8 +53,8 @@ for s in $SEEDS; do
         dataset.in_memory=true dataset.on_device=true dataset.batch_size=128 dataset.subset="$SUBSET" \
         dataset.val_size=5000 dataset.val_subset=null trainer="$TRAINER" trainer.precision="$PRECISION" \
         trainer.enable_progress_bar=false model.init_checkpoint="$FP" model.lr="$LR" model.scheduler=cosine \
-        hardware.activation_bits=null hardware.target="$BUDGET" sdq.teacher=null sdq.ebr_weight=0 \
-        sdq.task_estimate="$e" "${extra[@]}" logger=csv seed="$s" "${ARGS[@]}"
+        hardware.activation_bits=null hardware.target="$BUDGET" sdq.teacher=null sdq.ebr.weight=0 \
+        sdq.search.task_estimate="$e" "${extra[@]}" logger=csv seed="$s" "${ARGS[@]}"
     fi
     run_dir=$(ls -d "$OUTPUTS/runs/$name"/*/ | tail -1)
     runs+=("${tag}_s${s}=${run_dir%/}")
