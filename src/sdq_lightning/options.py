@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 __all__ = ["COMPILE_MODES", "EBROptions", "FreezeOptions", "KDOptions", "LayerOptions", "RuntimeOptions",
-           "SDQConfig", "SearchOptions", "coerce_options"]
+           "SDQConfig", "SearchOptions", "coerce_options", "nest_flat_node"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "cuda-graphs", "auto")
 
@@ -345,6 +345,32 @@ def coerce_options(cls: type, value: Any, name: str) -> Any:
     if unknown:
         raise ValueError(f"{name} has no option {unknown[0]!r}; its options: {', '.join(allowed)}")
     return cls(**value)
+
+
+GROUPS = {"layers": LayerOptions, "search": SearchOptions, "freeze": FreezeOptions, "ebr": EBROptions, "kd": KDOptions,
+          "runtime": RuntimeOptions}
+# Group fields whose name in the flat sdq node of earlier versions differed (``ebr_weight`` -> ``ebr.weight``).
+_FLAT_NAMES = {("ebr", "weight"): "ebr_weight", ("ebr", "weighting"): "ebr_weighting",
+               ("ebr", "entropy_weight"): "ebr_entropy_weight", ("kd", "temperature"): "kd_temperature",
+               ("kd", "weight"): "kd_weight", ("kd", "in_search"): "kd_in_search"}
+
+
+def nest_flat_node(node: dict[str, Any]) -> dict[str, Any]:
+    """An ``sdq`` config node of earlier versions, with every option a top-level key and ``null`` meaning the
+    default, in today's form: the options in their groups, a null replaced by the field's default. A node that already
+    has the groups is returned as it is (``sdq-train ... resume=`` compares an old run's ``config.yaml`` this way)."""
+    if not isinstance(node, dict) or any(isinstance(node.get(g), dict) for g in GROUPS):
+        return node
+    out = dict(node)
+    if out.get("integer_only", None) is None:
+        out["integer_only"] = False
+    for group, cls in GROUPS.items():
+        sub = {}
+        for f in dataclasses.fields(cls):  # absent (an option added since) or null: the default
+            value = out.pop(_FLAT_NAMES.get((group, f.name), f.name), None)
+            sub[f.name] = f.default if value is None else value
+        out[group] = {k: list(v) if isinstance(v, tuple) else v for k, v in sub.items()}
+    return out
 
 
 @dataclass

@@ -132,3 +132,26 @@ def test_an_option_added_since_the_run_counts_as_unchanged_only_while_unset() ->
     assert changed_keys(saved, {"sdq": {"beta": 1.0, "integer_only": True}}) == ["sdq.integer_only"]
     assert changed_keys({"sdq": {"beta": 1.0, "integer_only": True}}, {"sdq": {"beta": 1.0, "integer_only": None}}) \
         == ["sdq.integer_only"]
+
+
+def test_a_run_of_the_flat_sdq_node_resumes_under_the_option_groups() -> None:
+    """config.yaml of a run from before the option groups: every option a key of sdq, null = the default."""
+    from omegaconf import OmegaConf
+
+    from sdq_lightning.cli.resume import changed_keys
+    from sdq_lightning.options import nest_flat_node
+
+    nulls = ("first_last_bits per_channel budget_control search_signal task_weight task_estimate probes_per_step "
+             "budget_reach projection_sensitivity rounding settle batched penalty_weight penalty dbp_lr step_lr "
+             "drop_threshold reinit_dbp min_steps_between_drops ebr_weighting ebr_entropy_weight teacher teacher_arch "
+             "teacher_cls guard integer_only ce_weight kd_in_search").split()
+    flat = {"_target_": "sdq_lightning.SDQ", "enabled": True, "weight_bits": list(range(1, 9)), "activation_bits": None,
+            "budget": {"metric": "avg_bits", "target": 1.5}, "search_epochs": 4, "plan": None, "seed": 0,
+            "first_last": "8bit", "include": [], "exclude": [], "reading": "progressive", "estimator": "gumbel",
+            "temperature": [1.0, 0.1], "compile": "auto", "ebr_weight": 0.1, "kd_temperature": 1.0, "kd_weight": 1.0,
+            "kernels": "eager", **dict.fromkeys(nulls)}
+    now = {"sdq": OmegaConf.to_container(compose_cfg(["experiment=digits_demo"]).sdq, resolve=True)}
+    assert changed_keys({"sdq": nest_flat_node(flat)}, now) == []
+    changed = nest_flat_node({**flat, "dbp_lr": 0.3, "ebr_weight": 0.0})
+    assert changed_keys({"sdq": changed}, now) == ["sdq.ebr.weight", "sdq.search.dbp_lr"]
+    assert nest_flat_node(now["sdq"]) is now["sdq"]

@@ -67,6 +67,10 @@ def check_resume(cfg: DictConfig) -> Path | None:
         raise UserError("resume= continues single-stage runs; a run with fp_teacher or compare trains several models "
                         "(resume each stage's own folder, or start it again)")
     saved = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"), resolve=False)
+    if isinstance(saved.get("sdq"), dict):  # a run of a version whose sdq node was flat
+        from sdq_lightning.options import nest_flat_node
+
+        saved["sdq"] = nest_flat_node(saved["sdq"])
     now = OmegaConf.to_container(cfg, resolve=True)
     diff = changed_keys(saved, now)
     if diff:
