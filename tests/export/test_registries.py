@@ -1,13 +1,13 @@
 """Issue 12.4: a cost metric and an export format are each added by one function plus one registration, through the
 public registries, and used end to end: an app run whose budget is on the toy metric, exported by sdq-export in the
-toy format (the worked examples of docs/extending.md)."""
+toy format (the worked examples of docs/extending.md, run from the doc as written)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+import types
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -16,13 +16,11 @@ import yaml
 
 from export_helpers import APP_TINY, compose_app
 from sdq_lightning.budget import METRICS, Budget, LayerCost, cost_of, register_metric, unregister_metric
-from sdq_lightning.budget.cost import bits_or_fp
 from sdq_lightning.cli.export import main
 from sdq_lightning.cli.train import run
 from sdq_lightning.export import (
     DEFAULT_FORMATS,
     FORMATS,
-    ExportContext,
     export_model,
     load_run_model,
     register_export_format,
@@ -31,31 +29,24 @@ from sdq_lightning.export import (
 from sdq_lightning.surgery import quant_layers
 
 
-# ---- the toy metric: mean squared weight bitwidth (what a register file's energy might scale with)
-def mean_sq_bits(layers: Sequence[LayerCost], other_params: int) -> float | torch.Tensor:
-    total = sum(lc.params for lc in layers)
-    return sum(lc.params * bits_or_fp(lc.w_bits) ** 2 for lc in layers) / max(total, 1)
+DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 
 
-# ---- the toy format: integer codes and steps of every quantized layer in one .npz
-def export_npz(ctx: ExportContext) -> dict[str, Any]:
-    arrays = {}
-    for name, layer in quant_layers(ctx.model).items():
-        if layer.weight_quant is not None:
-            codes, step, bits = layer.weight_quant.integer_weight(layer.weight.detach())
-            arrays[f"{name}.codes"] = codes.numpy()
-            arrays[f"{name}.step"] = step.reshape(-1).numpy()
-            arrays[f"{name}.bits"] = np.array(bits)
-    path = ctx.out_dir / "model.npz"
-    np.savez(path, **arrays)
-    return {"files": {"npz": str(path)}, "npz_layers": len(arrays) // 3}
+def doc_example(section: str) -> types.ModuleType:
+    """The first python block of ``section`` in docs/extending.md, executed as a module (its decorators register)."""
+    text = DOC.read_text().split(f"## {section}\n", 1)[1]
+    module = types.ModuleType("doc_example")
+    exec(compile(re.search(r"```python\n(.*?)```", text, re.S).group(1), str(DOC), "exec"), module.__dict__)
+    return module
 
 
 @pytest.fixture(scope="module")
-def registered():
-    register_metric("mean_sq_bits")(mean_sq_bits)
-    register_export_format("npz", description="integer codes and steps as numpy .npz")(export_npz)
-    yield
+def registered() -> types.SimpleNamespace:
+    """The doc's worked examples, run as written: the toy metric (mean squared weight bitwidth) and the toy format
+    (integer codes and steps of every quantized layer in one .npz)."""
+    metric = doc_example("A cost metric")       # registers mean_sq_bits
+    fmt = doc_example("An export format")       # registers npz
+    yield types.SimpleNamespace(mean_sq_bits=metric.mean_sq_bits, export_npz=fmt.export_npz)
     unregister_metric("mean_sq_bits")
     unregister_export_format("npz")
 
@@ -68,7 +59,7 @@ def test_metric_registry(registered):
     assert isinstance(expected, torch.Tensor) and expected.requires_grad  # differentiable in the expected bits
     assert Budget("mean_sq_bits", 10.0).metric == "mean_sq_bits"
     with pytest.raises(ValueError, match="metric 'mean_sq_bits' is already registered"):
-        register_metric("mean_sq_bits")(mean_sq_bits)
+        register_metric("mean_sq_bits")(registered.mean_sq_bits)
     with pytest.raises(ValueError, match="metric name must be a letter"):
         register_metric("9lives")
     with pytest.raises(ValueError, match=r"metric must be one of \('avg_bits', 'size', 'bitops', 'mean_sq_bits'\), "
@@ -79,7 +70,7 @@ def test_metric_registry(registered):
 def test_format_registry(registered):
     assert "npz" in FORMATS and "npz" not in DEFAULT_FORMATS
     with pytest.raises(ValueError, match="export format 'npz' is already registered"):
-        register_export_format("npz")(export_npz)
+        register_export_format("npz")(registered.export_npz)
     with pytest.raises(ValueError, match="export format name must be a letter"):
         register_export_format("a b")
 
@@ -94,14 +85,14 @@ def toy_run(registered, tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_budget_on_the_toy_metric(toy_run):
+def test_budget_on_the_toy_metric(registered, toy_run):
     metrics = json.loads((toy_run / "metrics.json").read_text())
     plan = yaml.safe_load((toy_run / "plan.yaml").read_text())
     assert metrics["budget_metric"] == "mean_sq_bits" and metrics["budget_met"] is True
     assert plan["metadata"]["budget"] == {"metric": "mean_sq_bits", "target": 20.0}
     assert plan["costs"]["mean_sq_bits"] <= 20.0
     layers = [LayerCost(lb["params"], lb["macs"], lb["w_bits"], lb["a_bits"]) for lb in plan["layers"].values()]
-    assert plan["costs"]["mean_sq_bits"] == pytest.approx(mean_sq_bits(layers, 0))
+    assert plan["costs"]["mean_sq_bits"] == pytest.approx(registered.mean_sq_bits(layers, 0))
     assert max(lb["w_bits"] for lb in plan["layers"].values()) == 8  # first conv and classifier: 8 bits
 
 
