@@ -10,12 +10,12 @@ Modes (all in one process, interleaved round robin so that machine noise hits ev
   applied with ``BitPlan.apply`` (one quantizer per layer, 4-bit activations): the phase-2 training step.
 * ``search+ck`` / ``frozen+ck`` (``--kernels both``, the default, or ``--kernels compile``): the same models with
   the LSQ elementwise kernels compiled (``sdq_lightning.set_kernels("compile")``: only the fake-quantization
-  arithmetic goes through ``torch.compile``, the model stays eager). This is what ``SDQ(kernels="compile")`` and the
-  Hydra app's default ``sdq.kernels=compile`` run.
+  arithmetic goes through ``torch.compile``, the model stays eager). This is what
+  ``SDQ(runtime={"kernels": "compile"})`` and the Hydra app's default ``sdq.runtime.kernels=compile`` run.
 * with ``--compile``, fp/search/frozen with the whole model under ``torch.compile`` (a second table; skipped if it
   fails); ``--compile-modes cuda-graphs`` (and ``cuda-graphs+ck``) instead captures forward + backward as CUDA graphs
-  (:class:`sdq_lightning.modules.graphs.GraphedNetwork`, what ``SDQ(compile="cuda-graphs")`` runs; no compiler), and
-  the DBP step and the step-size optimizer as graphs of their own, as that callback does.
+  (:class:`sdq_lightning.modules.graphs.GraphedNetwork`, what ``SDQ(runtime={"compile": "cuda-graphs"})`` runs; no
+  compiler), and the DBP step and the step-size optimizer as graphs of their own, as that callback does.
 * ``search+pl`` / ``frozen+pl`` (``--weights both``, the default, or ``--weights per-layer``): each layer's weight
   quantizer runs in its own forward, as before the batched weight pass; without ``+pl`` every layer's weight is
   quantized in one batched pass per forward (:mod:`sdq_lightning.modules.batched`, what ``SDQ(batched=True)``, the
@@ -142,7 +142,7 @@ class Runner:
         # compiled: a torch.compile mode ("default", "reduce-overhead": CUDA graphs, ...), whole model, one graph;
         # "cuda-graphs": no compiler, forward + backward captured by sdq_lightning.modules.graphs.GraphedNetwork
         self.step_sizes = self.step_opt.step if self.step_opt is not None else None
-        if compiled == "cuda-graphs":  # as SDQ(compile="cuda-graphs"): the network, the DBP step, the step sizes
+        if compiled == "cuda-graphs":  # as under SDQ(runtime={"compile": "cuda-graphs"}): network, DBP step, step sizes
             from sdq_lightning.modules.graphs import GraphedNetwork, GraphedOptimizerStep
 
             GraphedNetwork(model)  # installs itself as model.forward

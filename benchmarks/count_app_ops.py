@@ -8,8 +8,8 @@ operations that launch work (``benchmarks/count_ops.py``'s rule: allocations, vi
 ``torch.profiler.record_function``), averaged over ``--steps`` steps after ``--skip`` warm-up steps of each phase.
 
 ``--graphs``: the KD teacher's forward, KD, the EBR term, the DBP step and the step-size optimizer run through their
-``GraphedCall`` as under ``SDQ(compile="cuda-graphs")``, with a CPU stand-in for the capture (it runs the work
-eagerly inside a mark); their operations are counted as replayed, the rest (copying the inputs in, keeping the
+``GraphedCall`` as under ``SDQ(runtime={"compile": "cuda-graphs"})``, with a CPU stand-in for the capture (it runs the
+work eagerly inside a mark); their operations are counted as replayed, the rest (copying the inputs in, keeping the
 logged terms, the schedule's device scalars) stays eager.
 
 ``--task-estimate``: the search's task estimate (default ``pathwise``: the callback's own work around the network;
