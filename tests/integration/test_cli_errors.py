@@ -44,6 +44,12 @@ PRECHECK_CASES = {
     "search_longer_than_run": (["experiment=digits_demo", "trainer.max_epochs=3", "phase.search_epochs=4"],
                                "phase.search_epochs=4 must be smaller than trainer.max_epochs=3"),
     "bad_sdq_argument": (["experiment=digits_demo", "sdq.search.dbp_lr=-1"], "dbp_lr must be a number > 0"),
+    # the sdq node is typed (sdq_lightning.options): a wrong type or key fails when composed, with Hydra's reason
+    "sdq_option_of_the_wrong_type": (["experiment=digits_demo", "sdq.search.settle=notabool"],
+                                     "Error merging override sdq.search.settle=notabool: Value 'notabool' is not a "
+                                     "valid bool (type str)"),
+    "unknown_sdq_option": (["experiment=digits_demo", "sdq.search.nope=1"],
+                           "Could not override 'sdq.search.nope': Key 'nope' not in 'SearchOptions'"),
     "train_without_plan": (["experiment=digits_demo", "phase=train"], "phase.plan"),
     "missing_init_checkpoint": (["experiment=digits_demo", "model.init_checkpoint=/no/such.pt"],
                                 "model.init_checkpoint file not found: /no/such.pt"),

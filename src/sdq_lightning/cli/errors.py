@@ -26,6 +26,8 @@ def one_line(err: BaseException) -> str:
     cause = err.__cause__
     if isinstance(err, HydraException) and cause is not None and str(err).startswith("Error in call to target"):
         return one_line(cause)  # hydra.utils.instantiate wraps the constructor's own error
+    if isinstance(err, HydraException) and isinstance(cause, OmegaConfBaseException):  # an override the schema refuses
+        return f"{str(err).strip().splitlines()[0].rstrip('.')}: {one_line(cause)}"
     text = str(err).strip() or type(err).__name__
     if isinstance(err, OSError) and getattr(err, "filename", None) and str(err.filename) not in text:
         text = f"{text}: {err.filename}"
