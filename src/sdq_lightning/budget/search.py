@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from sdq_lightning.budget.cost import Budget, LayerCost, cost_of, is_linear
 from sdq_lightning.budget.profile import LayerProfile
-from sdq_lightning.quantizers.sdq import stackable, stacked_expected_bits
+from sdq_lightning.quantizers.sdq import stackable, stacked_expected_bits, structure_key
 from sdq_lightning.surgery import quant_layers
 
 __all__ = ["PENALTIES", "CostModel", "budget_penalty", "project_to_budget", "quantization_mse"]
@@ -61,9 +61,8 @@ class CostModel:
         return out if isinstance(out, Tensor) else torch.tensor(float(out))
 
     def _linear_key(self) -> tuple:
-        return tuple((None if e.layer is None else e.layer.weight_quant,
-                      None if e.layer is None or e.layer.weight_quant is None else e.layer.weight_quant._frozen_index,
-                      self._abits(e.layer)) for e in self.entries)
+        return structure_key(e.layer for e in self.entries if e.layer is not None), \
+            tuple(self._abits(e.layer) for e in self.entries)
 
     def _expected_linear(self, metric: str) -> Tensor | None:
         """``c_0 + sum_l c_l E[bits_l]`` over the searched layers, stacked: equal to the per-layer sum up to float

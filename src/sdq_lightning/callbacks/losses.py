@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from sdq_lightning.callbacks.teacher import load_teacher
 from sdq_lightning.losses import EntropyBinRegularizer, kd_loss
 from sdq_lightning.modules.graphs import CallCaptureFn, GraphedCall
+from sdq_lightning.quantizers.sdq import structure_key
 
 __all__ = ["AddedLosses"]
 
@@ -143,7 +144,7 @@ class AddedLosses:
 
     def _ebr_key(self) -> tuple:
         return (self.ebr_weight, self.ebr.weighting, self.ebr.entropy_weight,
-                tuple((id(m), m.weight.requires_grad, m.weight_quant._frozen_index) for m in self._ebr_layers))
+                structure_key(self._ebr_layers), tuple(m.weight.requires_grad for m in self._ebr_layers))
 
     def before_backward(self, loss: Tensor, scale: Tensor | float, layers: list[nn.Module] | None) -> dict[str, Tensor]:
         """Prepare the added gradients of this step (``layers``: the quantized layers for EBR, None = no EBR);

@@ -76,7 +76,7 @@ class _Builder:
         """Step, zero point and uint8 clip range of a graph tensor (from its quantizer, as the forward reads it)."""
         t = self.graph.tensors[name]
         aq = self.net.get_submodule(t.quant)
-        signed = aq._signed if name == "input" else t.signed
+        signed = aq.is_signed if name == "input" else t.signed
         zp = 128 if signed else 0
         qn, qp = (-(2 ** (t.bits - 1)), 2 ** (t.bits - 1) - 1) if signed else (0, 2**t.bits - 1)
         return {"onnx": "t_" + _tag(name), "step": aq.step.detach().float(), "zp": zp, "lo": qn + zp, "hi": qp + zp}

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from sdq_lightning.modules.batched import CHUNK, segment_index, segment_sum
 from sdq_lightning.quantizers.functional import binary_codes, int_range, lsq_codes, lsq_quotient
+from sdq_lightning.quantizers.sdq import structure_key
 
 __all__ = ["EBR_WEIGHTINGS", "EntropyBinRegularizer", "bin_regularization"]
 
@@ -90,7 +91,7 @@ class EntropyBinRegularizer(nn.Module):
         if not layers:
             return torch.zeros(())
         if self._fits_one_pass(layers):
-            key = tuple((m, m.weight, m.weight_quant, m.weight_quant._frozen_index) for m in layers)
+            key = structure_key(layers)
             cache = self._batched
             if cache is None or cache[0] != key:
                 with torch.inference_mode(False), torch.no_grad():
@@ -118,8 +119,7 @@ class EntropyBinRegularizer(nn.Module):
             wq = layer.weight_quant
             if wq is None or not wq.frozen:
                 continue
-            i, bits = wq._frozen_index, wq.bits
-            step = wq.steps[i]
+            bits, step = wq.bits, wq.frozen_step
             loss, occ = bin_regularization(layer.weight, step, bits)
             terms.append(self.layer_factor(bits, occ) * loss)
         if not terms:
@@ -169,7 +169,7 @@ class _BatchedBins:
     def loss(self, reg: EntropyBinRegularizer) -> Tensor:
         layers = self.layers
         w = torch.cat([m.weight.reshape(-1) for m in layers])
-        steps = torch.cat([m.weight_quant.steps[m.weight_quant._frozen_index].reshape(-1) for m in layers])
+        steps = torch.cat([m.weight_quant.frozen_step.reshape(-1) for m in layers])
         x = lsq_quotient(w, steps.detach().to(w.dtype).index_select(0, self.seg))
         qn, qp = self.qn.index_select(0, self.seg), self.qp.index_select(0, self.seg)
         codes = lsq_codes(x.detach(), qn, qp)

@@ -41,7 +41,7 @@ from sdq_lightning.quantizers.functional import (
     lsq_codes,
     lsq_quotient,
 )
-from sdq_lightning.quantizers.sdq import SDQWeightQuantizer, _distributed, _ste_clamp01
+from sdq_lightning.quantizers.sdq import SDQWeightQuantizer, distributed, progressive_choice, structure_key
 
 __all__ = ["BatchedWeights", "batch_weights", "segment_index", "segment_quantize", "segment_sum"]
 
@@ -199,11 +199,6 @@ def segment_quantize(w: Tensor, seg: Tensor, s_hi: Tensor, t_hi: Tensor, s_lo: T
 
 
 # ----------------------------------------------------------------------------- groups of layers
-def vectorizable(q: SDQWeightQuantizer) -> bool:
-    """Whether a searching quantizer can join a batched group (progressive reading, elementwise estimator)."""
-    return q.reading == "progressive" and q._estimator.vectorized
-
-
 class _Group:
     """Layers quantized together: constant index tensors built once (host arithmetic), on the weights' device."""
 
@@ -216,22 +211,22 @@ class _Group:
         self.sizes = [m.weight.numel() for m in layers]
         self.shapes = [m.weight.shape for m in layers]
         for m, q in zip(layers, self.quantizers):
-            q._ensure_table(m.weight)
+            q.ensure_table(m.weight)
         self.seg, self.seg_layer = segment_index(layers)
         tables = [q.lsq_table for q in self.quantizers]
         # [layers, candidates, 4] rows (Qn, Qp, grad factor, 1-bit) reordered to (Qn, Qp, 1-bit, grad factor)
         if frozen:
-            rows = [t[q._frozen_index] for t, q in zip(tables, self.quantizers)]
-            one_bit = [q.candidates[q._frozen_index] == 1 for q in self.quantizers]
+            rows = [t[q.frozen_at] for t, q in zip(tables, self.quantizers)]
+            one_bit = [q.bits == 1 for q in self.quantizers]
             self.has_binary = "all" if all(one_bit) else any(one_bit)
             t = torch.stack(rows)[:, [0, 1, 3, 2]].to(dev)
             self.table = t.index_select(0, self.seg_layer).to(w0.dtype)  # [segments, 4], constant
             return
         self.has_binary = any(q.candidates[0] == 1 for q in self.quantizers)
         self.table = torch.stack(tables)[:, :, [0, 1, 3, 2]].to(device=dev, dtype=w0.dtype)  # [L, n, 4]
-        self.keys = torch.tensor([q._key for q in self.quantizers], dtype=torch.long, device=dev)
+        self.keys = torch.tensor([q.stream for q in self.quantizers], dtype=torch.long, device=dev)
         self.n = len(self.quantizers[0].candidates)
-        self.estimator = self.quantizers[0]._estimator
+        self.estimator = self.quantizers[0].estimator_impl
         self.mix_eps = self.quantizers[0].mix_eps
         self.arange = torch.arange(len(layers), device=dev)
 
@@ -243,10 +238,10 @@ class _Group:
 
     def run_frozen(self, training: bool) -> list[Tensor]:
         qs = self.quantizers
-        steps = torch.cat([q.steps[q._frozen_index].reshape(-1) for q in qs])
+        steps = torch.cat([q.frozen_step.reshape(-1) for q in qs])
         w = self._flat()
         out = segment_quantize(w, self.seg, steps.to(w.dtype), self.table, has_binary=self.has_binary)
-        if training and torch.is_grad_enabled() and _distributed():
+        if training and torch.is_grad_enabled() and distributed():
             # keep the frozen DBPs in the graph (zero gradient), as each quantizer's forward does
             dbps = [q.dbp.sum() for q in qs if q.dbp.requires_grad]
             if dbps:
@@ -259,7 +254,6 @@ class _Group:
             torch._foreach_add_([q.draw_step for q in qs], 1)
         levels = torch.stack([q.level for q in qs])                         # [L]
         lo_i = (levels - 1).clamp_min(0)
-        at_bottom = levels == 0
         dbp = torch.stack([q.dbp for q in qs])                              # [L, n], differentiable
         steps = torch.cat([q.steps.view(self.n, -1) for q in qs], dim=1)    # [n, segments], differentiable
         w = self._flat()
@@ -268,20 +262,17 @@ class _Group:
         s_lo = steps.gather(0, lo_seg.view(1, -1)).view(-1).to(w.dtype)
         t_hi = self.table[self.arange, levels].index_select(0, self.seg_layer)
         t_lo = self.table[self.arange, lo_i].index_select(0, self.seg_layer)
+        live = dbp.gather(1, levels.view(-1, 1)).view(-1)
         if not training:  # evaluation: the current deterministic decision
-            take = (dbp.detach().gather(1, levels.view(-1, 1)).view(-1) >= 0.5) | at_bottom
-            torch._foreach_copy_([q.last_index for q in qs], torch.where(take, levels, lo_i).unbind(0))
+            take, index = progressive_choice(live, levels, lo_i)
+            torch._foreach_copy_([q.last_index for q in qs], index.unbind(0))
             mask = take.to(w.dtype).index_select(0, self.seg_layer)
             out = segment_quantize(w, self.seg, s_hi, t_hi, s_lo, t_lo, mask, hard=True, has_binary=self.has_binary)
             return self._split(out)
-        beta = _ste_clamp01(dbp.gather(1, levels.view(-1, 1)).view(-1))
         u = counter_uniform_many(self.keys, torch.stack([q.draw_step for q in qs]))
-        temperature = torch.stack([q.temperature for q in qs])
-        mixed = self.mix_eps + (1.0 - 2.0 * self.mix_eps) * beta
-        hard, soft = self.estimator.progressive(beta, mixed, u, temperature)
-        mask = hard + soft - soft.detach()
-        mask = torch.where(at_bottom, torch.ones_like(mask), mask)
-        torch._foreach_copy_([q.last_index for q in qs], torch.where(hard.bool() | at_bottom, levels, lo_i).unbind(0))
+        mask, index = progressive_choice(live, levels, lo_i, self.estimator, self.mix_eps, u,
+                                         torch.stack([q.temperature for q in qs]))
+        torch._foreach_copy_([q.last_index for q in qs], index.unbind(0))
         out = segment_quantize(w, self.seg, s_hi, t_hi, s_lo, t_lo, mask.to(w.dtype).index_select(0, self.seg_layer),
                                hard=False, has_binary=self.has_binary)
         return self._split(out)
@@ -316,9 +307,7 @@ class BatchedWeights:
 
     def _state_key(self) -> tuple:
         first = self.layers[0].weight if self.layers else None
-        return (None if first is None else (first.device, first.dtype),
-                tuple((m.weight_quant, m.weight, None if m.weight_quant is None else m.weight_quant._frozen_index)
-                      for m in self.layers))
+        return (None if first is None else (first.device, first.dtype)), structure_key(self.layers)
 
     def groups(self) -> list[_Group]:
         """The batched groups for the quantizers' current state (rebuilt when a layer froze or was replaced)."""
@@ -343,7 +332,7 @@ class BatchedWeights:
                 continue
             if q.frozen:
                 frozen.append(m)
-            elif vectorizable(q):
+            elif q.vectorizable:
                 search.setdefault((len(q.candidates), q.estimator, q.mix_eps), []).append(m)
         out = [_Group(ms, frozen=False) for ms in search.values()]
         # frozen layers in two groups, multi-bit and 1-bit: neither then computes the other's branch for every weight

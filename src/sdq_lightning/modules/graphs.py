@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdq_lightning.quantizers.sdq import structure_key
+
 __all__ = ["GraphedCall", "GraphedNetwork", "GraphedOptimizerStep", "capture_eagerly"]
 
 CaptureFn = Callable[..., nn.Module]
@@ -98,8 +100,7 @@ class GraphedNetwork:
 
     # ---------------------------------------------------------------- keys
     def _state_key(self) -> tuple:
-        return (tuple(q._frozen_index for q in self._weight_q), tuple(q._initialized for q in self._act_q),
-                tuple(p.requires_grad for p in self._params))
+        return structure_key(self._weight_q + self._act_q), tuple(p.requires_grad for p in self._params)
 
     @staticmethod
     def _autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -52,6 +52,16 @@ class ActQuantizer(nn.Module):
         return f"bits={self.bits}, signed={self._signed}"
 
     @property
+    def is_initialized(self) -> bool:
+        """Whether the sign mode and step are set (a Python mirror of the ``initialized`` buffer: no device read)."""
+        return self._initialized
+
+    @property
+    def is_signed(self) -> bool:
+        """The sign mode (a Python mirror of the ``signed`` buffer: no device read)."""
+        return self._signed
+
+    @property
     def qrange(self) -> tuple[int, int]:
         return self._range(self._signed)
 

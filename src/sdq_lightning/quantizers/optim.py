@@ -42,6 +42,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from sdq_lightning.quantizers.sdq import stackable
+
 __all__ = ["DBPOptimizer", "LogStepAdam"]
 
 HARDEN_SLACK = 0.01  # while hardening, the multiplier may turn negative once the cost is 1 % under the target
@@ -146,8 +148,7 @@ class DBPOptimizer(torch.optim.Optimizer):
         """Whether :class:`~sdq_lightning.callbacks.search.BitSearch` may replay the step (with the expected cost
         before it) as one CUDA graph: under ``dual`` control over progressive layers of one candidate count (the
         expected cost is then one stacked pass as well). The step itself never reads a host value of the step."""
-        return bool(self.quantizers) and self.control == "dual" and not self._ragged and \
-            all(getattr(q, "reading", "progressive") == "progressive" for q in self.quantizers)
+        return self.control == "dual" and stackable(self.quantizers)
 
     def stacked_task_grads(self) -> Tensor:
         """The DBPs' task gradients stacked ``[layers, candidates]`` in float32 (zeros where ``.grad`` is None)."""

@@ -37,12 +37,12 @@ e.g. a frozen single-bitwidth model built from a plan: the matching rows are pic
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from sdq_lightning.quantizers.estimators import estimator_index, estimator_name, get_estimator
+from sdq_lightning.quantizers.estimators import Estimator, estimator_index, estimator_name, get_estimator
 from sdq_lightning.quantizers.functional import (
     MAX_BITS,
     MIN_BITS,
@@ -59,15 +59,15 @@ from sdq_lightning.quantizers.functional import (
     weight_step_init,
 )
 
-__all__ = ["ESTIMATORS", "READINGS", "SDQWeightQuantizer", "stackable", "stacked_expected_bits",
-           "validate_candidates"]
+__all__ = ["ESTIMATORS", "READINGS", "SDQWeightQuantizer", "distributed", "progressive_choice", "stackable",
+           "stacked_expected_bits", "structure_key", "validate_candidates"]
 
 READINGS = ("progressive", "cascade")
 ESTIMATORS = ("gumbel", "ste")  # the built-in estimators; estimator_names() lists every registered one
 _LEGACY_CANDIDATES = tuple(range(1, 9))  # state dicts written before the candidates were saved
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -236,6 +236,34 @@ class SDQWeightQuantizer(nn.Module):
         return self._frozen_index >= 0
 
     @property
+    def frozen_at(self) -> int:
+        """The frozen candidate index as a Python int (-1 while searching): no device read."""
+        return self._frozen_index
+
+    @property
+    def frozen_step(self) -> Tensor:
+        """The step size of the frozen candidate (a view of :attr:`steps`, differentiable)."""
+        if not self.frozen:
+            raise ValueError("frozen_step needs a frozen quantizer")
+        return self.steps[self._frozen_index]
+
+    @property
+    def estimator_impl(self) -> Estimator:
+        """The registered :class:`~sdq_lightning.quantizers.Estimator` named by :attr:`estimator`."""
+        return self._estimator
+
+    @property
+    def stream(self) -> int:
+        """The key of this layer's sampling stream (from ``seed`` and ``layer_id``)."""
+        return self._key
+
+    @property
+    def vectorizable(self) -> bool:
+        """Whether its searching forward can run batched with other layers' (progressive reading, an elementwise
+        estimator): :mod:`sdq_lightning.modules.batched`."""
+        return self.reading == "progressive" and self._estimator.vectorized
+
+    @property
     def bits(self) -> int:
         """The bitwidth used now: the frozen one, else the current decision (see :meth:`decide`; reads the device)."""
         return self.candidates[self._frozen_index] if self.frozen else self.decide()
@@ -295,7 +323,8 @@ class SDQWeightQuantizer(nn.Module):
         self.lsq_table.copy_(torch.tensor(rows, dtype=self.lsq_table.dtype))
         self._table_numel = numel
 
-    def _ensure_table(self, w: Tensor) -> None:
+    def ensure_table(self, w: Tensor) -> None:
+        """Fill :attr:`lsq_table` for weights shaped like ``w`` if not yet (a quantizer built without its weight)."""
         if self._table_numel != self._numel(w):  # a quantizer built without its weight: filled at the first forward
             self._fill_table(w)
 
@@ -394,7 +423,7 @@ class SDQWeightQuantizer(nn.Module):
     def quantize_dynamic(self, w: Tensor, index: Tensor) -> Tensor:
         """``Q_{b_index}(w)`` for a 1-element device index tensor: the same values and gradients as
         :meth:`quantize_at`, with the step, range and LSQ gradient scale gathered on the device (no host read)."""
-        self._ensure_table(w)
+        self.ensure_table(w)
         s = self.steps.index_select(0, index)
         s = (s.view(-1, *([1] * (w.dim() - 1))) if self.per_channel else s.view(())).to(w.dtype)
         row = self.lsq_table.index_select(0, index).view(4)
@@ -426,7 +455,7 @@ class SDQWeightQuantizer(nn.Module):
         """Keep a DBP that takes no part in this forward in the graph (zero gradient), so DDP without
         ``find_unused_parameters`` sees every parameter used. Only in a distributed run: elsewhere the extra sum,
         cast and add (and their backward) are kernel launches for nothing."""
-        if self.training and self.dbp.requires_grad and torch.is_grad_enabled() and _distributed():
+        if self.training and self.dbp.requires_grad and torch.is_grad_enabled() and distributed():
             return out + 0.0 * self.dbp.sum().to(out.dtype)
         return out
 
@@ -441,19 +470,16 @@ class SDQWeightQuantizer(nn.Module):
 
     def _forward_progressive(self, w: Tensor) -> Tensor:
         hi_i, lo_i = self._pair()
-        at_bottom = hi_i[0] == 0
-        beta = self._live_beta()
+        live = self.dbp.index_select(0, hi_i).squeeze(0)
         hi = self.quantize_dynamic(w, hi_i)
         lo = self.quantize_dynamic(w, lo_i)
         if not self.training:  # evaluation uses the current deterministic decision
-            take = (self.dbp.detach().index_select(0, hi_i)[0] >= 0.5) | at_bottom
-            self.last_index.copy_(torch.where(take, hi_i[0], lo_i[0]))
+            take, index = progressive_choice(live, hi_i[0], lo_i[0])
+            self.last_index.copy_(index)
             return self._touch_dbp(torch.where(take, hi, lo))
-        u = self._uniforms(1)[0]
-        hard, soft = self._estimator.progressive(beta, self._mixed(beta), u, self.temperature)
-        mask = hard + soft - soft.detach()
-        mask = torch.where(at_bottom, torch.ones_like(mask), mask)
-        self.last_index.copy_(torch.where(hard.bool() | at_bottom, hi_i[0], lo_i[0]))
+        mask, index = progressive_choice(live, hi_i[0], lo_i[0], self._estimator, self.mix_eps,
+                                         self._uniforms(1)[0], self.temperature)
+        self.last_index.copy_(index)
         return lo + mask.to(w.dtype) * (hi - lo)
 
     def _forward_cascade(self, w: Tensor) -> Tensor:
@@ -474,6 +500,46 @@ class SDQWeightQuantizer(nn.Module):
         # the chosen candidate carries gradient to the weight and its step; the others reach the DBPs through the mask
         out = (hard.to(w.dtype).view(shape) * qs).sum(0)
         return out + ((mask - hard.to(w.dtype)).view(shape) * qs.detach()).sum(0)
+
+
+def progressive_choice(live: Tensor, hi: Tensor, lo: Tensor, estimator: Estimator | None = None,
+                       mix_eps: float = 0.0, u: Tensor | None = None,
+                       temperature: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The choice between the two adjacent quantizers of the progressive reading, for one layer (0-dim tensors) or
+    for many at once (``[layers]`` tensors: the batched pass, :mod:`sdq_lightning.modules.batched`).
+
+    ``live``: the live DBP (unclamped; its gradient goes through the estimator); ``hi``/``lo``: the live level and the
+    one below it (floored at 0). Evaluation (``u`` None): the deterministic decision, ``(take, index)`` with ``take``
+    True for the higher quantizer (``live >= 0.5``, or the lowest level). Training: the estimator's draw from the
+    uniforms ``u`` at ``temperature``, ``(mask, index)`` with the mask ``hard + soft - soft.detach()`` (1 at the lowest
+    level) between ``lo`` (0) and ``hi`` (1). ``index``: the candidate used, for ``last_index``."""
+    at_bottom = hi == 0
+    if u is None:
+        take = (live.detach() >= 0.5) | at_bottom
+        return take, torch.where(take, hi, lo)
+    beta = _ste_clamp01(live)
+    hard, soft = estimator.progressive(beta, mix_eps + (1.0 - 2.0 * mix_eps) * beta, u, temperature)
+    mask = hard + soft - soft.detach()
+    mask = torch.where(at_bottom, torch.ones_like(mask), mask)
+    return mask, torch.where(hard.bool() | at_bottom, hi, lo)
+
+
+def structure_key(modules: Iterable[nn.Module]) -> tuple:
+    """The one key of what is built from quantized modules' structure (batched index tensors, CUDA graphs, cached
+    regulariser and cost terms): per module, a Python value that changes when the work for it changes, never read
+    from the device. A quantized layer (it has ``weight_quant``): the layer, its weight, its weight quantizer and
+    that quantizer's frozen index; an :class:`SDQWeightQuantizer`: itself and its frozen index; an activation
+    quantizer (it has ``is_initialized``): itself and whether it is initialised."""
+    out = []
+    for m in modules:
+        if hasattr(m, "weight_quant"):
+            wq = m.weight_quant
+            out.append((m, m.weight, wq, None if wq is None else wq.frozen_at))
+        elif isinstance(m, SDQWeightQuantizer):
+            out.append((m, m.frozen_at))
+        else:
+            out.append((m, m.is_initialized))
+    return tuple(out)
 
 
 def stackable(quantizers: Sequence[SDQWeightQuantizer]) -> bool:
