@@ -341,3 +341,39 @@ def test_chunks_give_the_same_values_and_gradients(frozen, monkeypatch):
             assert torch.equal(ga[name], gb[name]), name
         else:
             torch.testing.assert_close(ga[name], gb[name], rtol=1e-6, atol=1e-12)
+
+
+def test_progressive_choice_draws_beta_and_decides_at_one_half():
+    """The one progressive choice (per layer and batched): evaluation takes the higher width when the live DBP is at
+    least 0.5 (always at the lowest level); training with ``ste`` takes it when ``u < beta``, its mask carries the
+    gradient of beta, and at the lowest level the mask is 1 without a gradient."""
+    from sdq_lightning.quantizers import get_estimator
+    from sdq_lightning.quantizers.sdq import progressive_choice
+
+    live = torch.tensor([0.2, 0.5, 0.7, 1.3, 0.1], requires_grad=True)
+    hi, lo = torch.tensor([3, 2, 1, 4, 0]), torch.tensor([2, 1, 0, 3, 0])
+    take, index = progressive_choice(live, hi, lo)
+    assert take.tolist() == [False, True, True, True, True] and index.tolist() == [2, 2, 1, 4, 0]
+    u = torch.tensor([0.1, 0.9, 0.6, 0.99, 0.5])
+    mask, index = progressive_choice(live, hi, lo, get_estimator("ste"), 0.0, u, torch.tensor(1.0))
+    assert mask.tolist() == pytest.approx([1.0, 0.0, 1.0, 1.0, 1.0]) and index.tolist() == [3, 1, 1, 4, 0]
+    mask.sum().backward()
+    assert live.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]  # straight through the clamp; none at the bottom
+
+
+def test_structure_key_follows_the_freeze_and_the_activation_initialisation():
+    from sdq_lightning.quantizers import ActQuantizer
+    from sdq_lightning.quantizers.sdq import structure_key
+
+    net = _net(bits=(2, 4, 8))
+    layers = list(sq.quant_layers(net).values())
+    key = structure_key(layers)
+    assert structure_key(layers) == key
+    layers[1].weight_quant.set_level(0)  # a level change is a device value: the structure is the same
+    assert structure_key(layers) == key
+    layers[1].weight_quant.freeze(4)
+    assert structure_key(layers) != key
+    aq = ActQuantizer(4)
+    before = structure_key([aq])
+    aq.initialize(torch.randn(8))
+    assert structure_key([aq]) != before
