@@ -223,7 +223,7 @@ def test_last_good_goes_to_the_runs_log_folder(digits, tmp_path, monkeypatch) ->
 def test_last_good_goes_next_to_the_plan_of_the_sdq_callback(make_trainer, digits, tmp_path) -> None:
     from sdq_lightning import SDQ
 
-    sdq = SDQ(weight_bits=(8,), activation_bits=None, search_epochs=0, save_dir=tmp_path / "run")
+    sdq = SDQ(weight_bits=(8,), activation_bits=None, search_epochs=0, runtime={"save_dir": tmp_path / "run"})
     trainer = make_trainer(max_epochs=1, callbacks=[sdq])
     trainer.fit(TinyNet(), digits.train(), digits.test())
     assert sdq.guard.last_good["path"] == str(tmp_path / "run" / "checkpoints" / "last_good.ckpt")
