@@ -7,6 +7,7 @@
 #   CIFAR10_ROOT=/path/to/cifar10 [PLANS="w8a8 w4a8 sdq2"] [EPOCHS=3] [SUBSET=10000] [WORKERS=0] \
 #     bash experiments/integer_only_accuracy.sh
 # Then: the test/acc of each run's metrics.json (printed at the end).
+# Extra arguments go to every run: e.g. sdq.freeze.bn_fold_steps=20 where phase 2 has fewer than 100 steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="${CIFAR10_ROOT:?set CIFAR10_ROOT to the CIFAR-10 ImageFolder tree (train/, test/)}"

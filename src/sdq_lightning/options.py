@@ -206,16 +206,22 @@ class FreezeOptions:
             ``"budget"`` (the lower live bitwidth everywhere, then the higher one in order of decreasing DBP
             wherever the budget allows: the DBPs, not the projection, decide what a search that ended fractional
             leaves over; see :meth:`~sdq_lightning.callbacks.search.BitSearch.round_to_budget`).
+        bn_fold_steps: with ``integer_only``, the phase-2 steps BatchNorm stays live (the fake-quantized forward)
+            before it is folded and the integer graph trains: its statistics are then those of the quantized
+            weights, not the float model's. A phase 2 shorter than this folds after its last step. Default 100.
     """
 
     projection_sensitivity: str = "task_grad"
     rounding: str = "argmax"
+    bn_fold_steps: int = 100
 
     def __post_init__(self) -> None:
         from sdq_lightning.callbacks.search import PROJECTION_SENSITIVITIES, ROUNDINGS
 
         _one_of(self.projection_sensitivity, PROJECTION_SENSITIVITIES, "projection_sensitivity")
         _one_of(self.rounding, ROUNDINGS, "rounding")
+        if isinstance(self.bn_fold_steps, bool) or not isinstance(self.bn_fold_steps, int) or self.bn_fold_steps < 0:
+            raise ValueError(f"bn_fold_steps must be an integer >= 0, got {self.bn_fold_steps!r}")
 
 
 @dataclass(frozen=True)

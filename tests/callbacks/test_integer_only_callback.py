@@ -47,5 +47,46 @@ def test_integer_only_phase_2(searched, digits, make_trainer, tmp_path):
 def test_integer_only_errors():
     with pytest.raises(ValueError, match="integer_only must be true or false"):
         SDQ(weight_bits=(4,), integer_only="yes")
+    with pytest.raises(ValueError, match="bn_fold_steps must be an integer >= 0"):
+        SDQ(weight_bits=(4,), integer_only=True, freeze={"bn_fold_steps": -1})
     with pytest.raises(ValueError, match="integer_only runs eager"):
         SDQ(weight_bits=(4,), integer_only=True, runtime={"compile": "default"})
+
+
+def test_batchnorm_live_for_bn_steps_then_folded(digits, make_trainer, tmp_path):
+    """Phase 2 keeps BatchNorm live (its statistics follow the quantized weights) for ``freeze.bn_fold_steps`` steps,
+    then folds it: from that step on the forward is the integer graph and the statistics stay put."""
+    import lightning.pytorch as pl
+
+    seen: list[tuple[int, bool, torch.Tensor]] = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            net = pl_module.model
+            seen.append((trainer.global_step, is_integer_only(net), net.bn1.running_mean.clone()))
+
+    torch.manual_seed(0)
+    lit = SDQClassifier("digits_cnn", num_classes=10, in_chans=1, lr=0.05)
+    cb = SDQ(weight_bits=(2,), activation_bits=8, search_epochs=0, integer_only=True, freeze={"bn_fold_steps": 3},
+             ebr={"weight": 0.0}, runtime={"save_dir": tmp_path})
+    trainer = make_trainer(max_epochs=2, callbacks=[cb, Watch()], limit_train_batches=4)
+    trainer.fit(lit, digits.train())
+    modes = [m for _, m, _ in seen]
+    assert modes == [False] * 3 + [True] * 5  # folded before the 4th step's forward
+    assert not torch.equal(seen[0][2], seen[2][2])  # live: the statistics moved
+    assert all(torch.equal(seen[3][2], s) for _, _, s in seen[4:])  # folded: frozen
+
+
+def test_short_phase_2_ends_folded(digits, make_trainer, tmp_path):
+    """A phase 2 shorter than ``freeze.bn_fold_steps`` folds at its last step: the run's last checkpoint holds the
+    integer-only model."""
+    torch.manual_seed(0)
+    lit = SDQClassifier("digits_cnn", num_classes=10, in_chans=1, lr=0.05)
+    cb = SDQ(weight_bits=(4,), activation_bits=8, search_epochs=0, integer_only=True, freeze={"bn_fold_steps": 1000},
+             ebr={"weight": 0.0}, runtime={"save_dir": tmp_path})
+    trainer = make_trainer(max_epochs=1, callbacks=[cb], limit_train_batches=3)
+    trainer.fit(lit, digits.train())
+    assert is_integer_only(lit.model) and cb.state_dict()["fold_at"] == 1000
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert bool(state["model.integer_only.active"])

@@ -60,7 +60,7 @@ from sdq_lightning.callbacks.setup import (
     take_from_optimizers,
 )
 from sdq_lightning.callbacks.teacher import check_teacher_file
-from sdq_lightning.integer import activate_integer_only
+from sdq_lightning.integer import activate_integer_only, is_integer_only
 from sdq_lightning.modules.fused import set_kernels
 from sdq_lightning.modules.batched import BatchedWeights, batch_weights
 from sdq_lightning.modules.graphs import CallCaptureFn, GraphedNetwork, GraphedOptimizerStep
@@ -121,8 +121,8 @@ class SDQ(Callback):
         plan: a BitPlan or a plan file: skip the search and train under that plan.
         seed: sampling seed (draws are a function of seed, layer and global step: identical on every rank).
         integer_only: phase 2 trains the integer graph onnxruntime runs (:mod:`sdq_lightning.integer`): per-channel
-            weight steps, BatchNorm frozen and folded at the phase boundary (or at setup when nothing is searched),
-            the residual stream and every tensor quantized as deployed, exact integer forward, straight-through
+            weight steps, BatchNorm frozen and folded after phase 2's first ``freeze.bn_fold_steps`` steps, the
+            residual stream and every tensor quantized as deployed, exact integer forward, straight-through
             gradients; ``sdq-export`` then writes onnxruntime's integer graph. Runs eager and per layer
             (``runtime.compile``, ``runtime.batched`` do not apply); EBR is not applied (its bins are the unfolded
             weights').
@@ -185,6 +185,7 @@ class SDQ(Callback):
         if integer_only and run.compile not in (None, "auto"):
             raise ValueError(f"integer_only runs eager: compile must be None or 'auto', got {run.compile!r}")
         self.batched = run.batched and not integer_only
+        self._fold_at: int | None = None  # integer_only: the global step at which phase 2 folds BatchNorm
         self.spec = QuantSpec(weight_bits=tuple(weight_bits), activation_bits=activation_bits,
                               first_last=lay.first_last, first_last_bits=lay.first_last_bits, include=lay.include,
                               exclude=lay.exclude, reading=opt.reading, estimator=opt.estimator,
@@ -494,6 +495,7 @@ class SDQ(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        self._maybe_fold(trainer, pl_module)
         x = None
         if self.profile is None:
             x = self.input_fn(batch)
@@ -584,6 +586,26 @@ class SDQ(Callback):
         if self.phase is Phase.SEARCH and last_batch and trainer.current_epoch + 1 >= self.search_epochs:
             # the boundary is here, before this epoch's validation, so that validation measures the frozen plan
             self._freeze_record = self.freeze(trainer, pl_module)
+        elif (last_batch and trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs) \
+                or 0 < trainer.max_steps <= trainer.global_step:
+            self._maybe_fold(trainer, pl_module, last_batch=batch)  # phase 2 shorter than bn_fold_steps
+
+    def _maybe_fold(self, trainer: pl.Trainer, pl_module: pl.LightningModule, last_batch: Any = None) -> None:
+        """Integer-only phase 2: BatchNorm stays live (the fake-quantized forward, per-channel steps) for the first
+        ``freeze.bn_fold_steps`` steps, so that its statistics are those of the quantized weights; then it is folded
+        and the integer forward installed. After the fit's last step (``last_batch``) at the latest, with one
+        no-grad forward of that batch to calibrate the quantizers the integer graph adds."""
+        net = network_of(pl_module)
+        if not self.spec.integer_only or self.phase is not Phase.TRAIN or is_integer_only(net):
+            return
+        if self._fold_at is None:
+            self._fold_at = trainer.global_step + self.options.freeze.bn_fold_steps
+        if last_batch is None and trainer.global_step < self._fold_at:
+            return
+        activate_integer_only(net)
+        if last_batch is not None:
+            with torch.no_grad():
+                net(self.input_fn(last_batch).to(pl_module.device))
 
     # ================================================================ epochs
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -624,7 +646,8 @@ class SDQ(Callback):
         result = freeze_searched(self.search, pl_module)
         self._stop_probing()
         if self.spec.integer_only:
-            activate_integer_only(network_of(pl_module))
+            self._fold_at = trainer.global_step + self.options.freeze.bn_fold_steps
+            self._maybe_fold(trainer, pl_module)
         self.phase = Phase.TRAIN
         self.plan = self._make_plan(pl_module)
         rank_zero_info(freeze_message(trainer.current_epoch, self.plan, self.budget, result))
@@ -659,6 +682,8 @@ class SDQ(Callback):
             "freeze_record": getattr(self, "_freeze_record", None),
             "step_opt": self._step_opt.state_dict() if self._step_opt is not None else None,
             "guard": self.guard.state_dict() if self.guard is not None else None,
+            "fold_at": self._fold_at,
+            "task_estimate": self.task_estimate,  # after a fallback to pathwise, the resumed search measures the same
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -669,5 +694,8 @@ class SDQ(Callback):
         self._pending_search = state_dict.get("search")
         self._freeze_record = state_dict.get("freeze_record")
         self._pending_opt_states = {"step": state_dict.get("step_opt")}
+        self._fold_at = state_dict.get("fold_at")
+        if state_dict.get("task_estimate") == "pathwise":
+            self.task_estimate = "pathwise"
         if self.guard is not None and state_dict.get("guard") is not None:
             self.guard.load_state_dict(state_dict["guard"])

@@ -9,6 +9,7 @@ Functions of the model and the trainer only (no callback state), composed by
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from sdq_lightning.budget import BitPlan, profile_model
 from sdq_lightning.budget.profile import LayerProfile
 from sdq_lightning.checkpoint import network_of, network_prefix
+from sdq_lightning.integer import attach_integer_only
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.surgery import QuantReport, QuantSpec, quantize_model
 
@@ -55,14 +57,16 @@ def quantize(root: nn.Module, spec: QuantSpec, plan: BitPlan | None = None) -> t
     """Swap the layers of ``root`` for quantized ones: searchable under ``spec``, or fixed at a given ``plan`` (its
     layer names rebased onto ``root`` and checked against it). Returns the surgery report and the rebased plan."""
     if plan is None:
-        return quantize_model(root, spec), None
-    plan = plan.rebased(root)
-    plan.check_model(root)
-    fixed = QuantSpec(layer_bits={n: lb.w_bits for n, lb in plan.layers.items()},
-                      layer_act_bits={n: lb.a_bits for n, lb in plan.layers.items()}, seed=spec.seed,
-                      integer_only=spec.integer_only)
-    report = quantize_model(root, fixed)
-    plan.apply(root)
+        report = quantize_model(root, replace(spec, integer_only=False))
+    else:
+        plan = plan.rebased(root)
+        plan.check_model(root)
+        report = quantize_model(root, QuantSpec(layer_bits={n: lb.w_bits for n, lb in plan.layers.items()},
+                                                layer_act_bits={n: lb.a_bits for n, lb in plan.layers.items()},
+                                                seed=spec.seed))
+        plan.apply(root)
+    if spec.integer_only:  # attached, not active: the callback folds BatchNorm after phase 2's first steps
+        attach_integer_only(network_of(root))
     return report, plan
 
 
