@@ -152,4 +152,8 @@ def test_the_default_falls_back_to_pathwise_with_a_warning_where_the_probe_loss_
     with pytest.warns(UserWarning, match="falls back to 'pathwise'"):
         trainer.fit(module, loader)
     assert cb.search.task_estimate == "pathwise" and not cb.search.optimizer.measured
+    resumed = sq.SDQ(weight_bits=(2, 4, 8))  # a resumed run measures as the checkpointed one did
+    assert resumed.task_estimate == "paired"
+    resumed.load_state_dict(cb.state_dict())
+    assert resumed.task_estimate == "pathwise"
     assert sq.SDQ(search={"reading": "cascade"}).task_estimate == "pathwise"
