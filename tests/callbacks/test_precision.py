@@ -63,7 +63,7 @@ class FirstGrads(SDQ):
 def _fit(make_trainer, digits, precision, init_scale=2.0**16, **kw):
     L.seed_everything(0, verbose=False)
     module = UserNet()
-    sdq = FirstGrads(activation_bits=4, budget={"metric": "avg_bits", "target": 3.0}, search_epochs=3, ebr_weight=0.1)
+    sdq = FirstGrads(activation_bits=4, budget={"metric": "avg_bits", "target": 3.0}, search_epochs=3, ebr={"weight": 0.1})
     kwargs = dict(max_epochs=4, callbacks=[sdq])
     kwargs.update(kw)
     if precision == "16-mixed":
