@@ -18,7 +18,7 @@ Modes (all in one process, interleaved round robin so that machine noise hits ev
   compiler), and the DBP step and the step-size optimizer as graphs of their own, as that callback does.
 * ``search+pl`` / ``frozen+pl`` (``--weights both``, the default, or ``--weights per-layer``): each layer's weight
   quantizer runs in its own forward, as before the batched weight pass; without ``+pl`` every layer's weight is
-  quantized in one batched pass per forward (:mod:`sdq_lightning.modules.batched`, what ``SDQ(batched=True)``, the
+  quantized in one batched pass per forward (:mod:`sdq_lightning.modules.batched`, what ``SDQ(runtime={"batched": True})``, the
   default, runs). ``--compile-modes cuda-graphs+pl`` captures the per-layer form.
 * ``--bf16``: every mode under ``torch.autocast(device, torch.bfloat16)`` (the ``bf16-mixed`` training precision).
 * ``--device cuda --batch N``: on a GPU (CUDA-synchronised wall time per step; memory columns from the CUDA
@@ -26,7 +26,7 @@ Modes (all in one process, interleaved round robin so that machine noise hits ev
 
 A quantized step is the whole training step the SDQ callback runs: forward, backward, the SGD step of the weights,
 the LSQ step sizes' ``LogStepAdam`` step and, in ``search`` mode, the DBP step with its budget controller
-(:class:`sdq_lightning.callbacks.search.BitSearch`, 1000-step search towards ``avg_bits <= 2.0``).
+(:class:`sdq_lightning.core.search.BitSearch`, 1000-step search towards ``avg_bits <= 2.0``).
 
 Each repeat times ``--steps`` consecutive optimizer steps of one mode after ``--warmup`` untimed steps of every
 mode; the median over ``--repeats`` repeats of (time / steps) is reported, with the ratios to ``fp``. On a shared
@@ -115,7 +115,7 @@ def build(mode: str, seed: int = 0) -> nn.Module:
 
         batch_weights(model)
     if mode == "search":
-        from sdq_lightning.callbacks.search import BitSearch
+        from sdq_lightning.core.search import BitSearch
 
         model._bench_search = BitSearch(sq.CostModel(model, prof), sq.Budget("avg_bits", 2.0))
         model._bench_search.start(1000, 1)

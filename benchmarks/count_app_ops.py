@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps of each epoch before the counted ones")
     ap.add_argument("--steps", type=int, default=4, help="steps counted per epoch (the average is printed)")
     ap.add_argument("--batched", choices=("on", "off", "both"), default="both",
-                    help="SDQ(batched=...): the batched weight pass (on, the default), per layer (off), or both")
+                    help="SDQ(runtime={'batched': ...}): the batched weight pass (on, the default), per layer (off), or both")
     ap.add_argument("--task-estimate", choices=("pathwise", "paired", "paired_train"), default="pathwise",
                     help="the search's task estimate (paired adds its probe forwards to the DBP step's hook)")
     ap.add_argument("--top", type=int, default=12, help="hooks listed per run (by operations)")

@@ -20,7 +20,7 @@ import timm
 import torch
 
 import sdq_lightning as sq
-from sdq_lightning.callbacks.search import BitSearch
+from sdq_lightning.core.search import BitSearch
 
 
 def run(steps: int, noise: float, seed: int, settle: bool) -> str:

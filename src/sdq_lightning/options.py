@@ -96,7 +96,7 @@ class SearchOptions:
             target, reached after ``budget_reach`` of the search; ``"penalty"``: the fixed budget penalty
             ``penalty_weight * R(E[cost])`` (``penalty``: ``"squared_hinge"`` or ``"hinge"``) and SGD.
         search_signal: ``"task+budget"``, or a control: ``"budget_only"``, ``"projection_only"``, ``"size_greedy"``,
-            ``"random"`` (see :mod:`sdq_lightning.callbacks.search`).
+            ``"random"`` (see :mod:`sdq_lightning.core.search`).
         task_weight: weight of the normalised task force on the DBPs (``dual``).
         task_estimate: what the task force measures. None: ``"paired"`` under the progressive reading,
             ``"pathwise"`` under ``cascade``. ``"paired"``: after each training step's backward,
@@ -145,9 +145,9 @@ class SearchOptions:
     penalty_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        from sdq_lightning.budget.search import PENALTIES
-        from sdq_lightning.callbacks.schedule import resolve_schedule
-        from sdq_lightning.callbacks.search import BUDGET_CONTROLS, SEARCH_SIGNALS, TASK_ESTIMATES
+        from sdq_lightning.budget.costmodel import PENALTIES
+        from sdq_lightning.core.schedule import resolve_schedule
+        from sdq_lightning.core.search import BUDGET_CONTROLS, SEARCH_SIGNALS, TASK_ESTIMATES
         from sdq_lightning.quantizers import READINGS
         from sdq_lightning.quantizers.estimators import get_estimator
 
@@ -205,7 +205,7 @@ class FreezeOptions:
         rounding: the decision before the projection: ``"argmax"`` (each live DBP rounded at 0.5 on its own) or
             ``"budget"`` (the lower live bitwidth everywhere, then the higher one in order of decreasing DBP
             wherever the budget allows: the DBPs, not the projection, decide what a search that ended fractional
-            leaves over; see :meth:`~sdq_lightning.callbacks.search.BitSearch.round_to_budget`).
+            leaves over; see :meth:`~sdq_lightning.core.search.BitSearch.round_to_budget`).
         bn_fold_steps: with ``integer_only``, the phase-2 steps BatchNorm stays live (the fake-quantized forward)
             before it is folded and the integer graph trains: its statistics are then those of the quantized
             weights, not the float model's. A phase 2 shorter than this folds after its last step. Default 100.
@@ -216,7 +216,7 @@ class FreezeOptions:
     bn_fold_steps: int = 100
 
     def __post_init__(self) -> None:
-        from sdq_lightning.callbacks.search import PROJECTION_SENSITIVITIES, ROUNDINGS
+        from sdq_lightning.core.search import PROJECTION_SENSITIVITIES, ROUNDINGS
 
         _one_of(self.projection_sensitivity, PROJECTION_SENSITIVITIES, "projection_sensitivity")
         _one_of(self.rounding, ROUNDINGS, "rounding")
@@ -255,7 +255,7 @@ class KDOptions:
     Args:
         teacher_arch: the timm model a plain state-dict teacher checkpoint is loaded into.
         teacher_cls: how to rebuild a teacher checkpoint of your own LightningModule: its class, an import path
-            (``"pkg.mod.LitNet"``) or a factory (see :func:`~sdq_lightning.callbacks.teacher.load_teacher`).
+            (``"pkg.mod.LitNet"``) or a factory (see :func:`~sdq_lightning.core.teacher.load_teacher`).
         temperature: KD temperature.
         weight: weight of the KD term.
         ce_weight: weight of the module's own loss (1: kept; 0: pure distillation, as in the paper's phase 2).

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sdq_lightning.callbacks.losses import AddedLosses
+from sdq_lightning.core.losses import AddedLosses
 from sdq_lightning.losses import EntropyBinRegularizer, kd_loss
 from sdq_lightning.modules.graphs import capture_eagerly
 from sdq_lightning.surgery import QuantSpec, quant_layers, quantize_model

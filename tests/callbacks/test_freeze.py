@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import sdq_lightning as sq
-from sdq_lightning.callbacks.freeze import UNDECIDED_BELOW, freeze_message, freeze_searched
-from sdq_lightning.callbacks.search import BitSearch
+from sdq_lightning.core.freeze import UNDECIDED_BELOW, freeze_message, freeze_searched
+from sdq_lightning.core.search import BitSearch
 
 
 def _searched(target: float):

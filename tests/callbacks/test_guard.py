@@ -194,7 +194,7 @@ def test_no_accuracy_warns_once_and_still_keeps_the_last_good_state(make_trainer
         fit(make_trainer, digits, TinyNet(metric=None), guard, max_epochs=3)
     missing = [str(w.message) for w in record if "no validation accuracy logged" in str(w.message)]
     assert len(missing) == 1, missing
-    assert "logged: ['val_loss']" in missing[0] and "guard={'monitor': '<name>'}" in missing[0]
+    assert "logged: ['val_loss']" in missing[0] and "SDQ(runtime={'guard': {'monitor': '<name>'}})" in missing[0]
     assert guard.last_good["epoch"] == 2 and guard.last_good["acc"] is None
     assert (tmp_path / "checkpoints" / "last_good.ckpt").is_file()
 

@@ -8,6 +8,7 @@ from torch import nn
 
 import sdq_lightning as sq
 from sdq_lightning.callbacks import setup
+from sdq_lightning.core.params import quantizer_params, take_from_optimizers
 
 
 class _Wrapped(nn.Module):
@@ -51,7 +52,7 @@ def test_quantize_searchable_then_fixed_at_a_plan():
     report, plan = setup.quantize(root, sq.QuantSpec(weight_bits=(2, 4, 8), activation_bits=None))
     assert plan is None and report.last_layer == "model.3"
     assert setup.num_classes_of(root, report.last_layer) == 5
-    dbps, steps = setup.quantizer_params(root)
+    dbps, steps = quantizer_params(root)
     # first and last layers at 8 bits (weights and inputs): one candidate, no DBP to learn (turned off), the two
     # weight steps and two activation steps still learned
     n_act = sum(isinstance(m, sq.quantizers.ActQuantizer) for m in root.modules())
@@ -61,7 +62,7 @@ def test_quantize_searchable_then_fixed_at_a_plan():
     root2 = _Wrapped()
     spec = sq.QuantSpec(weight_bits=(2, 4, 8), activation_bits=None, first_last="search")
     report2, _ = setup.quantize(root2, spec)
-    dbps2, _ = setup.quantizer_params(root2)
+    dbps2, _ = quantizer_params(root2)
     assert len(dbps2) == 2 and all(p.requires_grad for p in dbps2)
     # a plan written for the bare network (names "0", "3") is rebased onto the wrapped root ("model.0", "model.3")
     given = sq.BitPlan.from_model(root2.model, torch.randn(1, 3, 8, 8)).with_bits({"0": 4, "3": 2})
@@ -75,10 +76,10 @@ def test_quantize_searchable_then_fixed_at_a_plan():
 def test_take_from_optimizers_removes_exactly_the_given_parameters():
     root = _Wrapped()
     setup.quantize(root, sq.QuantSpec(weight_bits=(2, 4, 8), activation_bits=4, first_last="search"))
-    dbps, steps = setup.quantizer_params(root)
+    dbps, steps = quantizer_params(root)
     opt = torch.optim.SGD(root.parameters(), lr=0.1)
     n_before = len(opt.param_groups[0]["params"])
-    removed = setup.take_from_optimizers([opt], dbps + steps)
+    removed = take_from_optimizers([opt], dbps + steps)
     left = {id(p) for p in opt.param_groups[0]["params"]}
     assert removed == len(dbps) + len(steps) and len(left) == n_before - removed
     assert not ({id(p) for p in dbps + steps} & left)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdq_lightning import SDQClassifier
-from sdq_lightning.callbacks.teacher import check_teacher_file, load_teacher
+from sdq_lightning.core.teacher import check_teacher_file, load_teacher
 
 
 class Net(nn.Module):

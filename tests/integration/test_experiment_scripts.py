@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app_helpers import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +39,7 @@ def _run(tmp_path: Path, rows: str, **env: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # 24 s: composes five rows in a subprocess
 def test_compare_rows_compose(tmp_path):
     res = _run(tmp_path, "uniform2_kd uniform2 sdq sdq_noebr sdq_nokd", EPOCHS="3", SEARCH="1", SEED="1", ABITS="4")
     assert res.returncode == 0, res.stderr[-2000:]

@@ -82,6 +82,7 @@ def test_logger_none_and_fp_run(tmp_path):
     assert metrics["avg_bits"] == pytest.approx(32.0)
 
 
+@pytest.mark.slow  # 34 s: torch.compile of the LSQ kernels
 def test_app_with_compiled_kernels(tmp_path, recwarn):
     """sdq.runtime.kernels=compile (the app's default outside the test suite) runs, and does not fall back to eager."""
     import sdq_lightning as sq

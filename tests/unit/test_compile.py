@@ -80,7 +80,7 @@ def test_fullgraph_compiled_training_step_equals_eager(frozen):
 @pytest.mark.parametrize("frozen", [False, True], ids=["search", "frozen"])
 def test_cuda_training_step_never_synchronises(frozen, batched):
     from sdq_lightning.budget import Budget, CostModel, profile_model
-    from sdq_lightning.callbacks.search import BitSearch
+    from sdq_lightning.core.search import BitSearch
     from sdq_lightning.quantizers.optim import LogStepAdam
 
     torch.manual_seed(0)

@@ -342,7 +342,7 @@ def test_kernels_auto_compiles_the_lsq_kernels_on_the_cpu(tmp_path):
 def test_graphed_teacher_and_ebr_match_eager_and_never_synchronise():
     from torch.nn import functional as F
 
-    from sdq_lightning.callbacks.losses import AddedLosses
+    from sdq_lightning.core.losses import AddedLosses
 
     teacher = timm.create_model("resnet20", num_classes=10).cuda().eval()
     nets, data = _cuda_nets(frozen=True), _cuda_batches(64, 5)
@@ -377,7 +377,7 @@ def test_graphed_teacher_and_ebr_match_eager_and_never_synchronise():
 
 @pytest.mark.gpu
 def test_graphed_dbp_step_matches_eager_and_never_synchronises():
-    from sdq_lightning.callbacks.search import BitSearch
+    from sdq_lightning.core.search import BitSearch
 
     results, steps = [], 60  # the last quarter hardens and settles
     for graphed in (False, True):

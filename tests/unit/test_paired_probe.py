@@ -14,7 +14,7 @@ from helpers.user_module import UserNet
 from torch import nn
 
 import sdq_lightning as sq
-from sdq_lightning.callbacks.search import BitSearch
+from sdq_lightning.core.search import BitSearch
 
 
 def _searched_net():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import sdq_lightning as sq
-from sdq_lightning.callbacks.search import BitSearch
+from sdq_lightning.core.search import BitSearch
 from sdq_lightning.quantizers.optim import LogStepAdam
 
 

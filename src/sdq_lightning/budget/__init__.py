@@ -12,7 +12,7 @@ from sdq_lightning.budget.cost import (
 )
 from sdq_lightning.budget.plan import BitPlan, LayerBits
 from sdq_lightning.budget.profile import LayerProfile, profile_model, quantizers_disabled
-from sdq_lightning.budget.search import PENALTIES, CostModel, budget_penalty, project_to_budget, quantization_mse
+from sdq_lightning.budget.costmodel import PENALTIES, CostModel, budget_penalty, project_to_budget, quantization_mse
 
 __all__ = [
     "CONVENTION",

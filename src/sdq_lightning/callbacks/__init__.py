@@ -1,9 +1,7 @@
-"""Lightning callbacks: ``SDQ`` (the one-line plugin) and the parts it composes."""
+"""Lightning callbacks: ``SDQ`` (the one-line plugin) and the divergence guard. The Lightning-free parts they drive
+live in :mod:`sdq_lightning.core`."""
 
 from sdq_lightning.callbacks.guard import DivergenceError, DivergenceGuard
-from sdq_lightning.callbacks.losses import AddedLosses
-from sdq_lightning.callbacks.schedule import resolve_schedule
 from sdq_lightning.callbacks.sdq import SDQ, Phase
-from sdq_lightning.callbacks.search import BitSearch
 
-__all__ = ["SDQ", "AddedLosses", "BitSearch", "DivergenceError", "DivergenceGuard", "Phase", "resolve_schedule"]
+__all__ = ["SDQ", "DivergenceError", "DivergenceGuard", "Phase"]

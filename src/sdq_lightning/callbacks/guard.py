@@ -244,7 +244,7 @@ class DivergenceGuard(Callback):
         logged = sorted(k for k in trainer.callback_metrics if not k.startswith("sdq/"))
         rank_zero_warn(f"divergence guard: no validation accuracy logged ({wanted}; logged: {logged or 'nothing'}), "
                        "so it checks the training loss only; log one in validation_step or name it with "
-                       "SDQ(guard={'monitor': '<name>'})")
+                       "SDQ(runtime={'guard': {'monitor': '<name>'}})")
 
     def checkpoint_path(self, trainer: pl.Trainer) -> Path:
         root = self.run_dir or (Path(trainer.log_dir) if trainer.log_dir else Path(trainer.default_root_dir))

@@ -42,13 +42,8 @@ from torch import Tensor, nn
 
 from sdq_lightning.budget import BitPlan, Budget, CostModel
 from sdq_lightning.budget.profile import LayerProfile
-from sdq_lightning.callbacks.search import BitSearch
-from sdq_lightning.callbacks.schedule import resolve_schedule
 from sdq_lightning.callbacks.guard import DivergenceGuard, infer_num_classes
-from sdq_lightning.callbacks.losses import AddedLosses
 from sdq_lightning.callbacks.monitor import StepTermLog, epoch_record, log_epoch
-from sdq_lightning.callbacks.freeze import freeze_message, freeze_searched, freeze_warnings
-from sdq_lightning.checkpoint import network_of, network_prefix
 from sdq_lightning.callbacks.setup import (
     default_input_fn,
     default_probe_loss,
@@ -56,13 +51,17 @@ from sdq_lightning.callbacks.setup import (
     num_classes_of,
     profile_network,
     quantize,
-    quantizer_params,
-    take_from_optimizers,
 )
-from sdq_lightning.callbacks.teacher import check_teacher_file
+from sdq_lightning.checkpoint import network_of, network_prefix
+from sdq_lightning.core.freeze import freeze_message, freeze_searched, freeze_warnings
+from sdq_lightning.core.losses import AddedLosses
+from sdq_lightning.core.params import quantizer_params, take_from_optimizers
+from sdq_lightning.core.schedule import resolve_schedule
+from sdq_lightning.core.search import BitSearch
+from sdq_lightning.core.teacher import check_teacher_file
 from sdq_lightning.integer import activate_integer_only, is_integer_only
-from sdq_lightning.modules.fused import set_kernels
 from sdq_lightning.modules.batched import BatchedWeights, batch_weights
+from sdq_lightning.modules.fused import set_kernels
 from sdq_lightning.modules.graphs import CallCaptureFn, GraphedNetwork, GraphedOptimizerStep
 from sdq_lightning.options import (
     COMPILE_MODES,
@@ -538,7 +537,7 @@ class SDQ(Callback):
     def _act_quant_ready(pl_module: pl.LightningModule) -> bool:
         """Whether every activation quantizer has seen its first batch: their initialisation reads the data (the
         sign mode), so the first training step runs eager and the network is compiled from the second."""
-        return all(m._initialized for m in pl_module.modules() if isinstance(m, ActQuantizer))
+        return all(m.is_initialized for m in pl_module.modules() if isinstance(m, ActQuantizer))
 
     def _compile_network(self, pl_module: pl.LightningModule) -> None:
         """Compile the network in place, whole graph (its LSQ kernels then run eager inside the graph), or install

@@ -8,7 +8,7 @@ Functions of the model and the trainer only (no callback state), composed by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -20,11 +20,9 @@ from sdq_lightning.budget import BitPlan, profile_model
 from sdq_lightning.budget.profile import LayerProfile
 from sdq_lightning.checkpoint import network_of, network_prefix
 from sdq_lightning.integer import attach_integer_only
-from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 from sdq_lightning.surgery import QuantReport, QuantSpec, quantize_model
 
-__all__ = ["default_input_fn", "default_probe_loss", "find_example_input", "num_classes_of", "profile_network", "quantize",
-           "quantizer_params", "take_from_optimizers"]
+__all__ = ["default_input_fn", "default_probe_loss", "find_example_input", "num_classes_of", "profile_network", "quantize"]
 
 
 def default_probe_loss(output: Any, batch: Any) -> Tensor:
@@ -104,32 +102,3 @@ def num_classes_of(root: nn.Module, last_layer: str | None) -> int | None:
     """Output features of the classifier ``last_layer`` (None if unknown)."""
     mod = root.get_submodule(last_layer) if last_layer else None
     return getattr(mod, "out_features", None)
-
-
-def quantizer_params(root: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(DBPs of the searchable weight quantizers, step sizes of every quantizer). The DBP of a single-candidate
-    quantizer has nothing to learn: its ``requires_grad`` is turned off here."""
-    dbps, steps = [], []
-    for m in root.modules():
-        if isinstance(m, SDQWeightQuantizer):
-            if len(m.candidates) > 1:
-                dbps.append(m.dbp)
-            else:
-                m.dbp.requires_grad_(False)
-            steps.append(m.steps)
-        elif isinstance(m, ActQuantizer):
-            steps.append(m.step)
-    return dbps, steps
-
-
-def take_from_optimizers(optimizers: Iterable[torch.optim.Optimizer], params: Iterable[nn.Parameter]) -> int:
-    """Remove ``params`` from every parameter group of ``optimizers`` (the callback steps them itself). Returns how
-    many entries were removed."""
-    ids = {id(p) for p in params}
-    removed = 0
-    for opt in optimizers:
-        for group in opt.param_groups:
-            kept = [p for p in group["params"] if id(p) not in ids]
-            removed += len(group["params"]) - len(kept)
-            group["params"] = kept
-    return removed

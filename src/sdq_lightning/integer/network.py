@@ -182,7 +182,7 @@ def _ste(exact: Tensor, v: Tensor | None, inside: Tensor | None = None) -> Tenso
 
 def _range(aq: ActQuantizer, signed: bool) -> tuple[int, int, int]:
     """``(zp, lo, hi)`` of a tensor quantized by ``aq``: centred code range, zero point 128 when signed."""
-    if signed != aq._signed:
+    if signed != aq.is_signed:
         aq.set_state(signed, bool(aq.initialized))
     qn, qp = aq.qrange
     return (128 if signed else 0), qn, qp
@@ -260,14 +260,14 @@ class _Runner:
         :class:`~sdq_lightning.quantizers.ActQuantizer`)."""
         aq = self.quantizer(tensor)
         value = None
-        if not aq._initialized and aq.training:
+        if not aq.is_initialized and aq.training:
             value = real().detach()
             aq.initialize(value)
         t = self.state.graph.tensors[tensor]
         if tensor == "input":  # the input keeps the sign its data has
-            t.signed = aq._signed if aq._initialized else bool((real() < 0).any())
+            t.signed = aq.is_signed if aq.is_initialized else bool((real() < 0).any())
         zp, lo, hi = _range(aq, t.signed)
-        if not aq._initialized:
+        if not aq.is_initialized:
             value = real().detach() if value is None else value
             return (2.0 * value.abs().mean().float() / hi**0.5).clamp_min(1e-8), zp, lo, hi
         return self.step(aq, hi, per_sample), zp, lo, hi

@@ -229,8 +229,8 @@ def capture_eagerly(fn: Callable[..., Any], inputs: tuple, warmup: int) -> Repla
 class GraphedCall:
     """Replay ``fn(*inputs)`` as one CUDA graph: for the work that runs eager next to a :class:`GraphedNetwork` each
     step, where a graph of its own turns dozens of launches into one (the KD teacher's forward and the EBR term with
-    its weight gradients in :class:`~sdq_lightning.callbacks.losses.AddedLosses`; the DBP step in
-    :class:`~sdq_lightning.callbacks.search.BitSearch`; the step-size optimizer, :class:`GraphedOptimizerStep`).
+    its weight gradients in :class:`~sdq_lightning.core.losses.AddedLosses`; the DBP step in
+    :class:`~sdq_lightning.core.search.BitSearch`; the step-size optimizer, :class:`GraphedOptimizerStep`).
 
     ``fn`` takes tensors and returns a tensor or a (nested) tuple/list of tensors and Nones. Each call copies its
     inputs into the graph's static inputs and replays; what it returns is the graph's static output, valid until the

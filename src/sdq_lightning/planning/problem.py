@@ -47,7 +47,7 @@ class PlanProblem:
     def of_cost_model(cls, cost_model: CostModel) -> PlanProblem:
         """The problem over an existing (quantized) model's cost model, e.g. the search's own at the freeze."""
         names = cost_model.searchable()
-        cands = {n: tuple(cost_model._quantizer(n).candidates) for n in names}
+        cands = {n: tuple(cost_model.quantizer(n).candidates) for n in names}
         return cls(None, {}, cost_model, names, cands, None)  # enough for costs and the planners, not plan()
 
     @classmethod
@@ -59,7 +59,7 @@ class PlanProblem:
         if not names:
             raise ValueError("the model has no layer with several candidate bitwidths to plan (check weight_bits and "
                              "the first/last policy)")
-        cands = {n: tuple(cost_model._quantizer(n).candidates) for n in names}
+        cands = {n: tuple(cost_model.quantizer(n).candidates) for n in names}
         return cls(quantized, profile, cost_model, names, cands, spec)
 
     # ------------------------------------------------------------------ costs

@@ -14,8 +14,8 @@ An estimator is a pair of functions, one per DBP reading (see :class:`~sdq_light
 
 Everything stays on the device (no ``.item()``, no Python branch on a value): the training step must not wait for the
 GPU. Built in: ``gumbel`` (Gumbel-softmax relaxation, the paper's choice) and ``ste`` (hard sample, straight-through
-to the probability). Add one with :func:`register_estimator`; its name then works for ``SDQ(estimator=...)``,
-``QuantSpec(estimator=...)`` and the app's ``sdq.estimator=...`` (docs/extending.md).
+to the probability). Add one with :func:`register_estimator`; its name then works for ``SDQ(search={"estimator": ...})``,
+``QuantSpec(estimator=...)`` and the app's ``sdq.search.estimator=...`` (docs/extending.md).
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ class DBPOptimizer(torch.optim.Optimizer):
 
     @property
     def stackable(self) -> bool:
-        """Whether :class:`~sdq_lightning.callbacks.search.BitSearch` may replay the step (with the expected cost
+        """Whether :class:`~sdq_lightning.core.search.BitSearch` may replay the step (with the expected cost
         before it) as one CUDA graph: under ``dual`` control over progressive layers of one candidate count (the
         expected cost is then one stacked pass as well). The step itself never reads a host value of the step."""
         return self.control == "dual" and stackable(self.quantizers)

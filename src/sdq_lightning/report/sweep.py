@@ -27,7 +27,7 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def override_labels(overrides: list[list[str]]) -> list[str]:
-    """Per job, the overrides that differ between jobs (``hardware.target=2 sdq.dbp_lr=0.1``); the common ones are
+    """Per job, the overrides that differ between jobs (``hardware.target=2 sdq.search.dbp_lr=0.1``); the common ones are
     dropped. A job whose overrides are all common gets ``(common)``."""
     common = set.intersection(*(set(o) for o in overrides)) if len(overrides) > 1 else set()
     return [" ".join(o for o in job if o not in common) or "(common)" for job in overrides]

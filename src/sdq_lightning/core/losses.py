@@ -13,7 +13,7 @@ so the gradients added here are multiplied by the same scale (and divided by the
 :class:`AddedLosses` is composed by :class:`~sdq_lightning.callbacks.sdq.SDQ` (one ``SDQ(...)`` line brings it along);
 it keeps no Lightning state of its own and is tested on its own (``tests/callbacks/test_added_losses.py``).
 
-Under CUDA graphs (``SDQ(compile="cuda-graphs")``, :meth:`AddedLosses.use_graphs`) the teacher's forward, KD with its
+Under CUDA graphs (``SDQ(runtime={"compile": "cuda-graphs"})``, :meth:`AddedLosses.use_graphs`) the teacher's forward, KD with its
 gradient and the EBR term with its gradients replay as a CUDA graph each (:class:`~sdq_lightning.modules.graphs.GraphedCall`): next to the
 graphed network they were the largest eager work of a phase-2 step (``benchmarks/count_app_ops.py``).
 """
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdq_lightning.callbacks.teacher import load_teacher
+from sdq_lightning.core.teacher import load_teacher
 from sdq_lightning.losses import EntropyBinRegularizer, kd_loss
 from sdq_lightning.modules.graphs import CallCaptureFn, GraphedCall
 from sdq_lightning.quantizers.sdq import structure_key
@@ -40,7 +40,7 @@ class AddedLosses:
     Args:
         ebr_weight, ebr_weighting, ebr_entropy_weight: the EBR term (weight 0 = off).
         teacher, teacher_arch, teacher_cls: the KD teacher (a module, a timm name or a checkpoint path; see
-            :func:`sdq_lightning.callbacks.teacher.load_teacher`); None = no KD.
+            :func:`sdq_lightning.core.teacher.load_teacher`); None = no KD.
         kd_temperature, kd_weight, ce_weight: ``ce_weight * CE + kd_weight * KD_T``.
     """
 

@@ -106,10 +106,11 @@ class CostModel:
     def lowest_bits(self) -> dict[str, int | None]:
         bits = self.current_bits()
         for n in self.searchable():
-            bits[n] = self._quantizer(n).candidates[0]
+            bits[n] = self.quantizer(n).candidates[0]
         return bits
 
-    def _quantizer(self, name: str):
+    def quantizer(self, name: str):
+        """The weight quantizer of the searchable layer ``name``."""
         return next(e.layer.weight_quant for e in self.entries if e.name == name)
 
     def check_feasible(self, budget: Budget) -> float:
@@ -156,7 +157,7 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
     names = cost_model.searchable()
     if sensitivity is None:
         sensitivity = {n: quantization_mse(next(e.layer for e in cost_model.entries if e.name == n)) for n in names}
-    cands = {n: cost_model._quantizer(n).candidates for n in names}
+    cands = {n: cost_model.quantizer(n).candidates for n in names}
     metric, target = budget.metric, budget.target * (1 + 1e-12)
 
     def moved(n: str, step: int) -> int | None:

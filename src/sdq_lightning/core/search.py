@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from sdq_lightning.budget import Budget, CostModel, budget_penalty, project_to_budget
-from sdq_lightning.budget.search import quantization_mse
+from sdq_lightning.budget.costmodel import quantization_mse
 from sdq_lightning.modules.graphs import CallCaptureFn, GraphedCall
 from sdq_lightning.quantizers.optim import DBPOptimizer
 from sdq_lightning.quantizers.sdq import stacked_expected_bits
@@ -67,7 +67,7 @@ class BitSearch:
         self.min_steps_between_drops = int(min_steps_between_drops)
         self.projection_sensitivity, self.seed = projection_sensitivity, int(seed)
         self.names = cost_model.searchable()
-        self.quantizers = [cost_model._quantizer(n) for n in self.names]
+        self.quantizers = [cost_model.quantizer(n) for n in self.names]
         if task_estimate != "pathwise":
             other = [(n, getattr(q, "reading", "?")) for n, q in zip(self.names, self.quantizers)
                      if getattr(q, "reading", "") != "progressive"]

@@ -1,7 +1,7 @@
 """The phase boundary of the SDQ callback: decide each searched layer's bitwidth, project the decision onto the
 budget, freeze every quantizer at its bitwidth, and say what happened.
 
-:func:`freeze_searched` works on the search (:class:`~sdq_lightning.callbacks.search.BitSearch`) and the model only;
+:func:`freeze_searched` works on the search (:class:`~sdq_lightning.core.search.BitSearch`) and the model only;
 :class:`~sdq_lightning.callbacks.sdq.SDQ` calls it at the last training batch of the last search epoch, then builds
 and saves the plan. Tested on its own in ``tests/callbacks/test_freeze.py``.
 """
@@ -77,7 +77,7 @@ def freeze_warnings(plan: Any, budget: Any, result: FreezeResult, searched: int)
         out.append(f"[SDQ] the search had not reached the budget by the freeze: expected {budget.metric} "
                    f"{expected:.6g} against the target {target:g} ({100 * (expected / target - 1):+.1f} %), so the "
                    f"projection cut the plan down to {plan.cost(budget.metric):.6g}; the search was too short to "
-                   "descend: give it more steps (search_epochs, more training batches) or a higher dbp_lr")
+                   "descend: give it more steps (search_epochs, more training batches) or a higher search.dbp_lr")
     changed = len(result.changed)
     if changed > many_layers(searched):
         out.append(f"[SDQ] the projection changed {changed} of {searched} searched layers (up to "
