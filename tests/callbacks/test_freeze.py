@@ -1,4 +1,4 @@
-"""callbacks/freeze.py: the phase boundary on its own (decide, project, freeze, record)."""
+"""core/freeze.py: the phase boundary on its own (decide, project, freeze, record)."""
 
 from __future__ import annotations
 
