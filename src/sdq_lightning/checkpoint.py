@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sdq_lightning.budget import BitPlan
+from sdq_lightning.quantizers.migrate import migrate_state
 
 __all__ = ["load_checkpoint", "load_quantized", "load_quantized_state", "network_of", "network_prefix",
            "plan_from_checkpoint", "unreadable"]
@@ -98,11 +99,9 @@ def load_quantized_state(model: nn.Module, state: Mapping[str, torch.Tensor], pl
     """Quantize ``model`` (a float model, or one already holding quantized layers) with ``plan``, load ``state``
     (a state dict of the SDQ-trained model, searched or frozen) strictly, freeze every layer at the plan's bits and
     return the model in eval mode. Plain PyTorch: no Lightning needed."""
-    from sdq_lightning.export.api import _prepare_state  # interim, see there
-
     plan = plan.rebased(model)
     plan.apply(model)  # ValueError for a plan of another model
-    state = _prepare_state(model, state, plan)
+    state = migrate_state(model, state, plan.metadata.get("candidates") or ())
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches and the quantizers' own messages

@@ -5,7 +5,6 @@ toy format (the worked examples of docs/extending.md, run from the doc as writte
 from __future__ import annotations
 
 import json
-import re
 import types
 from pathlib import Path
 
@@ -13,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from export_helpers import APP_TINY, compose_app
+from helpers.docs import doc_example
+
 from sdq_lightning.budget import METRICS, Budget, LayerCost, cost_of, register_metric, unregister_metric
 from sdq_lightning.cli.export import main
 from sdq_lightning.cli.train import run
@@ -27,17 +27,6 @@ from sdq_lightning.export import (
     unregister_export_format,
 )
 from sdq_lightning.surgery import quant_layers
-
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
-
-
-def doc_example(section: str) -> types.ModuleType:
-    """The first python block of ``section`` in docs/extending.md, executed as a module (its decorators register)."""
-    text = DOC.read_text().split(f"## {section}\n", 1)[1]
-    module = types.ModuleType("doc_example")
-    exec(compile(re.search(r"```python\n(.*?)```", text, re.S).group(1), str(DOC), "exec"), module.__dict__)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -4,31 +4,26 @@ it; unknown names are one-line errors naming the registered lowerings."""
 
 from __future__ import annotations
 
-import re
-import types
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
 import timm
 import torch
+from helpers.docs import doc_example
 from torch import nn
 
 import sdq_lightning  # noqa: F401  (registers resnet20)
 from sdq_lightning import BitPlan, LayerBits
-from sdq_lightning.export import LOWERINGS, ONNX_FORMS, export_model, export_onnx, get_lowering, register_lowering, \
-    run_onnx, unregister_lowering
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
-
-
-def doc_example(section: str) -> types.ModuleType:
-    """The first python block of ``section`` in docs/extending.md, executed as a module."""
-    text = DOC.read_text().split(f"## {section}\n", 1)[1]
-    module = types.ModuleType("doc_example")
-    exec(compile(re.search(r"```python\n(.*?)```", text, re.S).group(1), str(DOC), "exec"), module.__dict__)
-    return module
+from sdq_lightning.export import (
+    LOWERINGS,
+    ONNX_FORMS,
+    export_model,
+    export_onnx,
+    get_lowering,
+    register_lowering,
+    run_onnx,
+    unregister_lowering,
+)
 
 
 @pytest.fixture(scope="module")

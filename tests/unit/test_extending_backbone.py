@@ -4,38 +4,28 @@ around it; the SDQ surgery replaces its convs and linear layer by quantized laye
 
 from __future__ import annotations
 
-import re
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from helpers.data import digits_unit
+from helpers.docs import doc_example
 from hydra import compose, initialize_config_dir
 from torch import nn
 
 import sdq_lightning
-from helpers.data import digits_unit
 from sdq_lightning.cli.errors import UserError
 from sdq_lightning.cli.precheck import check_config
 from sdq_lightning.modules import QuantConv2d, QuantLinear
 from sdq_lightning.surgery import QuantSpec, quant_layers, quantize_model
 from sdq_lightning.utils.instantiate import build_datamodule, build_model
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 CONF = Path(sdq_lightning.__file__).resolve().parent / "conf"
 NAME = "my_cnn"
 
 
-def run_doc_block(section: str, module_name: str) -> types.ModuleType:
-    """The first python block of ``section``, executed as the module ``module_name`` (in ``sys.modules``: timm's
-    ``register_model`` looks the entrypoint's module up there)."""
-    text = DOC.read_text().split(f"## {section}\n", 1)[1]
-    module = types.ModuleType(module_name)
-    sys.modules[module_name] = module
-    exec(compile(re.search(r"```python\n(.*?)```", text, re.S).group(1), str(DOC), "exec"), module.__dict__)
-    return module
 
 
 def _unregister(name: str) -> None:
@@ -52,7 +42,7 @@ def _unregister(name: str) -> None:
 def my_backbones():
     assert not timm.is_model(NAME)
     try:
-        yield run_doc_block("A backbone", "my_backbones")
+        yield doc_example("A backbone", "my_backbones", register=True)
     finally:
         _unregister(NAME)
         sys.modules.pop("my_backbones", None)

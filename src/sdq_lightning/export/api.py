@@ -17,7 +17,6 @@ from sdq_lightning.checkpoint import load_checkpoint, load_quantized, load_quant
 from sdq_lightning.export.formats import DEFAULT_FORMATS, FORMATS, ExportContext, get_export_format
 from sdq_lightning.export.onnx_export import DEFAULT_OPSET, onnx_int_type
 from sdq_lightning.export.packed import check_exportable, check_plan_matches, plan_of
-from sdq_lightning.quantizers import SDQWeightQuantizer
 
 __all__ = ["FORMATS", "MIN_OPSET", "export_from_checkpoint", "export_model", "export_run", "load_run_model",
            "min_opset"]
@@ -122,43 +121,6 @@ def export_model(model: nn.Module, out_dir: str | Path, example_input: torch.Ten
     summary["files"]["plan"] = str(out / "plan.yaml")
     (out / "export.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
-
-
-# ---------------------------------------------------------------------------- INTERIM: old or per-channel states
-def _prepare_state(model: nn.Module, state: Mapping[str, Any], plan: BitPlan) -> dict[str, Any]:
-    """INTERIM, for what ``SDQWeightQuantizer._load_from_state_dict`` does not do by itself: (1) a state saved before
-    the quantizer recorded its candidates (no ``_extra_state``) gets the candidate set of the plan's metadata (or
-    its own, when the step rows match it), so that the quantizer maps the searched rows for any set; (2) a
-    per-channel state loaded into a quantizer built from a plan (plans do not record per-channel steps) switches
-    that quantizer to per-channel first. Delete this function and its one call in
-    ``sdq_lightning.checkpoint.load_quantized_state`` once the quantizer covers (2) and checkpoints older than its
-    ``_extra_state`` no longer matter."""
-    state = dict(state)
-    cands = tuple(plan.metadata.get("candidates") or ())
-    for name, q in model.named_modules():
-        if not isinstance(q, SDQWeightQuantizer):
-            continue
-        prefix = f"{name}." if name else ""
-        steps = state.get(prefix + "steps")
-        if not isinstance(steps, torch.Tensor) or steps.dim() == 0:
-            continue
-        if steps.dim() == 2 and not q.per_channel:
-            q.per_channel = True
-            q.steps = nn.Parameter(torch.empty(len(q.candidates), steps.shape[1]),
-                                   requires_grad=q.steps.requires_grad)
-        if prefix + "_extra_state" in state:
-            continue
-        saved = cands if len(cands) == steps.shape[0] else tuple(range(1, 9)) if steps.shape[0] == 8 else None
-        if steps.shape[0] == len(q.candidates):
-            saved = q.candidates
-        if saved is None:
-            raise ValueError(f"layer {name.rsplit('.', 1)[0]!r} has {steps.shape[0]} step candidates in the "
-                             f"checkpoint, but the plan's candidate set is {cands or 'unknown'}: the plan is not "
-                             f"the one this checkpoint was searched with")
-        old = SDQWeightQuantizer(saved)
-        old.per_channel = steps.dim() == 2
-        state[prefix + "_extra_state"] = old.get_extra_state()
-    return state
 
 
 # ------------------------------------------------------------------------------------- checkpoints and runs
