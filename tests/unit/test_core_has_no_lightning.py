@@ -60,10 +60,8 @@ def lightning_imports(root: str) -> dict[str, list[str]]:
         for imp in _imports(path, name):
             if imp.split(".")[0] in LIGHTNING:
                 found.setdefault(name, []).append(imp)
-            elif imp.startswith("sdq_lightning."):
+            elif imp.split(".")[0] == "sdq_lightning":
                 todo.append(imp)
-            if imp == "sdq_lightning":
-                todo.append("sdq_lightning")
     return found
 
 

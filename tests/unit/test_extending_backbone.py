@@ -26,8 +26,6 @@ CONF = Path(sdq_lightning.__file__).resolve().parent / "conf"
 NAME = "my_cnn"
 
 
-
-
 def _unregister(name: str) -> None:
     """Take ``name`` out of timm's registry again (timm has no public call for it)."""
     from timm.models import _registry

@@ -22,7 +22,8 @@ from sdq_lightning.checkpoint import network_of, network_prefix
 from sdq_lightning.integer import attach_integer_only
 from sdq_lightning.surgery import QuantReport, QuantSpec, quantize_model
 
-__all__ = ["default_input_fn", "default_probe_loss", "find_example_input", "num_classes_of", "profile_network", "quantize"]
+__all__ = ["default_input_fn", "default_probe_loss", "find_example_input", "num_classes_of", "profile_network",
+           "quantize"]
 
 
 def default_probe_loss(output: Any, batch: Any) -> Tensor:

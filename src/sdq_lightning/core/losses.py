@@ -13,9 +13,10 @@ so the gradients added here are multiplied by the same scale (and divided by the
 :class:`AddedLosses` is composed by :class:`~sdq_lightning.callbacks.sdq.SDQ` (one ``SDQ(...)`` line brings it along);
 it keeps no Lightning state of its own and is tested on its own (``tests/callbacks/test_added_losses.py``).
 
-Under CUDA graphs (``SDQ(runtime={"compile": "cuda-graphs"})``, :meth:`AddedLosses.use_graphs`) the teacher's forward, KD with its
-gradient and the EBR term with its gradients replay as a CUDA graph each (:class:`~sdq_lightning.modules.graphs.GraphedCall`): next to the
-graphed network they were the largest eager work of a phase-2 step (``benchmarks/count_app_ops.py``).
+Under CUDA graphs (``SDQ(runtime={"compile": "cuda-graphs"})``, :meth:`AddedLosses.use_graphs`) the teacher's
+forward, KD with its gradient and the EBR term with its gradients replay as a CUDA graph each
+(:class:`~sdq_lightning.modules.graphs.GraphedCall`): next to the graphed network they were the largest eager work
+of a phase-2 step (``benchmarks/count_app_ops.py``).
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ registered with ``vectorized=True``), grouped by candidate count, estimator and 
 The grouping follows the quantizers' frozen state (a Python value) and is rebuilt at the freeze; nothing is read from
 the device in a forward.
 
-Install with :func:`batch_weights` (the SDQ callback does, ``SDQ(runtime={"batched": True})``, the default): it replaces the
-network's ``forward`` on the instance, like :class:`~sdq_lightning.modules.graphs.GraphedNetwork`, which captures it.
-Under ``torch.compile`` the batching steps aside and the per-layer quantizers run (the compiler fuses them itself).
+Install with :func:`batch_weights` (the SDQ callback does, ``SDQ(runtime={"batched": True})``, the default): it
+replaces the network's ``forward`` on the instance, like :class:`~sdq_lightning.modules.graphs.GraphedNetwork`,
+which captures it. Under ``torch.compile`` the batching steps aside and the per-layer quantizers run (the compiler
+fuses them itself).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ __all__ = ["migrate_state"]
 def migrate_state(model: nn.Module, state: Mapping[str, Any], candidates: Sequence[int] = ()) -> dict[str, Any]:
     """A copy of ``state`` that ``model.load_state_dict`` takes: every weight quantizer of ``model`` whose saved
     steps are per-channel is switched to per-channel first, and a quantizer state without ``_extra_state`` (saved
-    before the candidate set was recorded) gets the candidate set it was searched with: ``candidates`` (a plan's
-    metadata) where its step rows match them, the quantizer's own where they match, else 1..8 for eight rows."""
+    before the candidate set was recorded) gets the candidate set it was searched with: the quantizer's own where its
+    step rows match them, else ``candidates`` (a plan's metadata) where they match, else 1..8 for eight rows."""
     state = dict(state)
     cands = tuple(candidates or ())
     for name, q in model.named_modules():
