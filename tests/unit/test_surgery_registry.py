@@ -1,12 +1,13 @@
 """The quantized layer type registry: the worked example of docs/extending.md ("A new quantized layer type") is run
-as written and quantizes the subclass exactly as nn.Linear; an unregistered subclass (timm's Conv2dSame) is refused
-by name before any layer is swapped, and listed as unsupported when kept in FP."""
+as written and quantizes the subclass exactly as nn.Linear; an unregistered subclass (timm's Conv2dSame, StdConv2d) is
+refused by name before any layer is swapped, and listed as unsupported when kept in FP."""
 
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
-from timm.layers import Conv2dSame
+from timm.layers import Conv2dSame, StdConv2d
 from torch import nn
 
 import sdq_lightning as sq
@@ -45,16 +46,26 @@ def test_doc_layer_type_quantizes_like_its_base() -> None:
     assert "doc_example.ZeroInitLinear" not in QUANT_LAYER_TYPES
 
 
-def test_unregistered_subclass_is_refused_by_name() -> None:
-    net = _net(Conv2dSame(3, 8, 3, stride=2), nn.Linear(8, 10))
-    with pytest.raises(ValueError, match=r"layer '0' is a timm\.layers\.conv2d_same\.Conv2dSame, a subclass of "
-                                         r"Conv2d .*register_quant_layer.*registered: \('torch\.nn\.modules\.conv\."
-                                         r"Conv2d', 'torch\.nn\.modules\.linear\.Linear'\)") as err:
+@pytest.mark.parametrize("conv", [Conv2dSame(3, 8, 3, stride=2), StdConv2d(3, 8, 3)], ids=lambda m: type(m).__name__)
+def test_unregistered_subclass_is_refused_by_name(conv: nn.Conv2d) -> None:
+    net = _net(conv, nn.Linear(8, 10))
+    with pytest.raises(ValueError, match=rf"layer '0' is a {type(conv).__module__}\.{type(conv).__name__}, a subclass "
+                                         r"of Conv2d .*register_quant_layer.*registered: \('torch\.nn\.modules\."
+                                         r"conv\.Conv2d', 'torch\.nn\.modules\.linear\.Linear'\)") as err:
         sq.quantize_model(net, sq.QuantSpec(first_last="search"))
     assert "\n" not in str(err.value)
     assert not sq.quant_layers(net)  # refused before any layer was swapped
     rep = sq.quantize_model(net, sq.QuantSpec(layer_bits={"0": None}, first_last="search"))
-    assert rep.quantized == ["4"] and rep.unsupported == ["0"] and type(net[0]) is Conv2dSame
+    assert rep.quantized == ["4"] and rep.unsupported == ["0"] and type(net[0]) is type(conv)
+
+
+def test_timm_model_with_conv2d_same_is_refused_by_name() -> None:
+    model = timm.create_model("tf_mobilenetv3_small_minimal_100", pretrained=False, num_classes=10)
+    with pytest.raises(ValueError, match=r"layer 'conv_stem' is a timm\.layers\.conv2d_same\.Conv2dSame"):
+        sq.quantize_model(model)
+    with pytest.raises(ValueError, match=r"layer 'blocks\.0\.0\.conv_dw' is a timm\.layers\.conv2d_same\.Conv2dSame"):
+        sq.quantize_model(model, sq.QuantSpec(first_last="fp"))
+    assert not sq.quant_layers(model)
 
 
 def test_builder_must_return_a_quantized_layer() -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from sdq_lightning.registry import Registry, RegistryNames
@@ -54,8 +53,6 @@ class LayerCost:
 MetricFn = Callable[[Sequence[LayerCost], int], "float | Tensor"]
 _METRICS: Registry[MetricFn] = Registry("metric",
                                         hint=" (register a new one with sdq_lightning.budget.register_metric)")
-
-
 _LINEAR: set[str] = set()
 
 METRICS = RegistryNames(_METRICS)
@@ -152,7 +149,3 @@ class Budget:
                 raise ValueError(f"budget accepts the keys 'metric' and 'target', got unknown {sorted(unknown)}")
             return cls(**dict(value))
         raise ValueError(f"budget must be a dict like {{'metric': 'avg_bits', 'target': 2.0}}, got {value!r}")
-
-
-def as_float(x: float | Tensor) -> float:
-    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)

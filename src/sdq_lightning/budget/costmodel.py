@@ -3,14 +3,14 @@ onto the budget (never above the target, filled back up as close to it as the ca
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from sdq_lightning.budget.cost import Budget, LayerCost, cost_of, is_linear
-from sdq_lightning.budget.profile import LayerProfile
+from sdq_lightning.budget.profile import LayerProfile, held_bits, other_params
 from sdq_lightning.quantizers.sdq import stackable, stacked_expected_bits, structure_key
 from sdq_lightning.surgery import quant_layers
 
@@ -33,14 +33,8 @@ class CostModel:
     def __init__(self, model: nn.Module, profile: Mapping[str, LayerProfile]) -> None:
         q = quant_layers(model)
         self.entries = [_Entry(n, p.params, p.macs, q.get(n)) for n, p in profile.items()]
-        weight_params = sum(p.params for p in profile.values())
-        self.other_params = sum(t.numel() for n, t in model.named_parameters()
-                                if not n.endswith(("dbp", "steps", "step"))) - weight_params
+        self.other_params = other_params(model, profile)
         self._linear_cache: tuple | None = None  # (key, terms) of the vectorised expected cost (_expected_linear)
-
-    @staticmethod
-    def _abits(layer: nn.Module | None) -> int | None:
-        return None if layer is None or layer.act_quant is None else layer.act_quant.bits
 
     def searchable(self) -> list[str]:
         return [e.name for e in self.entries
@@ -56,13 +50,13 @@ class CostModel:
         for e in self.entries:
             wq = None if e.layer is None else e.layer.weight_quant
             bits = None if wq is None else wq.expected_bits()
-            costs.append(LayerCost(e.params, e.macs, bits, self._abits(e.layer)))
+            costs.append(LayerCost(e.params, e.macs, bits, held_bits(e.layer)[1]))
         out = cost_of(metric, costs, self.other_params)
         return out if isinstance(out, Tensor) else torch.tensor(float(out))
 
     def _linear_key(self) -> tuple:
         return structure_key(e.layer for e in self.entries if e.layer is not None), \
-            tuple(self._abits(e.layer) for e in self.entries)
+            tuple(held_bits(e.layer)[1] for e in self.entries)
 
     def _expected_linear(self, metric: str) -> Tensor | None:
         """``c_0 + sum_l c_l E[bits_l]`` over the searched layers, stacked: equal to the per-layer sum up to float
@@ -87,20 +81,23 @@ class CostModel:
         names, qs = [n for n, _ in searched], [q for _, q in searched]
         if not stackable(qs):
             return None
-        fixed = {e.name: (None if e.layer is None or e.layer.weight_quant is None else e.layer.weight_quant.bits)
-                 for e in self.entries if e.name not in names}
-        base = self.of_bits({**fixed, **{n: 0 for n in names}}, metric)
-        coef = [self.of_bits({**fixed, **{m: 0 for m in names}, n: 1}, metric) - base for n in names]
+        base, coef = self.linear_coefficients(names, metric)
         dev = qs[0].dbp.device
         table = torch.stack([q.bits_table for q in qs]).to(device=dev, dtype=qs[0].dbp.dtype)
-        return base, torch.tensor(coef, device=dev, dtype=table.dtype), table, qs
+        return base, torch.tensor([coef[n] for n in names], device=dev, dtype=table.dtype), table, qs
+
+    def linear_coefficients(self, names: Sequence[str], metric: str) -> tuple[float, dict[str, float]]:
+        """``(c0, coef)`` with cost ``c0 + sum_l coef[l] * bits[l]`` over the layers ``names`` (a linear metric), every
+        other layer at its current bits; the bits of ``names`` are not read (a searching quantizer's read syncs)."""
+        zero = {e.name: 0 if e.name in names else held_bits(e.layer)[0] for e in self.entries}
+        c0 = self.of_bits(zero, metric)
+        return c0, {n: self.of_bits({**zero, n: 1}, metric) - c0 for n in names}
 
     def current_bits(self) -> dict[str, int | None]:
-        return {e.name: (None if e.layer is None or e.layer.weight_quant is None else e.layer.weight_quant.bits)
-                for e in self.entries}
+        return {e.name: held_bits(e.layer)[0] for e in self.entries}
 
     def of_bits(self, bits: Mapping[str, int | None], metric: str) -> float:
-        costs = [LayerCost(e.params, e.macs, bits.get(e.name), self._abits(e.layer)) for e in self.entries]
+        costs = [LayerCost(e.params, e.macs, bits.get(e.name), held_bits(e.layer)[1]) for e in self.entries]
         return float(cost_of(metric, costs, self.other_params))
 
     def lowest_bits(self) -> dict[str, int | None]:
@@ -156,7 +153,8 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
     bits = dict(bits)
     names = cost_model.searchable()
     if sensitivity is None:
-        sensitivity = {n: quantization_mse(next(e.layer for e in cost_model.entries if e.name == n)) for n in names}
+        layers = {e.name: e.layer for e in cost_model.entries}
+        sensitivity = {n: quantization_mse(layers[n]) for n in names}
     cands = {n: cost_model.quantizer(n).candidates for n in names}
     metric, target = budget.metric, budget.target * (1 + 1e-12)
 
@@ -181,8 +179,7 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
                 enough.append((cost - new_cost, increase, n, lo))
         if enough:
             # the last drop: among the single drops that reach the target and free the least room (within 10 %),
-            # the one that costs the least loss. Per unit of cost a large layer often won here, and the fill then
-            # spent the room it freed raising many small layers: 3-11 layers changed for a 0.3 % excess.
+            # the one that costs the least loss, so that the fill has little room to spread over other layers
             least = min(e[0] for e in enough)
             _, _, n, lo = min((e for e in enough if e[0] <= 1.1 * least), key=lambda e: e[1])
             best = (n, lo)
@@ -205,8 +202,7 @@ def project_to_budget(cost_model: CostModel, bits: Mapping[str, int | None], bud
                 best, best_score = (n, hi), score
         if best is None:
             # the capped pass is done: fill the room left without the cap only when it is more than 1 % of the
-            # target (a 2-layer digits net kept 1.31 of 2.0 bits under the cap; on ResNet20 the room left is
-            # ~0.1 %, and filling it raised a 0.2 %-of-weights layer by 2-3 more levels)
+            # target (a small room is not worth raising a layer several levels above the plan)
             if capped and target - cost > 0.01 * target:
                 capped = False
                 continue

@@ -12,7 +12,7 @@ import yaml
 from torch import Tensor, nn
 
 from sdq_lightning.budget.cost import CONVENTION, METRICS, LayerCost, cost_of
-from sdq_lightning.budget.profile import LayerProfile, profile_model
+from sdq_lightning.budget.profile import LayerProfile, held_bits, other_params, profile_model
 from sdq_lightning.quantizers.functional import MAX_BITS, MIN_BITS
 from sdq_lightning.surgery import QuantSpec, quant_layers, quantize_model, validate_activation_bits
 
@@ -101,20 +101,12 @@ class BitPlan(Mapping[str, int | None]):
                 raise ValueError("BitPlan.from_model needs example_input or a profile")
             profile = profile_model(model, example_input)
         qlayers = quant_layers(model)
-        layers = {}
-        for name, p in profile.items():
-            q = qlayers.get(name)
-            w_bits = q.weight_quant.bits if q is not None and q.weight_quant is not None else None
-            a_bits = q.act_quant.bits if q is not None and q.act_quant is not None else None
-            layers[name] = LayerBits(w_bits, a_bits, p.params, p.macs)
-        weight_params = sum(p.params for p in profile.values())
-        other = sum(t.numel() for n, t in model.named_parameters()
-                    if not n.endswith(("dbp", "steps", "step"))) - weight_params
+        layers = {name: LayerBits(*held_bits(qlayers.get(name)), p.params, p.macs) for name, p in profile.items()}
         metadata.setdefault("convention", CONVENTION)
         metadata.setdefault("model", type(model).__name__)
         metadata.setdefault("fixed_layers", {n: q.weight_quant.candidates[0] for n, q in qlayers.items()
                                              if q.weight_quant is not None and len(q.weight_quant.candidates) == 1})
-        return cls(layers, other_params=other, metadata=metadata)
+        return cls(layers, other_params=other_params(model, profile), metadata=metadata)
 
     def with_bits(self, bits: Mapping[str, int | None]) -> BitPlan:
         """A copy with some layers' weight bits replaced."""

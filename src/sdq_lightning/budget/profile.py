@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LayerProfile", "profile_model", "quantizers_disabled"]
+__all__ = ["LayerProfile", "held_bits", "other_params", "profile_model", "quantizers_disabled"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,18 @@ class LayerProfile:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     groups: int = 1
+
+
+def held_bits(layer: nn.Module | None) -> tuple[int | None, int | None]:
+    """``(weight bits, input bits)`` a layer holds now; None where it has no such quantizer (floating point)."""
+    wq, aq = getattr(layer, "weight_quant", None), getattr(layer, "act_quant", None)
+    return (None if wq is None else wq.bits), (None if aq is None else aq.bits)
+
+
+def other_params(model: nn.Module, profile: Mapping[str, LayerProfile]) -> int:
+    """Parameters outside the profiled Conv2d/Linear weights (biases, BatchNorm); quantizer steps and DBPs left out."""
+    weights = sum(p.params for p in profile.values())
+    return sum(t.numel() for n, t in model.named_parameters() if not n.endswith(("dbp", "steps", "step"))) - weights
 
 
 @contextlib.contextmanager

@@ -6,24 +6,18 @@ Bad arguments print ONE ``sdq-export: error: ...`` line on stderr and exit with 
 from __future__ import annotations
 
 import argparse
-import re
 import json
+import re
 import sys
-from typing import NoReturn
 
+from sdq_lightning.cli import OneLineParser
 from sdq_lightning.export.api import MIN_OPSET
 from sdq_lightning.export.formats import DEFAULT_FORMATS, export_format_help
 from sdq_lightning.export.onnx_export import DEFAULT_OPSET
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # argparse prints usage + message; we print one line
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sdq-export", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineParser(prog="sdq-export", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Export an SDQ training run of the app (or a checkpoint inside one): bit-packed "
                             "checkpoint, ONNX model (default form int8: the trained integer codes in int8/uint8, "
                             "run with ConvInteger/MatMulInteger in onnxruntime; --onnx-form qdq: "

@@ -17,23 +17,18 @@ Bad arguments print one ``sdq-plan: error: ...`` line on stderr and exit with st
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
+
+from sdq_lightning.cli import OneLineParser
 
 METHODS = ("oracle", "hawq", "search", "file", "random", "size_greedy", "uniform")
 MEASURED = ("oracle", "hawq")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sdq-plan", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineParser(prog="sdq-plan", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description=__doc__.split("\n\n")[0].strip(),
                 epilog="Example: sdq-plan --checkpoint checkpoints/resnet20_cifar10_fp.pt --model resnet20 "
                        "--data /path/to/cifar10 --method hawq --budget avg_bits=2.0 --out plan.yaml "
@@ -148,12 +143,10 @@ def _batches(args: argparse.Namespace) -> list[Any]:
     else:
         from sdq_lightning.data import CIFAR10DataModule, ImageFolderDataModule
 
-        cls = CIFAR10DataModule if args.dataset == "cifar10" else ImageFolderDataModule
-        kwargs = dict(root=args.data, image_size=args.image_size, batch_size=args.batch_size, num_workers=0,
-                      val_size=args.val_size, augment=False)
-        if cls is CIFAR10DataModule:
-            kwargs["download"] = False
-        dm = cls(**kwargs)
+        cifar = args.dataset == "cifar10"
+        cls, extra = (CIFAR10DataModule, {"download": False}) if cifar else (ImageFolderDataModule, {})
+        dm = cls(root=args.data, image_size=args.image_size, batch_size=args.batch_size, num_workers=0,
+                 val_size=args.val_size, augment=False, **extra)
     dm.setup("fit")
     return held_out_batches(dm.val_set, args.batch_size, args.batches)
 

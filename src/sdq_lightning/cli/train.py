@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from sdq_lightning.cli.errors import USER_ERRORS, UserError, fail, one_line
+from sdq_lightning.cli.errors import USER_ERRORS, UserError, fail
 from sdq_lightning.cli.precheck import precheck
 from sdq_lightning.utils.logging import quiet_library_noise
 
@@ -167,17 +167,11 @@ def _note_created_folders(cfg: DictConfig | None) -> None:
     _CREATED_BY_RUN.clear()
     if cfg is None:
         return
-    for key in ("output_dir", "data_dir"):
-        value = cfg.get("paths", {}).get(key)
-        if value:
-            missing = _first_missing(Path(str(value)))
-            if missing is not None:
-                _CREATED_BY_RUN.append(missing)
+    folders = [cfg.get("paths", {}).get(key) for key in ("output_dir", "data_dir")]
     root = cfg.dataset.get("root") if "root" in cfg.dataset else None
-    if isinstance(root, str) and root not in ("", "???"):
-        missing = _first_missing(Path(root))
-        if missing is not None:
-            _CREATED_BY_RUN.append(missing)
+    folders.append(root if isinstance(root, str) and root not in ("", "???") else None)
+    missing = [_first_missing(Path(str(value))) for value in folders if value]
+    _CREATED_BY_RUN.extend(m for m in missing if m is not None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,11 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = precheck(argv, CONF_DIR)
-    except USER_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 - the user errors, and the many types Hydra raises for a bad command line
         fail(err)
-    except Exception as err:  # noqa: BLE001 - Hydra raises many types for a bad command line
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(2)
     try:
         _note_created_folders(cfg)
     except Exception:  # noqa: BLE001 - only bookkeeping for the clean-up

@@ -124,7 +124,7 @@ def export_model(model: nn.Module, out_dir: str | Path, example_input: torch.Ten
 
 
 # ------------------------------------------------------------------------------------- checkpoints and runs
-def _strip_state(state: Mapping[str, Any], where: str) -> dict[str, Any]:
+def _strip_state(state: Mapping[str, Any]) -> dict[str, Any]:
     """The backbone's entries of a LightningModule's state dict (``model.`` as ``SDQClassifier`` writes it)."""
     keys = list(state)
     for prefix in ("model.", "module.model.", "net."):
@@ -149,11 +149,10 @@ def export_from_checkpoint(ckpt_path: str | Path, backbone: str, num_classes: in
     ckpt = load_checkpoint(path)
     if not isinstance(plan, BitPlan):
         plan = BitPlan.load(plan)
-    kwargs = {"num_classes": int(num_classes), **model_kwargs}
     if in_chans is not None:
-        kwargs["in_chans"] = int(in_chans)
-    model = timm.create_model(backbone, pretrained=False, **kwargs)
-    state = _strip_state(ckpt.get("state_dict", ckpt), str(path))
+        model_kwargs["in_chans"] = int(in_chans)
+    model = timm.create_model(backbone, pretrained=False, num_classes=int(num_classes), **model_kwargs)
+    state = _strip_state(ckpt.get("state_dict", ckpt))
     return load_quantized_state(model, state, plan, where=f"checkpoint {path} ({backbone})")
 
 
@@ -228,14 +227,15 @@ def load_run_model(run: str | Path) -> tuple[nn.Module, BitPlan, dict[str, Any]]
     mcfg = dict(cfg.get("model") or {})
     cls = _module_class(mcfg.pop("_target_", None))
     hparams = ckpt.get("hyper_parameters")
+    no_weights = {"pretrained": False, "init_checkpoint": None}  # the checkpoint holds the weights
     if hparams:
-        init = {k: v for k, v in (("pretrained", False), ("init_checkpoint", None)) if k in hparams}
+        init = {k: v for k, v in no_weights.items() if k in hparams}
     elif mcfg:
         init = {k: v for k, v in mcfg.items() if v is not None}
         for key in ("num_classes", "in_chans"):
             if key not in init and (cfg.get("dataset") or {}).get(key) is not None:
                 init[key] = cfg["dataset"][key]
-        init.update({k: v for k, v in (("pretrained", False), ("init_checkpoint", None)) if k in init})
+        init.update({k: v for k, v in no_weights.items() if k in init})
     else:
         raise ValueError(f"{ckpt_path} has no hyper_parameters and no run config was found next to it "
                          f"(config.yaml or .hydra/config.yaml)")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sdq_lightning.export.graph import save_model
+from sdq_lightning.export.graph import layer_tag, save_model
 from sdq_lightning.export.lowering import INTEGER_ONLY_FORM
 from sdq_lightning.integer import is_integer_only, layer_terms
 from sdq_lightning.integer.graph import Op
@@ -38,10 +38,6 @@ __all__ = ["INTEGER_ONLY_FORM", "INTEGER_ONLY_OPSET", "export_integer_onnx", "in
 
 INTEGER_ONLY_OPSET = 21
 _MS = "com.microsoft"
-
-
-def _tag(name: str) -> str:
-    return name.replace(".", "_")
 
 
 def _scalar(v: torch.Tensor) -> np.ndarray:
@@ -79,10 +75,11 @@ class _Builder:
         signed = aq.is_signed if name == "input" else t.signed
         zp = 128 if signed else 0
         qn, qp = (-(2 ** (t.bits - 1)), 2 ** (t.bits - 1) - 1) if signed else (0, 2**t.bits - 1)
-        return {"onnx": "t_" + _tag(name), "step": aq.step.detach().float(), "zp": zp, "lo": qn + zp, "hi": qp + zp}
+        return {"onnx": "t_" + layer_tag(name), "step": aq.step.detach().float(), "zp": zp, "lo": qn + zp,
+                "hi": qp + zp}
 
     def params(self, name: str, t: dict[str, Any]) -> tuple[str, str]:
-        tag = "t_" + _tag(name)
+        tag = "t_" + layer_tag(name)
         return (self.init(tag + "_scale", _scalar(t["step"])), self.init(tag + "_zp", np.array(t["zp"], np.uint8)))
 
     def clip(self, raw: str, out: str, tag: str, lo: int, hi: int) -> None:
@@ -114,7 +111,7 @@ class _Builder:
 
     def _conv(self, op: Op) -> None:
         x, out = self.tensor(op.inputs[0]), self.tensor(op.output)
-        tag = _tag(op.name)
+        tag = layer_tag(op.name)
         terms = layer_terms(self.net, op, x["step"])
         codes = terms["codes"].numpy().astype(np.int8)
         cout = codes.shape[0]
@@ -134,7 +131,7 @@ class _Builder:
 
     def _add(self, op: Op) -> None:
         a, b, out = (self.tensor(t) for t in (*op.inputs, op.output))
-        tag = _tag(op.name)
+        tag = layer_tag(op.name)
         ins = [a["onnx"], *self.params(op.inputs[0], a), b["onnx"], *self.params(op.inputs[1], b),
                *self.params(op.output, out)]
         self.node("QLinearAdd", ins, out["onnx"] + "_raw", f"{tag}_qlinearadd", domain=_MS)
@@ -142,7 +139,7 @@ class _Builder:
 
     def _gap(self, op: Op) -> None:
         x, out = self.tensor(op.inputs[0]), self.tensor(op.output)
-        tag = _tag(op.name)
+        tag = layer_tag(op.name)
         ins = [x["onnx"], *self.params(op.inputs[0], x), *self.params(op.output, out)]
         self.node("QLinearGlobalAveragePool", ins, out["onnx"] + "_raw", f"{tag}_qlinearglobalaveragepool",
                   domain=_MS, channels_last=0)
@@ -155,17 +152,17 @@ class _Builder:
         def pair(v: Any) -> list[int]:
             return [int(v)] * 2 if isinstance(v, int) else [int(i) for i in v]
 
-        self.node("MaxPool", [x["onnx"]], out["onnx"], f"{_tag(op.name)}_maxpool",
+        self.node("MaxPool", [x["onnx"]], out["onnx"], f"{layer_tag(op.name)}_maxpool",
                   kernel_shape=pair(a["kernel_size"]), strides=pair(a["stride"] or a["kernel_size"]),
                   pads=pair(a["padding"]) * 2, dilations=pair(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
 
     def _flatten(self, op: Op) -> None:
         self.node("Flatten", [self.tensor(op.inputs[0])["onnx"]], self.tensor(op.output)["onnx"],
-                  f"{_tag(op.name)}_flatten", axis=1)
+                  f"{layer_tag(op.name)}_flatten", axis=1)
 
     def _linear(self, op: Op) -> None:
         x = self.tensor(op.inputs[0])
-        tag = _tag(op.name)
+        tag = layer_tag(op.name)
         terms = layer_terms(self.net, op, x["step"])
         codes = terms["codes"].numpy().astype(np.int8)
         ins = [x["onnx"], *self.params(op.inputs[0], x), self.init(f"{tag}_w", np.ascontiguousarray(codes.T)),
@@ -206,8 +203,8 @@ def export_integer_onnx(net: nn.Module, path: str | Path, intermediates: bool = 
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", None])]
     if intermediates:
         flat = {op.output for op in b.graph.ops if op.kind == "flatten"}
-        outputs += [helper.make_tensor_value_info("t_" + _tag(n), TensorProto.UINT8, [None] * (2 if n in flat else 4))
-                    for n in b.graph.tensors]
+        outputs += [helper.make_tensor_value_info("t_" + layer_tag(n), TensorProto.UINT8,
+                                                  [None] * (2 if n in flat else 4)) for n in b.graph.tensors]
     graph = helper.make_graph(b.nodes, "sdq_integer_only", inputs, outputs, b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", INTEGER_ONLY_OPSET),
                                                     helper.make_opsetid(_MS, 1)])

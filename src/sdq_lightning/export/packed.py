@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from sdq_lightning.budget import BitPlan, LayerBits
+from sdq_lightning.budget.profile import held_bits
 from sdq_lightning.export.bitpack import pack_bits, packed_nbytes, unpack_bits
 from sdq_lightning.modules import QuantModule, is_quant_layer
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
@@ -99,13 +100,8 @@ def plan_of(model: nn.Module, example_input: torch.Tensor | None = None) -> BitP
             return BitPlan.from_model(model, example_input)
         finally:
             model.train(was)
-    layers = {}
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            wq, aq = getattr(m, "weight_quant", None), getattr(m, "act_quant", None)
-            layers[n] = LayerBits(wq.bits if wq is not None else None, aq.bits if aq is not None else None,
-                                  m.weight.numel(), 0)
-    return BitPlan(layers)
+    return BitPlan({n: LayerBits(*held_bits(m), m.weight.numel(), 0) for n, m in model.named_modules()
+                    if isinstance(m, (nn.Conv2d, nn.Linear))})
 
 
 def check_plan_matches(plan: BitPlan, model: nn.Module) -> BitPlan:
@@ -113,10 +109,7 @@ def check_plan_matches(plan: BitPlan, model: nn.Module) -> BitPlan:
     plan = plan.rebased(model)
     plan.check_model(model)
     for name, lb in plan.layers.items():
-        m = model.get_submodule(name)
-        wq, aq = getattr(m, "weight_quant", None), getattr(m, "act_quant", None)
-        w = wq.bits if wq is not None else None
-        a = aq.bits if aq is not None else None
+        w, a = held_bits(model.get_submodule(name))
         if w != lb.w_bits or a != lb.a_bits:
             raise ValueError(f"plan does not match the model at {name!r}: plan W{lb.w_bits}/A{lb.a_bits}, "
                              f"model W{w}/A{a}")

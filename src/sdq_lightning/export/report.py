@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from sdq_lightning.budget.profile import held_bits
 from sdq_lightning.checkpoint import network_prefix
 from sdq_lightning.export.onnx_export import DEFAULT_OPSET, onnx_int_type
 from sdq_lightning.export.packed import check_exportable
@@ -29,7 +30,6 @@ def onnx_kernels(path: str | Path, layers: list[str], input_shape: tuple[int, ..
     nodes renamed by onnxruntime's NCHWc layout pass (``<output tensor>_nchwc``) are traced back through the model
     optimised without the layout passes (``ORT_ENABLE_EXTENDED``), where the fused node keeps the export's name.
     """
-    import json
     import os
     import tempfile
 
@@ -71,9 +71,9 @@ def onnx_kernels(path: str | Path, layers: list[str], input_shape: tuple[int, ..
 
 def _layer_entry(name: str, m: nn.Module, opset: int) -> dict[str, Any]:
     wq, aq = getattr(m, "weight_quant", None), getattr(m, "act_quant", None)
+    w_bits, a_bits = held_bits(m)
     e: dict[str, Any] = {"layer": name, "type": type(m).__name__, "params": m.weight.numel(),
-                         "w_bits": wq.bits if wq is not None else None,
-                         "a_bits": aq.bits if aq is not None else None,
+                         "w_bits": w_bits, "a_bits": a_bits,
                          "a_signed": bool(aq.signed) if aq is not None else None,
                          "per_channel": bool(wq.per_channel) if wq is not None else None, "not_native": []}
     if wq is None:
@@ -153,22 +153,19 @@ def capability_report(model: nn.Module, opset: int = DEFAULT_OPSET, onnx_path: s
         "layers": layers,
     }
     if onnx_path is not None:
-        import json
-
-        meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        meta = {p.key: p.value for p in proto.metadata_props}
         form = meta.get("sdq_form", "qdq")
         plan = json.loads(meta.get("sdq_layers", "{}"))
         # the integer-only graph names its nodes after the network's modules (the model may wrap the network)
         prefix = network_prefix(model) + "." if form == "integer_only" and network_prefix(model) else ""
         ops = {prefix + o["name"]: o for o in json.loads(meta.get("sdq_ops", "[]"))}
         names = list(dict.fromkeys([e["layer"] for e in layers] + list(ops)))
-        found = onnx_kernels(onnx_path, [n[len(prefix):] if n.startswith(prefix) else n for n in names],
-                             example_shape)
-        kernels = {n: found[n[len(prefix):] if n.startswith(prefix) else n] for n in names}
+        found = onnx_kernels(onnx_path, [n.removeprefix(prefix) for n in names], example_shape)
+        kernels = {n: found[n.removeprefix(prefix)] for n in names}
         rep["onnx"]["form"] = form
         if form == "integer_only":
-            rep["onnx"]["opset"] = next(o.version for o in onnx.load(str(onnx_path), load_external_data=False)
-                                        .opset_import if o.domain in ("", "ai.onnx"))
+            rep["onnx"]["opset"] = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
             rep["onnx"]["activation_qdq"] = ("uint8 codes (zero point 0, or 128 for a signed tensor) written by the "
                                              "integer kernels; QuantizeLinear on the float input only")
             rep["onnx"]["weight_qdq"] = "int8 codes of the BatchNorm-folded weight, per-channel fp32 scale, int32 bias"

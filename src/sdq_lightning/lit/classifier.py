@@ -50,7 +50,7 @@ class SDQClassifier(pl.LightningModule):
             self.load_backbone(init_checkpoint)
         # validate_args=False: the argument checks read the targets back to the host (torch.unique) on every
         # update, a host-device sync per step on a GPU; cross_entropy already rejects out-of-range labels.
-        metric = dict(num_classes=num_classes, validate_args=False)
+        metric = {"num_classes": num_classes, "validate_args": False}
         self.val_acc = MulticlassAccuracy(**metric, top_k=1)
         self.val_acc5 = MulticlassAccuracy(**metric, top_k=min(5, num_classes))
         self.test_acc = MulticlassAccuracy(**metric, top_k=1)
@@ -97,23 +97,21 @@ class SDQClassifier(pl.LightningModule):
         self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=float(len(y)), sync_dist=True)
         return {"loss": loss}
 
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+    def _evaluate(self, batch: Any, stage: str) -> dict[str, Tensor]:
         loss, logits, y = self._shared(batch)
-        self.val_acc(logits, y)
-        self.val_acc5(logits, y)
-        self.log("val/loss", loss, prog_bar=False, batch_size=float(len(y)), sync_dist=True)  # see training_step
-        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(y))
-        self.log("val/acc_top5", self.val_acc5, batch_size=len(y))
+        acc, acc5 = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_acc5")
+        acc(logits, y)
+        acc5(logits, y)
+        self.log(f"{stage}/loss", loss, batch_size=float(len(y)), sync_dist=True)  # see training_step
+        self.log(f"{stage}/acc", acc, prog_bar=stage == "val", batch_size=len(y))
+        self.log(f"{stage}/acc_top5", acc5, batch_size=len(y))
         return {"loss": loss}
 
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate(batch, "val")
+
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        loss, logits, y = self._shared(batch)
-        self.test_acc(logits, y)
-        self.test_acc5(logits, y)
-        self.log("test/loss", loss, batch_size=float(len(y)), sync_dist=True)  # see training_step
-        self.log("test/acc", self.test_acc, batch_size=len(y))
-        self.log("test/acc_top5", self.test_acc5, batch_size=len(y))
-        return {"loss": loss}
+        return self._evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -121,12 +119,9 @@ class SDQClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 else decay).append(p)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": hp.weight_decay},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
         else:

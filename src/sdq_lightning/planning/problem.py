@@ -85,11 +85,7 @@ class PlanProblem:
         if not is_linear(metric):
             raise ValueError(f"metric {metric!r} is not registered as linear in the weight bits; the planners need a "
                              "linear metric (avg_bits, size, bitops, or one registered with linear=True)")
-        base = self.cost_model.current_bits()
-        zero = {**base, **{n: 0 for n in self.names}}
-        c0 = self.cost_model.of_bits(zero, metric)
-        coef = {n: self.cost_model.of_bits({**zero, n: 1}, metric) - c0 for n in self.names}
-        return c0, coef
+        return self.cost_model.linear_coefficients(self.names, metric)
 
     def check_budget(self, budget: Budget) -> None:
         """``ValueError`` when even the lowest candidates exceed the budget."""

@@ -18,7 +18,6 @@ the LSQ initial step (a trained step approaches it), ``"lsq_init"`` the LSQ init
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,22 +291,7 @@ def from_search(checkpoint: str | Path, layers: Sequence[str], candidates: Seque
 
 
 # ----------------------------------------------------------------------------- progress
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _bar(total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def finite(values: Mapping[str, Mapping[int, float]]) -> bool:
-    """Whether every sensitivity is a finite number."""
-    return all(math.isfinite(v) for t in values.values() for v in t.values())
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not enabled)

@@ -12,15 +12,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-FP_BITS = 32
-
 
 def _layers(plan: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     return dict(plan.get("layers", plan))
-
-
-def _bits(value: int | None) -> int:
-    return FP_BITS if value is None else int(value)
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:

@@ -25,8 +25,8 @@ def _batch_size(batch: Any) -> int:
 class ThroughputRecorder(Callback):
     """Records training images/s (all ranks together): the median over windows of ``window`` steps.
 
-    The first ``skip`` training steps of the fit are not timed (fewer in a fit too short for that: half of its steps) (warm-up: cuDNN autotuning, allocator growth,
-    first-call compilation). A window ends after ``window`` steps, at a validation start or at the epoch's end,
+    The first ``skip`` training steps of the fit are not timed (warm-up: cuDNN autotuning, allocator growth,
+    first-call compilation; in a fit too short for that, half of its steps). A window ends after ``window`` steps, at a validation start or at the epoch's end,
     so validation and epoch-end callbacks (the SDQ plan freeze, say) are never inside one. The device is
     synchronised only at window edges, so timing costs one sync per ``window`` steps.
 
@@ -38,10 +38,12 @@ class ThroughputRecorder(Callback):
         if window <= 0 or skip < 0:
             raise ValueError(f"window must be positive and skip >= 0, got window={window!r}, skip={skip!r}")
         self.window, self.skip = int(window), int(skip)
+        self._start()
+
+    def _start(self) -> None:
         self.windows: list[float] = []
         self.images_per_s: float | None = None
-        self.steps_timed = 0
-        self._seen = 0
+        self.steps_timed = self._seen = 0
         self._skip = self.skip
         self._reset()
 
@@ -60,9 +62,7 @@ class ThroughputRecorder(Callback):
         self._reset()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.windows, self.images_per_s, self.steps_timed, self._seen = [], None, 0, 0
-        self._skip = self.skip
-        self._reset()
+        self._start()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         per_epoch, epochs = trainer.num_training_batches, trainer.max_epochs
