@@ -17,7 +17,7 @@ interval (the models of one repeat run within seconds of each other, so drift of
 ratio). Each model's kernels are counted from one profiled run (``enable_profiling``).
 
     SDQ_CIFAR10_ROOT=/path/to/cifar10 python benchmarks/bench_integer_only.py [--plans w8a8,sdq2,mixed] \
-        [--threads 2] [--repeats 21] [--iters 40] [--batch 128] [--out table.md]
+        [--threads 2] [--repeats 21] [--iters 40] [--batch 128] [--no-spinning] [--out table.md]
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--out", default=None)
+    p.add_argument("--no-spinning", action="store_true",
+                   help="intra-op threads do not spin while waiting (session.intra_op.allow_spinning=0)")
     args = p.parse_args(argv)
     plans = [s.strip() for s in args.plans.split(",") if s.strip()]
     if not plans or any(s not in PLANS for s in plans):
@@ -89,13 +91,16 @@ def main(argv: list[str] | None = None) -> str:
         kernels = {k: kernel_counts(v, args.threads) for k, v in paths.items()}
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
+        if args.no_spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = {k: ort.InferenceSession(str(v), so, providers=["CPUExecutionProvider"]) for k, v in paths.items()}
     inputs = {1: x[-1:].numpy(), args.batch: x[-args.batch:].numpy()}
     samples: dict = {}
     med = time_interleaved(sess, inputs, args.repeats, args.iters, samples)
     b = args.batch
+    spin = " (not spinning)" if args.no_spinning else ""
     lines = [f"onnxruntime {ort.__version__} CPU ({platform.machine()}, {os.cpu_count()} cores), intra-op threads="
-             f"{args.threads}, torch {torch.__version__}, repeats={args.repeats}, iters={args.iters} (batch {b}: "
+             f"{args.threads}{spin}, torch {torch.__version__}, repeats={args.repeats}, iters={args.iters} (batch {b}: "
              f"{max(2, args.iters // 8)}), {datetime.date.today().isoformat()}", "",
              f"| model | b1 ms | b1 / FP | b1 / ort-ptq | b{b} ms | b{b} / FP | b{b} / ort-ptq | compute kernels "
              f"(one batch-1 run) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
