@@ -12,10 +12,12 @@ Models (``checkpoints/resnet20_cifar10_fp.pt``; ``--calib`` real CIFAR-10 test i
 All sessions ``ORT_ENABLE_ALL`` with ``--threads`` intra-op threads, created in one process. Timing is interleaved
 round robin per repeat (every model at batch 1, then every model at ``--batch``); each repeat times ``--iters`` runs
 (``--batch``: ``iters // 8``, at least 2) after a warm-up; the table gives the median over ``--repeats``, the ratio
-to FP and to ``ort-ptq``. Each model's kernels are counted from one profiled run (``enable_profiling``).
+to FP and to ``ort-ptq``; a second table gives the median of the per-repeat ratios with a distribution-free 95 %
+interval (the models of one repeat run within seconds of each other, so drift of the machine cancels in the
+ratio). Each model's kernels are counted from one profiled run (``enable_profiling``).
 
     SDQ_CIFAR10_ROOT=/path/to/cifar10 python benchmarks/bench_integer_only.py [--plans w8a8,sdq2,mixed] \
-        [--threads 2] [--repeats 21] [--iters 40] [--batch 128] [--out table.md]
+        [--threads 2] [--repeats 21] [--iters 40] [--batch 128] [--no-spinning] [--out table.md]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "export"))
-from bench_onnx import emit_table, ort_ptq, time_interleaved  # noqa: E402
+from bench_onnx import emit_table, ort_ptq, paired_ratio, time_interleaved  # noqa: E402
 from integer_helpers import PLANS, float_model, integer_model, real_images  # noqa: E402
 
 from sdq_lightning.export import export_float_onnx  # noqa: E402
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--out", default=None)
+    p.add_argument("--no-spinning", action="store_true",
+                   help="intra-op threads do not spin while waiting (session.intra_op.allow_spinning=0)")
     args = p.parse_args(argv)
     plans = [s.strip() for s in args.plans.split(",") if s.strip()]
     if not plans or any(s not in PLANS for s in plans):
@@ -87,12 +91,16 @@ def main(argv: list[str] | None = None) -> str:
         kernels = {k: kernel_counts(v, args.threads) for k, v in paths.items()}
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
+        if args.no_spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = {k: ort.InferenceSession(str(v), so, providers=["CPUExecutionProvider"]) for k, v in paths.items()}
     inputs = {1: x[-1:].numpy(), args.batch: x[-args.batch:].numpy()}
-    med = time_interleaved(sess, inputs, args.repeats, args.iters)
+    samples: dict = {}
+    med = time_interleaved(sess, inputs, args.repeats, args.iters, samples)
     b = args.batch
+    spin = " (not spinning)" if args.no_spinning else ""
     lines = [f"onnxruntime {ort.__version__} CPU ({platform.machine()}, {os.cpu_count()} cores), intra-op threads="
-             f"{args.threads}, torch {torch.__version__}, repeats={args.repeats}, iters={args.iters} (batch {b}: "
+             f"{args.threads}{spin}, torch {torch.__version__}, repeats={args.repeats}, iters={args.iters} (batch {b}: "
              f"{max(2, args.iters // 8)}), {datetime.date.today().isoformat()}", "",
              f"| model | b1 ms | b1 / FP | b1 / ort-ptq | b{b} ms | b{b} / FP | b{b} / ort-ptq | compute kernels "
              f"(one batch-1 run) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -101,6 +109,12 @@ def main(argv: list[str] | None = None) -> str:
         lines.append(f"| {k} | {med[(k, 1)]:.3f} | {med[(k, 1)] / med[('FP', 1)]:.2f} | "
                      f"{med[(k, 1)] / med[('ort-ptq', 1)]:.2f} | {med[(k, b)]:.2f} | "
                      f"{med[(k, b)] / med[('FP', b)]:.2f} | {med[(k, b)] / med[('ort-ptq', b)]:.2f} | {ks} |")
+    lines += ["", "Per-repeat ratios (each repeat times every model back to back): median [95 % interval]", "",
+              f"| model | b1 / FP | b1 / ort-ptq | b{b} / FP | b{b} / ort-ptq |", "|---|---:|---:|---:|---:|"]
+    for k in sess:
+        if k != "FP":
+            cells = [paired_ratio(samples, k, ref, n) for n in (1, b) for ref in ("FP", "ort-ptq")]
+            lines.append(f"| {k} | " + " | ".join(f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in cells) + " |")
     return emit_table(lines, args.out)
 
 

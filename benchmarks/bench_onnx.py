@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import platform
 import statistics
 import sys
@@ -89,11 +90,11 @@ def ort_ptq(fp_path: Path, out: Path, fmt: str, calib: np.ndarray, per_channel: 
     return out
 
 
-def time_interleaved(sessions: dict, inputs: dict[int, np.ndarray], repeats: int, iters: int
-                     ) -> dict[tuple[str, int], float]:
+def time_interleaved(sessions: dict, inputs: dict[int, np.ndarray], repeats: int, iters: int,
+                     samples: dict | None = None) -> dict[tuple[str, int], float]:
     """Median ms per run of every session at every batch size, timed round robin per repeat (every session at the
     smallest batch, then every session at the next); each repeat times ``iters`` runs at batch 1 (``iters // 8``, at
-    least 2, at larger batches) after a warm-up of 3."""
+    least 2, at larger batches) after a warm-up of 3. ``samples``: filled with the per-repeat times of every cell."""
     cells = [(k, b) for b in sorted(inputs) for k in sessions]
     times: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
     for k, b in cells:  # warm-up
@@ -106,7 +107,27 @@ def time_interleaved(sessions: dict, inputs: dict[int, np.ndarray], repeats: int
             for _ in range(n):
                 sessions[k].run(None, {"input": inputs[b]})
             times[(k, b)].append((time.perf_counter() - t0) / n * 1e3)
+    if samples is not None:
+        samples.update(times)
     return {c: statistics.median(v) for c, v in times.items()}
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """The median and a distribution-free ``level`` interval for it (order statistics of the binomial(n, 1/2)
+    ranks; the whole range when n is too small for that level)."""
+    v, n = sorted(values), len(values)
+    cdf, j = 0.0, 0
+    while j < n and cdf + math.comb(n, j) / 2 ** n <= (1 - level) / 2:
+        cdf += math.comb(n, j) / 2 ** n
+        j += 1
+    lo, hi = (v[j - 1], v[n - j]) if j > 0 else (v[0], v[-1])
+    return statistics.median(v), lo, hi
+
+
+def paired_ratio(samples: dict, a: str, b: str, batch: int) -> tuple[float, float, float]:
+    """Median and 95 % interval of ``a``'s time over ``b``'s within the same repeat (both timed minutes apart at
+    most, so machine drift cancels where it hits both)."""
+    return median_interval([x / y for x, y in zip(samples[(a, batch)], samples[(b, batch)])])
 
 
 def emit_table(lines: list[str], out: str | None) -> str:

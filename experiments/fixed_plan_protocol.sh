@@ -73,12 +73,8 @@ plan_file() {  # budget method seed -> the plan file (made when missing)
   echo "$f"
 }
 
-common=(dataset=imagefolder dataset.root="$ROOT" dataset.image_size=32
-  'dataset.mean=[0.4914,0.4822,0.4465]' 'dataset.std=[0.2470,0.2435,0.2616]'
-  dataset.in_memory=true dataset.on_device=true dataset.batch_size=128 dataset.subset="$SUBSET"
-  dataset.val_size=5000 dataset.val_subset=null trainer="$TRAINER" trainer.precision="$PRECISION"
-  model.init_checkpoint="$FP" model.lr="$LR" model.scheduler=cosine trainer.max_epochs="$EPOCHS"
-  trainer.enable_progress_bar=false hardware.activation_bits=null sdq.teacher=null sdq.ebr.weight=0
+common=(experiment=cifar10_plan_protocol dataset.root="$ROOT" dataset.subset="$SUBSET" trainer="$TRAINER"
+  trainer.precision="$PRECISION" model.init_checkpoint="$FP" model.lr="$LR" trainer.max_epochs="$EPOCHS"
   save_checkpoint=false logger=csv phase=train)
 
 run() {  # name plan seed

@@ -11,8 +11,9 @@
 # The oracle is measured once (sdq-plan --method oracle, 4,096 held-out images) into outputs/fixed_plan/plans/,
 # shared with experiments/fixed_plan_protocol.sh; each search's plan.yaml can be trained there with
 # EXTRA="2.0:sdq_paired_s0=<run>/plan.yaml". A finished search is not run again (the script resumes).
-# Data as in the fixed-plan protocol: the 5,000 held-out training images are never trained on; the search sees a
-# class-balanced SUBSET of the other 45,000 (seeded), FP activations, no KD, no EBR. On a GPU: TRAINER=gpu SUBSET=null.
+# Data and training as in the fixed-plan protocol (conf/experiment/cifar10_plan_protocol.yaml): the 5,000 held-out
+# training images are never trained on; the search sees a class-balanced SUBSET of the other 45,000 (seeded), FP
+# activations, no KD, no EBR. On a GPU: TRAINER=gpu SUBSET=null.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="${CIFAR10_ROOT:?set CIFAR10_ROOT to the CIFAR-10 ImageFolder tree (train/, test/)}"
@@ -47,13 +48,9 @@ for s in $SEEDS; do
     name="search26_${tag}_b${BUDGET}_s${s}_e${SEARCH_EPOCHS}_sub${SUBSET}"
     if ! ls "$OUTPUTS/runs/$name"/*/plan.yaml >/dev/null 2>&1; then
       echo "=== $name $(date -u +%FT%TZ)"
-      "$PY" -m sdq_lightning.train name="$name" phase=search phase.search_epochs="$SEARCH_EPOCHS" \
-        dataset=imagefolder dataset.root="$ROOT" dataset.image_size=32 \
-        'dataset.mean=[0.4914,0.4822,0.4465]' 'dataset.std=[0.2470,0.2435,0.2616]' \
-        dataset.in_memory=true dataset.on_device=true dataset.batch_size=128 dataset.subset="$SUBSET" \
-        dataset.val_size=5000 dataset.val_subset=null trainer="$TRAINER" trainer.precision="$PRECISION" \
-        trainer.enable_progress_bar=false model.init_checkpoint="$FP" model.lr="$LR" model.scheduler=cosine \
-        hardware.activation_bits=null hardware.target="$BUDGET" sdq.teacher=null sdq.ebr.weight=0 \
+      "$PY" -m sdq_lightning.train experiment=cifar10_plan_protocol name="$name" phase=search \
+        phase.search_epochs="$SEARCH_EPOCHS" dataset.root="$ROOT" dataset.subset="$SUBSET" trainer="$TRAINER" \
+        trainer.precision="$PRECISION" model.init_checkpoint="$FP" model.lr="$LR" hardware.target="$BUDGET" \
         sdq.search.task_estimate="$e" "${extra[@]}" logger=csv seed="$s" "${ARGS[@]}"
     fi
     run_dir=$(ls -d "$OUTPUTS/runs/$name"/*/ | tail -1)

@@ -27,6 +27,8 @@ def digits_tree(tmp_path_factory) -> Path:
 def substitute_data(name: str, digits_tree: Path) -> list[str]:
     if name.startswith(("imagenet", "bitfusion", "resnet18", "uniform_imagenet")):
         return ["trainer=cpu", f"dataset.root={digits_tree}", "dataset.image_size=64", "dataset.batch_size=8"]
+    if name == "cifar10_plan_protocol":  # an ImageFolder preset: the digits tree stands in, 1 image a class held out
+        return [f"dataset.root={digits_tree}", "dataset.val_size=10", "dataset.batch_size=8"]
     if "cifar10" in name:
         if CIFAR_ROOT:
             return [f"dataset.root={CIFAR_ROOT}", "dataset.download=false", "dataset.subset=64"]

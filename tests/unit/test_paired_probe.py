@@ -78,6 +78,44 @@ def test_probes_go_round_the_layers_and_drive_the_task_gradient():
         assert float(g[q.level]) == pytest.approx(-float(sens[q.level]))
 
 
+def test_one_call_probes_distinct_layers_as_single_probes_would():
+    """``probe(..., count=k)`` measures the k layers that k single-probe calls of the same step would (oldest first,
+    ties to the lower index), each once, with the same recorded values, and records nothing more when fewer layers
+    are left to measure than slots."""
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    model_a, one_call = _searched_net()
+    model_b, singles = _searched_net()
+    n = len(one_call.quantizers)
+    assert n >= 2
+    for model, search, calls in ((model_a, one_call, [n + 2]), (model_b, singles, [1] * n)):
+        search.begin_step(5, 1.0)
+        main = _loss(model, x, y)
+        for count in calls:
+            search.probe(main, lambda model=model: _loss(model, x, y), count)
+    for qa, qb in zip(one_call.quantizers, singles.quantizers):
+        sa, sb = one_call.optimizer.state[qa.dbp], singles.optimizer.state[qb.dbp]
+        assert int(sa["probes"].sum()) == 1  # n + 2 slots, n layers: each once, no repeats
+        assert torch.equal(sa["probes"], sb["probes"]) and torch.equal(sa["sens"], sb["sens"])
+
+
+def test_a_distributed_step_averages_all_its_probes_in_one_all_reduce(monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    calls = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (calls.append(t.shape), real(t, *a, **k))[1])
+    try:
+        model, search = _searched_net()
+        x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+        search.begin_step(1, 1.0)
+        search.probe(_loss(model, x, y), lambda: _loss(model, x, y), 3)
+    finally:
+        dist.destroy_process_group()
+    assert calls == [torch.Size([3])]
+    assert sum(int(search.optimizer.state[q.dbp]["probes"].sum()) for q in search.quantizers) == 3
+
+
 def test_paired_needs_the_progressive_reading():
     with pytest.raises(ValueError, match="task_estimate='paired' needs reading='progressive'"):
         sq.SDQ(search={"reading": "cascade", "task_estimate": "paired"})
@@ -127,7 +165,7 @@ def test_probing_leaves_the_training_run_unchanged(estimate):
     for k in keys:
         assert torch.equal(a[k], b[k]), k
     probes = sum(float(cb.search.optimizer.state[q.dbp]["probes"].sum()) for q in cb.search.quantizers)
-    assert probes == 8 * 3  # probes_per_step measurements per training step
+    assert probes == 8 * min(3, len(cb.search.quantizers))  # distinct layers per step, at most probes_per_step
 
 
 class _Regression(UserNet):

@@ -178,6 +178,7 @@ class SDQ(Callback):
         self.probes_per_step = opt.probes_per_step
         self._probe_out: Any = None  # the training forward's output of this step (task_estimate="paired")
         self._probe_batch: Any = None
+        self._probe_saved: list[Tensor] | None = None  # the buffers' values before the probes, restored after
         self._probe_hook: Any = None
         if not isinstance(integer_only, bool):
             raise ValueError(f"integer_only must be true or false, got {integer_only!r}")
@@ -407,7 +408,7 @@ class SDQ(Callback):
     def _stop_probing(self) -> None:
         if self._probe_hook is not None:
             self._probe_hook.remove()
-        self._probe_hook, self._probe_out, self._probe_batch = None, None, None
+        self._probe_hook, self._probe_out, self._probe_batch, self._probe_saved = None, None, None, None
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The further forwards of this step's batch for :meth:`BitSearch.probe`, ``probes_per_step`` layers, no
@@ -421,7 +422,11 @@ class SDQ(Callback):
         batch, out = self._probe_batch, self._probe_out
         self._probe_out = None
         buffers = list(net.buffers())
-        saved = [b.clone() for b in buffers]
+        saved = self._probe_saved
+        if saved is None or len(saved) != len(buffers) or any(
+                a.shape != b.shape or a.dtype != b.dtype or a.device != b.device for a, b in zip(saved, buffers)):
+            saved = self._probe_saved = [torch.empty_like(b) for b in buffers]  # kept: one grouped copy a step
+        torch._foreach_copy_(saved, buffers)
         modes = [(m, m.training) for m in net.modules()]
         x = self.input_fn(batch)
         context = getattr(getattr(trainer, "precision_plugin", None), "forward_context", None)
@@ -448,8 +453,7 @@ class SDQ(Callback):
                 self.search.use_pathwise()
                 self._stop_probing()
                 return
-            for _ in range(self.probes_per_step):  # each probe takes the layer measured longest ago
-                self.search.probe(main, loss_of)
+            self.search.probe(main, loss_of, self.probes_per_step)
         finally:
             for m, training in modes:
                 m.training = training

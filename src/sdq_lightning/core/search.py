@@ -203,18 +203,21 @@ class BitSearch:
         return self.probes_wanted and self.optimizer is not None
 
     @torch.no_grad()
-    def probe(self, main_loss: Tensor, loss_of: Callable[[], Tensor]) -> None:
-        """One paired measurement of ``L(b_hi) - L(b_lo)`` (``task_estimate="paired"`` or ``"paired_train"``).
+    def probe(self, main_loss: Tensor, loss_of: Callable[[], Tensor], count: int = 1) -> None:
+        """Paired measurements of ``L(b_hi) - L(b_lo)`` for up to ``count`` layers (``task_estimate="paired"`` or
+        ``"paired_train"``).
 
         ``main_loss``: the reference loss of this step's batch, from a forward whose every layer's ``last_index``
         says which of its two live widths it used (the training forward, or an eval forward at the current
         decisions); ``loss_of()``: the same loss from another forward of the same batch with the same weights and
-        mode (no gradients; the caller keeps BatchNorm statistics and other buffers unchanged). Between the two,
-        one layer's width is flipped (hi <-> lo at its live level) and every other layer uses what it used (in
-        train mode: the same draw step): the difference is that layer's loss change at its live level on this
-        batch, with the batch's noise cancelled. The layer probed is the one not probed for
-        longest among those still moving (level above the lowest, not settled), a level never measured first. All
-        on the device: the choice, the flip and the record."""
+        mode (no gradients; the caller keeps BatchNorm statistics and other buffers unchanged). Per probed layer, its
+        width is flipped (hi <-> lo at its live level) and every other layer uses what it used (in train mode: the
+        same draw step): the difference is that layer's loss change at its live level on this batch, with the
+        batch's noise cancelled. The layers probed are distinct: those not probed for longest among the ones still
+        moving (level above the lowest, not settled), levels never measured first, ties to the lower index. A slot
+        with no such layer left costs its forward and records nothing. In a distributed run the differences of all
+        probes are averaged over the ranks in one all-reduce (every rank probes the same layers on its own batch).
+        All on the device: the choice, the flips and the records."""
         qs, opt = self.quantizers, self.optimizer
         if not qs or opt is None:
             return
@@ -227,24 +230,27 @@ class BitSearch:
         last = torch.stack([st["probed_at"] for st in states]).float()
         eligible = (levels > 0) & ~settled
         score = torch.where(eligible, unmeasured.float() * 1e9 - last, torch.full_like(last, -float("inf")))
-        layer = score.argmax()
+        layers = torch.sort(score, descending=True, stable=True).indices[:min(int(count), len(qs))]
         p = torch.stack([d.detach() for d in dbps])
         live = p.gather(1, levels.view(-1, 1)).view(-1)
-        flip = torch.arange(len(qs), device=p.device) == layer
-        forced = torch.where(flip, (~took_hi).to(p.dtype), live)  # the other of the two widths, with certainty
-        torch._foreach_copy_(dbps, p.scatter(1, levels.view(-1, 1), forced.view(-1, 1)).unbind(0))
+        rows = torch.arange(len(qs), device=p.device)
+        main = main_loss.detach().float()
+        diffs = []
         try:
-            self.begin_step(*self._draw)  # the same uniforms as the training forward
-            other = loss_of().detach().float()
+            for layer in layers.unbind(0):
+                forced = torch.where(rows == layer, (~took_hi).to(p.dtype), live)  # the other width, with certainty
+                torch._foreach_copy_(dbps, p.scatter(1, levels.view(-1, 1), forced.view(-1, 1)).unbind(0))
+                self.begin_step(*self._draw)  # the same uniforms as the training forward
+                other = loss_of().detach().float()
+                diffs.append(torch.where(took_hi.index_select(0, layer.view(1))[0], main - other, other - main))
         finally:
             torch._foreach_copy_(dbps, p.unbind(0))
-        main = main_loss.detach().float()
-        hi_minus_lo = torch.where(took_hi.index_select(0, layer.view(1))[0], main - other, other - main)
+        hi_minus_lo = torch.stack(diffs)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(hi_minus_lo)  # every rank probes the same layer on its own batch
+            torch.distributed.all_reduce(hi_minus_lo)
             hi_minus_lo = hi_minus_lo / torch.distributed.get_world_size()
-        ok = eligible.index_select(0, layer.view(1))[0] & torch.isfinite(hi_minus_lo)
-        opt.record_probe(torch.where(ok, layer, torch.full_like(layer, -1)), torch.where(ok, hi_minus_lo, 0.0))
+        ok = eligible.index_select(0, layers) & torch.isfinite(hi_minus_lo)
+        opt.record_probe(torch.where(ok, layers, torch.full_like(layers, -1)), torch.where(ok, hi_minus_lo, 0.0))
 
     @property
     def moves(self) -> bool:

@@ -358,19 +358,22 @@ class DBPOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ measured differences (task_estimate=paired)
     @torch.no_grad()
-    def record_probe(self, layer: Tensor, hi_minus_lo: Tensor) -> None:
-        """Record one measured ``L(b_hi) - L(b_lo)`` of the live level of the layer ``layer`` (a 0-dim device index;
-        nothing is recorded when that layer sits at its lowest candidate): the sensitivity of that level moves to
-        the running mean of its measurements, then to an EMA with ``probe_decay``. All on the device."""
+    def record_probe(self, layers: Tensor, hi_minus_lo: Tensor) -> None:
+        """Record measured ``L(b_hi) - L(b_lo)`` of the live levels of ``layers`` (device indices, distinct, ``-1``
+        for a slot that records nothing; 0-dim or ``[k]``, with ``hi_minus_lo`` of the same shape; nothing is
+        recorded for a layer at its lowest candidate): the sensitivity of each such level moves to the running mean of
+        its measurements, then to an EMA with ``probe_decay``. All on the device."""
         sens_list, count_list, at_list = self._state("sens"), self._state("probes"), self._state("probed_at")
         sens, count = self._stack(sens_list), self._stack(count_list)
         levels = torch.stack([q.level for q in self.quantizers]).view(-1, 1)
-        rows = torch.arange(len(sens_list), device=sens.device).view(-1, 1) == layer
+        slots = torch.arange(len(sens_list), device=sens.device).view(-1, 1) == layers.reshape(1, -1)
+        rows = slots.any(1, keepdim=True)
         cols = torch.arange(sens.shape[1], device=sens.device).view(1, -1) == levels
         hit = rows & cols & (levels > 0)
         count = count + hit.to(count.dtype)
         weight = torch.maximum(1.0 / count.clamp_min(1.0), torch.full_like(count, 1.0 - self.probe_decay))
-        value = -hi_minus_lo.detach().to(sens.dtype)  # the loss decrease per level up, as the EMA of -dL/dbeta
+        measured = (slots.to(sens.dtype) * hi_minus_lo.detach().reshape(1, -1).to(sens.dtype)).sum(1, keepdim=True)
+        value = -measured  # the loss decrease per level up, as the EMA of -dL/dbeta
         torch._foreach_copy_(sens_list, self._unstack(torch.where(hit, sens + weight * (value - sens), sens)))
         torch._foreach_copy_(count_list, self._unstack(count))
         at = torch.stack(at_list)
