@@ -6,6 +6,10 @@ Models (``checkpoints/resnet20_cifar10_fp.pt``; the first ``--calib`` real CIFAR
 * ``FP``: the float model (``export_float_onnx``), the latency baseline (onnxruntime);
 * ``int-<plan>``: the integer-only model under ``<plan>`` (``w8a8``, ``mixed``; see ``tests/export/integer_helpers.py``),
   written by ``export_integer_onnx`` (QLinearConv / QLinearAdd / QLinearGlobalAveragePool / QGemm, uint8);
+* ``int-qdq-<plan>``: the same model in the QDQ form (``export_integer_onnx(form="qdq")``: the same codes and scales
+  as QuantizeLinear / DequantizeLinear around float Conv / Add / GlobalAveragePool / Gemm); its ``ORT`` row is
+  onnxruntime on that file (``ORT_ENABLE_ALL`` fuses it back into the integer kernels: the same logits as
+  ``int-<plan>``), and its ``OV`` row is compared with onnxruntime on the ``int-<plan>`` file (the exact reference);
 * with ``--refs``: ``ort-ptq`` (onnxruntime's ``quantize_static`` of the FP model, QOperator, per-channel int8
   weights: the same operator set) and ``ort-ptq-qdq`` (the same in QDQ format), to tell what OpenVINO reads.
 
@@ -130,7 +134,9 @@ def main(argv: list[str] | None = None) -> str:
         d = Path(d)
         paths = {"FP": export_float_onnx(float_model(), d / "fp.onnx", x[:1])}
         for plan in plans:
-            paths[f"int-{plan}"] = export_integer_onnx(integer_model(plan, calib), d / f"int_{plan}.onnx")
+            net = integer_model(plan, calib)
+            paths[f"int-{plan}"] = export_integer_onnx(net, d / f"int_{plan}.onnx")
+            paths[f"int-qdq-{plan}"] = export_integer_onnx(net, d / f"int_qdq_{plan}.onnx", form="qdq")
         if args.refs:
             paths["ort-ptq"] = ort_ptq(paths["FP"], d / "ort_ptq.onnx", "qop", calib.numpy(), per_channel=True)
             paths["ort-ptq-qdq"] = ort_ptq(paths["FP"], d / "ort_ptq_qdq.onnx", "qdq", calib.numpy(),
@@ -142,6 +148,12 @@ def main(argv: list[str] | None = None) -> str:
             sessions[f"{k} ORT"] = sess
             ref = np.concatenate([sess.run(None, {"input": test[i:i + b]})[0] for i in range(0, len(test), b)])
             res[k] = {"ORT": {"top1": float((ref.argmax(1) == labels).mean())}, "_ref": ref}
+            if k.startswith("int-qdq-"):  # onnxruntime on the QDQ file against onnxruntime on the int8 file
+                exact = res[k.replace("int-qdq-", "int-")]["_ref"]
+                res[k]["ORT"].update(equal_int8=float((ref == exact).mean()),
+                                     agree_int8=float((ref.argmax(1) == exact.argmax(1)).mean()),
+                                     max_abs_int8=float(np.abs(ref - exact).max()))
+                res[k]["_ref"] = exact
         for k, rt, conf in ov_runs:
             ref = res[k]["_ref"]
             try:
@@ -176,6 +188,9 @@ def main(argv: list[str] | None = None) -> str:
             t = [med[(f"{k} {rt}", n)] for n in (1, b)]
             cmp = ("(reference)", "(reference)", "-") if rt == "ORT" else \
                 (f"{r['agree']:.2%}", f"{r['equal']:.2%}", f"{r['max_abs']:.3g}")
+            if "equal_int8" in r:
+                cmp = (f"{r['agree_int8']:.2%} (ORT int-)", f"{r['equal_int8']:.2%} (ORT int-)",
+                       f"{r['max_abs_int8']:.3g} (ORT int-)")
             lines.append(f"| {k} | {rt} | {r.get('precision', 'onnxruntime')} | {r['top1']:.2%} | {' | '.join(cmp)} | "
                          f"{t[0]:.3f} | {t[0] / med[('FP ORT', 1)]:.2f} | {t[1]:.2f} | {t[1] / med[('FP ORT', b)]:.2f} |")
     errors = [(k, rt, res[k][rt]["error"]) for k in paths for rt in ("OV", "OV-f32") if "error" in res[k].get(rt, {})]

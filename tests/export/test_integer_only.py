@@ -193,3 +193,10 @@ def test_export_model_writes_the_integer_graph(images, tmp_path):
     assert "| layer1.0.add | add | relu | QLinearAdd" in report and "form integer_only" in report
     with pytest.raises(ValueError, match="trained integer-only: its ONNX form is 'integer_only'"):
         export_model(model, tmp_path / "qdq", x[:1], formats=["onnx"], options={"onnx_form": "qdq"})
+    # the QDQ form of the same graph for QDQ readers: standard ops in the file, the same logits in onnxruntime
+    summary = export_model(model, tmp_path / "iqdq", x[:1], formats=["onnx"],
+                           options={"onnx_form": "integer_only_qdq"})
+    assert summary["onnx_form"] == "integer_only_qdq" and summary["onnx_max_abs_diff"] == 0.0
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "iqdq" / "model.onnx")).graph.node}
+    assert {"Conv", "DequantizeLinear"} <= ops and "QLinearConv" not in ops
+    assert np.array_equal(run_onnx(tmp_path / "iqdq" / "model.onnx", x[32:64]), ref.numpy())

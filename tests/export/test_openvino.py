@@ -19,8 +19,9 @@ ov = pytest.importorskip("openvino")
 # max |logit| difference allowed, OpenVINO against onnxruntime. Observed on this repository's ResNet20 (2-core
 # AVX-512/AMX VM, OpenVINO 2026.4.1, its default bf16 inference precision; benchmarks/openvino_compare.py --refs,
 # 1,000 CIFAR-10 test images, logits up to about 24): 0.163 for the float export (0.11-0.13 on 24-128 images),
-# 0.918 for onnxruntime's own int8 QDQ model of it. The integer-only file has no observed figure yet (OpenVINO cannot
-# read it, see test_integer_only_graph); the int8 QDQ figure stands in for it, about 2x:
+# 0.918 for onnxruntime's own int8 QDQ model of it. The integer-only file (int8 form) has no observed figure (OpenVINO
+# cannot read it, see test_integer_only_graph; its QDQ form is checked in test_integer_qdq.py); the int8 QDQ figure
+# stands in for it, about 2x:
 INT_ATOL = 2.0
 FP_ATOL = 0.4  # about 2.5x the 0.163 observed
 

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="shape of one input (default: the run's dataset.image_size and the first conv's channels)")
     p.add_argument("--onnx-form", default=None, metavar="FORM",
                    help="int8 (default: exact integer kernels in onnxruntime, ConvInteger/MatMulInteger) or qdq "
-                        "(QuantizeLinear/DequantizeLinear at the true bitwidths, int2/int4)")
+                        "(QuantizeLinear/DequantizeLinear at the true bitwidths, int2/int4); a model trained "
+                        "integer-only: integer_only (default) or integer_only_qdq (the same graph for QDQ readers)")
     p.add_argument("--opset", default=DEFAULT_OPSET, metavar="N",
                    help=f"ONNX opset (default: %(default)s; minimum {MIN_OPSET}. 1..2-bit values are stored as int2 "
                         f"from opset 25, 3..4-bit values as int4 from opset 21, else in the next wider type)")

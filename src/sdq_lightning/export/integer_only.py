@@ -17,6 +17,14 @@ linear         ``com.microsoft.QGemm`` with a float output (the logits)
 Every number written (codes, scales, int32 biases, clip bounds) comes from the same functions the PyTorch forward
 uses (:func:`sdq_lightning.integer.layer_terms`), so onnxruntime computes the PyTorch model's values exactly
 (tests/export/test_integer_only.py).
+
+``form="qdq"`` writes the same graph with standard ONNX ops: each op is ``DequantizeLinear`` of its inputs' codes (one
+per reader), the float op (``Conv`` with ``DequantizeLinear``'d int8 weights, per-channel scale on axis 0, and the
+int32 bias at scale ``fp32(s_x * s_w[c])``; ``Add``; ``GlobalAveragePool``; ``MaxPool``/``Flatten`` requantized at
+their input's scale; ``Gemm`` on the int8 weights ``[in, out]``, scale on axis 1, float output), then
+``QuantizeLinear`` to the output's codes and the same ``Clip``. onnxruntime with graph optimisation fuses every group
+back into the kernel above, so it computes the same values exactly (tests/export/test_integer_qdq.py); without
+optimisation, or in another runtime, the float ops give close values, not these.
 """
 
 from __future__ import annotations
@@ -34,9 +42,10 @@ from sdq_lightning.export.lowering import INTEGER_ONLY_FORM
 from sdq_lightning.integer import is_integer_only, layer_terms
 from sdq_lightning.integer.graph import Op
 
-__all__ = ["INTEGER_ONLY_FORM", "INTEGER_ONLY_OPSET", "export_integer_onnx", "integer_ops"]
+__all__ = ["INTEGER_ONLY_FORM", "INTEGER_ONLY_FORMS", "INTEGER_ONLY_OPSET", "export_integer_onnx", "integer_ops"]
 
 INTEGER_ONLY_OPSET = 21
+INTEGER_ONLY_FORMS = ("int8", "qdq")  # the forms of export_integer_onnx (the names of export.lowering's forms)
 _MS = "com.microsoft"
 
 
@@ -173,6 +182,99 @@ class _Builder:
         self.node("QGemm", ins, "logits", f"{tag}_qgemm", domain=_MS)
 
 
+
+class _QDQBuilder(_Builder):
+    """The same graph in QDQ form (``form="qdq"``): each op is standard ONNX float ops between ``DequantizeLinear``
+    of its inputs' codes and ``QuantizeLinear`` of its output, with the codes, scales, zero points, int32 biases and
+    ``Clip`` nodes (on the uint8 codes, between the ``QuantizeLinear`` and the readers' ``DequantizeLinear``) of the
+    integer graph. Every reader gets its own ``DequantizeLinear`` (one node unit per op)."""
+
+    def dq(self, name: str, t: dict[str, Any], tag: str) -> str:
+        """``DequantizeLinear`` of graph tensor ``name``'s codes for the op ``tag``."""
+        out = f"{tag}_{t['onnx']}_dq"
+        self.node("DequantizeLinear", [t["onnx"], *self.params(name, t)], out, f"{tag}_{t['onnx']}_dequantize")
+        return out
+
+    def q(self, y: str, name: str, t: dict[str, Any], tag: str, lo: int, hi: int) -> None:
+        """``QuantizeLinear`` of the float ``y`` to graph tensor ``name``'s codes, clipped to ``[lo, hi]``."""
+        self.node("QuantizeLinear", [y, *self.params(name, t)], t["onnx"] + "_raw", f"{tag}_quantize")
+        self.clip(t["onnx"] + "_raw", t["onnx"], tag, lo, hi)
+
+    def weights(self, tag: str, codes: np.ndarray, step: torch.Tensor, bias: torch.Tensor | None, x_step: torch.Tensor,
+                axis: int) -> tuple[str, str | None]:
+        """Dequantized int8 weight codes (scale per output channel on ``axis``) and int32 bias (scale
+        ``fp32(s_x * s_w[c])``, zero point 0): the float inputs of the Conv / Gemm."""
+        ws = step.numpy().astype(np.float32)
+        cout = ws.shape[0]
+        w = f"{tag}_w_dq"
+        self.node("DequantizeLinear", [self.init(f"{tag}_w", codes), self.init(f"{tag}_w_scale", ws),
+                                       self.init(f"{tag}_w_zp", np.zeros(cout, np.int8))], w, f"{tag}_w_dequantize",
+                  axis=axis)
+        if bias is None:
+            return w, None
+        bs = (np.float32(x_step.item()) * ws).astype(np.float32)
+        self.node("DequantizeLinear", [self.init(f"{tag}_bias", bias.numpy().astype(np.int32)),
+                                       self.init(f"{tag}_bias_scale", bs),
+                                       self.init(f"{tag}_bias_zp", np.zeros(cout, np.int32))], f"{tag}_bias_dq",
+                  f"{tag}_bias_dequantize", axis=0)
+        return w, f"{tag}_bias_dq"
+
+    def _conv(self, op: Op) -> None:
+        x, out = self.tensor(op.inputs[0]), self.tensor(op.output)
+        tag = layer_tag(op.name)
+        terms = layer_terms(self.net, op, x["step"])
+        codes = terms["codes"].numpy().astype(np.int8)
+        bias = terms["bias"] if terms["bias"] is not None else torch.zeros(codes.shape[0])
+        w, b = self.weights(tag, codes, terms["step"], bias, x["step"], 0)
+        a = op.attrs
+        self.node("Conv", [self.dq(op.inputs[0], x, tag), w, b], f"{tag}_y", f"{tag}_conv",
+                  kernel_shape=list(codes.shape[2:]), strides=[int(v) for v in a["stride"]],
+                  pads=[int(p) for p in a["padding"]] * 2, dilations=[int(v) for v in a["dilation"]],
+                  group=int(a["groups"]))
+        self.q(f"{tag}_y", op.output, out, tag, *self.act_range(op, out))
+
+    def _add(self, op: Op) -> None:
+        a, b, out = (self.tensor(t) for t in (*op.inputs, op.output))
+        tag = layer_tag(op.name)
+        self.node("Add", [self.dq(op.inputs[0], a, tag), self.dq(op.inputs[1], b, tag)], f"{tag}_y", f"{tag}_add")
+        self.q(f"{tag}_y", op.output, out, tag, *self.act_range(op, out))
+
+    def _gap(self, op: Op) -> None:
+        x, out = self.tensor(op.inputs[0]), self.tensor(op.output)
+        tag = layer_tag(op.name)
+        self.node("GlobalAveragePool", [self.dq(op.inputs[0], x, tag)], f"{tag}_y", f"{tag}_globalaveragepool")
+        self.q(f"{tag}_y", op.output, out, tag, out["lo"], out["hi"])
+
+    def _reshape_codes(self, op: Op, op_type: str, role: str, **attrs: Any) -> None:
+        """MaxPool / Flatten between the input's DequantizeLinear and a QuantizeLinear with the input's scale and
+        zero point (the codes pass through unchanged, as in the integer graph)."""
+        x, out = self.tensor(op.inputs[0]), self.tensor(op.output)
+        tag = layer_tag(op.name)
+        self.node(op_type, [self.dq(op.inputs[0], x, tag)], f"{tag}_y", f"{tag}_{role}", **attrs)
+        self.node("QuantizeLinear", [f"{tag}_y", *self.params(op.inputs[0], x)], out["onnx"], f"{tag}_quantize")
+
+    def _maxpool(self, op: Op) -> None:
+        a = op.attrs
+
+        def pair(v: Any) -> list[int]:
+            return [int(v)] * 2 if isinstance(v, int) else [int(i) for i in v]
+
+        self._reshape_codes(op, "MaxPool", "maxpool", kernel_shape=pair(a["kernel_size"]),
+                            strides=pair(a["stride"] or a["kernel_size"]), pads=pair(a["padding"]) * 2,
+                            dilations=pair(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
+
+    def _flatten(self, op: Op) -> None:
+        self._reshape_codes(op, "Flatten", "flatten", axis=1)
+
+    def _linear(self, op: Op) -> None:
+        x = self.tensor(op.inputs[0])
+        tag = layer_tag(op.name)
+        terms = layer_terms(self.net, op, x["step"])
+        codes = np.ascontiguousarray(terms["codes"].numpy().astype(np.int8).T)  # [in, out], as QGemm's B
+        w, b = self.weights(tag, codes, terms["step"], terms["bias"], x["step"], 1)
+        self.node("Gemm", [self.dq(op.inputs[0], x, tag), w] + ([b] if b else []), "logits", f"{tag}_gemm")
+
+
 def integer_ops(graph: Any) -> list[dict[str, str]]:
     """The integer graph's ops as plain data (name, kind, fused activation), for the model metadata and reports."""
     return [{"name": op.name, "kind": op.kind, **({"act": op.act} if op.act else {}),
@@ -180,13 +282,17 @@ def integer_ops(graph: Any) -> list[dict[str, str]]:
 
 
 def export_integer_onnx(net: nn.Module, path: str | Path, intermediates: bool = False,
-                        check: bool = True) -> Path:
+                        check: bool = True, form: str = "int8") -> Path:
     """Write the integer-only network ``net`` (:func:`sdq_lightning.integer.integer_only`, every quantizer
     calibrated) as onnxruntime's integer graph (see the module docstring). ``intermediates``: every tensor of the
     integer graph is a graph output too (uint8 codes with their zero point, named ``t_<tensor>``), for comparing
-    each code with PyTorch's."""
+    each code with PyTorch's. ``form``: ``"int8"`` (onnxruntime's integer operators) or ``"qdq"`` (the same codes
+    and scales as QuantizeLinear / DequantizeLinear around standard float ops, see :class:`_QDQBuilder`; the
+    portable form other runtimes read, and which onnxruntime fuses back into its integer kernels)."""
     from onnx import TensorProto, helper
 
+    if form not in INTEGER_ONLY_FORMS:
+        raise ValueError(f"export_integer_onnx: form must be one of {INTEGER_ONLY_FORMS}, got {form!r}")
     if not is_integer_only(net):
         raise ValueError("export_integer_onnx needs a network in the integer-only mode (sdq_lightning.integer."
                          "integer_only(net), or a run trained with integer_only=True)")
@@ -194,7 +300,7 @@ def export_integer_onnx(net: nn.Module, path: str | Path, intermediates: bool = 
         if not bool(net.get_submodule(t.quant).initialized):
             raise ValueError(f"the quantizer of tensor {t.name!r} was never calibrated (run one forward pass on real "
                              f"data before exporting)")
-    b = _Builder(net)
+    b = _QDQBuilder(net) if form == "qdq" else _Builder(net)
     with torch.no_grad():
         b.build()
     first = next(op for op in b.graph.ops if op.kind == "conv")
@@ -209,5 +315,7 @@ def export_integer_onnx(net: nn.Module, path: str | Path, intermediates: bool = 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", INTEGER_ONLY_OPSET),
                                                     helper.make_opsetid(_MS, 1)])
     model.ir_version = 10
-    return save_model(model, path, {"sdq_form": INTEGER_ONLY_FORM, "sdq_ops": json.dumps(integer_ops(b.graph))},
-                      check)
+    meta = {"sdq_form": INTEGER_ONLY_FORM, "sdq_ops": json.dumps(integer_ops(b.graph))}
+    if form != "int8":
+        meta["sdq_integer_form"] = form
+    return save_model(model, path, meta, check)

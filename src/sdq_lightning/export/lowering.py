@@ -48,6 +48,7 @@ class LoweringContext:
 
 Lowering = Callable[[LoweringContext], Path]
 INTEGER_ONLY_FORM = "integer_only"
+INTEGER_ONLY_QDQ_FORM = "integer_only_qdq"
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,12 @@ def _qdq(ctx: LoweringContext) -> Path:
     return lower_qdq(ctx)
 
 
-def _integer_only(ctx: LoweringContext) -> Path:
+def _integer_only(ctx: LoweringContext, form: str = "int8") -> Path:
     from sdq_lightning.checkpoint import network_of
     from sdq_lightning.export.integer_only import export_integer_onnx
 
     return export_integer_onnx(network_of(ctx.model), ctx.path, bool(ctx.options.get("intermediates", False)),
-                               ctx.check)
+                               ctx.check, form=form)
 
 
 register_lowering("int8", _int8, description="integer kernels (QLinearConv, ConvInteger, MatMulInteger) on the "
@@ -114,3 +115,6 @@ register_lowering("int8", _int8, description="integer kernels (QLinearConv, Conv
 register_lowering("qdq", _qdq, description="QuantizeLinear/DequantizeLinear in the narrowest ONNX integer types")
 register_lowering(INTEGER_ONLY_FORM, _integer_only, fake_quant=False,
                   description="onnxruntime's integer graph of a network trained in the integer-only mode")
+register_lowering(INTEGER_ONLY_QDQ_FORM, lambda ctx: _integer_only(ctx, "qdq"), fake_quant=False,
+                  description="the same integer graph as QuantizeLinear/DequantizeLinear around standard ops, for QDQ "
+                              "readers (OpenVINO); onnxruntime fuses it back into the integer kernels")
