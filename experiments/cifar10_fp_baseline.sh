@@ -12,7 +12,7 @@
 # About 65 s per epoch on an idle 2-core machine (about 90 min in all). When the run has finished, its weights
 # are saved as checkpoints/resnet20_cifar10_fp.pt (a state dict of the timm backbone, 1.1 MB).
 #
-# Across machines: `SAVE_CARRY=1 bash experiments/cifar10_fp_baseline.sh` copies the newest unfinished run of NAME
+# Across machines: `SAVE_UNFINISHED=1 bash experiments/cifar10_fp_baseline.sh` copies the newest unfinished run of NAME
 # (config.yaml with dataset.root blanked, metrics.csv, checkpoints/last.ckpt: about 2.3 MB) to
 # checkpoints/unfinished/NAME/ and stops; on a machine with no run of NAME under outputs/, the script restores that
 # folder and resumes it.
@@ -24,24 +24,24 @@ NAME="${NAME:-cifar10_resnet20_fp}"
 OUT_PT="${OUT_PT:-checkpoints/resnet20_cifar10_fp.pt}"
 PY="${PY:-.venv/bin/python}"
 OUTPUTS="${SDQ_OUTPUT_DIR:-outputs}"
-CARRY="checkpoints/unfinished/$NAME"
+KEEP="checkpoints/unfinished/$NAME"
 RESUME=()
 LAST=$(ls -td "$OUTPUTS/runs/$NAME"/*/ 2>/dev/null | head -1 || true)
-if [ "${SAVE_CARRY:-0}" = 1 ]; then
+if [ "${SAVE_UNFINISHED:-0}" = 1 ]; then
   if [ -z "$LAST" ] || [ ! -f "$LAST/checkpoints/last.ckpt" ] || [ -f "$LAST/metrics.json" ]; then
-    echo "error: no unfinished run of $NAME under $OUTPUTS/runs with a checkpoint to carry" >&2; exit 2
+    echo "error: no unfinished run of $NAME under $OUTPUTS/runs with a checkpoint to save" >&2; exit 2
   fi
-  rm -rf "$CARRY" && mkdir -p "$CARRY/checkpoints"
-  cp "$LAST/checkpoints/last.ckpt" "$CARRY/checkpoints/"
-  cp "$LAST/metrics.csv" "$CARRY/" 2>/dev/null || true
-  sed 's|^\(  root:\).*|\1 null|' "$LAST/config.yaml" > "$CARRY/config.yaml"
-  echo "carried $LAST to $CARRY (commit it; the next sitting resumes from it)"
+  rm -rf "$KEEP" && mkdir -p "$KEEP/checkpoints"
+  cp "$LAST/checkpoints/last.ckpt" "$KEEP/checkpoints/"
+  cp "$LAST/metrics.csv" "$KEEP/" 2>/dev/null || true
+  sed 's|^\(  root:\).*|\1 null|' "$LAST/config.yaml" > "$KEEP/config.yaml"
+  echo "copied $LAST to $KEEP (commit it; the next sitting resumes from it)"
   exit 0
 fi
-if [ -z "$LAST" ] && [ -f "$CARRY/checkpoints/last.ckpt" ]; then
-  LAST="$OUTPUTS/runs/$NAME/carried/"
-  mkdir -p "$LAST" && cp -r "$CARRY"/. "$LAST"
-  echo "restored $CARRY to $LAST"
+if [ -z "$LAST" ] && [ -f "$KEEP/checkpoints/last.ckpt" ]; then
+  LAST="$OUTPUTS/runs/$NAME/restored/"
+  mkdir -p "$LAST" && cp -r "$KEEP"/. "$LAST"
+  echo "restored $KEEP to $LAST"
 fi
 if [ -n "$LAST" ] && [ -f "$LAST/checkpoints/last.ckpt" ] && [ ! -f "$LAST/metrics.json" ]; then
   echo "resuming $LAST"
