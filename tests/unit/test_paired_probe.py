@@ -152,7 +152,7 @@ def _fit(task_estimate: str, probes_per_step: int = 1):
     return snap.state, cb
 
 
-@pytest.mark.parametrize("estimate", ["paired", "paired_train"])
+@pytest.mark.parametrize("estimate", ["paired", pytest.param("paired_train", marks=pytest.mark.slow)])
 def test_probing_leaves_the_training_run_unchanged(estimate):
     """Budget only: the task force is not used, so a run with probes must train exactly the network a run without
     them trains (weights, BatchNorm statistics): a probe that left a buffer, a draw counter or a DBP changed would
