@@ -49,6 +49,10 @@ INTEGER_ONLY_FORMS = ("int8", "qdq")  # the forms of export_integer_onnx (the na
 _MS = "com.microsoft"
 
 
+def _pair(v: Any) -> list[int]:
+    return [int(v)] * 2 if isinstance(v, int) else [int(i) for i in v]
+
+
 def _scalar(v: torch.Tensor) -> np.ndarray:
     return np.array(float(v.detach().float()), dtype=np.float32)
 
@@ -157,13 +161,9 @@ class _Builder:
     def _maxpool(self, op: Op) -> None:
         x, out = self.tensor(op.inputs[0]), self.tensor(op.output)
         a = op.attrs
-
-        def pair(v: Any) -> list[int]:
-            return [int(v)] * 2 if isinstance(v, int) else [int(i) for i in v]
-
         self.node("MaxPool", [x["onnx"]], out["onnx"], f"{layer_tag(op.name)}_maxpool",
-                  kernel_shape=pair(a["kernel_size"]), strides=pair(a["stride"] or a["kernel_size"]),
-                  pads=pair(a["padding"]) * 2, dilations=pair(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
+                  kernel_shape=_pair(a["kernel_size"]), strides=_pair(a["stride"] or a["kernel_size"]),
+                  pads=_pair(a["padding"]) * 2, dilations=_pair(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
 
     def _flatten(self, op: Op) -> None:
         self.node("Flatten", [self.tensor(op.inputs[0])["onnx"]], self.tensor(op.output)["onnx"],
@@ -180,7 +180,6 @@ class _Builder:
         if terms["bias"] is not None:
             ins.append(self.init(f"{tag}_bias", terms["bias"].numpy().astype(np.int32)))
         self.node("QGemm", ins, "logits", f"{tag}_qgemm", domain=_MS)
-
 
 
 class _QDQBuilder(_Builder):
@@ -255,13 +254,9 @@ class _QDQBuilder(_Builder):
 
     def _maxpool(self, op: Op) -> None:
         a = op.attrs
-
-        def pair(v: Any) -> list[int]:
-            return [int(v)] * 2 if isinstance(v, int) else [int(i) for i in v]
-
-        self._reshape_codes(op, "MaxPool", "maxpool", kernel_shape=pair(a["kernel_size"]),
-                            strides=pair(a["stride"] or a["kernel_size"]), pads=pair(a["padding"]) * 2,
-                            dilations=pair(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
+        self._reshape_codes(op, "MaxPool", "maxpool", kernel_shape=_pair(a["kernel_size"]),
+                            strides=_pair(a["stride"] or a["kernel_size"]), pads=_pair(a["padding"]) * 2,
+                            dilations=_pair(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
 
     def _flatten(self, op: Op) -> None:
         self._reshape_codes(op, "Flatten", "flatten", axis=1)
