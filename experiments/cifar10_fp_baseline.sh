@@ -35,6 +35,16 @@ if [ "${SAVE_UNFINISHED:-0}" = 1 ]; then
   cp "$LAST/checkpoints/last.ckpt" "$KEEP/checkpoints/"
   cp "$LAST/metrics.csv" "$KEEP/" 2>/dev/null || true
   sed 's|^\(  root:\).*|\1 null|' "$LAST/config.yaml" > "$KEEP/config.yaml"
+  "$PY" - "$KEEP/checkpoints/last.ckpt" <<'PY'
+import sys, torch
+path = sys.argv[1]  # the checkpoint callback's own folders name this machine: not kept
+ckpt = torch.load(path, map_location="cpu", weights_only=False)
+for state in ckpt.get("callbacks", {}).values():
+    for key in ("dirpath", "best_model_path", "last_model_path", "kth_best_model_path"):
+        if isinstance(state, dict) and isinstance(state.get(key), str):
+            state[key] = ""
+torch.save(ckpt, path)
+PY
   echo "copied $LAST to $KEEP (commit it; the next sitting resumes from it)"
   exit 0
 fi
