@@ -115,22 +115,22 @@ def _export_packed(ctx: ExportContext) -> dict[str, Any]:
 def _export_onnx(ctx: ExportContext) -> dict[str, Any]:
     from sdq_lightning.checkpoint import network_of
     from sdq_lightning.export.integer_only import INTEGER_ONLY_OPSET
-    from sdq_lightning.export.lowering import (INTEGER_ONLY_FORM, INTEGER_ONLY_QDQ_FORM, ONNX_FORMS, LoweringContext,
+    from sdq_lightning.export.lowering import (INTEGER_FORMS, INTEGER_ONLY_FORM, ONNX_FORMS, LoweringContext,
                                                get_lowering)
     from sdq_lightning.export.onnx_export import DEFAULT_FORM, DEFAULT_OPSET, run_onnx
     from sdq_lightning.integer import is_integer_only
 
     form = ctx.options.get("onnx_form") or DEFAULT_FORM
     if is_integer_only(network_of(ctx.model)):  # trained as onnxruntime's integer graph: that graph, nothing else
-        if ctx.options.get("onnx_form") not in (None, INTEGER_ONLY_FORM, INTEGER_ONLY_QDQ_FORM):
-            raise ValueError(f"this model was trained integer-only: its ONNX form is {INTEGER_ONLY_FORM!r} (or "
-                             f"{INTEGER_ONLY_QDQ_FORM!r} for QDQ readers), got onnx_form={form!r}")
         form = ctx.options.get("onnx_form") or INTEGER_ONLY_FORM
+        if form not in INTEGER_FORMS:
+            raise ValueError(f"this model was trained integer-only: its ONNX form is {INTEGER_ONLY_FORM!r} (one of "
+                             f"{', '.join(INTEGER_FORMS)}), got onnx_form={form!r}")
     elif form not in ONNX_FORMS:
         raise ValueError(f"onnx_form must be one of {', '.join(ONNX_FORMS)}, got {form!r}")
     p = get_lowering(form)(LoweringContext(ctx.model, ctx.out_dir / "model.onnx", ctx.example_input, ctx.opset))
     out: dict[str, Any] = {"files": {"onnx": str(p)}, "onnx_form": form}
-    if form in (INTEGER_ONLY_FORM, INTEGER_ONLY_QDQ_FORM):
+    if form in INTEGER_FORMS:
         out["onnx_opset"] = INTEGER_ONLY_OPSET
     if ctx.verify:
         with torch.no_grad():

@@ -42,7 +42,8 @@ from sdq_lightning.export.lowering import INTEGER_ONLY_FORM
 from sdq_lightning.integer import is_integer_only, layer_terms
 from sdq_lightning.integer.graph import Op
 
-__all__ = ["INTEGER_ONLY_FORM", "INTEGER_ONLY_FORMS", "INTEGER_ONLY_OPSET", "export_integer_onnx", "integer_ops"]
+__all__ = ["INTEGER_ONLY_FORM", "INTEGER_ONLY_FORMS", "INTEGER_ONLY_OPSET", "export_integer_onnx",
+           "integer_ops"]
 
 INTEGER_ONLY_OPSET = 21
 INTEGER_ONLY_FORMS = ("int8", "qdq")  # the forms of export_integer_onnx (the names of export.lowering's forms)

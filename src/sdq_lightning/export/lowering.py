@@ -66,6 +66,9 @@ LOWERINGS = RegistryNames(_LOWERINGS)
 ONNX_FORMS = RegistryNames(_LOWERINGS, keep=lambda e: e.fake_quant)
 """The forms a fake-quantized model can be exported in (live)."""
 
+INTEGER_FORMS = RegistryNames(_LOWERINGS, keep=lambda e: not e.fake_quant)
+"""The forms a network trained in the integer-only mode can be exported in (live)."""
+
 
 def register_lowering(name: str, fn: Lowering, *, description: str = "", fake_quant: bool = True,
                       replace: bool = False) -> Lowering:
