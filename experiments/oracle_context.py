@@ -1,7 +1,7 @@
 """How far the oracle's ranking of one-level drops depends on the context it is measured in.
 
     python experiments/oracle_context.py --data <cifar10 root> [--checkpoint checkpoints/resnet20_cifar10_fp.pt]
-        [--oracle outputs/fixed_plan/plans/oracle.json] [--batches 4]
+        [--oracle outputs/fixed_plan/plans/oracle.json] [--batches 4] [--out context.json]
 
 The oracle (``sdq-plan --method oracle``) quantizes one layer alone, every other layer in floating point, BatchNorm in
 eval mode. A search decides its drops in another context. Printed, as Spearman correlations over the searched layers
@@ -9,7 +9,11 @@ against the oracle file's one-level drops (the same held-out batches as sdq-plan
 
 * ``train-mode BN``: the same finite differences with BatchNorm on batch statistics (what a train-mode probe sees);
 * ``others at b bits``: the drop b -> b-1 of each layer while every other searched layer is at b bits (the oracle's
-  quantizer, eval mode), for b = 3 and 2.
+  quantizer, eval mode), for b = 4, 3 and 2, with the split-half Spearman of those drops (even against odd batches).
+
+``--out`` writes the in-context drops as a sensitivity file (``{layer: {bits: loss_increase}}``, read by
+``experiments/sensitivity_agreement.py``): S(4) = 0 and S(b-1) = S(b) + the drop b -> b-1 measured with the others at
+b bits, so every one-level drop in the file is the in-context one, the context a search near that level decides in.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main() -> None:
     p.add_argument("--checkpoint", default="checkpoints/resnet20_cifar10_fp.pt")
     p.add_argument("--oracle", default="outputs/fixed_plan/plans/oracle.json")
     p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--out", default=None, help="write the in-context one-level drops here (JSON)")
     a = p.parse_args()
     args = _parser().parse_args(["--checkpoint", a.checkpoint, "--model", "resnet20", "--data", a.data,
                                  "--dataset", "imagefolder", "--method", "oracle", "--budget", "avg_bits=2.0",
@@ -45,14 +50,17 @@ def main() -> None:
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     torch.set_grad_enabled(False)
 
-    def loss(train: bool) -> float:
+    def losses(train: bool) -> torch.Tensor:
         model.train(train)
         saved = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
-        out = sum(float(F.cross_entropy(model(x).float(), y)) for x, y in batches) / len(batches)
+        out = torch.tensor([float(F.cross_entropy(model(x).float(), y)) for x, y in batches], dtype=torch.float64)
         for m, (mean, var) in zip(bns, saved):
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
         return out
+
+    def loss(train: bool) -> float:
+        return float(losses(train).mean())
 
     def set_all(bits: int | None) -> None:
         for n in names:
@@ -71,18 +79,31 @@ def main() -> None:
     agree = oracle.agreement(Sensitivity(values, "train_bn"), [(2, 1), (3, 2), (4, 3)])
     print("train-mode BN, others FP: " + ", ".join(f"{k} {v:.3f}" for k, v in agree.items()))
     # the others at b bits, eval mode
-    for b in (3, 2):
+    drops, halves = {}, ({}, {})
+    for b in (4, 3, 2):
         set_all(b)
-        base = loss(False)
-        drops = {}
+        base = losses(False)
         for n in names:
             modules[n].weight.copy_(quantized[(n, b - 1)])
-            drops[(n, b, b - 1)] = loss(False) - base
+            d = losses(False) - base
+            drops[(n, b, b - 1)] = float(d.mean())
+            halves[0][(n, b, b - 1)], halves[1][(n, b, b - 1)] = float(d[0::2].mean()), float(d[1::2].mean())
             modules[n].weight.copy_(quantized[(n, b)])
-        r = spearman(oracle.increments([(b, b - 1)]), drops)
+        level = {k: v for k, v in drops.items() if k[1] == b}
+        r = spearman(oracle.increments([(b, b - 1)]), level)
+        split = spearman(*({k: v for k, v in h.items() if k[1] == b} for h in halves)) if len(batches) > 1 else None
         print(f"others at {b} bits (eval), drop {b}->{b - 1}: Spearman {r:.3f} against the FP-context oracle "
-              f"(loss with every searched layer at {b} bits: {base:.3f})")
+              f"(loss with every searched layer at {b} bits: {float(base.mean()):.3f}"
+              + (f"; split-half {split:.3f})" if split is not None else ")"))
     set_all(None)
+    if a.out:
+        values = {}
+        for n in names:
+            s4 = 0.0
+            s3 = s4 + drops[(n, 4, 3)]
+            s2 = s3 + drops[(n, 3, 2)]
+            values[n] = {4: s4, 3: s3, 2: s2, 1: s2 + drops[(n, 2, 1)]}
+        print(f"wrote {Sensitivity(values, 'oracle_in_context').to_json(a.out)}")
 
 
 if __name__ == "__main__":
