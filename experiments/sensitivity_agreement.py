@@ -8,6 +8,10 @@ read as the search's own measurements, restricted to the levels it measured (a l
 measurement to compare). Per other method: the correlation of the one-level drops S(lo) - S(hi) over every layer and
 level both have, then per level (over layers: the comparisons a plan at that level makes), then of the values
 themselves (json files only), and how many layer-levels were compared.
+
+``--between``: also how far the other methods agree with each other (e.g. searches of different seeds: how
+repeatable a search's measurement is), per level the Spearman of every pair over the layer-levels both measured, and
+the mean over pairs.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ def _load(path: str, name: str, layers: list[str], bits: list[int]) -> Sensitivi
 
 
 def main(argv: list[str]) -> None:
+    between = "--between" in argv
+    argv = [a for a in argv if a != "--between"]
     if len(argv) < 2 or any("=" not in a for a in argv[1:]):
-        raise SystemExit("usage: sensitivity_agreement.py ORACLE.json NAME=OTHER.json|RUN [NAME=... ...]")
+        raise SystemExit("usage: sensitivity_agreement.py ORACLE.json NAME=OTHER.json|RUN [NAME=... ...] [--between]")
     ref = Sensitivity.from_json(argv[0], "oracle")
     layers = list(ref.values)
     bits = sorted({b for t in ref.values.values() for b in t})
@@ -39,9 +45,10 @@ def main(argv: list[str]) -> None:
     print("| method vs oracle | one-level drops, all levels | " + " | ".join(f"{h}->{lo}" for h, lo in levels)
           + " | values | compared |")
     print("|---|---:|" + "---:|" * len(levels) + "---:|---:|")
+    others = {}
     for arg in argv[1:]:
         name, path = arg.split("=", 1)
-        other = _load(path, name, layers, bits)
+        other = others[name] = _load(path, name, layers, bits)
         agree = ref.agreement(other, levels)
         flat_ref = {(n, b): v for n, t in ref.values.items() for b, v in t.items() if b != bits[-1]}
         flat_other = {(n, b): v for n, t in other.values.items() for b, v in t.items() if b != bits[-1]}
@@ -49,6 +56,29 @@ def main(argv: list[str]) -> None:
         compared = len(other.increments(levels))
         print(f"| {name} | {agree.pop('all'):.3f} | " + " | ".join(f"{r:.3f}" for r in agree.values())
               + f" | {values} | {compared} |")
+    if between and len(others) > 1:
+        _between(others, levels)
+
+
+def _between(others: dict[str, Sensitivity], levels: list[tuple[int, int]]) -> None:
+    """Spearman of every pair of ``others`` per level, over the layer-levels both have."""
+    names = list(others)
+    print("\n| pair | " + " | ".join(f"{h}->{lo}" for h, lo in levels) + " |")
+    print("|---|" + "---:|" * len(levels))
+    per_level: dict[tuple[int, int], list[float]] = {lv: [] for lv in levels}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            cells = []
+            for lv in levels:
+                try:
+                    r = spearman(others[a].increments([lv]), others[b].increments([lv]))
+                    per_level[lv].append(r)
+                    cells.append(f"{r:.3f}")
+                except ValueError:  # fewer than 3 layers both measured at this level
+                    cells.append("-")
+            print(f"| {a} vs {b} | " + " | ".join(cells) + " |")
+    print("| mean over pairs | " + " | ".join(
+        f"{sum(v) / len(v):.3f} ({len(v)})" if v else "-" for v in per_level.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -49,3 +49,22 @@ def test_the_protocol_refuses_an_unknown_method_in_one_line(tmp_path) -> None:
     assert res.stderr.strip().splitlines() == [
         "error: unknown method 'hawq_v9' (allowed: oracle hawq random size_greedy uniform; other plans: "
         "EXTRA=budget:name=file)"]
+
+
+def test_sensitivity_agreement_between_compares_every_pair_per_level(tmp_path) -> None:
+    from scipy.stats import spearmanr
+
+    layers = [f"l{i}" for i in range(5)]
+    drops = {"a": [5, 4, 3, 2, 1], "b": [5, 4, 3, 1, 2], "c": [1, 2, 3, 4, 5]}  # the 2->1 drop of each layer
+    files = {}
+    for name, d in {"oracle": [5, 4, 3, 2, 1], **drops}.items():
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps({n: {"1": float(x), "2": 0.0} for n, x in zip(layers, d)}))
+    out = subprocess.run([sys.executable, str(REPO / "experiments" / "sensitivity_agreement.py"), str(files["oracle"]),
+                          *(f"{n}={files[n]}" for n in drops), "--between"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines() if line.startswith(("| a vs ", "| b vs "))}
+    expect = {f"{x} vs {y}": spearmanr(drops[x], drops[y]).statistic for x, y in (("a", "b"), ("a", "c"), ("b", "c"))}
+    assert rows == {k: f"{v:.3f}" for k, v in expect.items()}
+    mean = next(line for line in out.splitlines() if line.startswith("| mean over pairs"))
+    assert f"{sum(expect.values()) / 3:.3f} (3)" in mean
