@@ -33,7 +33,7 @@ OUTPUTS="${SDQ_OUTPUT_DIR:-outputs}"
 ARGS=("$@")
 test -f "$FP" || { echo "error: $FP not found; run experiments/cifar10_fp_baseline.sh first" >&2; exit 2; }
 for e in $ESTIMATES; do
-  case "$e" in paired|paired_train|pathwise) ;; *) echo "error: unknown estimate '$e' (allowed: paired paired_train pathwise)" >&2; exit 2 ;; esac
+  case "$e" in paired|paired_train|paired_isolated|pathwise) ;; *) echo "error: unknown estimate '$e' (allowed: paired paired_train paired_isolated pathwise)" >&2; exit 2 ;; esac
 done
 mkdir -p "$PLANS"
 [ -f "$PLANS/oracle.json" ] || "$PY" -m sdq_lightning.cli.plan --checkpoint "$FP" --model resnet20 --data "$ROOT" \

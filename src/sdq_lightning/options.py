@@ -104,10 +104,12 @@ class SearchOptions:
             gradients, in eval mode: one forward at every layer's current decision, one more per probed layer with
             its decision flipped between its two live widths, so the batch's noise cancels; ``"paired_train"``: the
             same in train mode, against the training forward's own draws and batch statistics (one forward per
-            probe); ``"pathwise"``: the DBP gradient through the relaxation, ``<dL/dw_q, Q_hi(w) - Q_lo(w)>``
+            probe); ``"paired_isolated"``: the same difference measured in the oracle's context, every other
+            searched layer at its top width (eval mode, two forwards per probed layer); ``"pathwise"``: the DBP
+            gradient through the relaxation, ``<dL/dw_q, Q_hi(w) - Q_lo(w)>``
             (first order, no extra forward). Where the default ``probe_loss`` does not fit the batches, the search
             warns once and measures pathwise. See ``docs/method.md``, "What the task force measures".
-        probes_per_step: ``"paired"``/``"paired_train"``: layers measured per training step.
+        probes_per_step: ``"paired"``/``"paired_train"``/``"paired_isolated"``: layers measured per training step.
         probe_loss: the loss the paired forwards compare, ``probe_loss(output, batch) -> Tensor``; None: the
             cross-entropy of the network's output against ``batch[1]``.
         budget_reach: fraction of the search after which the schedule holds the target (0 < x <= 1).

@@ -17,14 +17,14 @@ import sdq_lightning as sq
 from sdq_lightning.core.search import BitSearch
 
 
-def _searched_net():
+def _searched_net(estimate: str = "paired"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     prof = sq.profile_model(model, torch.randn(1, 16))
     sq.quantize_model(model, sq.QuantSpec(weight_bits=(1, 2, 3, 4), activation_bits=None, first_last="search"))
     model.train()
     cm = sq.CostModel(model, prof)
-    search = BitSearch(cm, sq.Budget("avg_bits", 2.0), task_estimate="paired")
+    search = BitSearch(cm, sq.Budget("avg_bits", 2.0), task_estimate=estimate)
     search.start(steps_per_epoch=10, search_epochs=1)
     return model, search
 
@@ -60,6 +60,39 @@ def test_a_probe_records_the_directly_computed_loss_difference():
     for q, before in zip(search.quantizers, dbps):
         assert torch.equal(q.dbp.detach(), before)
     assert all(float(search.optimizer.state[q.dbp]["probes"].sum()) == 0 for q in search.quantizers[1:])
+
+
+def test_an_isolated_probe_measures_with_every_other_layer_at_its_top_width():
+    model, search = _searched_net("paired_isolated")
+    model.eval()
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    qs = search.quantizers
+    for q in qs:
+        q.set_level(1)  # every layer at 2 bits (its live DBP 1): the search's context is not the oracle's
+    q0 = qs[0]
+    dbps = [q.dbp.detach().clone() for q in qs]
+    search.begin_step(3, 1.0)
+    search.probe(None, lambda: _loss(model, x, y))
+    sens = float(search.optimizer.state[q0.dbp]["sens"][1])
+    assert [int(q.level) for q in qs] == [1] * len(qs)  # levels and DBPs put back
+    assert all(torch.equal(q.dbp.detach(), d) for q, d in zip(qs, dbps))
+
+    def drop_2_to_1(others_level: int) -> float:
+        out = {}
+        with torch.no_grad():
+            for q in qs[1:]:
+                q.set_level(others_level, reinit_dbp=1.0)
+            for value in (1.0, 0.0):
+                q0.dbp[1] = value
+                out[value] = float(_loss(model, x, y))
+            for q, d in zip(qs, dbps):
+                q.set_level(1, reinit_dbp=None)
+                q.dbp.copy_(d)
+        return out[0.0] - out[1.0]
+
+    isolated, in_context = drop_2_to_1(3), drop_2_to_1(1)
+    assert abs(isolated - in_context) > 1e-6  # the two contexts differ on this net (by far more than the tolerance)
+    assert sens == pytest.approx(isolated, rel=1e-5, abs=1e-7)
 
 
 def test_probes_go_round_the_layers_and_drive_the_task_gradient():
@@ -152,7 +185,8 @@ def _fit(task_estimate: str, probes_per_step: int = 1):
     return snap.state, cb
 
 
-@pytest.mark.parametrize("estimate", ["paired", pytest.param("paired_train", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("estimate", ["paired", pytest.param("paired_train", marks=pytest.mark.slow),
+                                      pytest.param("paired_isolated", marks=pytest.mark.slow)])
 def test_probing_leaves_the_training_run_unchanged(estimate):
     """Budget only: the task force is not used, so a run with probes must train exactly the network a run without
     them trains (weights, BatchNorm statistics): a probe that left a buffer, a draw counter or a DBP changed would

@@ -381,7 +381,7 @@ class SDQ(Callback):
         scaler = grad_scaler(trainer)
         if self.phase is Phase.SEARCH and self.search is not None and self.search.optimizer is not None:
             if self.search.probes and self._probe_batch is not None and \
-                    (self.task_estimate == "paired" or self._probe_out is not None):
+                    (self.task_estimate != "paired_train" or self._probe_out is not None):
                 self._probe(trainer, pl_module)
             self._terms.update(self.search.step(scaler))
         else:
@@ -400,7 +400,7 @@ class SDQ(Callback):
                 self._step_opt.step()
             self._step_opt.zero_grad(set_to_none=True)
 
-    # ---- the paired forwards of task_estimate="paired" / "paired_train"
+    # ---- the paired forwards of task_estimate="paired" / "paired_train" / "paired_isolated"
     def _capture_probe_output(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if module.training and torch.is_grad_enabled():
             self._probe_out = output
@@ -414,10 +414,11 @@ class SDQ(Callback):
         """The further forwards of this step's batch for :meth:`BitSearch.probe`, ``probes_per_step`` layers, no
         gradients, the training step's precision context, the same weights. ``paired``: in eval mode (BatchNorm's
         running statistics, every layer at its current decision), one forward for the reference loss and one per
-        probed layer with that layer's decision flipped. ``paired_train``: the reference is the training forward's
-        own loss and each probe repeats its draws and batch statistics with one layer's draw flipped. Every buffer
-        (BatchNorm statistics, draw counters, activation-quantizer state) and the module's train mode are put back
-        afterwards, so training goes on as it would without the probes, apart from the DBP moves they cause."""
+        probed layer with that layer's decision flipped; ``paired_isolated``: in eval mode, two forwards per probed
+        layer with every other searched layer at its top width. ``paired_train``: the reference is the training
+        forward's own loss and each probe repeats its draws and batch statistics with one layer's draw flipped.
+        Every buffer (BatchNorm statistics, draw counters, activation-quantizer state) and the module's train mode
+        are put back afterwards, so training goes on as it would without the probes, apart from the DBP moves they cause."""
         net = network_of(pl_module)
         batch, out = self._probe_batch, self._probe_out
         self._probe_out = None
@@ -440,6 +441,10 @@ class SDQ(Callback):
                 if self.task_estimate == "paired":
                     net.eval()
                     main = loss_of()  # also sets every layer's last_index to its current decision
+                elif self.task_estimate == "paired_isolated":
+                    net.eval()
+                    self.search.probe(None, loss_of, self.probes_per_step)  # two forwards of its own per layer
+                    return
                 else:
                     with torch.no_grad():
                         main = self.probe_loss(out.detach() if isinstance(out, Tensor) else out, batch)

@@ -37,7 +37,7 @@ __all__ = ["BUDGET_CONTROLS", "PROJECTION_SENSITIVITIES", "SEARCH_SIGNALS", "TAS
 
 BUDGET_CONTROLS = ("dual", "penalty")
 SEARCH_SIGNALS = ("task+budget", "budget_only", "projection_only", "size_greedy", "random")
-TASK_ESTIMATES = ("pathwise", "paired", "paired_train")
+TASK_ESTIMATES = ("pathwise", "paired", "paired_train", "paired_isolated")
 PROJECTION_SENSITIVITIES = ("task_grad", "weight_mse")
 ROUNDINGS = ("budget", "argmax")
 
@@ -203,7 +203,7 @@ class BitSearch:
         return self.probes_wanted and self.optimizer is not None
 
     @torch.no_grad()
-    def probe(self, main_loss: Tensor, loss_of: Callable[[], Tensor], count: int = 1) -> None:
+    def probe(self, main_loss: Tensor | None, loss_of: Callable[[], Tensor], count: int = 1) -> None:
         """Paired measurements of ``L(b_hi) - L(b_lo)`` for up to ``count`` layers (``task_estimate="paired"`` or
         ``"paired_train"``).
 
@@ -217,7 +217,11 @@ class BitSearch:
         moving (level above the lowest, not settled), levels never measured first, ties to the lower index. A slot
         with no such layer left costs its forward and records nothing. In a distributed run the differences of all
         probes are averaged over the ranks in one all-reduce (every rank probes the same layers on its own batch).
-        All on the device: the choice, the flips and the records."""
+        All on the device: the choice, the flips and the records.
+
+        ``"paired_isolated"``: the oracle's context instead of the search's: every other searched layer at its top
+        width while the probed layer is measured at its two live widths (two forwards per probed layer; ``main_loss``
+        is not used). Levels and DBPs are put back afterwards."""
         qs, opt = self.quantizers, self.optimizer
         if not qs or opt is None:
             return
@@ -234,23 +238,48 @@ class BitSearch:
         p = torch.stack([d.detach() for d in dbps])
         live = p.gather(1, levels.view(-1, 1)).view(-1)
         rows = torch.arange(len(qs), device=p.device)
-        main = main_loss.detach().float()
         diffs = []
         try:
-            for layer in layers.unbind(0):
-                forced = torch.where(rows == layer, (~took_hi).to(p.dtype), live)  # the other width, with certainty
-                torch._foreach_copy_(dbps, p.scatter(1, levels.view(-1, 1), forced.view(-1, 1)).unbind(0))
-                self.begin_step(*self._draw)  # the same uniforms as the training forward
-                other = loss_of().detach().float()
-                diffs.append(torch.where(took_hi.index_select(0, layer.view(1))[0], main - other, other - main))
+            if self.task_estimate == "paired_isolated":
+                diffs = self._isolated_probes(layers, levels, p, loss_of)
+            else:
+                main = main_loss.detach().float()
+                for layer in layers.unbind(0):
+                    forced = torch.where(rows == layer, (~took_hi).to(p.dtype), live)  # the other width, certainly
+                    torch._foreach_copy_(dbps, p.scatter(1, levels.view(-1, 1), forced.view(-1, 1)).unbind(0))
+                    self.begin_step(*self._draw)  # the same uniforms as the training forward
+                    other = loss_of().detach().float()
+                    diffs.append(torch.where(took_hi.index_select(0, layer.view(1))[0], main - other, other - main))
         finally:
             torch._foreach_copy_(dbps, p.unbind(0))
+            torch._foreach_copy_([q.level for q in qs], levels.unbind(0))
         hi_minus_lo = torch.stack(diffs)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(hi_minus_lo)
             hi_minus_lo = hi_minus_lo / torch.distributed.get_world_size()
         ok = eligible.index_select(0, layers) & torch.isfinite(hi_minus_lo)
         opt.record_probe(torch.where(ok, layers, torch.full_like(layers, -1)), torch.where(ok, hi_minus_lo, 0.0))
+
+    def _isolated_probes(self, layers: Tensor, levels: Tensor, p: Tensor, loss_of: Callable[[], Tensor]
+                         ) -> list[Tensor]:
+        """``L(b_hi) - L(b_lo)`` of each of ``layers`` with every other searched layer at its top width (the caller
+        restores levels and DBPs)."""
+        qs = self.quantizers
+        rows = torch.arange(len(qs), device=p.device)
+        top = torch.full_like(levels, p.shape[1] - 1)
+        out = []
+        for layer in layers.unbind(0):
+            probed = rows == layer
+            torch._foreach_copy_([q.level for q in qs], torch.where(probed, levels, top).unbind(0))
+            at = torch.where(probed, levels, top).view(-1, 1)
+            loss = []
+            for keep in (1.0, 0.0):  # the probed layer at its live level's higher width, then the lower one
+                forced = torch.where(probed, torch.full_like(p[:, 0], keep), torch.ones_like(p[:, 0]))
+                torch._foreach_copy_([q.dbp for q in qs], p.scatter(1, at, forced.view(-1, 1)).unbind(0))
+                self.begin_step(*self._draw)
+                loss.append(loss_of().detach().float())
+            out.append(loss[0] - loss[1])
+        return out
 
     @property
     def moves(self) -> bool:
