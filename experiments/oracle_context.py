@@ -11,6 +11,10 @@ against the oracle file's one-level drops (the same held-out batches as sdq-plan
 * ``others at b bits``: the drop b -> b-1 of each layer while every other searched layer is at b bits (the oracle's
   quantizer, eval mode), for b = 4, 3 and 2, with the split-half Spearman of those drops (even against odd batches).
 
+``--weights-from RUN`` measures at a search's weights instead of the checkpoint's: the latent weights and BatchNorm
+statistics of the run's ``checkpoints/last.ckpt`` (a search adapts its weights to the widths it trains at; the oracle
+quantizes the FP weights).
+
 ``--out`` writes the in-context drops as a sensitivity file (``{layer: {bits: loss_increase}}``, read by
 ``experiments/sensitivity_agreement.py``): S(4) = 0 and S(b-1) = S(b) + the drop b -> b-1 measured with the others at
 b bits, so every one-level drop in the file is the in-context one, the context a search near that level decides in.
@@ -35,11 +39,17 @@ def main() -> None:
     p.add_argument("--oracle", default="outputs/fixed_plan/plans/oracle.json")
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--out", default=None, help="write the in-context one-level drops here (JSON)")
+    p.add_argument("--weights-from", default=None, help="a search run folder: measure at its weights")
     a = p.parse_args()
     args = _parser().parse_args(["--checkpoint", a.checkpoint, "--model", "resnet20", "--data", a.data,
                                  "--dataset", "imagefolder", "--method", "oracle", "--budget", "avg_bits=2.0",
                                  "--batches", str(a.batches), "--out", "unused.yaml"])
     model, in_chans = _model(args)
+    if a.weights_from:
+        ckpt = torch.load(f"{a.weights_from}/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items()
+                 if k.startswith("model.") and "_quant." not in k}
+        model.load_state_dict(state)  # strict: every FP weight and statistic, nothing else
     batches = _batches(args)
     problem = PlanProblem.from_model(model, torch.zeros(1, in_chans, 32, 32), tuple(range(1, 9)), None, "8bit")
     oracle = Sensitivity.from_json(a.oracle, "oracle")

@@ -9,6 +9,9 @@ measurement to compare). Per other method: the correlation of the one-level drop
 level both have, then per level (over layers: the comparisons a plan at that level makes), then of the values
 themselves (json files only), and how many layer-levels were compared.
 
+``--candidates 1,2,...,8``: the searches' candidate bitwidths where the reference file has fewer levels (e.g. the
+in-context oracle of ``experiments/oracle_context.py``, 1..4 bits); compared are the reference's levels.
+
 ``--between``: also how far the other methods agree with each other (e.g. searches of different seeds: how
 repeatable a search's measurement is), per level the Spearman of every pair over the layer-levels both measured, and
 the mean over pairs.
@@ -36,11 +39,16 @@ def _load(path: str, name: str, layers: list[str], bits: list[int]) -> Sensitivi
 def main(argv: list[str]) -> None:
     between = "--between" in argv
     argv = [a for a in argv if a != "--between"]
+    candidates = None
+    if "--candidates" in argv:
+        i = argv.index("--candidates")
+        candidates = [int(b) for b in argv[i + 1].split(",")]
+        del argv[i:i + 2]
     if len(argv) < 2 or any("=" not in a for a in argv[1:]):
         raise SystemExit("usage: sensitivity_agreement.py ORACLE.json NAME=OTHER.json|RUN [NAME=... ...] [--between]")
     ref = Sensitivity.from_json(argv[0], "oracle")
     layers = list(ref.values)
-    bits = sorted({b for t in ref.values.values() for b in t})
+    bits = candidates or sorted({b for t in ref.values.values() for b in t})
     levels = ref.one_level_drops()
     print("| method vs oracle | one-level drops, all levels | " + " | ".join(f"{h}->{lo}" for h, lo in levels)
           + " | values | compared |")
