@@ -2,7 +2,7 @@
 # Issue 24: accuracy of phase 2 in the integer-only mode against the fake-quant model, same plan, same schedule.
 # Every row through the Hydra app from the FP checkpoint: plan given (no search), SGD LR cosine, batch 128, fp32, no
 # KD, no EBR (the integer-only mode does not apply EBR), EPOCHS epochs on a class-balanced SUBSET of the training
-# set, validated on 2,000 test images per epoch and tested on the whole test set. Plans (tests/export/integer_helpers.py): w8a8, w4a8 (first conv and
+# set, validated and tested on the same 2,000 seeded test images (dataset.val_subset limits both). Plans (tests/export/integer_helpers.py): w8a8, w4a8 (first conv and
 # classifier 8/8), sdq2 (ResNet20's SDQ plan at 1.998 average weight bits, 8-bit inputs).
 #   CIFAR10_ROOT=/path/to/cifar10 [PLANS="w8a8 w4a8 sdq2"] [EPOCHS=3] [SUBSET=10000] [WORKERS=0] \
 #     bash experiments/integer_only_accuracy.sh

@@ -13,7 +13,7 @@ against the oracle file's one-level drops (the same held-out batches as sdq-plan
 
 ``--weights-from RUN`` measures at a search's weights instead of the checkpoint's: the latent weights and BatchNorm
 statistics of the run's ``checkpoints/last.ckpt`` (a search adapts its weights to the widths it trains at; the oracle
-quantizes the FP weights).
+quantizes the FP weights). The in-context drops only (no train-mode line).
 
 ``--out`` writes the in-context drops as a sensitivity file (``{layer: {bits: loss_increase}}``, read by
 ``experiments/sensitivity_agreement.py``): S(4) = 0 and S(b-1) = S(b) + the drop b -> b-1 measured with the others at
@@ -76,18 +76,18 @@ def main() -> None:
         for n in names:
             modules[n].weight.copy_(original[n] if bits is None else quantized[(n, bits)])
 
-    # train-mode BatchNorm, every other layer FP
-    set_all(None)
-    base = loss(True)
-    values = {}
-    for n in names:
-        values[n] = {}
-        for b in (1, 2, 3, 4):
-            modules[n].weight.copy_(quantized[(n, b)])
-            values[n][b] = loss(True) - base
-        modules[n].weight.copy_(original[n])
-    agree = oracle.agreement(Sensitivity(values, "train_bn"), [(2, 1), (3, 2), (4, 3)])
-    print("train-mode BN, others FP: " + ", ".join(f"{k} {v:.3f}" for k, v in agree.items()))
+    if not a.weights_from:  # train-mode BatchNorm, every other layer FP (the FP checkpoint's question only)
+        set_all(None)
+        base = loss(True)
+        values = {}
+        for n in names:
+            values[n] = {}
+            for b in (1, 2, 3, 4):
+                modules[n].weight.copy_(quantized[(n, b)])
+                values[n][b] = loss(True) - base
+            modules[n].weight.copy_(original[n])
+        agree = oracle.agreement(Sensitivity(values, "train_bn"), [(2, 1), (3, 2), (4, 3)])
+        print("train-mode BN, others FP: " + ", ".join(f"{k} {v:.3f}" for k, v in agree.items()))
     # the others at b bits, eval mode
     drops, halves = {}, ({}, {})
     for b in (4, 3, 2):
