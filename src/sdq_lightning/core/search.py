@@ -204,8 +204,8 @@ class BitSearch:
 
     @torch.no_grad()
     def probe(self, main_loss: Tensor | None, loss_of: Callable[[], Tensor], count: int = 1) -> None:
-        """Paired measurements of ``L(b_hi) - L(b_lo)`` for up to ``count`` layers (``task_estimate="paired"`` or
-        ``"paired_train"``).
+        """Paired measurements of ``L(b_hi) - L(b_lo)`` for up to ``count`` layers (``task_estimate="paired"``,
+        ``"paired_train"`` or ``"paired_isolated"``).
 
         ``main_loss``: the reference loss of this step's batch, from a forward whose every layer's ``last_index``
         says which of its two live widths it used (the training forward, or an eval forward at the current
@@ -270,8 +270,9 @@ class BitSearch:
         out = []
         for layer in layers.unbind(0):
             probed = rows == layer
-            torch._foreach_copy_([q.level for q in qs], torch.where(probed, levels, top).unbind(0))
-            at = torch.where(probed, levels, top).view(-1, 1)
+            at = torch.where(probed, levels, top)
+            torch._foreach_copy_([q.level for q in qs], at.unbind(0))
+            at = at.view(-1, 1)
             loss = []
             for keep in (1.0, 0.0):  # the probed layer at its live level's higher width, then the lower one
                 forced = torch.where(probed, torch.full_like(p[:, 0], keep), torch.ones_like(p[:, 0]))
