@@ -54,6 +54,21 @@ def _pair(v: Any) -> list[int]:
     return [int(v)] * 2 if isinstance(v, int) else [int(i) for i in v]
 
 
+def _conv_attrs(op: Op, codes: np.ndarray) -> dict[str, Any]:
+    """The ONNX attributes of a conv op (QLinearConv and Conv alike)."""
+    a = op.attrs
+    return {"kernel_shape": list(codes.shape[2:]), "strides": [int(v) for v in a["stride"]],
+            "pads": [int(p) for p in a["padding"]] * 2, "dilations": [int(v) for v in a["dilation"]],
+            "group": int(a["groups"])}
+
+
+def _maxpool_attrs(op: Op) -> dict[str, Any]:
+    """The ONNX attributes of a max-pool op."""
+    a = op.attrs
+    return {"kernel_shape": _pair(a["kernel_size"]), "strides": _pair(a["stride"] or a["kernel_size"]),
+            "pads": _pair(a["padding"]) * 2, "dilations": _pair(a["dilation"]), "ceil_mode": int(a["ceil_mode"])}
+
+
 def _scalar(v: torch.Tensor) -> np.ndarray:
     return np.array(float(v.detach().float()), dtype=np.float32)
 
@@ -117,30 +132,34 @@ class _Builder:
         for op in self.graph.ops:
             getattr(self, "_" + op.kind)(op)
 
+    def q(self, y: str, name: str, t: dict[str, Any], tag: str, lo: int, hi: int) -> None:
+        """``QuantizeLinear`` of the float ``y`` to graph tensor ``name``'s codes, clipped to ``[lo, hi]``."""
+        self.node("QuantizeLinear", [y, *self.params(name, t)], t["onnx"] + "_raw", f"{tag}_quantize")
+        self.clip(t["onnx"] + "_raw", t["onnx"], tag, lo, hi)
+
+    def conv_terms(self, op: Op, x: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, torch.Tensor]:
+        """(the layer's integer terms, its int8 weight codes, its int32 bias: zeros where it has none)."""
+        terms = layer_terms(self.net, op, x["step"])
+        codes = terms["codes"].numpy().astype(np.int8)
+        bias = terms["bias"] if terms["bias"] is not None else torch.zeros(codes.shape[0])
+        return terms, codes, bias
+
     def _quantize(self, op: Op) -> None:
         out = self.tensor(op.output)
-        s, z = self.params(op.output, out)
-        self.node("QuantizeLinear", ["input", s, z], out["onnx"] + "_raw", "input_quantize")
-        self.clip(out["onnx"] + "_raw", out["onnx"], "input", out["lo"], out["hi"])
+        self.q("input", op.output, out, "input", out["lo"], out["hi"])
 
     def _conv(self, op: Op) -> None:
         x, out = self.tensor(op.inputs[0]), self.tensor(op.output)
         tag = layer_tag(op.name)
-        terms = layer_terms(self.net, op, x["step"])
-        codes = terms["codes"].numpy().astype(np.int8)
+        terms, codes, bias = self.conv_terms(op, x)
         cout = codes.shape[0]
-        bias = terms["bias"] if terms["bias"] is not None else torch.zeros(cout)
         xs, xz = self.params(op.inputs[0], x)
-        ys, yz = self.params(op.output, out)
-        a = op.attrs
-        pads = [int(p) for p in a["padding"]] * 2
+        ys, yz = self.params(op.output, out)  # before the weights: the initializers' order in the file
         ins = [x["onnx"], xs, xz, self.init(f"{tag}_w", codes),
                self.init(f"{tag}_w_scale", terms["step"].numpy().astype(np.float32)),
                self.init(f"{tag}_w_zp", np.zeros(cout, np.int8)), ys, yz,
                self.init(f"{tag}_bias", bias.numpy().astype(np.int32))]
-        self.node("QLinearConv", ins, out["onnx"] + "_raw", f"{tag}_qlinearconv",
-                  kernel_shape=list(codes.shape[2:]), strides=[int(v) for v in a["stride"]], pads=pads,
-                  dilations=[int(v) for v in a["dilation"]], group=int(a["groups"]))
+        self.node("QLinearConv", ins, out["onnx"] + "_raw", f"{tag}_qlinearconv", **_conv_attrs(op, codes))
         self.clip(out["onnx"] + "_raw", out["onnx"], tag, *self.act_range(op, out))
 
     def _add(self, op: Op) -> None:
@@ -161,10 +180,7 @@ class _Builder:
 
     def _maxpool(self, op: Op) -> None:
         x, out = self.tensor(op.inputs[0]), self.tensor(op.output)
-        a = op.attrs
-        self.node("MaxPool", [x["onnx"]], out["onnx"], f"{layer_tag(op.name)}_maxpool",
-                  kernel_shape=_pair(a["kernel_size"]), strides=_pair(a["stride"] or a["kernel_size"]),
-                  pads=_pair(a["padding"]) * 2, dilations=_pair(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
+        self.node("MaxPool", [x["onnx"]], out["onnx"], f"{layer_tag(op.name)}_maxpool", **_maxpool_attrs(op))
 
     def _flatten(self, op: Op) -> None:
         self.node("Flatten", [self.tensor(op.inputs[0])["onnx"]], self.tensor(op.output)["onnx"],
@@ -195,11 +211,6 @@ class _QDQBuilder(_Builder):
         self.node("DequantizeLinear", [t["onnx"], *self.params(name, t)], out, f"{tag}_{t['onnx']}_dequantize")
         return out
 
-    def q(self, y: str, name: str, t: dict[str, Any], tag: str, lo: int, hi: int) -> None:
-        """``QuantizeLinear`` of the float ``y`` to graph tensor ``name``'s codes, clipped to ``[lo, hi]``."""
-        self.node("QuantizeLinear", [y, *self.params(name, t)], t["onnx"] + "_raw", f"{tag}_quantize")
-        self.clip(t["onnx"] + "_raw", t["onnx"], tag, lo, hi)
-
     def weights(self, tag: str, codes: np.ndarray, step: torch.Tensor, bias: torch.Tensor | None, x_step: torch.Tensor,
                 axis: int) -> tuple[str, str | None]:
         """Dequantized int8 weight codes (scale per output channel on ``axis``) and int32 bias (scale
@@ -222,15 +233,9 @@ class _QDQBuilder(_Builder):
     def _conv(self, op: Op) -> None:
         x, out = self.tensor(op.inputs[0]), self.tensor(op.output)
         tag = layer_tag(op.name)
-        terms = layer_terms(self.net, op, x["step"])
-        codes = terms["codes"].numpy().astype(np.int8)
-        bias = terms["bias"] if terms["bias"] is not None else torch.zeros(codes.shape[0])
+        terms, codes, bias = self.conv_terms(op, x)
         w, b = self.weights(tag, codes, terms["step"], bias, x["step"], 0)
-        a = op.attrs
-        self.node("Conv", [self.dq(op.inputs[0], x, tag), w, b], f"{tag}_y", f"{tag}_conv",
-                  kernel_shape=list(codes.shape[2:]), strides=[int(v) for v in a["stride"]],
-                  pads=[int(p) for p in a["padding"]] * 2, dilations=[int(v) for v in a["dilation"]],
-                  group=int(a["groups"]))
+        self.node("Conv", [self.dq(op.inputs[0], x, tag), w, b], f"{tag}_y", f"{tag}_conv", **_conv_attrs(op, codes))
         self.q(f"{tag}_y", op.output, out, tag, *self.act_range(op, out))
 
     def _add(self, op: Op) -> None:
@@ -254,10 +259,7 @@ class _QDQBuilder(_Builder):
         self.node("QuantizeLinear", [f"{tag}_y", *self.params(op.inputs[0], x)], out["onnx"], f"{tag}_quantize")
 
     def _maxpool(self, op: Op) -> None:
-        a = op.attrs
-        self._reshape_codes(op, "MaxPool", "maxpool", kernel_shape=_pair(a["kernel_size"]),
-                            strides=_pair(a["stride"] or a["kernel_size"]), pads=_pair(a["padding"]) * 2,
-                            dilations=_pair(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
+        self._reshape_codes(op, "MaxPool", "maxpool", **_maxpool_attrs(op))
 
     def _flatten(self, op: Op) -> None:
         self._reshape_codes(op, "Flatten", "flatten", axis=1)
