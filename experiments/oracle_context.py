@@ -107,12 +107,10 @@ def main() -> None:
               + (f"; split-half {split:.3f})" if split is not None else ")"))
     set_all(None)
     if a.out:
-        values = {}
+        values = {n: {4: 0.0} for n in names}
         for n in names:
-            s4 = 0.0
-            s3 = s4 + drops[(n, 4, 3)]
-            s2 = s3 + drops[(n, 3, 2)]
-            values[n] = {4: s4, 3: s3, 2: s2, 1: s2 + drops[(n, 2, 1)]}
+            for b in (4, 3, 2):
+                values[n][b - 1] = values[n][b] + drops[(n, b, b - 1)]
         print(f"wrote {Sensitivity(values, 'oracle_in_context').to_json(a.out)}")
 
 

@@ -37,24 +37,27 @@ def _load(path: str, name: str, layers: list[str], bits: list[int]) -> Sensitivi
 
 
 def main(argv: list[str]) -> None:
-    between = "--between" in argv
-    argv = [a for a in argv if a != "--between"]
-    candidates = None
-    if "--candidates" in argv:
-        i = argv.index("--candidates")
-        candidates = [int(b) for b in argv[i + 1].split(",")]
-        del argv[i:i + 2]
-    if len(argv) < 2 or any("=" not in a for a in argv[1:]):
-        raise SystemExit("usage: sensitivity_agreement.py ORACLE.json NAME=OTHER.json|RUN [NAME=... ...] [--between]")
-    ref = Sensitivity.from_json(argv[0], "oracle")
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("oracle", help="the reference sensitivity file (.json)")
+    ap.add_argument("others", nargs="+", metavar="NAME=OTHER.json|RUN")
+    ap.add_argument("--candidates", default=None, help="the searches' candidate bits, e.g. 1,2,3,4,5,6,7,8")
+    ap.add_argument("--between", action="store_true", help="also compare every pair of the others")
+    args = ap.parse_args(argv)
+    bad = [o for o in args.others if "=" not in o]
+    if bad:
+        ap.error(f"{bad[0]!r} is not NAME=OTHER.json|RUN")
+    ref = Sensitivity.from_json(args.oracle, "oracle")
     layers = list(ref.values)
-    bits = candidates or sorted({b for t in ref.values.values() for b in t})
+    bits = ([int(b) for b in args.candidates.split(",")] if args.candidates
+            else sorted({b for t in ref.values.values() for b in t}))
     levels = ref.one_level_drops()
     print("| method vs oracle | one-level drops, all levels | " + " | ".join(f"{h}->{lo}" for h, lo in levels)
           + " | values | compared |")
     print("|---|---:|" + "---:|" * len(levels) + "---:|---:|")
     others = {}
-    for arg in argv[1:]:
+    for arg in args.others:
         name, path = arg.split("=", 1)
         other = others[name] = _load(path, name, layers, bits)
         agree = ref.agreement(other, levels)
@@ -64,7 +67,7 @@ def main(argv: list[str]) -> None:
         compared = len(other.increments(levels))
         print(f"| {name} | {agree.pop('all'):.3f} | " + " | ".join(f"{r:.3f}" for r in agree.values())
               + f" | {values} | {compared} |")
-    if between and len(others) > 1:
+    if args.between and len(others) > 1:
         _between(others, levels)
 
 
