@@ -63,7 +63,8 @@ def test_sensitivity_agreement_between_compares_every_pair_per_level(tmp_path) -
     out = subprocess.run([sys.executable, str(REPO / "experiments" / "sensitivity_agreement.py"), str(files["oracle"]),
                           *(f"{n}={files[n]}" for n in drops), "--between"],
                          capture_output=True, text=True, check=True).stdout
-    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines() if line.startswith(("| a vs ", "| b vs "))}
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines()
+            if line.startswith(("| a vs ", "| b vs "))}
     expect = {f"{x} vs {y}": spearmanr(drops[x], drops[y]).statistic for x, y in (("a", "b"), ("a", "c"), ("b", "c"))}
     assert rows == {k: f"{v:.3f}" for k, v in expect.items()}
     mean = next(line for line in out.splitlines() if line.startswith("| mean over pairs"))
