@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from sdq_lightning.cli.plan import _batches, _model, _parser
 from sdq_lightning.planning import PlanProblem, Sensitivity, spearman
-from sdq_lightning.planning.sensitivity import quantize_alone
+from sdq_lightning.planning.sensitivity import quantize_alone, weight_step
+from sdq_lightning.quantizers.functional import quantize_weight
 
 
 def main() -> None:
@@ -40,16 +41,24 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--out", default=None, help="write the in-context one-level drops here (JSON)")
     p.add_argument("--weights-from", default=None, help="a search run folder: measure at its weights")
+    p.add_argument("--own-steps", action="store_true", help="with --weights-from: the run's learned step per width")
+    p.add_argument("--train-bn", action="store_true",
+                   help="the in-context drops with BatchNorm on batch statistics (default: eval mode)")
     a = p.parse_args()
+    if a.own_steps and not a.weights_from:
+        p.error("--own-steps needs --weights-from RUN (the run whose learned steps to use)")
     args = _parser().parse_args(["--checkpoint", a.checkpoint, "--model", "resnet20", "--data", a.data,
                                  "--dataset", "imagefolder", "--method", "oracle", "--budget", "avg_bits=2.0",
                                  "--batches", str(a.batches), "--out", "unused.yaml"])
     model, in_chans = _model(args)
+    steps = {}
     if a.weights_from:
         ckpt = torch.load(f"{a.weights_from}/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
         state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items()
                  if k.startswith("model.") and "_quant." not in k}
         model.load_state_dict(state)  # strict: every FP weight and statistic, nothing else
+        steps = {k[len("model."):-len(".weight_quant.steps")]: v for k, v in ckpt["state_dict"].items()
+                 if k.endswith(".weight_quant.steps")}
     batches = _batches(args)
     problem = PlanProblem.from_model(model, torch.zeros(1, in_chans, 32, 32), tuple(range(1, 9)), None, "8bit")
     oracle = Sensitivity.from_json(a.oracle, "oracle")
@@ -57,6 +66,17 @@ def main() -> None:
     names = problem.names
     original = {n: modules[n].weight.detach().clone() for n in names}
     quantized = {(n, b): quantize_alone(original[n], b) for n in names for b in (1, 2, 3, 4)}
+    if a.own_steps:
+        missing = [n for n in names if n not in steps or steps[n].dim() != 1 or len(steps[n]) != 8]
+        if missing:
+            raise SystemExit(f"error: --own-steps needs one per-tensor step per width 1..8; layer {missing[0]} has "
+                             f"{tuple(steps[missing[0]].shape) if missing[0] in steps else 'none'}")
+        for b in (1, 2, 3, 4):
+            ratio = sorted(float(steps[n][b - 1] / weight_step(original[n], b)) for n in names)
+            print(f"{b}-bit: the run's step / the MSE step at its weights: median {ratio[len(ratio) // 2]:.2f}, "
+                  f"range {ratio[0]:.2f}-{ratio[-1]:.2f}")
+        quantized = {(n, b): quantize_weight(original[n], steps[n][b - 1].to(original[n].dtype), b)
+                     for n in names for b in (1, 2, 3, 4)}
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     torch.set_grad_enabled(False)
 
@@ -92,17 +112,18 @@ def main() -> None:
     drops, halves = {}, ({}, {})
     for b in (4, 3, 2):
         set_all(b)
-        base = losses(False)
+        base = losses(a.train_bn)
         for n in names:
             modules[n].weight.copy_(quantized[(n, b - 1)])
-            d = losses(False) - base
+            d = losses(a.train_bn) - base
             drops[(n, b, b - 1)] = float(d.mean())
             halves[0][(n, b, b - 1)], halves[1][(n, b, b - 1)] = float(d[0::2].mean()), float(d[1::2].mean())
             modules[n].weight.copy_(quantized[(n, b)])
         level = {k: v for k, v in drops.items() if k[1] == b}
         r = spearman(oracle.increments([(b, b - 1)]), level)
         split = spearman(*({k: v for k, v in h.items() if k[1] == b} for h in halves)) if len(batches) > 1 else None
-        print(f"others at {b} bits (eval), drop {b}->{b - 1}: Spearman {r:.3f} against the FP-context oracle "
+        mode = "train-mode BN" if a.train_bn else "eval"
+        print(f"others at {b} bits ({mode}), drop {b}->{b - 1}: Spearman {r:.3f} against the FP-context oracle "
               f"(loss with every searched layer at {b} bits: {float(base.mean()):.3f}"
               + (f"; split-half {split:.3f})" if split is not None else ")"))
     set_all(None)
