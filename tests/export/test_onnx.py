@@ -10,6 +10,7 @@ import torch
 from sdq_lightning.export import capability_report, export_onnx, onnx_int_type, report_markdown, run_onnx
 
 from export_helpers import cifar_images
+from helpers.ort import exact_int8_kernels
 
 
 def _compare(model, path, x: torch.Tensor, label: str) -> tuple[float, float]:
@@ -24,7 +25,8 @@ def _compare(model, path, x: torch.Tensor, label: str) -> tuple[float, float]:
     return diff, agree
 
 
-@pytest.mark.parametrize("name", ["resnet20", pytest.param("mobilenetv2_100", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", [pytest.param("resnet20", marks=exact_int8_kernels),
+                                  pytest.param("mobilenetv2_100", marks=pytest.mark.slow)])
 def test_onnx_matches_pytorch_on_digits(name, request, tmp_path, digits_batch) -> None:
     model = request.getfixturevalue(f"{name.split('_')[0]}_mixed")
     x, _ = digits_batch
@@ -39,6 +41,7 @@ def test_onnx_matches_pytorch_on_digits(name, request, tmp_path, digits_batch) -
     assert agree >= 0.999
 
 
+@exact_int8_kernels
 def test_onnx_matches_pytorch_on_cifar10(resnet20_mixed, tmp_path) -> None:
     data = cifar_images(256)
     if data is None:

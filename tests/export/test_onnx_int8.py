@@ -23,6 +23,7 @@ from sdq_lightning.export import (
 
 from export_helpers import build_mixed, cifar_images, mixed_bits
 from helpers.data import digits_images
+from helpers.ort import exact_int8_kernels
 
 
 def _images(n: int = 256) -> tuple[torch.Tensor, str]:
@@ -62,7 +63,8 @@ def resnet18_mixed() -> nn.Module:
     return build_mixed("resnet18", fp_steps=10)
 
 
-@pytest.mark.parametrize("name", ["resnet20", pytest.param("resnet18", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name", [pytest.param("resnet20", marks=exact_int8_kernels),
+                                  pytest.param("resnet18", marks=pytest.mark.slow),
                                   pytest.param("mobilenetv2_100", marks=pytest.mark.slow)])
 def test_int8_matches_pytorch_and_runs_integer_kernels(name, request, tmp_path) -> None:
     """Mixed 1..8-bit plans: every quantized layer runs an integer kernel; top-1 agrees on real images."""

@@ -17,6 +17,8 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from helpers.ort import exact_int8_kernels  # noqa: E402
+
 
 def _run(node, inputs: dict[str, np.ndarray], inits: dict[str, np.ndarray], out_type: int) -> np.ndarray:
     graph = helper.make_graph(
@@ -61,6 +63,7 @@ def test_quantize_linear_divides_and_rounds_half_to_even():
     assert np.array_equal(ours.numpy().astype(np.uint8), got)
 
 
+@exact_int8_kernels
 def test_qlinear_conv_large_accumulators():
     """1x1 conv over 2048 channels of codes 255 and weights up to 127: sums beyond 2^24 (fp32 rounding of the
     accumulator, float64 path of the emulation), plus int32 biases near 2^30."""
@@ -102,6 +105,7 @@ def test_qlinear_conv_converts_the_accumulator_to_fp32():
     assert got.reshape(-1)[3] == 64  # 2^25 + 2^18 + 1: exactly 65 without the conversion
 
 
+@exact_int8_kernels
 def test_global_average_pool_and_gemm():
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (4, 64, 8, 8)).astype(np.uint8)
