@@ -19,8 +19,11 @@ import pytest
 def int8_saturates() -> bool:
     """Whether onnxruntime's u8 x s8 QLinearConv saturates here: 16 codes 255 times weights 127 (exact sum 518,160,
     output 127 at scale 1/4096) give 64 where pairs of products are clipped at 32,767."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:  # no onnxruntime: the tests that need it skip themselves
+        return False
 
     c = 16
     inits = [numpy_helper.from_array(np.full((1, c, 1, 1), 127, np.int8), "w")]
