@@ -65,8 +65,9 @@ def main() -> None:
     modules = dict(model.named_modules())
     names = problem.names
     original = {n: modules[n].weight.detach().clone() for n in names}
-    quantized = {(n, b): quantize_alone(original[n], b) for n in names for b in (1, 2, 3, 4)}
-    if a.own_steps:
+    if not a.own_steps:
+        quantized = {(n, b): quantize_alone(original[n], b) for n in names for b in (1, 2, 3, 4)}
+    else:
         missing = [n for n in names if n not in steps or steps[n].dim() != 1 or len(steps[n]) != 8]
         if missing:
             raise SystemExit(f"error: --own-steps needs one per-tensor step per width 1..8; layer {missing[0]} has "
@@ -110,6 +111,7 @@ def main() -> None:
         print("train-mode BN, others FP: " + ", ".join(f"{k} {v:.3f}" for k, v in agree.items()))
     # the others at b bits, eval mode
     drops, halves = {}, ({}, {})
+    mode = "train-mode BN" if a.train_bn else "eval"
     for b in (4, 3, 2):
         set_all(b)
         base = losses(a.train_bn)
@@ -122,7 +124,6 @@ def main() -> None:
         level = {k: v for k, v in drops.items() if k[1] == b}
         r = spearman(oracle.increments([(b, b - 1)]), level)
         split = spearman(*({k: v for k, v in h.items() if k[1] == b} for h in halves)) if len(batches) > 1 else None
-        mode = "train-mode BN" if a.train_bn else "eval"
         print(f"others at {b} bits ({mode}), drop {b}->{b - 1}: Spearman {r:.3f} against the FP-context oracle "
               f"(loss with every searched layer at {b} bits: {float(base.mean()):.3f}"
               + (f"; split-half {split:.3f})" if split is not None else ")"))

@@ -227,7 +227,6 @@ class BitSearch:
             return
         dbps = [q.dbp for q in qs]
         levels = torch.stack([q.level for q in qs])
-        took_hi = torch.stack([q.last_index for q in qs]) == levels
         states = [opt.state[p] for p in dbps]
         settled = torch.stack([st["settled"] for st in states]) > 0.5
         unmeasured = torch.stack([st["probes"] for st in states]).gather(1, levels.view(-1, 1)).view(-1) == 0
@@ -236,13 +235,14 @@ class BitSearch:
         score = torch.where(eligible, unmeasured.float() * 1e9 - last, torch.full_like(last, -float("inf")))
         layers = torch.sort(score, descending=True, stable=True).indices[:min(int(count), len(qs))]
         p = torch.stack([d.detach() for d in dbps])
-        live = p.gather(1, levels.view(-1, 1)).view(-1)
-        rows = torch.arange(len(qs), device=p.device)
         diffs = []
         try:
             if self.task_estimate == "paired_isolated":
                 diffs = self._isolated_probes(layers, levels, p, loss_of)
             else:
+                took_hi = torch.stack([q.last_index for q in qs]) == levels
+                live = p.gather(1, levels.view(-1, 1)).view(-1)
+                rows = torch.arange(len(qs), device=p.device)
                 main = main_loss.detach().float()
                 for layer in layers.unbind(0):
                     forced = torch.where(rows == layer, (~took_hi).to(p.dtype), live)  # the other width, certainly
