@@ -5,8 +5,9 @@
 # level, over the layer-levels the search measured).
 #
 #   CIFAR10_ROOT=/path/to/cifar10 [ESTIMATES="paired pathwise"] [SEEDS="0 1"] [BUDGET=2.0] [SEARCH_EPOCHS=2] \
-#     [SUBSET=10000] [LR=0.02] [PROBES=4] bash experiments/search_signal.sh [more app overrides]
-# PROBES: layers measured per step by the paired estimate (sdq.search.probes_per_step).
+#     [SUBSET=10000] [LR=0.02] [PROBES=4] [LOOKAHEAD=0] [REPEATS=4] bash experiments/search_signal.sh [more app overrides]
+# PROBES: layers measured per step by the paired estimate (sdq.search.probes_per_step). LOOKAHEAD, REPEATS: the
+# lowest levels measured at the start of the search, and how often each (sdq.search.lookahead_levels / _repeats).
 #
 # The oracle is measured once (sdq-plan --method oracle, 4,096 held-out images) into outputs/fixed_plan/plans/,
 # shared with experiments/fixed_plan_protocol.sh; each search's plan.yaml can be trained there with
@@ -24,6 +25,8 @@ SEARCH_EPOCHS="${SEARCH_EPOCHS:-2}"
 SUBSET="${SUBSET:-10000}"
 LR="${LR:-0.02}"
 PROBES="${PROBES:-4}"
+LOOKAHEAD="${LOOKAHEAD:-0}"
+REPEATS="${REPEATS:-4}"
 TRAINER="${TRAINER:-cpu}"
 PRECISION="${PRECISION:-32}"
 FP="${FP_CKPT:-checkpoints/resnet20_cifar10_fp.pt}"
@@ -45,6 +48,8 @@ for s in $SEEDS; do
   for e in $ESTIMATES; do
     tag="$e"; extra=()
     [ "$e" != pathwise ] && { tag="${e}${PROBES}"; extra=(sdq.search.probes_per_step="$PROBES"); }
+    [ "$e" != pathwise ] && [ "$LOOKAHEAD" != 0 ] && { tag="${tag}_la${LOOKAHEAD}x${REPEATS}"
+      extra+=(sdq.search.lookahead_levels="$LOOKAHEAD" sdq.search.lookahead_repeats="$REPEATS"); }
     name="search26_${tag}_b${BUDGET}_s${s}_e${SEARCH_EPOCHS}_sub${SUBSET}"
     if ! ls "$OUTPUTS/runs/$name"/*/plan.yaml >/dev/null 2>&1; then
       echo "=== $name $(date -u +%FT%TZ)"

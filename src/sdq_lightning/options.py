@@ -110,6 +110,12 @@ class SearchOptions:
             (first order, no extra forward). Where the default ``probe_loss`` does not fit the batches, the search
             warns once and measures pathwise. See ``docs/method.md``, "What the task force measures".
         probes_per_step: ``"paired"``/``"paired_train"``/``"paired_isolated"``: layers measured per training step.
+        lookahead_levels: with a paired estimate, measure each searched layer's lowest ``lookahead_levels`` levels
+            (1: the 2->1 drop of 1..8-bit candidates; 3: 2->1, 3->2 and 4->3) at the start of the search, before any
+            live probe, while the network is still near its starting point: two eval forwards per probe, the probed
+            layer at the two widths of that level and every other layer at its current decision. Those measurements
+            are final; live probes then measure only the levels above. 0: off (every level measured live).
+        lookahead_repeats: measurements per layer and lookahead level (batches of the training loader).
         probe_loss: the loss the paired forwards compare, ``probe_loss(output, batch) -> Tensor``; None: the
             cross-entropy of the network's output against ``batch[1]``.
         budget_reach: fraction of the search after which the schedule holds the target (0 < x <= 1).
@@ -135,6 +141,8 @@ class SearchOptions:
     task_weight: float = 1.0
     task_estimate: Optional[str] = None
     probes_per_step: int = 4
+    lookahead_levels: int = 0
+    lookahead_repeats: int = 4
     probe_loss: Any = None
     budget_reach: float = 0.75
     settle: bool = True
@@ -168,6 +176,13 @@ class SearchOptions:
         if isinstance(self.probes_per_step, bool) or not isinstance(self.probes_per_step, int) or \
                 self.probes_per_step < 1:
             raise ValueError(f"probes_per_step must be an integer >= 1, got {self.probes_per_step!r}")
+        for key, low in (("lookahead_levels", 0), ("lookahead_repeats", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        if self.lookahead_levels and not estimate.startswith("paired"):
+            raise ValueError(f"lookahead_levels needs a paired task_estimate (paired, paired_train, paired_isolated), "
+                             f"got {estimate!r}")
         if self.probe_loss is not None and not callable(self.probe_loss):
             raise ValueError(f"probe_loss must be a function (output, batch) -> loss, got "
                              f"{type(self.probe_loss).__name__}")

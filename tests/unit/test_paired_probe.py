@@ -17,14 +17,14 @@ import sdq_lightning as sq
 from sdq_lightning.core.search import BitSearch
 
 
-def _searched_net(estimate: str = "paired"):
+def _searched_net(estimate: str = "paired", **search_kwargs):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     prof = sq.profile_model(model, torch.randn(1, 16))
     sq.quantize_model(model, sq.QuantSpec(weight_bits=(1, 2, 3, 4), activation_bits=None, first_last="search"))
     model.train()
     cm = sq.CostModel(model, prof)
-    search = BitSearch(cm, sq.Budget("avg_bits", 2.0), task_estimate=estimate)
+    search = BitSearch(cm, sq.Budget("avg_bits", 2.0), task_estimate=estimate, **search_kwargs)
     search.start(steps_per_epoch=10, search_epochs=1)
     return model, search
 
@@ -149,6 +149,69 @@ def test_a_distributed_step_averages_all_its_probes_in_one_all_reduce(monkeypatc
     assert sum(int(search.optimizer.state[q.dbp]["probes"].sum()) for q in search.quantizers) == 3
 
 
+def test_lookahead_measures_the_lowest_levels_first_in_the_current_context():
+    """``lookahead_levels=2``: before any live probe, every layer's 2->1 and 3->2 drops are measured (the probed layer
+    at the two widths of that level, every other layer at its current decision), ``lookahead_repeats`` times each;
+    levels and DBPs are put back; afterwards the live probes skip the levels measured ahead."""
+    model, search = _searched_net(lookahead_levels=2, lookahead_repeats=2)
+    model.eval()
+    qs = search.quantizers
+    n = len(qs)
+    assert search.lookahead_plan()[:n + 1] == [(i, 1) for i in range(n)] + [(0, 2)]
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    levels = [int(q.level) for q in qs]
+    dbps = [q.dbp.detach().clone() for q in qs]
+    assert levels == [3] * n  # the search starts every layer at its top level (4 bits)
+    # the first lookahead probe: layer 0's 2->1 drop with the others at their current decision (4 bits)
+    direct = {}
+    with torch.no_grad():
+        qs[0].set_level(1, reinit_dbp=1.0)
+        for value in (1.0, 0.0):
+            qs[0].dbp[1] = value
+            direct[value] = float(_loss(model, x, y))
+        qs[0].set_level(3, reinit_dbp=None)
+        qs[0].dbp.copy_(dbps[0])
+    calls = 0
+    while search.lookahead_pending:
+        search.begin_step(calls, 1.0)
+        search.probe(None, lambda: _loss(model, x, y), 3)
+        calls += 1
+    assert calls == -(-4 * n // 3)  # 2 levels x 2 repeats x n layers, 3 a call
+    assert [int(q.level) for q in qs] == levels
+    assert all(torch.equal(q.dbp.detach(), d) for q, d in zip(qs, dbps))
+    for q in qs:
+        assert search.optimizer.state[q.dbp]["probes"].tolist() == [0, 2, 2, 0]
+    # the same batch twice: the mean of two equal measurements is the measurement
+    assert float(search.optimizer.state[qs[0].dbp]["sens"][1]) == pytest.approx(direct[0.0] - direct[1.0], rel=1e-5,
+                                                                                  abs=1e-7)
+    assert direct[0.0] != direct[1.0]
+    # live probes now: layers at level 3 are measured at their live level
+    search.begin_step(calls, 1.0)
+    search.probe(_loss(model, x, y), lambda: _loss(model, x, y), 1)
+    assert int(search.optimizer.state[qs[0].dbp]["probes"][3]) == 1
+    # a layer whose live level was measured ahead is not probed again
+    for q in qs:
+        q.set_level(2, reinit_dbp=None)
+    search.begin_step(calls + 1, 1.0)
+    search.probe(_loss(model, x, y), lambda: _loss(model, x, y), n)
+    for q in qs:
+        assert int(search.optimizer.state[q.dbp]["probes"][2]) == 2
+    state = search.state_dict()
+    assert state["lookahead_done"] == 4 * n
+    fresh = _searched_net(lookahead_levels=2, lookahead_repeats=2)[1]
+    fresh.start(10, 1, pending_state=state)
+    assert not fresh.lookahead_pending
+
+
+def test_lookahead_needs_a_measured_estimate():
+    with pytest.raises(ValueError, match="lookahead_levels needs a paired task_estimate"):
+        sq.SDQ(search={"task_estimate": "pathwise", "lookahead_levels": 2})
+    with pytest.raises(ValueError, match="lookahead_repeats must be an integer >= 1"):
+        sq.SDQ(search={"lookahead_levels": 2, "lookahead_repeats": 0})
+    with pytest.raises(ValueError, match="lookahead_levels must be an integer >= 0"):
+        sq.SDQ(search={"lookahead_levels": -1})
+
+
 def test_paired_needs_the_progressive_reading():
     with pytest.raises(ValueError, match="task_estimate='paired' needs reading='progressive'"):
         sq.SDQ(search={"reading": "cascade", "task_estimate": "paired"})
@@ -170,13 +233,13 @@ class _Snapshot(pl.Callback):
             self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
-def _fit(task_estimate: str, probes_per_step: int = 1):
+def _fit(task_estimate: str, probes_per_step: int = 1, **search):
     pl.seed_everything(0)
     snap = _Snapshot()
     module = UserNet(body="cnn_bn", width=8)
     cb = sq.SDQ(weight_bits=(1, 2, 4, 8), activation_bits=4, budget={"metric": "avg_bits", "target": 3.0},
                 search_epochs=1, search={"search_signal": "budget_only", "task_estimate": task_estimate,
-                                         "probes_per_step": probes_per_step},
+                                         "probes_per_step": probes_per_step, **search},
                 ebr={"weight": 0.0}, runtime={"kernels": "eager"})
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=8,
@@ -186,20 +249,28 @@ def _fit(task_estimate: str, probes_per_step: int = 1):
 
 
 @pytest.mark.parametrize("estimate", ["paired", pytest.param("paired_train", marks=pytest.mark.slow),
-                                      pytest.param("paired_isolated", marks=pytest.mark.slow)])
+                                      pytest.param("paired_isolated", marks=pytest.mark.slow),
+                                      pytest.param("paired+lookahead", marks=pytest.mark.slow)])
 def test_probing_leaves_the_training_run_unchanged(estimate):
     """Budget only: the task force is not used, so a run with probes must train exactly the network a run without
     them trains (weights, BatchNorm statistics): a probe that left a buffer, a draw counter or a DBP changed would
     show here. The measurements themselves are there."""
     a, _ = _fit("pathwise")
-    b, cb = _fit(estimate, probes_per_step=3)
+    lookahead = {"lookahead_levels": 1, "lookahead_repeats": 1} if estimate.endswith("+lookahead") else {}
+    b, cb = _fit(estimate.split("+")[0], probes_per_step=3, **lookahead)
     keys = [k for k in a if k.endswith(("weight", "bias", "running_mean", "running_var"))
             and "quant" not in k and "dbp" not in k]
     assert len(keys) >= 6
     for k in keys:
         assert torch.equal(a[k], b[k]), k
     probes = sum(float(cb.search.optimizer.state[q.dbp]["probes"].sum()) for q in cb.search.quantizers)
-    assert probes == 8 * min(3, len(cb.search.quantizers))  # distinct layers per step, at most probes_per_step
+    n = len(cb.search.quantizers)
+    if lookahead:  # n lookahead probes (the 2->1 drop once each) in the first steps, live probes after
+        assert cb.search.lookahead_done == n
+        assert sum(float(cb.search.optimizer.state[q.dbp]["probes"][1]) for q in cb.search.quantizers) >= n
+        assert probes > n
+    else:
+        assert probes == 8 * min(3, n)  # distinct layers per step, at most probes_per_step
 
 
 class _Regression(UserNet):

@@ -50,7 +50,8 @@ class BitSearch:
                  budget_reach: float = 0.75, penalty_weight: float = 1.0, penalty: str = "squared_hinge",
                  drop_threshold: float = 0.05, reinit_dbp: float = 1.0, min_steps_between_drops: int = 1,
                  projection_sensitivity: str = "task_grad", seed: int = 0, rounding: str = "argmax",
-                 settle: bool = True, task_estimate: str = "pathwise") -> None:
+                 settle: bool = True, task_estimate: str = "pathwise", lookahead_levels: int = 0,
+                 lookahead_repeats: int = 4) -> None:
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         if task_estimate not in TASK_ESTIMATES:
@@ -74,6 +75,14 @@ class BitSearch:
             if other:
                 raise ValueError(f"task_estimate={task_estimate!r} needs the progressive reading; layer {other[0][0]} reads "
                                  f"its DBPs as {other[0][1]!r}")
+        if lookahead_levels and task_estimate == "pathwise":
+            raise ValueError("lookahead_levels needs a measured task estimate (paired, paired_train or paired_isolated); "
+                             "got task_estimate='pathwise'")
+        if int(lookahead_levels) < 0 or int(lookahead_repeats) < 1:
+            raise ValueError(f"lookahead_levels must be >= 0 and lookahead_repeats >= 1, got {lookahead_levels!r} and "
+                             f"{lookahead_repeats!r}")
+        self.lookahead_levels, self.lookahead_repeats = int(lookahead_levels), int(lookahead_repeats)
+        self.lookahead_done = 0  # lookahead probes made so far (host count: the schedule is fixed in advance)
         self._draw = (0, 1.0)  # the last begin_step's (global step, temperature): a probe repeats that step's draws
         self.units = self._unit_costs()
         self.optimizer: DBPOptimizer | None = None
@@ -125,6 +134,7 @@ class BitSearch:
             self.start_cost = pending_state.get("start_cost")
             self.total_steps = pending_state.get("total_steps")
             self.steps_done = int(pending_state.get("steps_done", 0))
+            self.lookahead_done = int(pending_state.get("lookahead_done", 0))
             if pending_state.get("trace"):
                 self.trace = pending_state["trace"]
         if self.total_steps is None:
@@ -197,6 +207,18 @@ class BitSearch:
         if self.optimizer is not None:
             self.optimizer.measured = False
 
+    def lookahead_plan(self) -> list[tuple[int, int]]:
+        """The lookahead probes in order: ``(layer, level)`` for level indices 1..``lookahead_levels`` (level i
+        decides between ``candidates[i - 1]`` and ``candidates[i]``: 1 is the lowest drop), every searched layer that
+        has that level, ``lookahead_repeats`` rounds, lowest level first within a round."""
+        return [(i, lv) for _ in range(self.lookahead_repeats) for lv in range(1, self.lookahead_levels + 1)
+                for i, q in enumerate(self.quantizers) if lv < len(q.candidates)]
+
+    @property
+    def lookahead_pending(self) -> bool:
+        """Whether lookahead probes are still to be made (they come before any live-level probe)."""
+        return self.lookahead_levels > 0 and self.lookahead_done < len(self.lookahead_plan())
+
     @property
     def probes(self) -> bool:
         """Whether a probe can be recorded now (paired estimate, the search started)."""
@@ -221,9 +243,17 @@ class BitSearch:
 
         ``"paired_isolated"``: the oracle's context instead of the search's: every other searched layer at its top
         width while the probed layer is measured at its two live widths (two forwards per probed layer; ``main_loss``
-        is not used). Levels and DBPs are put back afterwards."""
+        is not used). Levels and DBPs are put back afterwards.
+
+        ``lookahead_levels > 0``: the search first measures its lowest levels ahead of time, while the network is
+        still near its starting point (see :meth:`lookahead_plan`; ``main_loss`` is not used, two eval forwards per
+        probe: the probed layer at the two widths of that level, every other layer at its current decision). Those
+        measurements are final: afterwards only levels above ``lookahead_levels`` are probed live."""
         qs, opt = self.quantizers, self.optimizer
         if not qs or opt is None:
+            return
+        if self.lookahead_pending:
+            self._lookahead(loss_of, count)
             return
         dbps = [q.dbp for q in qs]
         levels = torch.stack([q.level for q in qs])
@@ -231,7 +261,7 @@ class BitSearch:
         settled = torch.stack([st["settled"] for st in states]) > 0.5
         unmeasured = torch.stack([st["probes"] for st in states]).gather(1, levels.view(-1, 1)).view(-1) == 0
         last = torch.stack([st["probed_at"] for st in states]).float()
-        eligible = (levels > 0) & ~settled
+        eligible = (levels > self.lookahead_levels) & ~settled  # lookahead levels are measured already
         score = torch.where(eligible, unmeasured.float() * 1e9 - last, torch.full_like(last, -float("inf")))
         layers = torch.sort(score, descending=True, stable=True).indices[:min(int(count), len(qs))]
         p = torch.stack([d.detach() for d in dbps])
@@ -259,6 +289,43 @@ class BitSearch:
             hi_minus_lo = hi_minus_lo / torch.distributed.get_world_size()
         ok = eligible.index_select(0, layers) & torch.isfinite(hi_minus_lo)
         opt.record_probe(torch.where(ok, layers, torch.full_like(layers, -1)), torch.where(ok, hi_minus_lo, 0.0))
+
+    def _lookahead(self, loss_of: Callable[[], Tensor], count: int) -> None:
+        """The next ``count`` probes of :meth:`lookahead_plan` (each its own record: a layer may come twice)."""
+        qs, opt = self.quantizers, self.optimizer
+        plan = self.lookahead_plan()
+        todo = plan[self.lookahead_done:self.lookahead_done + max(int(count), 1)]
+        dbps = [q.dbp for q in qs]
+        levels = torch.stack([q.level for q in qs])
+        p = torch.stack([d.detach() for d in dbps])
+        rows = torch.arange(len(qs), device=p.device)
+        made = []
+        try:
+            for layer, level in todo:
+                probed = rows == layer
+                at = torch.where(probed, torch.full_like(levels, level), levels)
+                torch._foreach_copy_([q.level for q in qs], at.unbind(0))
+                loss = []
+                for keep in (1.0, 0.0):  # the higher width of that level, then the lower one
+                    col = p[:, level].clone()
+                    forced = torch.where(probed, torch.full_like(col, keep), col)
+                    torch._foreach_copy_(dbps, p.scatter(1, torch.full_like(levels, level).view(-1, 1),
+                                                         forced.view(-1, 1)).unbind(0))
+                    self.begin_step(*self._draw)
+                    loss.append(loss_of().detach().float())
+                made.append((layer, level, loss[0] - loss[1]))
+        finally:
+            torch._foreach_copy_(dbps, p.unbind(0))
+            torch._foreach_copy_([q.level for q in qs], levels.unbind(0))
+        self.lookahead_done += len(todo)
+        dev = p.device
+        for layer, level, diff in made:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(diff)
+                diff = diff / torch.distributed.get_world_size()
+            ok = torch.isfinite(diff)
+            opt.record_probe(torch.where(ok, torch.tensor(layer, device=dev), torch.tensor(-1, device=dev)),
+                             torch.where(ok, diff, 0.0), level=torch.tensor(level, device=dev))
 
     def _isolated_probes(self, layers: Tensor, levels: Tensor, p: Tensor, loss_of: Callable[[], Tensor]
                          ) -> list[Tensor]:
@@ -433,4 +500,5 @@ class BitSearch:
     def state_dict(self) -> dict[str, Any]:
         self.flush_trace()
         return {"trace": self.trace, "control": self.control, "start_cost": self.start_cost, "total_steps": self.total_steps, "steps_done": self.steps_done,
+                "lookahead_done": self.lookahead_done,
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}

@@ -358,14 +358,17 @@ class DBPOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ measured differences (task_estimate=paired)
     @torch.no_grad()
-    def record_probe(self, layers: Tensor, hi_minus_lo: Tensor) -> None:
+    def record_probe(self, layers: Tensor, hi_minus_lo: Tensor, level: Tensor | None = None) -> None:
         """Record measured ``L(b_hi) - L(b_lo)`` of the live levels of ``layers`` (device indices, distinct, ``-1``
         for a slot that records nothing; 0-dim or ``[k]``, with ``hi_minus_lo`` of the same shape; nothing is
         recorded for a layer at its lowest candidate): the sensitivity of each such level moves to the running mean of
-        its measurements, then to an EMA with ``probe_decay``. All on the device."""
+        its measurements, then to an EMA with ``probe_decay``. ``level`` (a device index, 0-dim): record at that
+        level instead of the live one (the search's lookahead probes). All on the device."""
         sens_list, count_list, at_list = self._state("sens"), self._state("probes"), self._state("probed_at")
         sens, count = self._stack(sens_list), self._stack(count_list)
         levels = torch.stack([q.level for q in self.quantizers]).view(-1, 1)
+        if level is not None:
+            levels = level.to(levels.dtype).expand_as(levels)
         slots = torch.arange(len(sens_list), device=sens.device).view(-1, 1) == layers.reshape(1, -1)
         rows = slots.any(1, keepdim=True)
         cols = torch.arange(sens.shape[1], device=sens.device).view(1, -1) == levels
