@@ -8,6 +8,7 @@
 #     [SUBSET=10000] [LR=0.02] [PROBES=4] [LOOKAHEAD=0] [REPEATS=4] bash experiments/search_signal.sh [more app overrides]
 # PROBES: layers measured per step by the paired estimate (sdq.search.probes_per_step). LOOKAHEAD, REPEATS: the
 # lowest levels measured at the start of the search, and how often each (sdq.search.lookahead_levels / _repeats).
+# SUFFIX: appended to the run names (for searches that differ by the app overrides given after the script).
 #
 # The oracle is measured once (sdq-plan --method oracle, 4,096 held-out images) into outputs/fixed_plan/plans/,
 # shared with experiments/fixed_plan_protocol.sh; each search's plan.yaml can be trained there with
@@ -50,7 +51,7 @@ for s in $SEEDS; do
     [ "$e" != pathwise ] && { tag="${e}${PROBES}"; extra=(sdq.search.probes_per_step="$PROBES"); }
     [ "$e" != pathwise ] && [ "$LOOKAHEAD" != 0 ] && { tag="${tag}_la${LOOKAHEAD}x${REPEATS}"
       extra+=(sdq.search.lookahead_levels="$LOOKAHEAD" sdq.search.lookahead_repeats="$REPEATS"); }
-    name="search26_${tag}_b${BUDGET}_s${s}_e${SEARCH_EPOCHS}_sub${SUBSET}"
+    name="search26_${tag}_b${BUDGET}_s${s}_e${SEARCH_EPOCHS}_sub${SUBSET}${SUFFIX:-}"
     if ! ls "$OUTPUTS/runs/$name"/*/plan.yaml >/dev/null 2>&1; then
       echo "=== $name $(date -u +%FT%TZ)"
       "$PY" -m sdq_lightning.train experiment=cifar10_plan_protocol name="$name" phase=search \

@@ -55,6 +55,8 @@ class LayerOptions:
         first_last_bits: their bitwidth under ``"8bit"``.
         include / exclude: layer names or regexes (see :class:`~sdq_lightning.surgery.QuantSpec`).
         per_channel: one weight step per output channel instead of one per layer.
+        step_init: where each candidate width's weight step starts: ``"lsq"`` (LSQ's ``2 mean|w| / sqrt(Qp)``) or
+            ``"mse"`` (the step of least squared quantization error, the one ``sdq-plan``'s oracle quantizes with).
     """
 
     first_last: str = "8bit"
@@ -62,9 +64,12 @@ class LayerOptions:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     per_channel: bool = False
+    step_init: str = "lsq"
 
     def __post_init__(self) -> None:
         import re
+
+        from sdq_lightning.quantizers.functional import STEP_INITS
 
         from sdq_lightning.quantizers import validate_candidates
         from sdq_lightning.surgery.quantize import FIRST_LAST_POLICIES
@@ -81,6 +86,7 @@ class LayerOptions:
                     raise ValueError(f"{key} pattern {p!r} is not a valid regular expression: {err}") from None
             _set(self, key, patterns)
         _flag(self.per_channel, "per_channel")
+        _one_of(self.step_init, STEP_INITS, "step_init")
 
 
 @dataclass(frozen=True)

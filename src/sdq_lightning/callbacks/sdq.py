@@ -189,7 +189,8 @@ class SDQ(Callback):
         self.spec = QuantSpec(weight_bits=tuple(weight_bits), activation_bits=activation_bits,
                               first_last=lay.first_last, first_last_bits=lay.first_last_bits, include=lay.include,
                               exclude=lay.exclude, reading=opt.reading, estimator=opt.estimator,
-                              per_channel=lay.per_channel, seed=seed, integer_only=integer_only)
+                              per_channel=lay.per_channel, seed=seed, integer_only=integer_only,
+                              step_init=lay.step_init)
         self.budget = Budget.coerce(budget)
         if isinstance(search_epochs, bool) or not isinstance(search_epochs, int) or search_epochs < 0:
             raise ValueError(f"search_epochs must be an integer >= 0, got {search_epochs!r}")

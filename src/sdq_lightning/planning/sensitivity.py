@@ -27,13 +27,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sdq_lightning.quantizers.functional import quantize_weight, weight_step_init
+from sdq_lightning.quantizers.functional import quantize_weight, weight_step_init, weight_step_mse
 
 __all__ = ["STEP_MODES", "Sensitivity", "finite_difference", "from_search", "hawq", "level_table", "quantize_alone",
            "spearman"]
 
 STEP_MODES = ("mse", "lsq_init")
-_GRID = torch.linspace(0.2, 2.5, 116)  # multiples of the LSQ initial step searched by the "mse" step
 
 
 @dataclass
@@ -132,15 +131,9 @@ def weight_step(w: Tensor, bits: int, mode: str = "mse") -> Tensor:
     """The per-tensor step at ``bits`` (see the module docstring); 1 bit: ``mean|w|`` (least squares for binary)."""
     if mode not in STEP_MODES:
         raise ValueError(f"step must be one of {STEP_MODES}, got {mode!r}")
-    s0 = weight_step_init(w, bits)
-    if mode == "lsq_init" or bits == 1:
-        return s0
-    flat = w.detach().reshape(1, -1)
-    grid = (s0 * _GRID.to(w.device, w.dtype)).reshape(-1, 1)
-    chunk = max(1, (1 << 22) // flat.shape[1])  # steps per pass: about 4M elements at a time
-    errors = torch.cat([((quantize_weight(flat, grid[i:i + chunk], bits) - flat) ** 2).sum(1)
-                        for i in range(0, len(grid), chunk)])
-    return grid[int(errors.argmin()), 0]
+    if mode == "lsq_init":
+        return weight_step_init(w, bits)
+    return weight_step_mse(w, bits)
 
 
 @torch.no_grad()

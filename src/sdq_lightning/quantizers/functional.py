@@ -38,6 +38,8 @@ __all__ = [
     "quantize_weight",
     "round_ste",
     "weight_step_init",
+    "weight_step_mse",
+    "STEP_INITS",
 ]
 
 MIN_BITS = 1
@@ -215,6 +217,29 @@ def weight_step_init(w: Tensor, bits: int, per_channel: bool = False) -> Tensor:
     else:
         step = 2.0 * mean / math.sqrt(2 ** (bits - 1) - 1)
     return step.clamp_min(1e-8)
+
+
+STEP_INITS = ("lsq", "mse")
+_MSE_GRID = torch.linspace(0.2, 2.5, 116)  # multiples of the LSQ initial step searched by the "mse" step
+
+
+@torch.no_grad()
+def weight_step_mse(w: Tensor, bits: int, per_channel: bool = False) -> Tensor:
+    """The step of least ``||Q_b(w) - w||^2`` among 116 multiples (0.2-2.5) of :func:`weight_step_init`, per tensor
+    or per output channel; 1 bit: ``mean|w|`` (least squares for binary codes)."""
+    s0 = weight_step_init(w, bits, per_channel)
+    if bits == 1:
+        return s0
+    rows = w.detach().flatten(1) if per_channel else w.detach().reshape(1, -1)
+    out = []
+    for r, base in zip(rows, s0.reshape(-1)):
+        flat = r.reshape(1, -1)
+        grid = (base * _MSE_GRID.to(w.device, w.dtype)).reshape(-1, 1)
+        chunk = max(1, (1 << 22) // flat.shape[1])  # steps per pass: about 4M elements at a time
+        errors = torch.cat([((quantize_weight(flat, grid[i:i + chunk], bits) - flat) ** 2).sum(1)
+                            for i in range(0, len(grid), chunk)])
+        out.append(grid[int(errors.argmin()), 0])
+    return torch.stack(out) if per_channel else out[0]
 
 
 # ----------------------------------------------------------------------------- device-side counter-based draws

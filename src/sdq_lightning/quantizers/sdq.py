@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from sdq_lightning.quantizers.estimators import Estimator, estimator_index, estimator_name, get_estimator
 from sdq_lightning.quantizers.functional import (
+    STEP_INITS,
     MAX_BITS,
     MIN_BITS,
     binary_codes,
@@ -57,6 +58,7 @@ from sdq_lightning.quantizers.functional import (
     quantize_weight,
     stream_key,
     weight_step_init,
+    weight_step_mse,
 )
 
 __all__ = ["ESTIMATORS", "READINGS", "SDQWeightQuantizer", "distributed", "progressive_choice", "stackable",
@@ -109,6 +111,9 @@ class SDQWeightQuantizer(nn.Module):
         init_dbp: initial value of every DBP.
         mix_eps: the mix ``b = eps + (1 - 2 eps) beta`` (0 <= eps < 0.5) of the relaxation the DBP gradient goes
             through (``gumbel``; ``cascade`` for both estimators). Samples and the expected cost use ``beta``.
+        step_init: how each candidate's step starts from the weight: ``"lsq"`` (``2 mean|w| / sqrt(Qp)``, LSQ's
+            rule; ``mean|w|`` at 1 bit) or ``"mse"`` (the step of least squared quantization error on a grid around
+            it, :func:`~sdq_lightning.quantizers.functional.weight_step_mse`).
     """
 
     def __init__(
@@ -122,8 +127,12 @@ class SDQWeightQuantizer(nn.Module):
         layer_id: int = 0,
         init_dbp: float = 1.0,
         mix_eps: float = 0.01,
+        step_init: str = "lsq",
     ) -> None:
         super().__init__()
+        if step_init not in STEP_INITS:
+            raise ValueError(f"step_init must be one of {STEP_INITS}, got {step_init!r}")
+        self.step_init = step_init
         self.candidates = validate_candidates(candidates)
         if reading not in READINGS:
             raise ValueError(f"reading must be one of {READINGS}, got {reading!r}")
@@ -304,8 +313,9 @@ class SDQWeightQuantizer(nn.Module):
     @torch.no_grad()
     def reset_steps(self, weight: Tensor) -> None:
         """Initialise the step of every candidate from ``weight`` (copied into the existing parameter)."""
+        init = weight_step_mse if getattr(self, "step_init", "lsq") == "mse" else weight_step_init
         for i, b in enumerate(self.candidates):
-            self.steps[i].copy_(weight_step_init(weight, b, self.per_channel).to(self.steps.dtype))
+            self.steps[i].copy_(init(weight, b, self.per_channel).to(self.steps.dtype))
         self._fill_table(weight)
 
     def _numel(self, w: Tensor) -> int:

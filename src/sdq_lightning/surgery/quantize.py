@@ -19,6 +19,7 @@ from torch import nn
 from sdq_lightning.modules import QuantConv2d, QuantLinear, is_quant_layer
 from sdq_lightning.quantizers import READINGS, ActQuantizer, SDQWeightQuantizer, validate_candidates
 from sdq_lightning.quantizers.estimators import get_estimator
+from sdq_lightning.quantizers.functional import STEP_INITS
 from sdq_lightning.surgery.layer_types import build_quant_layer, check_quant_layer_type, has_quant_layer_type, \
     quantizable_types
 
@@ -56,7 +57,7 @@ class QuantSpec:
         first_last_bits: their bitwidth under the ``"8bit"`` policy.
         include / exclude: module names or regexes (``re.fullmatch``).
         first_layer / last_layer: override the automatic detection (timm ``pretrained_cfg``, else first/last).
-        reading / estimator / per_channel / seed: passed to every :class:`SDQWeightQuantizer`.
+        reading / estimator / per_channel / seed / step_init: passed to every :class:`SDQWeightQuantizer`.
         layer_bits: fixed per-layer weight bits (e.g. from a BitPlan); such a layer gets the single candidate.
         layer_act_bits: per-layer input bits overriding ``activation_bits``.
         integer_only: train the integer graph onnxruntime runs (:mod:`sdq_lightning.integer`): weight steps per
@@ -76,6 +77,7 @@ class QuantSpec:
     estimator: str = "gumbel"
     per_channel: bool = False
     seed: int = 0
+    step_init: str = "lsq"
     layer_bits: dict[str, int | None] = field(default_factory=dict)
     layer_act_bits: dict[str, int | None] = field(default_factory=dict)
     integer_only: bool = False
@@ -93,6 +95,8 @@ class QuantSpec:
         if self.reading not in READINGS:
             raise ValueError(f"reading must be one of {READINGS}, got {self.reading!r}")
         get_estimator(self.estimator, self.reading)  # one-line error naming the registered estimators
+        if self.step_init not in STEP_INITS:
+            raise ValueError(f"step_init must be one of {STEP_INITS}, got {self.step_init!r}")
         for key in ("include", "exclude"):
             pats = getattr(self, key)
             pats = (pats,) if isinstance(pats, str) else tuple(pats or ())
@@ -210,7 +214,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> QuantRepo
             continue
         cands, abits = decided[name]
         wq = SDQWeightQuantizer(cands, spec.reading, spec.estimator, weight=module.weight.detach(),
-                                per_channel=spec.per_channel, seed=spec.seed, layer_id=zlib.crc32(name.encode()))
+                                per_channel=spec.per_channel, seed=spec.seed, layer_id=zlib.crc32(name.encode()),
+                                step_init=spec.step_init)
         wq.to(module.weight.device)
         aq = ActQuantizer(abits).to(module.weight.device) if abits is not None else None
         _set_module(model, name, build_quant_layer(module, name, wq, aq))
