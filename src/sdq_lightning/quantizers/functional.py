@@ -220,13 +220,15 @@ def weight_step_init(w: Tensor, bits: int, per_channel: bool = False) -> Tensor:
 
 
 STEP_INITS = ("lsq", "mse")
-_MSE_GRID = torch.linspace(0.2, 2.5, 116)  # multiples of the LSQ initial step searched by the "mse" step
+STEP_GRID = torch.linspace(0.2, 2.5, 116)  # multiples of the LSQ initial step searched for the MSE step
 
 
 @torch.no_grad()
 def weight_step_mse(w: Tensor, bits: int, per_channel: bool = False) -> Tensor:
-    """The step of least ``||Q_b(w) - w||^2`` among 116 multiples (0.2-2.5) of :func:`weight_step_init`, per tensor
-    or per output channel; 1 bit: ``mean|w|`` (least squares for binary codes)."""
+    """The step of least ``||Q_b(w) - w||^2`` among the :data:`STEP_GRID` multiples (0.2-2.5) of
+    :func:`weight_step_init`, per tensor or per output channel; 1 bit: ``mean|w|`` (least squares for binary codes).
+    The oracle's step (``sdq-plan``); at 7-8 bits the least-squares step can lie under the grid (0.2x LSQ's), and
+    there the grid's lowest step is taken."""
     s0 = weight_step_init(w, bits, per_channel)
     if bits == 1:
         return s0
@@ -234,11 +236,11 @@ def weight_step_mse(w: Tensor, bits: int, per_channel: bool = False) -> Tensor:
     out = []
     for r, base in zip(rows, s0.reshape(-1)):
         flat = r.reshape(1, -1)
-        grid = (base * _MSE_GRID.to(w.device, w.dtype)).reshape(-1, 1)
+        steps = (base * STEP_GRID.to(w.device, w.dtype)).reshape(-1, 1)
         chunk = max(1, (1 << 22) // flat.shape[1])  # steps per pass: about 4M elements at a time
-        errors = torch.cat([((quantize_weight(flat, grid[i:i + chunk], bits) - flat) ** 2).sum(1)
-                            for i in range(0, len(grid), chunk)])
-        out.append(grid[int(errors.argmin()), 0])
+        errors = torch.cat([((quantize_weight(flat, steps[i:i + chunk], bits) - flat) ** 2).sum(1)
+                            for i in range(0, len(steps), chunk)])
+        out.append(steps[int(errors.argmin()), 0])
     return torch.stack(out) if per_channel else out[0]
 
 
