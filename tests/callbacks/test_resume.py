@@ -36,7 +36,7 @@ def _run(make_trainer, digits, teacher, search_epochs, ckpt_dir, stop=None, resu
     return sdq, module
 
 
-@pytest.mark.parametrize("search_epochs", [3, 1], ids=["stop-mid-search", "stop-mid-phase2"])
+@pytest.mark.parametrize("search_epochs", [3, pytest.param(1, marks=pytest.mark.slow)], ids=["stop-mid-search", "stop-mid-phase2"])
 def test_resume_is_exact(make_trainer, digits, fp_teacher, tmp_path, search_epochs):
     straight_sdq, straight = _run(make_trainer, digits, fp_teacher, search_epochs, tmp_path / "a")
     first_sdq, _ = _run(make_trainer, digits, fp_teacher, search_epochs, tmp_path / "b", stop=2)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import lightning as L
 
+import pytest
 from helpers.user_module import USER_CNN, UserNet
 from sdq_lightning import SDQ
 from sdq_lightning.quantizers import ActQuantizer, SDQWeightQuantizer
 
 
+@pytest.mark.slow  # about 40 s on a 2-core CPU; the digits learning tests of test_sdq_training stay fast
 def test_fresh_user_cnn_at_high_lr_learns_under_two_bits(make_trainer, digits):
     L.seed_everything(0, verbose=False)
     model = UserNet(**USER_CNN)

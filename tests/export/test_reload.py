@@ -58,6 +58,7 @@ def test_checkpoint_carries_a_searched_state_and_the_plan(trained):
     assert plan.average_bits <= 3.0
 
 
+@pytest.mark.slow  # a fresh interpreter (about 8 s); the in-process reload tests stay fast
 def test_reload_in_a_fresh_process_is_exact(trained, tmp_path):
     ckpt, x, ref = trained
     torch.save(x, tmp_path / "x.pt")

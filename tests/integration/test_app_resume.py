@@ -33,7 +33,7 @@ def _weights(run_dir) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize("stop_after", [0, 2], ids=["mid_search", "mid_phase2"])
+@pytest.mark.parametrize("stop_after", [0, pytest.param(2, marks=pytest.mark.slow)], ids=["mid_search", "mid_phase2"])
 def test_a_resumed_run_ends_as_the_uninterrupted_one(tmp_path, stop_after) -> None:
     whole = run(compose_cfg(BASE), tmp_path / "whole")
     stop = f"+callbacks.stop._target_={__name__}.StopAfterEpoch"

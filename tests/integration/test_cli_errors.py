@@ -25,7 +25,11 @@ def _assert_one_line_error(proc, needle):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# each case is an app process (about 10 s on a 2-core CPU): the ones that run data and training go to the slow tier
+SLOW_CASES = {"impossible_budget", "bad_activation_bits", "late_error_in_run"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in sorted(CASES)])
 def test_bad_command_line(case, tmp_path):
     earlier = tmp_path / "outputs" / "runs" / "digits_demo" / "earlier"
     earlier.mkdir(parents=True)

@@ -95,6 +95,7 @@ def test_replay_recapture_and_eager_fallback_with_buffers_restored():
     assert g.replays == 3
 
 
+@pytest.mark.slow  # about 8 s; test_a_fit_with_the_eager_work_graphed_equals_the_eager_fit stays fast
 def test_graphed_training_equals_eager_training():
     """Five SGD steps through the dispatcher (stand-in capture) equal five eager steps exactly."""
     torch.manual_seed(1)
