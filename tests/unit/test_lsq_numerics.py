@@ -130,3 +130,28 @@ def test_the_mse_step_init_is_the_least_squares_step_on_its_grid(per_channel):
             assert err(s_mse) < err(s_lsq)
     with pytest.raises(ValueError, match="step_init must be one of"):
         SDQWeightQuantizer((2, 4), weight=w, step_init="minmax")
+
+
+def test_the_step_init_option_reaches_every_searched_quantizer():
+    """``layers.step_init="mse"`` (callback) -> ``QuantSpec.step_init`` -> each layer's quantizer starts every width
+    at the least-squares step of its own weight; the default keeps LSQ's rule."""
+    from torch import nn
+
+    import sdq_lightning as sq
+    from sdq_lightning.quantizers.functional import weight_step_init, weight_step_mse
+
+    assert sq.SDQ(layers={"step_init": "mse"}).spec.step_init == "mse"
+    assert sq.SDQ().spec.step_init == "lsq"
+    with pytest.raises(ValueError, match="step_init must be one of"):
+        sq.SDQ(layers={"step_init": "max"})
+    for init, rule in (("mse", weight_step_mse), ("lsq", weight_step_init)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        weights = [m.weight.detach().clone() for m in model if isinstance(m, nn.Linear)]
+        sq.quantize_model(model, sq.QuantSpec(weight_bits=(1, 2, 4), activation_bits=None, first_last="search",
+                                              step_init=init))
+        quantizers = [m.weight_quant for m in model.modules() if hasattr(m, "weight_quant")]
+        assert len(quantizers) == 3
+        for q, w in zip(quantizers, weights):
+            expected = torch.stack([rule(w, b) for b in (1, 2, 4)])
+            assert torch.allclose(q.steps.detach(), expected, rtol=1e-6)
