@@ -69,9 +69,8 @@ class LayerOptions:
     def __post_init__(self) -> None:
         import re
 
-        from sdq_lightning.quantizers.functional import STEP_INITS
-
         from sdq_lightning.quantizers import validate_candidates
+        from sdq_lightning.quantizers.functional import STEP_INITS
         from sdq_lightning.surgery.quantize import FIRST_LAST_POLICIES
 
         _one_of(self.first_last, FIRST_LAST_POLICIES, "first_last")

@@ -44,9 +44,9 @@ from torch import Tensor, nn
 
 from sdq_lightning.quantizers.estimators import Estimator, estimator_index, estimator_name, get_estimator
 from sdq_lightning.quantizers.functional import (
-    STEP_INITS,
     MAX_BITS,
     MIN_BITS,
+    STEP_INITS,
     binary_codes,
     counter_uniform,
     fake_quantize_dynamic,
