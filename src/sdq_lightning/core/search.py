@@ -318,11 +318,14 @@ class BitSearch:
             torch._foreach_copy_(dbps, p.unbind(0))
             torch._foreach_copy_([q.level for q in qs], levels.unbind(0))
         self.lookahead_done += len(todo)
+        if not made:
+            return
+        diffs = torch.stack([d for _, _, d in made])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # one all-reduce for the step
+            torch.distributed.all_reduce(diffs)
+            diffs = diffs / torch.distributed.get_world_size()
         dev = p.device
-        for layer, level, diff in made:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(diff)
-                diff = diff / torch.distributed.get_world_size()
+        for (layer, level, _), diff in zip(made, diffs.unbind(0)):
             ok = torch.isfinite(diff)
             opt.record_probe(torch.where(ok, torch.tensor(layer, device=dev), torch.tensor(-1, device=dev)),
                              torch.where(ok, diff, 0.0), level=torch.tensor(level, device=dev))
