@@ -131,7 +131,8 @@ def test_one_call_probes_distinct_layers_as_single_probes_would():
         assert torch.equal(sa["probes"], sb["probes"]) and torch.equal(sa["sens"], sb["sens"])
 
 
-def test_a_distributed_step_averages_all_its_probes_in_one_all_reduce(monkeypatch, tmp_path):
+@pytest.mark.parametrize("lookahead", [0, 2], ids=["live", "lookahead"])
+def test_a_distributed_step_averages_all_its_probes_in_one_all_reduce(monkeypatch, tmp_path, lookahead):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
@@ -139,10 +140,11 @@ def test_a_distributed_step_averages_all_its_probes_in_one_all_reduce(monkeypatc
     real = dist.all_reduce
     monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (calls.append(t.shape), real(t, *a, **k))[1])
     try:
-        model, search = _searched_net()
+        model, search = _searched_net(lookahead_levels=lookahead)
         x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
         search.begin_step(1, 1.0)
         search.probe(_loss(model, x, y), lambda: _loss(model, x, y), 3)
+        assert search.lookahead_done == (3 if lookahead else 0)
     finally:
         dist.destroy_process_group()
     assert calls == [torch.Size([3])]
