@@ -4,6 +4,7 @@ suite's user module and split). Lightning's default trainer settings apart from 
 
     OMP_NUM_THREADS=2 python experiments/user_networks.py [--bodies cnn_fc cnn_bn] [--seeds 0 1 2] [--epochs 6]
     OMP_NUM_THREADS=2 python experiments/user_networks.py --cifar10 <root> [--subset 5000] [--bodies rgb_vgg rgb_fc]
+    ... [--lookahead 3] [--step-init mse]   (the SDQ runs only: search.lookahead_levels, layers.step_init)
 
 ``--cifar10``: a harder task, a class-balanced subset of the CIFAR-10 training images (ImageFolder tree, decoded once
 into memory) and 2,000 test images, with two 3-channel user networks (``rgb_vgg``, ``rgb_fc``).
@@ -90,7 +91,8 @@ class CifarLoaders:
         return DataLoader(self.test_set, batch_size=512)
 
 
-def fit(body: str, seed: int, epochs: int, uniform: bool, loaders) -> tuple[float, float]:
+def fit(body: str, seed: int, epochs: int, uniform: bool, loaders, lookahead: int = 0,
+        step_init: str = "lsq") -> tuple[float, float]:
     L.seed_everything(seed, verbose=False)
     model = UserNet(**{**USER_CNN, "body": "cnn_fc" if body in RGB else body})
     if body in RGB:
@@ -99,7 +101,8 @@ def fit(body: str, seed: int, epochs: int, uniform: bool, loaders) -> tuple[floa
         sdq = SDQ(weight_bits=(2,), activation_bits=4)
     else:
         sdq = SDQ(weight_bits=(1, 2, 3, 4, 5, 6, 7, 8), activation_bits=4,
-                  budget={"metric": "avg_bits", "target": 2.0}, search_epochs=epochs // 2)
+                  budget={"metric": "avg_bits", "target": 2.0}, search_epochs=epochs // 2,
+                  search={"lookahead_levels": lookahead}, layers={"step_init": step_init})
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[sdq])
     trainer.fit(model, loaders.train(seed=seed))
@@ -124,6 +127,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--cifar10", help="a CIFAR-10 ImageFolder root (train/, test/): the harder task")
     ap.add_argument("--subset", type=int, default=5000, help="--cifar10: training images (class-balanced)")
+    ap.add_argument("--lookahead", type=int, default=0, help="the SDQ runs' search.lookahead_levels")
+    ap.add_argument("--step-init", default="lsq", choices=["lsq", "mse"], help="the SDQ runs' layers.step_init")
     args = ap.parse_args()
     if args.cifar10 and args.bodies == ["cnn_fc", "cnn_bn"]:
         args.bodies = list(RGB)
@@ -137,7 +142,7 @@ def main() -> None:
     results = {}
     for body in args.bodies:
         for seed in args.seeds:
-            s_acc, s_bits = fit(body, seed, args.epochs, False, loaders)
+            s_acc, s_bits = fit(body, seed, args.epochs, False, loaders, args.lookahead, args.step_init)
             u_acc, u_bits = fit(body, seed, args.epochs, True, loaders)
             results.setdefault(body, []).append((s_acc, u_acc))
             print(f"| {body} | {seed} | {100 * s_acc:.2f} | {s_bits:.3f} | {100 * u_acc:.2f} | {u_bits:.3f} |",
