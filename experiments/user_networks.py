@@ -9,7 +9,7 @@ suite's user module and split). Lightning's default trainer settings apart from 
 ``--cifar10``: a harder task, a class-balanced subset of the CIFAR-10 training images (ImageFolder tree, decoded once
 into memory) and 2,000 test images, with two 3-channel user networks (``rgb_vgg``, ``rgb_fc``).
 
-Prints each run's test accuracy and plan bits, then per shape the mean paired difference SDQ - uniform with a 95 %
+Prints each run's test accuracy, plan bits and plan (every quantized layer's weight bits, in model order), then per shape the mean paired difference SDQ - uniform with a 95 %
 t-interval and the seed spread of each row.
 """
 
@@ -92,7 +92,7 @@ class CifarLoaders:
 
 
 def fit(body: str, seed: int, epochs: int, uniform: bool, loaders, lookahead: int = 0,
-        step_init: str = "lsq") -> tuple[float, float]:
+        step_init: str = "lsq") -> tuple[float, float, str]:
     L.seed_everything(seed, verbose=False)
     model = UserNet(**{**USER_CNN, "body": "cnn_fc" if body in RGB else body})
     if body in RGB:
@@ -107,7 +107,8 @@ def fit(body: str, seed: int, epochs: int, uniform: bool, loaders, lookahead: in
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[sdq])
     trainer.fit(model, loaders.train(seed=seed))
     acc = trainer.test(model, loaders.test(), verbose=False)[0]["test_acc"]
-    return float(acc), float(sdq.plan.average_bits)
+    plan = "/".join("fp" if b is None else str(b) for b in sdq.plan.values())  # every quantized layer, model order
+    return float(acc), float(sdq.plan.average_bits), plan
 
 
 def t_interval(diffs: list[float]) -> tuple[float, float, float]:
@@ -137,15 +138,15 @@ def main() -> None:
         raise SystemExit(f"error: network {bad[0]!r} does not fit this data; digits: cnn_fc cnn_bn cnn_widening "
                          f"cnn_plain; --cifar10: {' '.join(RGB)}")
     loaders = CifarLoaders(args.cifar10, args.subset) if args.cifar10 else Loaders()
-    print("| network | seed | SDQ test acc (%) | SDQ avg bits | uniform 2-bit test acc (%) | uniform avg bits |")
-    print("|---|---|---|---|---|---|")
+    print("| network | seed | SDQ test acc (%) | SDQ avg bits | SDQ plan | uniform 2-bit test acc (%) | uniform avg bits |")
+    print("|---|---|---|---|---|---|---|")
     results = {}
     for body in args.bodies:
         for seed in args.seeds:
-            s_acc, s_bits = fit(body, seed, args.epochs, False, loaders, args.lookahead, args.step_init)
-            u_acc, u_bits = fit(body, seed, args.epochs, True, loaders)
+            s_acc, s_bits, s_plan = fit(body, seed, args.epochs, False, loaders, args.lookahead, args.step_init)
+            u_acc, u_bits, _ = fit(body, seed, args.epochs, True, loaders)
             results.setdefault(body, []).append((s_acc, u_acc))
-            print(f"| {body} | {seed} | {100 * s_acc:.2f} | {s_bits:.3f} | {100 * u_acc:.2f} | {u_bits:.3f} |",
+            print(f"| {body} | {seed} | {100 * s_acc:.2f} | {s_bits:.3f} | {s_plan} | {100 * u_acc:.2f} | {u_bits:.3f} |",
                   flush=True)
     print("\n| network | seeds | SDQ mean (sd) | uniform mean (sd) | SDQ - uniform (points) | 95 % interval |")
     print("|---|---|---|---|---|---|")

@@ -72,7 +72,7 @@ def test_bf16_mixed_with_kd(make_trainer, digits, fp_teacher):
     L.seed_everything(0, verbose=False)
     student = _student(fp_teacher)
     sdq = SDQ(activation_bits=4, budget={"metric": "avg_bits", "target": 3.0}, search_epochs=1, teacher=fp_teacher.model)
-    trainer = make_trainer(max_epochs=2, callbacks=[sdq], precision="bf16-mixed", limit_train_batches=6)
+    trainer = make_trainer(max_epochs=2, callbacks=[sdq], precision="bf16-mixed", limit_train_batches=3)
     trainer.fit(student, digits.train())
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["sdq/kd"]) and torch.isfinite(metrics["sdq/ebr"])

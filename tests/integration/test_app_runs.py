@@ -18,12 +18,34 @@ def test_printing_a_config_needs_no_data(tmp_path):
 
     for what in ("job", "hydra", "all"):
         assert precheck(["--cfg", what, "experiment=imagenet_resnet18"], CONF_DIR) is None
+    cfg = compose_cfg(["experiment=imagenet_resnet18"])
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.is_missing(cfg.dataset, "root") and cfg.sdq._target_ == "sdq_lightning.SDQ"
+
+
+@pytest.mark.slow
+def test_printing_a_config_in_a_process_needs_no_data(tmp_path):
+    """The same through the command line: Hydra prints the config and exits, no run folder."""
     proc = run_cli(["--cfg", "job", "experiment=imagenet_resnet18"], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "root: ???" in proc.stdout and "_target_: sdq_lightning.SDQ" in proc.stdout
     assert not (tmp_path / "outputs").exists()
 
 
+def test_help_text_documents_the_default_budget():
+    from hydra import compose, initialize_config_dir
+
+    from sdq_lightning.cli.train import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        help_cfg = compose("train", return_hydra_config=True).hydra.help
+    text = help_cfg.header + help_cfg.footer
+    assert help_cfg.app_name == "sdq-train"
+    assert "average" in text and "weight bits <= 2.0" in text and "hardware.target" in text
+
+
+@pytest.mark.slow
 def test_help_documents_the_default_budget(tmp_path):
     proc = run_cli(["--help"], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -27,14 +27,22 @@ def test_bench_step_runs_and_writes_its_table(tmp_path):
     assert all(len(v) == 1 and v[0] > 0 for v in data["eager"].values())
 
 
-def test_bench_step_refuses_cuda_without_a_gpu(tmp_path):
+def test_bench_step_refuses_cuda_without_a_gpu(tmp_path, monkeypatch, capsys):
+    """In-process (the script's main() with its command line): exit status 2 and the reason, nothing written."""
+    import importlib.util
+
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--device", "cuda",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and "no CUDA device" in out.stderr
+    spec = importlib.util.spec_from_file_location("bench_step_under_test", ROOT / "benchmarks" / "bench_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--device", "cuda", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as info:
+        bench.main()
+    assert info.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

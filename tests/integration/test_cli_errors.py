@@ -26,7 +26,8 @@ def _assert_one_line_error(proc, needle):
 
 
 # each case is an app process (about 10 s on a 2-core CPU): the ones that run data and training go to the slow tier
-SLOW_CASES = {"impossible_budget", "bad_activation_bits", "late_error_in_run"}
+# (missing_dataset_root: the data module's own error is checked in-process in tests/data/test_datamodules.py)
+SLOW_CASES = {"impossible_budget", "bad_activation_bits", "late_error_in_run", "missing_dataset_root"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in sorted(CASES)])
