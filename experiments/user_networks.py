@@ -5,6 +5,7 @@ suite's user module and split). Lightning's default trainer settings apart from 
     OMP_NUM_THREADS=2 python experiments/user_networks.py [--bodies cnn_fc cnn_bn] [--seeds 0 1 2] [--epochs 6]
     OMP_NUM_THREADS=2 python experiments/user_networks.py --cifar10 <root> [--subset 5000] [--bodies rgb_vgg rgb_fc]
     ... [--lookahead 3] [--step-init mse]   (the SDQ runs only: search.lookahead_levels, layers.step_init)
+    ... [--sdq-only]   (no uniform runs: they do not depend on the SDQ options)
 
 ``--cifar10``: a harder task, a class-balanced subset of the CIFAR-10 training images (ImageFolder tree, decoded once
 into memory) and 2,000 test images, with two 3-channel user networks (``rgb_vgg``, ``rgb_fc``).
@@ -130,6 +131,8 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=5000, help="--cifar10: training images (class-balanced)")
     ap.add_argument("--lookahead", type=int, default=0, help="the SDQ runs' search.lookahead_levels")
     ap.add_argument("--step-init", default="lsq", choices=["lsq", "mse"], help="the SDQ runs' layers.step_init")
+    ap.add_argument("--sdq-only", action="store_true",
+                    help="skip the uniform runs (they do not depend on the SDQ options): SDQ rows only, no summary")
     args = ap.parse_args()
     if args.cifar10 and args.bodies == ["cnn_fc", "cnn_bn"]:
         args.bodies = list(RGB)
@@ -144,10 +147,15 @@ def main() -> None:
     for body in args.bodies:
         for seed in args.seeds:
             s_acc, s_bits, s_plan = fit(body, seed, args.epochs, False, loaders, args.lookahead, args.step_init)
+            if args.sdq_only:
+                print(f"| {body} | {seed} | {100 * s_acc:.2f} | {s_bits:.3f} | {s_plan} | - | - |", flush=True)
+                continue
             u_acc, u_bits, _ = fit(body, seed, args.epochs, True, loaders)
             results.setdefault(body, []).append((s_acc, u_acc))
             print(f"| {body} | {seed} | {100 * s_acc:.2f} | {s_bits:.3f} | {s_plan} | {100 * u_acc:.2f} | {u_bits:.3f} |",
                   flush=True)
+    if not results:
+        return
     print("\n| network | seeds | SDQ mean (sd) | uniform mean (sd) | SDQ - uniform (points) | 95 % interval |")
     print("|---|---|---|---|---|---|")
     for body, rows in results.items():
