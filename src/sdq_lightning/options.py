@@ -57,6 +57,8 @@ class LayerOptions:
         per_channel: one weight step per output channel instead of one per layer.
         step_init: where each candidate width's weight step starts: ``"lsq"`` (LSQ's ``2 mean|w| / sqrt(Qp)``) or
             ``"mse"`` (the step of least squared quantization error, the one ``sdq-plan``'s oracle quantizes with).
+            Steps are set once, from the weights the layers have when they are quantized: ``"mse"`` is for a model
+            that starts trained; on networks trained from scratch it cost accuracy (docs/RESULTS.md section 29).
     """
 
     first_last: str = "8bit"
@@ -119,7 +121,8 @@ class SearchOptions:
             (1: the 2->1 drop of 1..8-bit candidates; 3: 2->1, 3->2 and 4->3) at the start of the search, before any
             live probe, while the network is still near its starting point: two eval forwards per probe, the probed
             layer at the two widths of that level and every other layer at its current decision. Those measurements
-            are final; live probes then measure only the levels above. 0: off (every level measured live).
+            are final; live probes then measure only the levels above. 0: off (every level measured live). For a
+            search that starts from a trained network: from scratch it measures a random one (RESULTS section 29).
         lookahead_repeats: measurements per layer and lookahead level (batches of the training loader).
         probe_loss: the loss the paired forwards compare, ``probe_loss(output, batch) -> Tensor``; None: the
             cross-entropy of the network's output against ``batch[1]``.
