@@ -10,8 +10,8 @@ suite's user module and split). Lightning's default trainer settings apart from 
 ``--cifar10``: a harder task, a class-balanced subset of the CIFAR-10 training images (ImageFolder tree, decoded once
 into memory) and 2,000 test images, with two 3-channel user networks (``rgb_vgg``, ``rgb_fc``).
 
-Prints each run's test accuracy, plan bits and plan (every quantized layer's weight bits, in model order), then per shape the mean paired difference SDQ - uniform with a 95 %
-t-interval and the seed spread of each row.
+Prints each run's test accuracy, plan bits and plan (every quantized layer's weight bits, in model order), then
+per shape the mean paired difference SDQ - uniform with a 95 % t-interval and the seed spread of each row.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers.data import Loaders  # noqa: E402
-from helpers.user_module import USER_CNN, UserNet  # noqa: E402
+from helpers.user_module import BODIES, USER_CNN, UserNet  # noqa: E402
 
 from sdq_lightning import SDQ  # noqa: E402
 
@@ -136,12 +136,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.cifar10 and args.bodies == ["cnn_fc", "cnn_bn"]:
         args.bodies = list(RGB)
-    bad = [b for b in args.bodies if (b in RGB) != bool(args.cifar10)]
+    digits_bodies = tuple(BODIES)
+    bad = [b for b in args.bodies if b not in (RGB if args.cifar10 else digits_bodies)]
     if bad:
-        raise SystemExit(f"error: network {bad[0]!r} does not fit this data; digits: cnn_fc cnn_bn cnn_widening "
-                         f"cnn_plain; --cifar10: {' '.join(RGB)}")
+        raise SystemExit(f"error: network {bad[0]!r} does not fit this data; digits: {' '.join(digits_bodies)}; "
+                         f"--cifar10: {' '.join(RGB)}")
     loaders = CifarLoaders(args.cifar10, args.subset) if args.cifar10 else Loaders()
-    print("| network | seed | SDQ test acc (%) | SDQ avg bits | SDQ plan | uniform 2-bit test acc (%) | uniform avg bits |")
+    print("| network | seed | SDQ test acc (%) | SDQ avg bits | SDQ plan | uniform 2-bit test acc (%) "
+          "| uniform avg bits |")
     print("|---|---|---|---|---|---|---|")
     results = {}
     for body in args.bodies:
@@ -152,8 +154,8 @@ def main() -> None:
                 continue
             u_acc, u_bits, _ = fit(body, seed, args.epochs, True, loaders)
             results.setdefault(body, []).append((s_acc, u_acc))
-            print(f"| {body} | {seed} | {100 * s_acc:.2f} | {s_bits:.3f} | {s_plan} | {100 * u_acc:.2f} | {u_bits:.3f} |",
-                  flush=True)
+            print(f"| {body} | {seed} | {100 * s_acc:.2f} | {s_bits:.3f} | {s_plan} | {100 * u_acc:.2f} "
+                  f"| {u_bits:.3f} |", flush=True)
     if not results:
         return
     print("\n| network | seeds | SDQ mean (sd) | uniform mean (sd) | SDQ - uniform (points) | 95 % interval |")
