@@ -136,7 +136,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.cifar10 and args.bodies == ["cnn_fc", "cnn_bn"]:
         args.bodies = list(RGB)
-    digits_bodies = tuple(BODIES)
+    digits_bodies = tuple(b for b in BODIES if not b.startswith("rgb"))  # 1-channel bodies
     bad = [b for b in args.bodies if b not in (RGB if args.cifar10 else digits_bodies)]
     if bad:
         raise SystemExit(f"error: network {bad[0]!r} does not fit this data; digits: {' '.join(digits_bodies)}; "
