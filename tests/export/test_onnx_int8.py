@@ -23,7 +23,7 @@ from sdq_lightning.export import (
 
 from export_helpers import build_mixed, cifar_images, mixed_bits
 from helpers.data import digits_images
-from helpers.ort import exact_int8_kernels
+from helpers.ort import exact_int8_kernels, int8_saturates
 
 
 def _images(n: int = 256) -> tuple[torch.Tensor, str]:
@@ -63,9 +63,8 @@ def resnet18_mixed() -> nn.Module:
     return build_mixed("resnet18", fp_steps=10)
 
 
-@pytest.mark.parametrize("name", [pytest.param("resnet20", marks=exact_int8_kernels),
-                                  pytest.param("resnet18", marks=pytest.mark.slow),
-                                  pytest.param("mobilenetv2_100", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["resnet20", pytest.param("resnet18", marks=pytest.mark.slow),
+                                   pytest.param("mobilenetv2_100", marks=pytest.mark.slow)])
 def test_int8_matches_pytorch_and_runs_integer_kernels(name, request, tmp_path) -> None:
     """Mixed 1..8-bit plans: every quantized layer runs an integer kernel; top-1 agrees on real images."""
     model = request.getfixturevalue({"resnet20": "resnet20_mixed", "resnet18": "resnet18_mixed",
@@ -77,7 +76,6 @@ def test_int8_matches_pytorch_and_runs_integer_kernels(name, request, tmp_path) 
     assert not types & {"INT2", "UINT2", "INT4", "UINT4"}  # 8-bit containers only
     assert {"ConvInteger", "MatMulInteger"} <= {n.op_type for n in m.graph.node}
     _, agree = _agreement(model, path, x, f"{name}, {src}")
-    assert agree >= 0.999
     rep = capability_report(model, onnx_path=path, example_shape=(1, *x.shape[1:]))
     quant = [e for e in rep["layers"] if e["w_bits"] is not None and e["a_bits"] is not None]
     assert quant and all(e["ort_integer"] for e in quant), [(e["layer"], e["ort_kernels"]) for e in quant
@@ -87,6 +85,11 @@ def test_int8_matches_pytorch_and_runs_integer_kernels(name, request, tmp_path) 
     assert "(+-1)" in one_bit["onnx_weight"]
     assert any("codes in 8-bit containers" in s for s in rep["not_native"])
     assert not any("int2" in s or "int4" in s for s in rep["not_native"])
+    if agree < 0.999 and name == "resnet20" and int8_saturates():
+        # whether the saturation flips a top-1 depends on the images (CIFAR-10 does, digits did not): the kernel and
+        # report checks above ran; only the agreement is not claimed on this CPU
+        pytest.xfail(f"{exact_int8_kernels.kwargs['reason']}; top-1 agreement {agree:.4f}")
+    assert agree >= 0.999
 
 
 def test_weight_only_plan_is_a_float_graph(tmp_path) -> None:
