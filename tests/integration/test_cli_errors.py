@@ -26,8 +26,9 @@ def _assert_one_line_error(proc, needle):
 
 
 # each case is an app process (about 10 s on a 2-core CPU): the ones that run data and training go to the slow tier
-# (missing_dataset_root: the data module's own error is checked in-process in tests/data/test_datamodules.py)
-SLOW_CASES = {"impossible_budget", "bad_activation_bits", "late_error_in_run", "missing_dataset_root"}
+# (in-process checks of the same errors: missing_dataset_root in tests/data/test_datamodules.py, unknown_model in
+# tests/unit/test_extending_backbone.py; unknown_experiment stays here as the fast tier's command-line check)
+SLOW_CASES = {"impossible_budget", "bad_activation_bits", "late_error_in_run", "missing_dataset_root", "unknown_model"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in sorted(CASES)])

@@ -51,7 +51,9 @@ def test_the_protocol_refuses_an_unknown_method_in_one_line(tmp_path) -> None:
         "EXTRA=budget:name=file)"]
 
 
-def test_sensitivity_agreement_between_compares_every_pair_per_level(tmp_path) -> None:
+def test_sensitivity_agreement_between_compares_every_pair_per_level(tmp_path, monkeypatch, capsys) -> None:
+    import runpy
+
     from scipy.stats import spearmanr
 
     layers = [f"l{i}" for i in range(5)]
@@ -60,9 +62,11 @@ def test_sensitivity_agreement_between_compares_every_pair_per_level(tmp_path) -
     for name, d in {"oracle": [5, 4, 3, 2, 1], **drops}.items():
         files[name] = tmp_path / f"{name}.json"
         files[name].write_text(json.dumps({n: {"1": float(x), "2": 0.0} for n, x in zip(layers, d)}))
-    out = subprocess.run([sys.executable, str(REPO / "experiments" / "sensitivity_agreement.py"), str(files["oracle"]),
-                          *(f"{n}={files[n]}" for n in drops), "--between"],
-                         capture_output=True, text=True, check=True).stdout
+    script = REPO / "experiments" / "sensitivity_agreement.py"  # in-process: the script as `python script ...` runs it
+    monkeypatch.setattr(sys, "argv", [str(script), str(files["oracle"]), *(f"{n}={files[n]}" for n in drops),
+                                      "--between"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines()
             if line.startswith(("| a vs ", "| b vs "))}
     expect = {f"{x} vs {y}": spearmanr(drops[x], drops[y]).statistic for x, y in (("a", "b"), ("a", "c"), ("b", "c"))}
