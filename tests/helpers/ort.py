@@ -39,6 +39,5 @@ def int8_saturates() -> bool:
     return int(y.reshape(-1)[0]) != 127
 
 
-exact_int8_kernels = pytest.mark.xfail(
-    condition=int8_saturates(), strict=True,
-    reason="onnxruntime's u8 x s8 kernels saturate int16 pair sums on this CPU (AVX2 without VNNI): not exact here")
+SATURATION = "onnxruntime's u8 x s8 kernels saturate int16 pair sums on this CPU (AVX2 without VNNI): not exact here"
+exact_int8_kernels = pytest.mark.xfail(condition=int8_saturates(), strict=True, reason=SATURATION)

@@ -32,9 +32,18 @@ TINY = [
 ]
 
 
-def compose_cfg(overrides: list[str]):
+def compose_cfg(overrides: list[str], return_hydra_config: bool = False):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
+        return compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+def run_script(path: Path, args: list[str], monkeypatch) -> None:
+    """Run a repository script in this process as ``python path args...`` would (its ``__main__`` block, that
+    command line): no interpreter start-up and import of torch per call. ``SystemExit`` propagates."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(path), *args])
+    runpy.run_path(str(path), run_name="__main__")
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:

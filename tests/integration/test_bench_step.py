@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from app_helpers import run_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -28,19 +30,14 @@ def test_bench_step_runs_and_writes_its_table(tmp_path):
 
 
 def test_bench_step_refuses_cuda_without_a_gpu(tmp_path, monkeypatch, capsys):
-    """In-process (the script's main() with its command line): exit status 2 and the reason, nothing written."""
-    import importlib.util
-
+    """In-process (the script with its command line): exit status 2 and the reason, nothing written."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    spec = importlib.util.spec_from_file_location("bench_step_under_test", ROOT / "benchmarks" / "bench_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--device", "cuda", "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as info:
-        bench.main()
+        run_script(ROOT / "benchmarks" / "bench_step.py", ["--device", "cuda", "--out", str(tmp_path / "out")],
+                   monkeypatch)
     assert info.value.code == 2 and "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from scipy.stats import t
 
+from app_helpers import run_script
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -52,8 +54,6 @@ def test_the_protocol_refuses_an_unknown_method_in_one_line(tmp_path) -> None:
 
 
 def test_sensitivity_agreement_between_compares_every_pair_per_level(tmp_path, monkeypatch, capsys) -> None:
-    import runpy
-
     from scipy.stats import spearmanr
 
     layers = [f"l{i}" for i in range(5)]
@@ -62,10 +62,8 @@ def test_sensitivity_agreement_between_compares_every_pair_per_level(tmp_path, m
     for name, d in {"oracle": [5, 4, 3, 2, 1], **drops}.items():
         files[name] = tmp_path / f"{name}.json"
         files[name].write_text(json.dumps({n: {"1": float(x), "2": 0.0} for n, x in zip(layers, d)}))
-    script = REPO / "experiments" / "sensitivity_agreement.py"  # in-process: the script as `python script ...` runs it
-    monkeypatch.setattr(sys, "argv", [str(script), str(files["oracle"]), *(f"{n}={files[n]}" for n in drops),
-                                      "--between"])
-    runpy.run_path(str(script), run_name="__main__")
+    run_script(REPO / "experiments" / "sensitivity_agreement.py",
+               [str(files["oracle"]), *(f"{n}={files[n]}" for n in drops), "--between"], monkeypatch)
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines()
             if line.startswith(("| a vs ", "| b vs "))}
