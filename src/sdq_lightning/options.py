@@ -55,10 +55,15 @@ class LayerOptions:
         first_last_bits: their bitwidth under ``"8bit"``.
         include / exclude: layer names or regexes (see :class:`~sdq_lightning.surgery.QuantSpec`).
         per_channel: one weight step per output channel instead of one per layer.
-        step_init: where each candidate width's weight step starts: ``"lsq"`` (LSQ's ``2 mean|w| / sqrt(Qp)``) or
-            ``"mse"`` (the step of least squared quantization error, the one ``sdq-plan``'s oracle quantizes with).
-            Steps are set once, from the weights the layers have when they are quantized: ``"mse"`` is for a model
-            that starts trained; on networks trained from scratch it cost accuracy (docs/RESULTS.md section 29).
+        step_init: where each candidate width's weight step starts: ``"lsq"`` (LSQ's ``2 mean|w| / sqrt(Qp)``),
+            ``"mse"`` (the step of least squared quantization error, the one ``sdq-plan``'s oracle quantizes with, at
+            the widths up to 4 bits, where a low-bit plan is decided; LSQ's rule above) or ``"mse_all"`` (the
+            least-squares step at every width: on networks trained from scratch it cost accuracy, docs/RESULTS.md
+            sections 29-30, because at 5-8 bits it clips the largest weights).
+        step_follow: until a width is first drawn, its step follows the weight's scale (``mean|w|``, per channel
+            with ``per_channel``), rescaled after every search step, so it starts at its ``step_init`` rule on the
+            weights the layer has when it reaches that width. For searches from scratch, where the weights outgrow
+            their random initialisation several times over while the layer descends (docs/RESULTS.md section 30).
     """
 
     first_last: str = "8bit"
@@ -67,6 +72,7 @@ class LayerOptions:
     exclude: tuple[str, ...] = ()
     per_channel: bool = False
     step_init: str = "lsq"
+    step_follow: bool = False
 
     def __post_init__(self) -> None:
         import re
@@ -87,6 +93,7 @@ class LayerOptions:
                     raise ValueError(f"{key} pattern {p!r} is not a valid regular expression: {err}") from None
             _set(self, key, patterns)
         _flag(self.per_channel, "per_channel")
+        _flag(self.step_follow, "step_follow")
         _one_of(self.step_init, STEP_INITS, "step_init")
 
 

@@ -118,3 +118,35 @@ def test_train_under_given_plan(make_trainer, digits, fp_teacher, tmp_path):
     make_trainer(max_epochs=1, callbacks=[sdq], limit_train_batches=5).fit(module, digits.train())
     assert dict(sdq.plan) == {"model.conv1": 8, "model.conv2": 4, "model.conv3": 2, "model.fc": 8} or \
         dict(sdq.plan) == dict(plan)
+
+
+def test_step_follow_starts_each_width_at_its_rule_on_the_weights_it_reaches(make_trainer, digits):
+    """``layers.step_follow=True`` from scratch: after 24 search steps, every width below a layer's live pair still has
+    LSQ's rule on the layer's current weight (not on its random initialisation); without the option the same widths
+    keep the initialisation's steps, which training has moved away from (the control)."""
+    from sdq_lightning.quantizers.functional import weight_step_init
+    from sdq_lightning.surgery import quant_layers
+
+    with pytest.raises(ValueError, match="step_follow must be true or false"):
+        SDQ(layers={"step_follow": "yes"})
+    gaps = {}
+    for follow in (True, False):
+        L.seed_everything(0, verbose=False)
+        module = SDQClassifier("digits_cnn", in_chans=1, lr=0.1)
+        sdq = SDQ(activation_bits=4, budget={"metric": "avg_bits", "target": 2.0}, search_epochs=2,
+                  layers={"step_follow": follow})
+        assert sdq.spec.step_follow is follow
+        make_trainer(max_epochs=3, max_steps=24, callbacks=[sdq]).fit(module, digits.train())
+        worst, checked = 0.0, 0
+        for layer in quant_layers(module).values():
+            q = layer.weight_quant
+            if q is None or len(q.candidates) == 1 or q.current_level < 2:
+                continue
+            for i in range(q.current_level - 1):  # the widths not drawn yet
+                rule = weight_step_init(layer.weight.detach(), q.candidates[i])
+                worst = max(worst, float((q.steps[i].detach() / rule - 1).abs().max()))
+                checked += 1
+        assert checked > 0
+        gaps[follow] = worst
+    assert gaps[True] < 1e-5, gaps
+    assert gaps[False] > 1e-2, gaps

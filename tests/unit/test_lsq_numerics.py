@@ -100,17 +100,22 @@ def test_lsq_per_channel_step_broadcasts():
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_the_mse_step_init_is_the_least_squares_step_on_its_grid(per_channel):
-    """``step_init="mse"``: each width's step is the grid step of least squared quantization error (checked against
+    """``step_init="mse_all"``: each width's step is the grid step of least squared quantization error (checked against
     a brute-force search over a finer grid at 2 and 4 bits: no step there does better than 1 % of the chosen step's
     error; at 8 bits the error is jagged in the step and the grid coarser than its teeth), per tensor or per output
-    channel; ``"lsq"`` keeps LSQ's rule, which at 2-8 bits is a worse step."""
+    channel; ``"lsq"`` keeps LSQ's rule, which at 2-8 bits is a worse step; ``"mse"`` is the least-squares step up to 4
+    bits and LSQ's rule above."""
     from sdq_lightning.quantizers import SDQWeightQuantizer
     from sdq_lightning.quantizers.functional import quantize_weight, weight_step_init
 
     torch.manual_seed(0)
     w = torch.randn(4, 8, 3, 3)
-    mse = SDQWeightQuantizer((1, 2, 4, 8), weight=w, per_channel=per_channel, step_init="mse")
+    mse = SDQWeightQuantizer((1, 2, 4, 8), weight=w, per_channel=per_channel, step_init="mse_all")
     lsq = SDQWeightQuantizer((1, 2, 4, 8), weight=w, per_channel=per_channel)
+    # "mse": the least-squares step up to MSE_STEP_MAX_BITS (4), LSQ's rule above (8 bits here)
+    low = SDQWeightQuantizer((1, 2, 4, 8), weight=w, per_channel=per_channel, step_init="mse")
+    assert torch.equal(low.steps[:3], mse.steps[:3]) and torch.equal(low.steps[3], lsq.steps[3])
+    assert not torch.allclose(mse.steps[3], lsq.steps[3], rtol=0.05)
     rows = w.flatten(1) if per_channel else w.reshape(1, -1)
     for i, b in enumerate((1, 2, 4, 8)):
         for r, row in enumerate(rows):
@@ -155,3 +160,53 @@ def test_the_step_init_option_reaches_every_searched_quantizer():
         for q, w in zip(quantizers, weights):
             expected = torch.stack([rule(w, b) for b in (1, 2, 4)])
             assert torch.allclose(q.steps.detach(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_step_follow_keeps_the_widths_not_drawn_on_the_weight_scale(per_channel):
+    """``step_follow``: :meth:`follow_weight_` scales the steps of the widths below the live pair by the change of
+    ``mean|w|`` (per channel with ``per_channel``); under LSQ's rule, which is linear in ``mean|w|``, they stay
+    exactly the rule on the current weight. The live pair's steps (which the step optimizer trains) stay; nothing
+    moves without the option, when frozen, or under the cascade reading; after a state-dict load the first call only
+    records the scale."""
+    from sdq_lightning.quantizers import SDQWeightQuantizer
+    from sdq_lightning.quantizers.functional import weight_step_init
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 8, 3, 3)
+    grown = w * torch.tensor([3.0, 0.5, 2.0, 1.5]).view(-1, 1, 1, 1)  # the weight after training, per channel
+    cands = (1, 2, 3, 4)
+
+    def made(**kw):
+        q = SDQWeightQuantizer(cands, weight=w, per_channel=per_channel, **kw)
+        q.set_level(2)  # live pair 3/2 bits: the 1-bit width is not drawn
+        with torch.no_grad():
+            q.steps[1:].mul_(1.7)  # the live widths' steps moved away from the rule (trained)
+        return q
+
+    q = made(step_follow=True)
+    live = q.steps[1:].detach().clone()
+    q.follow_weight_(grown)
+    assert torch.allclose(q.steps[0], weight_step_init(grown, 1, per_channel), rtol=1e-6)
+    assert not torch.allclose(q.steps[0], weight_step_init(w, 1, per_channel), rtol=1e-2)
+    assert torch.equal(q.steps[1:].detach(), live)
+    q.follow_weight_(grown * 2)  # relative to the last call
+    assert torch.allclose(q.steps[0], weight_step_init(grown * 2, 1, per_channel), rtol=1e-6)
+
+    for off in (made(), made(step_follow=True, reading="cascade")):
+        before = off.steps.detach().clone()
+        off.follow_weight_(grown)
+        assert torch.equal(off.steps.detach(), before)
+    frozen = made(step_follow=True)
+    frozen.freeze(3)
+    before = frozen.steps.detach().clone()
+    frozen.follow_weight_(grown)
+    assert torch.equal(frozen.steps.detach(), before)
+
+    loaded = made(step_follow=True)
+    loaded.load_state_dict(q.state_dict())
+    before = loaded.steps.detach().clone()
+    loaded.follow_weight_(grown)  # the scale the loaded steps belong to is not known: recorded, not applied
+    assert torch.equal(loaded.steps.detach(), before)
+    loaded.follow_weight_(grown * 2)
+    assert torch.allclose(loaded.steps[0], before[0] * 2, rtol=1e-6)

@@ -190,7 +190,7 @@ class SDQ(Callback):
                               first_last=lay.first_last, first_last_bits=lay.first_last_bits, include=lay.include,
                               exclude=lay.exclude, reading=opt.reading, estimator=opt.estimator,
                               per_channel=lay.per_channel, seed=seed, integer_only=integer_only,
-                              step_init=lay.step_init)
+                              step_init=lay.step_init, step_follow=lay.step_follow)
         self.budget = Budget.coerce(budget)
         if isinstance(search_epochs, bool) or not isinstance(search_epochs, int) or search_epochs < 0:
             raise ValueError(f"search_epochs must be an integer >= 0, got {search_epochs!r}")
@@ -595,6 +595,11 @@ class SDQ(Callback):
         if self.guard is not None:
             self.guard.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._term_log.step(trainer, pl_module, self._terms)
+        if self.phase is Phase.SEARCH and self.spec.step_follow:
+            if self._weight_layers is None:  # the quantized layers do not change after setup: listed once per fit
+                self._weight_layers = [m for m in quant_layers(pl_module).values() if m.weight_quant is not None]
+            for m in self._weight_layers:  # the widths not drawn yet keep their ratio to the updated weight
+                m.weight_quant.follow_weight_(m.weight)
         n = trainer.num_training_batches
         last_batch = isinstance(n, int) and batch_idx + 1 >= n
         if self.phase is Phase.SEARCH and last_batch and trainer.current_epoch + 1 >= self.search_epochs:

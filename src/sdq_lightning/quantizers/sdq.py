@@ -46,6 +46,7 @@ from sdq_lightning.quantizers.estimators import Estimator, estimator_index, esti
 from sdq_lightning.quantizers.functional import (
     MAX_BITS,
     MIN_BITS,
+    MSE_STEP_MAX_BITS,
     STEP_INITS,
     binary_codes,
     counter_uniform,
@@ -112,8 +113,15 @@ class SDQWeightQuantizer(nn.Module):
         mix_eps: the mix ``b = eps + (1 - 2 eps) beta`` (0 <= eps < 0.5) of the relaxation the DBP gradient goes
             through (``gumbel``; ``cascade`` for both estimators). Samples and the expected cost use ``beta``.
         step_init: how each candidate's step starts from the weight: ``"lsq"`` (``2 mean|w| / sqrt(Qp)``, LSQ's
-            rule; ``mean|w|`` at 1 bit) or ``"mse"`` (the step of least squared quantization error on a grid around
-            it, :func:`~sdq_lightning.quantizers.functional.weight_step_mse`).
+            rule; ``mean|w|`` at 1 bit), ``"mse"`` (the step of least squared quantization error on a grid around
+            it, :func:`~sdq_lightning.quantizers.functional.weight_step_mse`, at the widths up to
+            :data:`~sdq_lightning.quantizers.functional.MSE_STEP_MAX_BITS` bits; LSQ's rule above) or
+            ``"mse_all"`` (the least-squares step at every width).
+        step_follow: until a width is first drawn (progressive reading: the widths below the live pair), its step
+            follows the weight's scale: :meth:`follow_weight_` (the callback calls it after every search step)
+            multiplies it by the change of ``mean|w|`` (per channel with ``per_channel``). A width reached late in
+            a search from scratch then starts at its ``step_init`` rule on the weights' current scale, not on the
+            random initialisation's (which the weights outgrow several times over).
     """
 
     def __init__(
@@ -128,11 +136,13 @@ class SDQWeightQuantizer(nn.Module):
         init_dbp: float = 1.0,
         mix_eps: float = 0.01,
         step_init: str = "lsq",
+        step_follow: bool = False,
     ) -> None:
         super().__init__()
         if step_init not in STEP_INITS:
             raise ValueError(f"step_init must be one of {STEP_INITS}, got {step_init!r}")
         self.step_init = step_init
+        self.step_follow = bool(step_follow)
         self.candidates = validate_candidates(candidates)
         if reading not in READINGS:
             raise ValueError(f"reading must be one of {READINGS}, got {reading!r}")
@@ -162,6 +172,8 @@ class SDQWeightQuantizer(nn.Module):
         self.register_buffer("bits_table", torch.tensor(self.candidates, dtype=torch.float32), persistent=False)
         # per candidate: Qn, Qp, the LSQ gradient factor and 1-bit flag, gathered by the dynamic (searching) forward
         self.register_buffer("lsq_table", torch.zeros(n, 4), persistent=False)
+        # the weight scale the unused widths' steps follow (step_follow); NaN: not known (set at the next follow)
+        self.register_buffer("_follow_scale", torch.full(shape[1:], float("nan")), persistent=False)
         self._table_numel = -1
         self._frozen_index = -1
         self.register_load_state_dict_post_hook(lambda module, keys: module._sync())
@@ -174,6 +186,7 @@ class SDQWeightQuantizer(nn.Module):
     # ----------------------------------------------------------------- state
     def _sync(self) -> None:
         self._frozen_index = int(self.frozen_index)
+        self._follow_scale.fill_(float("nan"))  # loaded steps belong to the loaded weights: follow from there
 
     def get_extra_state(self) -> Tensor:
         """The quantizer's identity as a small int64 tensor (so every state-dict value stays a tensor):
@@ -313,10 +326,34 @@ class SDQWeightQuantizer(nn.Module):
     @torch.no_grad()
     def reset_steps(self, weight: Tensor) -> None:
         """Initialise the step of every candidate from ``weight`` (copied into the existing parameter)."""
-        init = weight_step_mse if getattr(self, "step_init", "lsq") == "mse" else weight_step_init
+        rule = getattr(self, "step_init", "lsq")
         for i, b in enumerate(self.candidates):
+            mse = rule == "mse_all" or (rule == "mse" and b <= MSE_STEP_MAX_BITS)
+            init = weight_step_mse if mse else weight_step_init
             self.steps[i].copy_(init(weight, b, self.per_channel).to(self.steps.dtype))
         self._fill_table(weight)
+        self._follow_scale.copy_(self._scale_of(weight))
+
+    def _scale_of(self, weight: Tensor) -> Tensor:
+        a = weight.detach().abs()
+        return (a.flatten(1).mean(1) if self.per_channel else a.mean()).to(self._follow_scale.dtype)
+
+    @torch.no_grad()
+    def follow_weight_(self, weight: Tensor) -> None:
+        """``step_follow``: scale the steps of the widths not drawn now (progressive reading, searching: the
+        candidates below the live pair) by ``mean|w|`` now over ``mean|w|`` at the last call, so each keeps its
+        ratio to the weight until it is reached. On the device, no host read; a no-op without ``step_follow``,
+        when frozen or under the cascade reading (which draws every width). The first call after construction
+        without a weight, or after a state-dict load, only records the scale."""
+        if not self.step_follow or self.frozen or self.reading != "progressive":
+            return
+        now = self._scale_of(weight)
+        ref = self._follow_scale
+        ratio = torch.where(torch.isfinite(ref) & (ref > 0), now / ref, torch.ones_like(now))
+        unused = torch.arange(len(self.candidates), device=self.steps.device) < (self.level - 1)
+        unused = unused.view(-1, *([1] * (self.steps.dim() - 1)))
+        self.steps.copy_(torch.where(unused, self.steps * ratio.to(self.steps.dtype), self.steps))
+        ref.copy_(now)
 
     def _numel(self, w: Tensor) -> int:
         return w.numel() // (w.shape[0] if self.per_channel else 1)

@@ -57,7 +57,7 @@ class QuantSpec:
         first_last_bits: their bitwidth under the ``"8bit"`` policy.
         include / exclude: module names or regexes (``re.fullmatch``).
         first_layer / last_layer: override the automatic detection (timm ``pretrained_cfg``, else first/last).
-        reading / estimator / per_channel / seed / step_init: passed to every :class:`SDQWeightQuantizer`.
+        reading / estimator / per_channel / seed / step_init / step_follow: passed to every :class:`SDQWeightQuantizer`.
         layer_bits: fixed per-layer weight bits (e.g. from a BitPlan); such a layer gets the single candidate.
         layer_act_bits: per-layer input bits overriding ``activation_bits``.
         integer_only: train the integer graph onnxruntime runs (:mod:`sdq_lightning.integer`): weight steps per
@@ -78,6 +78,7 @@ class QuantSpec:
     per_channel: bool = False
     seed: int = 0
     step_init: str = "lsq"
+    step_follow: bool = False
     layer_bits: dict[str, int | None] = field(default_factory=dict)
     layer_act_bits: dict[str, int | None] = field(default_factory=dict)
     integer_only: bool = False
@@ -215,7 +216,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> QuantRepo
         cands, abits = decided[name]
         wq = SDQWeightQuantizer(cands, spec.reading, spec.estimator, weight=module.weight.detach(),
                                 per_channel=spec.per_channel, seed=spec.seed, layer_id=zlib.crc32(name.encode()),
-                                step_init=spec.step_init)
+                                step_init=spec.step_init, step_follow=spec.step_follow)
         wq.to(module.weight.device)
         aq = ActQuantizer(abits).to(module.weight.device) if abits is not None else None
         _set_module(model, name, build_quant_layer(module, name, wq, aq))
