@@ -4,8 +4,8 @@ suite's user module and split). Lightning's default trainer settings apart from 
 
     OMP_NUM_THREADS=2 python experiments/user_networks.py [--bodies cnn_fc cnn_bn] [--seeds 0 1 2] [--epochs 6]
     OMP_NUM_THREADS=2 python experiments/user_networks.py --cifar10 <root> [--subset 5000] [--bodies rgb_vgg rgb_fc]
-    ... [--lookahead 3] [--step-init mse] [--step-follow]   (the SDQ runs only: search.lookahead_levels,
-        layers.step_init, layers.step_follow)
+    ... [--lookahead 0] [--step-init lsq] [--step-follow]   (the SDQ runs only: search.lookahead_levels,
+        layers.step_init, layers.step_follow; without them the library's defaults, as the uniform runs)
     ... [--sdq-only]   (no uniform runs: they do not depend on the SDQ options)
 
 ``--cifar10``: a harder task, a class-balanced subset of the CIFAR-10 training images (ImageFolder tree, decoded once
@@ -93,8 +93,8 @@ class CifarLoaders:
         return DataLoader(self.test_set, batch_size=512)
 
 
-def fit(body: str, seed: int, epochs: int, uniform: bool, loaders, lookahead: int = 0,
-        step_init: str = "lsq", step_follow: bool = False) -> tuple[float, float, str]:
+def fit(body: str, seed: int, epochs: int, uniform: bool, loaders, lookahead: int | None = None,
+        step_init: str | None = None, step_follow: bool = False) -> tuple[float, float, str]:
     L.seed_everything(seed, verbose=False)
     model = UserNet(**{**USER_CNN, "body": "cnn_fc" if body in RGB else body})
     if body in RGB:
@@ -102,9 +102,10 @@ def fit(body: str, seed: int, epochs: int, uniform: bool, loaders, lookahead: in
     if uniform:
         sdq = SDQ(weight_bits=(2,), activation_bits=4)
     else:
+        search = {} if lookahead is None else {"lookahead_levels": lookahead}
+        layers = {"step_follow": step_follow, **({} if step_init is None else {"step_init": step_init})}
         sdq = SDQ(weight_bits=(1, 2, 3, 4, 5, 6, 7, 8), activation_bits=4,
-                  budget={"metric": "avg_bits", "target": 2.0}, search_epochs=epochs // 2,
-                  search={"lookahead_levels": lookahead}, layers={"step_init": step_init, "step_follow": step_follow})
+                  budget={"metric": "avg_bits", "target": 2.0}, search_epochs=epochs // 2, search=search, layers=layers)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[sdq])
     trainer.fit(model, loaders.train(seed=seed))
@@ -130,8 +131,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--cifar10", help="a CIFAR-10 ImageFolder root (train/, test/): the harder task")
     ap.add_argument("--subset", type=int, default=5000, help="--cifar10: training images (class-balanced)")
-    ap.add_argument("--lookahead", type=int, default=0, help="the SDQ runs' search.lookahead_levels")
-    ap.add_argument("--step-init", default="lsq", choices=["lsq", "mse", "mse_all"], help="the SDQ runs' layers.step_init")
+    ap.add_argument("--lookahead", type=int, help="the SDQ runs' search.lookahead_levels (default: the library's)")
+    ap.add_argument("--step-init", choices=["lsq", "mse", "mse_all"],
+                    help="the SDQ runs' layers.step_init (default: the library's)")
     ap.add_argument("--step-follow", action="store_true", help="the SDQ runs' layers.step_follow")
     ap.add_argument("--sdq-only", action="store_true",
                     help="skip the uniform runs (they do not depend on the SDQ options): SDQ rows only, no summary")

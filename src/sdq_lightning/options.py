@@ -20,6 +20,9 @@ __all__ = ["COMPILE_MODES", "EBROptions", "FreezeOptions", "KDOptions", "LayerOp
            "SDQConfig", "SearchOptions", "coerce_options", "nest_flat_node"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "cuda-graphs", "auto")
+# search.lookahead_levels=None with a paired estimate: the 2->1, 3->2 and 4->3 drops, the levels a plan of about 2 bits
+# is decided at (docs/method.md, "What the task force measures")
+DEFAULT_LOOKAHEAD_LEVELS = 3
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -71,7 +74,7 @@ class LayerOptions:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     per_channel: bool = False
-    step_init: str = "lsq"
+    step_init: str = "mse"
     step_follow: bool = False
 
     def __post_init__(self) -> None:
@@ -128,8 +131,10 @@ class SearchOptions:
             (1: the 2->1 drop of 1..8-bit candidates; 3: 2->1, 3->2 and 4->3) at the start of the search, before any
             live probe, while the network is still near its starting point: two eval forwards per probe, the probed
             layer at the two widths of that level and every other layer at its current decision. Those measurements
-            are final; live probes then measure only the levels above. 0: off (every level measured live). For a
-            search that starts from a trained network: from scratch it measures a random one (RESULTS section 29).
+            are final; live probes then measure only the levels above. 0: off (every level measured live). None
+            (default): 3 with a paired estimate, 0 with ``pathwise``. With ``step_init="mse"`` it ranks the drops
+            like the oracle from a trained start (docs/RESULTS.md sections 28 and 30); from scratch it measures a
+            random network, which cost nothing measurable on users' networks (section 30).
         lookahead_repeats: measurements per layer and lookahead level (batches of the training loader).
         probe_loss: the loss the paired forwards compare, ``probe_loss(output, batch) -> Tensor``; None: the
             cross-entropy of the network's output against ``batch[1]``.
@@ -156,7 +161,7 @@ class SearchOptions:
     task_weight: float = 1.0
     task_estimate: Optional[str] = None
     probes_per_step: int = 4
-    lookahead_levels: int = 0
+    lookahead_levels: Optional[int] = None
     lookahead_repeats: int = 4
     probe_loss: Any = None
     budget_reach: float = 0.75
@@ -193,8 +198,10 @@ class SearchOptions:
             raise ValueError(f"probes_per_step must be an integer >= 1, got {self.probes_per_step!r}")
         for key, low in (("lookahead_levels", 0), ("lookahead_repeats", 1)):
             value = getattr(self, key)
+            if key == "lookahead_levels" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+                raise ValueError(f"{key} must be an integer >= {low} (lookahead_levels: or null), got {value!r}")
         if self.lookahead_levels and not estimate.startswith("paired"):
             raise ValueError(f"lookahead_levels needs a paired task_estimate (paired, paired_train, paired_isolated), "
                              f"got {estimate!r}")
@@ -225,6 +232,14 @@ class SearchOptions:
         if self.task_estimate is not None:
             return self.task_estimate
         return "paired" if self.reading == "progressive" else "pathwise"
+
+    @property
+    def resolved_lookahead_levels(self) -> int:
+        """``lookahead_levels``, or for None :data:`DEFAULT_LOOKAHEAD_LEVELS` with a paired estimate, 0 with
+        ``pathwise``."""
+        if self.lookahead_levels is not None:
+            return self.lookahead_levels
+        return DEFAULT_LOOKAHEAD_LEVELS if self.resolved_task_estimate.startswith("paired") else 0
 
 
 @dataclass(frozen=True)

@@ -438,11 +438,11 @@ class SDQ(Callback):
                 return self.probe_loss(net(x), batch)
 
         try:
-            if self.search.lookahead_pending:  # the lowest levels measured ahead: two eval forwards per probe
-                net.eval()
-                self.search.probe(None, loss_of, self.probes_per_step)
-                return
             try:
+                if self.search.lookahead_pending:  # the lowest levels measured ahead: two eval forwards per probe
+                    net.eval()
+                    self.search.probe(None, loss_of, self.probes_per_step)
+                    return
                 if self.task_estimate == "paired":
                     net.eval()
                     main = loss_of()  # also sets every layer's last_index to its current decision
@@ -543,7 +543,8 @@ class SDQ(Callback):
                            min_steps_between_drops=opt.min_steps_between_drops,
                            projection_sensitivity=frz.projection_sensitivity, seed=self.spec.seed,
                            rounding=frz.rounding, settle=opt.settle, task_estimate=self.task_estimate,
-                           lookahead_levels=opt.lookahead_levels, lookahead_repeats=opt.lookahead_repeats)
+                           lookahead_levels=opt.resolved_lookahead_levels if self.task_estimate != "pathwise" else 0,
+                           lookahead_repeats=opt.lookahead_repeats)
         if self._graph_work:  # under CUDA graphs the DBP step is a graph of its own
             search.use_graphs(True, capture_fn=self._graph_capture)
         return search

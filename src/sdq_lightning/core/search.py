@@ -204,6 +204,7 @@ class BitSearch:
     def use_pathwise(self) -> None:
         """Measure the task force by the DBP gradients from now on (the paired measurements cannot be made)."""
         self.task_estimate = "pathwise"
+        self.lookahead_levels = 0  # nothing measured ahead either: every level from the DBP gradients
         if self.optimizer is not None:
             self.optimizer.measured = False
 
