@@ -121,11 +121,22 @@ def test_train_under_given_plan(make_trainer, digits, fp_teacher, tmp_path):
 
 
 def test_step_follow_starts_each_width_at_its_rule_on_the_weights_it_reaches(make_trainer, digits):
-    """``layers.step_follow=True`` from scratch: after 24 search steps, every width below a layer's live pair still has
-    LSQ's rule on the layer's current weight (not on its random initialisation); without the option the same widths
-    keep the initialisation's steps, which training has moved away from (the control)."""
+    """``layers.step_follow=True`` from scratch: after 24 search steps, every width a layer has never drawn (below
+    the lowest live pair it had) still has LSQ's rule on the layer's current weight (not on its random
+    initialisation); without the option the same widths keep the initialisation's steps, which training has moved
+    away from (the control)."""
     from sdq_lightning.quantizers.functional import weight_step_init
     from sdq_lightning.surgery import quant_layers
+
+    class LowestLevel(L.Callback):  # the lowest live level each layer had after any step
+        def __init__(self):
+            self.lowest = {}
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            for name, layer in quant_layers(pl_module).items():
+                if layer.weight_quant is not None:
+                    lv = layer.weight_quant.current_level
+                    self.lowest[name] = min(self.lowest.get(name, lv), lv)
 
     with pytest.raises(ValueError, match="step_follow must be true or false"):
         SDQ(layers={"step_follow": "yes"})
@@ -134,15 +145,16 @@ def test_step_follow_starts_each_width_at_its_rule_on_the_weights_it_reaches(mak
         L.seed_everything(0, verbose=False)
         module = SDQClassifier("digits_cnn", in_chans=1, lr=0.1)
         sdq = SDQ(activation_bits=4, budget={"metric": "avg_bits", "target": 2.0}, search_epochs=2,
-                  layers={"step_follow": follow})
+                  layers={"step_follow": follow, "step_init": "lsq"})  # LSQ's rule: linear in mean|w|
         assert sdq.spec.step_follow is follow
-        make_trainer(max_epochs=3, max_steps=24, callbacks=[sdq]).fit(module, digits.train())
+        seen = LowestLevel()
+        make_trainer(max_epochs=3, max_steps=24, callbacks=[sdq, seen]).fit(module, digits.train())
         worst, checked = 0.0, 0
-        for layer in quant_layers(module).values():
+        for name, layer in quant_layers(module).items():
             q = layer.weight_quant
-            if q is None or len(q.candidates) == 1 or q.current_level < 2:
+            if q is None or len(q.candidates) == 1:
                 continue
-            for i in range(q.current_level - 1):  # the widths not drawn yet
+            for i in range(seen.lowest[name] - 1):  # the widths never drawn
                 rule = weight_step_init(layer.weight.detach(), q.candidates[i])
                 worst = max(worst, float((q.steps[i].detach() / rule - 1).abs().max()))
                 checked += 1

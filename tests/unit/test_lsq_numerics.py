@@ -138,15 +138,15 @@ def test_the_mse_step_init_is_the_least_squares_step_on_its_grid(per_channel):
 
 
 def test_the_step_init_option_reaches_every_searched_quantizer():
-    """``layers.step_init="mse"`` (callback) -> ``QuantSpec.step_init`` -> each layer's quantizer starts every width
-    at the least-squares step of its own weight; the default keeps LSQ's rule."""
+    """``layers.step_init`` (callback) -> ``QuantSpec.step_init`` -> each layer's quantizer starts every width at the
+    least-squares step of its own weight (``"mse"``, the callback's default, up to 4 bits) or at LSQ's rule."""
     from torch import nn
 
     import sdq_lightning as sq
     from sdq_lightning.quantizers.functional import weight_step_init, weight_step_mse
 
-    assert sq.SDQ(layers={"step_init": "mse"}).spec.step_init == "mse"
-    assert sq.SDQ().spec.step_init == "lsq"
+    assert sq.SDQ(layers={"step_init": "lsq"}).spec.step_init == "lsq"
+    assert sq.SDQ().spec.step_init == "mse"  # the default (docs/method.md: the least-squares step up to 4 bits)
     with pytest.raises(ValueError, match="step_init must be one of"):
         sq.SDQ(layers={"step_init": "max"})
     for init, rule in (("mse", weight_step_mse), ("lsq", weight_step_init)):

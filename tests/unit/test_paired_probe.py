@@ -258,7 +258,8 @@ def test_probing_leaves_the_training_run_unchanged(estimate):
     them trains (weights, BatchNorm statistics): a probe that left a buffer, a draw counter or a DBP changed would
     show here. The measurements themselves are there."""
     a, _ = _fit("pathwise")
-    lookahead = {"lookahead_levels": 1, "lookahead_repeats": 1} if estimate.endswith("+lookahead") else {}
+    ahead = estimate.endswith("+lookahead")
+    lookahead = {"lookahead_levels": 1, "lookahead_repeats": 1} if ahead else {"lookahead_levels": 0}
     b, cb = _fit(estimate.split("+")[0], probes_per_step=3, **lookahead)
     keys = [k for k in a if k.endswith(("weight", "bias", "running_mean", "running_var"))
             and "quant" not in k and "dbp" not in k]
@@ -267,7 +268,7 @@ def test_probing_leaves_the_training_run_unchanged(estimate):
         assert torch.equal(a[k], b[k]), k
     probes = sum(float(cb.search.optimizer.state[q.dbp]["probes"].sum()) for q in cb.search.quantizers)
     n = len(cb.search.quantizers)
-    if lookahead:  # n lookahead probes (the 2->1 drop once each) in the first steps, live probes after
+    if ahead:  # n lookahead probes (the 2->1 drop once each) in the first steps, live probes after
         assert cb.search.lookahead_done == n
         assert sum(float(cb.search.optimizer.state[q.dbp]["probes"][1]) for q in cb.search.quantizers) >= n
         assert probes > n
@@ -297,8 +298,25 @@ def test_the_default_falls_back_to_pathwise_with_a_warning_where_the_probe_loss_
     with pytest.warns(UserWarning, match="falls back to 'pathwise'"):
         trainer.fit(module, loader)
     assert cb.search.task_estimate == "pathwise" and not cb.search.optimizer.measured
+    assert cb.search.lookahead_levels == 0 and not cb.search.lookahead_pending  # the default lookahead went too
     resumed = sq.SDQ(weight_bits=(2, 4, 8))  # a resumed run measures as the checkpointed one did
     assert resumed.task_estimate == "paired"
     resumed.load_state_dict(cb.state_dict())
     assert resumed.task_estimate == "pathwise"
     assert sq.SDQ(search={"reading": "cascade"}).task_estimate == "pathwise"
+
+
+def test_the_default_lookahead_is_three_levels_with_a_paired_estimate_and_none_with_pathwise():
+    """``search.lookahead_levels=None`` (the default): the 2->1, 3->2 and 4->3 drops measured ahead with a paired
+    estimate, nothing with ``pathwise`` (where an explicit lookahead is an error)."""
+    from sdq_lightning.options import SearchOptions
+
+    assert SearchOptions().resolved_lookahead_levels == 3
+    assert SearchOptions(lookahead_levels=0).resolved_lookahead_levels == 0
+    assert SearchOptions(task_estimate="paired_isolated").resolved_lookahead_levels == 3
+    assert SearchOptions(task_estimate="pathwise").resolved_lookahead_levels == 0
+    assert SearchOptions(reading="cascade").resolved_lookahead_levels == 0
+    with pytest.raises(ValueError, match="lookahead_levels needs a paired task_estimate"):
+        SearchOptions(task_estimate="pathwise", lookahead_levels=3)
+    with pytest.raises(ValueError, match="lookahead_levels must be an integer >= 0"):
+        SearchOptions(lookahead_levels=-1)
