@@ -94,7 +94,8 @@ class CifarLoaders:
 
 
 def fit(body: str, seed: int, epochs: int, uniform: bool, loaders, lookahead: int | None = None,
-        step_init: str | None = None, step_follow: bool = False) -> tuple[float, float, str]:
+        step_init: str | None = None, step_follow: bool = False, callbacks: list | None = None
+        ) -> tuple[float, float, str]:
     L.seed_everything(seed, verbose=False)
     model = UserNet(**{**USER_CNN, "body": "cnn_fc" if body in RGB else body})
     if body in RGB:
@@ -107,7 +108,7 @@ def fit(body: str, seed: int, epochs: int, uniform: bool, loaders, lookahead: in
         sdq = SDQ(weight_bits=(1, 2, 3, 4, 5, 6, 7, 8), activation_bits=4,
                   budget={"metric": "avg_bits", "target": 2.0}, search_epochs=epochs // 2, search=search, layers=layers)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[sdq])
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[sdq, *(callbacks or [])])
     trainer.fit(model, loaders.train(seed=seed))
     acc = trainer.test(model, loaders.test(), verbose=False)[0]["test_acc"]
     plan = "/".join("fp" if b is None else str(b) for b in sdq.plan.values())  # every quantized layer, model order
