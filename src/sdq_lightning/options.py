@@ -60,7 +60,8 @@ class LayerOptions:
         per_channel: one weight step per output channel instead of one per layer.
         step_init: where each candidate width's weight step starts: ``"lsq"`` (LSQ's ``2 mean|w| / sqrt(Qp)``),
             ``"mse"`` (the step of least squared quantization error, the one ``sdq-plan``'s oracle quantizes with, at
-            the widths up to 4 bits, where a low-bit plan is decided; LSQ's rule above) or ``"mse_all"`` (the
+            the widths up to 4 bits of a searched layer, where a low-bit plan is decided; LSQ's rule above and for
+            layers at a fixed width: uniform runs, a given plan, first/last at 8 bits) or ``"mse_all"`` (the
             least-squares step at every width: on networks trained from scratch it cost accuracy, docs/RESULTS.md
             sections 29-30, because at 5-8 bits it clips the largest weights).
         step_follow: until a width is first drawn, its step follows the weight's scale (``mean|w|``, per channel

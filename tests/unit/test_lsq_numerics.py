@@ -116,6 +116,11 @@ def test_the_mse_step_init_is_the_least_squares_step_on_its_grid(per_channel):
     low = SDQWeightQuantizer((1, 2, 4, 8), weight=w, per_channel=per_channel, step_init="mse")
     assert torch.equal(low.steps[:3], mse.steps[:3]) and torch.equal(low.steps[3], lsq.steps[3])
     assert not torch.allclose(mse.steps[3], lsq.steps[3], rtol=0.05)
+    for b in (2, 4):  # a layer at a fixed width (uniform, a given plan) keeps LSQ's rule under "mse", not "mse_all"
+        fixed = SDQWeightQuantizer((b,), weight=w, per_channel=per_channel, step_init="mse")
+        assert torch.equal(fixed.steps[0], weight_step_init(w, b, per_channel))
+        fixed_all = SDQWeightQuantizer((b,), weight=w, per_channel=per_channel, step_init="mse_all")
+        assert not torch.allclose(fixed_all.steps[0], fixed.steps[0], rtol=0.05)
     rows = w.flatten(1) if per_channel else w.reshape(1, -1)
     for i, b in enumerate((1, 2, 4, 8)):
         for r, row in enumerate(rows):

@@ -115,8 +115,8 @@ class SDQWeightQuantizer(nn.Module):
         step_init: how each candidate's step starts from the weight: ``"lsq"`` (``2 mean|w| / sqrt(Qp)``, LSQ's
             rule; ``mean|w|`` at 1 bit), ``"mse"`` (the step of least squared quantization error on a grid around
             it, :func:`~sdq_lightning.quantizers.functional.weight_step_mse`, at the widths up to
-            :data:`~sdq_lightning.quantizers.functional.MSE_STEP_MAX_BITS` bits; LSQ's rule above) or
-            ``"mse_all"`` (the least-squares step at every width).
+            :data:`~sdq_lightning.quantizers.functional.MSE_STEP_MAX_BITS` bits of a searched quantizer; LSQ's rule
+            above and for a single candidate) or ``"mse_all"`` (the least-squares step at every width).
         step_follow: until a width is first drawn (progressive reading: the widths below the live pair), its step
             follows the weight's scale: :meth:`follow_weight_` (the callback calls it after every search step)
             multiplies it by the change of ``mean|w|`` (per channel with ``per_channel``). A width reached late in
@@ -328,7 +328,8 @@ class SDQWeightQuantizer(nn.Module):
         """Initialise the step of every candidate from ``weight`` (copied into the existing parameter)."""
         rule = getattr(self, "step_init", "lsq")
         for i, b in enumerate(self.candidates):
-            mse = rule == "mse_all" or (rule == "mse" and b <= MSE_STEP_MAX_BITS)
+            # "mse": the widths a search decides between, up to 4 bits; a layer at a fixed width keeps LSQ's rule
+            mse = rule == "mse_all" or (rule == "mse" and b <= MSE_STEP_MAX_BITS and len(self.candidates) > 1)
             init = weight_step_mse if mse else weight_step_init
             self.steps[i].copy_(init(weight, b, self.per_channel).to(self.steps.dtype))
         self._fill_table(weight)

@@ -57,7 +57,9 @@ class QuantSpec:
         first_last_bits: their bitwidth under the ``"8bit"`` policy.
         include / exclude: module names or regexes (``re.fullmatch``).
         first_layer / last_layer: override the automatic detection (timm ``pretrained_cfg``, else first/last).
-        reading / estimator / per_channel / seed / step_init / step_follow: passed to every :class:`SDQWeightQuantizer`.
+        reading / estimator / per_channel / seed / step_init / step_follow: passed to every :class:`SDQWeightQuantizer`
+            (``step_init`` here defaults to LSQ's rule, the quantizer's own; the :class:`~sdq_lightning.SDQ`
+            callback passes its ``layers.step_init``, whose default is ``"mse"``).
         layer_bits: fixed per-layer weight bits (e.g. from a BitPlan); such a layer gets the single candidate.
         layer_act_bits: per-layer input bits overriding ``activation_bits``.
         integer_only: train the integer graph onnxruntime runs (:mod:`sdq_lightning.integer`): weight steps per
