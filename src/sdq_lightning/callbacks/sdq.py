@@ -336,6 +336,10 @@ class SDQ(Callback):
         kd_at = network_prefix(pl_module) if self.spec.integer_only else self.report.last_layer
         self.losses.attach(pl_module, None if self.compile == "cuda-graphs" else kd_at, pl_module.device)
         self._weight_layers = None
+        if self.spec.step_follow:  # the steps loaded with a checkpoint belong to the weights loaded with it
+            for m in quant_layers(pl_module).values():
+                if m.weight_quant is not None:
+                    m.weight_quant.follow_from_(m.weight)
         self._dbp_quantizers = [m for m in pl_module.modules() if isinstance(m, SDQWeightQuantizer)]
         self._step_graph = None
         if self.task_estimate == "paired_train" and self.phase is Phase.SEARCH and self._probe_hook is None:

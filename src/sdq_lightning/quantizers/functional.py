@@ -223,9 +223,9 @@ def weight_step_init(w: Tensor, bits: int, per_channel: bool = False) -> Tensor:
 STEP_INITS = ("lsq", "mse", "mse_all")
 # step_init="mse": the widths that start at the least-squares step, in a searched layer. The widths a low-bit plan
 # is decided at (the lookahead's 2->1, 3->2 and 4->3 drops); wider ones, and layers at a fixed width (nothing to
-# measure), keep LSQ's rule, whose range clips no weight. At 5-8 bits the
-# least-squares step clips the largest weights, whose gradient the straight-through estimator then cuts: from scratch,
-# while the weights grow, that cost 2.5-3.4 points on every seed (docs/RESULTS.md section 30).
+# measure), keep LSQ's rule, whose range clips no weight. At 5-8 bits the least-squares step clips the largest
+# weights, whose gradient the straight-through estimator then cuts: from scratch, while the weights grow, that cost
+# 2.45-3.40 points on every seed (docs/RESULTS.md section 30).
 MSE_STEP_MAX_BITS = 4
 STEP_GRID = torch.linspace(0.2, 2.5, 116)  # multiples of the LSQ initial step searched for the MSE step
 

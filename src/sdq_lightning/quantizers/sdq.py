@@ -333,11 +333,18 @@ class SDQWeightQuantizer(nn.Module):
             init = weight_step_mse if mse else weight_step_init
             self.steps[i].copy_(init(weight, b, self.per_channel).to(self.steps.dtype))
         self._fill_table(weight)
-        self._follow_scale.copy_(self._scale_of(weight))
+        self.follow_from_(weight)
 
     def _scale_of(self, weight: Tensor) -> Tensor:
         a = weight.detach().abs()
         return (a.flatten(1).mean(1) if self.per_channel else a.mean()).to(self._follow_scale.dtype)
+
+    @torch.no_grad()
+    def follow_from_(self, weight: Tensor) -> None:
+        """Record ``weight``'s scale as the one the steps now belong to (:meth:`follow_weight_` scales from it): the
+        callback calls it when a fit starts, after a checkpoint's weights and steps are loaded, so that a resumed
+        search follows exactly as the uninterrupted one."""
+        self._follow_scale.copy_(self._scale_of(weight))
 
     @torch.no_grad()
     def follow_weight_(self, weight: Tensor) -> None:
