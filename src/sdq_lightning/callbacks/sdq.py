@@ -337,9 +337,8 @@ class SDQ(Callback):
         self.losses.attach(pl_module, None if self.compile == "cuda-graphs" else kd_at, pl_module.device)
         self._weight_layers = None
         if self.spec.step_follow:  # the steps loaded with a checkpoint belong to the weights loaded with it
-            for m in quant_layers(pl_module).values():
-                if m.weight_quant is not None:
-                    m.weight_quant.follow_from_(m.weight)
+            for m in self._weight_quant_layers(pl_module):
+                m.weight_quant.follow_from_(m.weight)
         self._dbp_quantizers = [m for m in pl_module.modules() if isinstance(m, SDQWeightQuantizer)]
         self._step_graph = None
         if self.task_estimate == "paired_train" and self.phase is Phase.SEARCH and self._probe_hook is None:
@@ -587,10 +586,14 @@ class SDQ(Callback):
         scale = scale / self._accumulate(trainer)
         layers = None
         if self.phase is Phase.TRAIN and self.losses.ebr_weight > 0 and not self.spec.integer_only:
-            if self._weight_layers is None:  # the quantized layers do not change after setup: listed once per fit
-                self._weight_layers = [m for m in quant_layers(pl_module).values() if m.weight_quant is not None]
-            layers = self._weight_layers
+            layers = self._weight_quant_layers(pl_module)
         self._terms.update(self.losses.before_backward(loss, scale, layers))
+
+    def _weight_quant_layers(self, pl_module: pl.LightningModule) -> list[nn.Module]:
+        """The quantized layers with a weight quantizer, listed once per fit (they do not change after setup)."""
+        if self._weight_layers is None:
+            self._weight_layers = [m for m in quant_layers(pl_module).values() if m.weight_quant is not None]
+        return self._weight_layers
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.losses.after_backward()
@@ -601,9 +604,7 @@ class SDQ(Callback):
             self.guard.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._term_log.step(trainer, pl_module, self._terms)
         if self.phase is Phase.SEARCH and self.spec.step_follow:
-            if self._weight_layers is None:  # the quantized layers do not change after setup: listed once per fit
-                self._weight_layers = [m for m in quant_layers(pl_module).values() if m.weight_quant is not None]
-            for m in self._weight_layers:  # the widths not drawn yet keep their ratio to the updated weight
+            for m in self._weight_quant_layers(pl_module):  # the widths not drawn yet keep their ratio to the weight
                 m.weight_quant.follow_weight_(m.weight)
         n = trainer.num_training_batches
         last_batch = isinstance(n, int) and batch_idx + 1 >= n
