@@ -2,9 +2,10 @@
 # Issue 24: accuracy of phase 2 in the integer-only mode against the fake-quant model, same plan, same schedule.
 # Every row through the Hydra app from the FP checkpoint: plan given (no search), SGD LR cosine, batch 128, fp32, no
 # KD, no EBR (the integer-only mode does not apply EBR), EPOCHS epochs on a class-balanced SUBSET of the training
-# set, validated and tested on the same 2,000 seeded test images (dataset.val_subset limits both). Plans (tests/export/integer_helpers.py): w8a8, w4a8 (first conv and
+# set, validated and tested on the same VAL_SUBSET seeded test images (default 2,000; dataset.val_subset limits both;
+# VAL_SUBSET=10000 is the whole test set). Plans (tests/export/integer_helpers.py): w8a8, w4a8 (first conv and
 # classifier 8/8), sdq2 (ResNet20's SDQ plan at 1.998 average weight bits, 8-bit inputs).
-#   CIFAR10_ROOT=/path/to/cifar10 [PLANS="w8a8 w4a8 sdq2"] [EPOCHS=3] [SUBSET=10000] [WORKERS=0] \
+#   CIFAR10_ROOT=/path/to/cifar10 [PLANS="w8a8 w4a8 sdq2"] [EPOCHS=3] [SUBSET=10000] [VAL_SUBSET=2000] [WORKERS=0] \
 #     bash experiments/integer_only_accuracy.sh
 # Then: the test/acc of each run's metrics.json (printed at the end).
 # Extra arguments go to every run: e.g. sdq.freeze.bn_fold_steps=20 where phase 2 has fewer than 100 steps.
@@ -14,6 +15,7 @@ ROOT="${CIFAR10_ROOT:?set CIFAR10_ROOT to the CIFAR-10 ImageFolder tree (train/,
 PLANS="${PLANS:-w8a8 w4a8 sdq2}"
 EPOCHS="${EPOCHS:-3}"
 SUBSET="${SUBSET:-10000}"
+VAL_SUBSET="${VAL_SUBSET:-2000}"
 SEED="${SEED:-0}"
 LR="${LR:-0.02}"
 FP="${FP_CKPT:-checkpoints/resnet20_cifar10_fp.pt}"
@@ -36,7 +38,7 @@ EOF
 done
 common=(dataset=imagefolder dataset.root="$ROOT" dataset.image_size=32
   'dataset.mean=[0.4914,0.4822,0.4465]' 'dataset.std=[0.2470,0.2435,0.2616]'
-  dataset.in_memory=true dataset.num_workers="$WORKERS" dataset.batch_size=128 dataset.subset="$SUBSET" dataset.val_subset=2000
+  dataset.in_memory=true dataset.num_workers="$WORKERS" dataset.batch_size=128 dataset.subset="$SUBSET" dataset.val_subset="$VAL_SUBSET"
   trainer=cpu model.init_checkpoint="$FP" model.lr="$LR" model.scheduler=cosine trainer.max_epochs="$EPOCHS"
   trainer.enable_progress_bar=false phase=train sdq.teacher=null sdq.ebr.weight=0 seed="$SEED" logger=csv
   compare.enabled=false fp_teacher.enabled=false hardware.target=8.0)
