@@ -7,7 +7,8 @@
 # classifier 8/8), sdq2 (ResNet20's SDQ plan at 1.998 average weight bits, 8-bit inputs).
 #   CIFAR10_ROOT=/path/to/cifar10 [PLANS="w8a8 w4a8 sdq2"] [EPOCHS=3] [SUBSET=10000] [VAL_SUBSET=2000] [WORKERS=0] \
 #     bash experiments/integer_only_accuracy.sh
-# Then: the test/acc of each run's metrics.json (printed at the end).
+# Then: the test/acc of each run's metrics.json (printed at the end); over seeds (SEED=1, 2, ...), paired by seed with
+# 95 % intervals: python experiments/integer_only_table.py outputs/runs/io24_*_<tag without _s<seed>>_s*
 # Extra arguments go to every run: e.g. sdq.freeze.bn_fold_steps=20 where phase 2 has fewer than 100 steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -27,6 +27,7 @@ import lightning as L
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from fixed_plan_table import t_interval  # noqa: E402
 from helpers.data import Loaders  # noqa: E402
 from helpers.user_module import BODIES, USER_CNN, UserNet  # noqa: E402
 
@@ -113,16 +114,6 @@ def fit(body: str, seed: int, epochs: int, uniform: bool, loaders, lookahead: in
     acc = trainer.test(model, loaders.test(), verbose=False)[0]["test_acc"]
     plan = "/".join("fp" if b is None else str(b) for b in sdq.plan.values())  # every quantized layer, model order
     return float(acc), float(sdq.plan.average_bits), plan
-
-
-def t_interval(diffs: list[float]) -> tuple[float, float, float]:
-    from scipy.stats import t
-
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return mean, float("nan"), float("nan")
-    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return mean, mean - half, mean + half
 
 
 def main() -> None:

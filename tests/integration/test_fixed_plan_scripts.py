@@ -41,6 +41,34 @@ def test_the_table_pairs_plans_by_seed_with_a_t_interval(tmp_path) -> None:
     assert means == {"oracle": "84.00", "random": "83.88"}
 
 
+def test_the_integer_only_table_pairs_the_two_modes_by_seed(tmp_path) -> None:
+    """experiments/integer_only_table.py: integer-only - fake-quant per seed, a t-interval over the seeds that have
+    both runs, and whether it lies inside the margin."""
+    accs = {"fakequant": {1: 0.876, 2: 0.877, 3: 0.870}, "integer_only": {1: 0.877, 2: 0.875, 4: 0.99}}
+    for mode, by_seed in accs.items():
+        for seed, acc in by_seed.items():
+            run = tmp_path / f"io24_w4a8_{mode}_full_e4_s{seed}" / "2026-12-07_00-00-00_0"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps({"test/acc": acc}))
+    script = str(REPO / "experiments" / "integer_only_table.py")
+    out = subprocess.run([sys.executable, script, *map(str, sorted(tmp_path.iterdir()))], capture_output=True,
+                         text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("| full_e4 | w4a8 | 2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    diffs = [0.1, -0.2]  # seeds 1 and 2: seed 3 has no integer-only run, seed 4 no fake-quant run
+    half = t.ppf(0.975, 1) * statistics.stdev(diffs) / math.sqrt(2)
+    mean = statistics.fmean(diffs)
+    assert cells[3:5] == ["87.65", "87.60"] and cells[5] == f"{mean:+.2f}"
+    assert cells[6] == f"[{mean - half:+.2f}, {mean + half:+.2f}]" and cells[7] == "1/2" and cells[8] == "no"
+    wide = subprocess.run([sys.executable, script, "--margin", "2", *map(str, sorted(tmp_path.iterdir()))],
+                          capture_output=True, text=True, check=True).stdout
+    assert "| full_e4 | w4a8 | 2 |" in wide and wide.split("| full_e4 | w4a8 | 2 |")[1].splitlines()[0].endswith(
+        "| yes |")
+    bad = subprocess.run([sys.executable, script, "--margin", "0", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1] == (
+        "error: --margin must be a positive number of points, got 0.0")
+
+
 def test_the_protocol_refuses_an_unknown_method_in_one_line(tmp_path) -> None:
     fp = tmp_path / "fp.pt"
     fp.write_bytes(b"")
