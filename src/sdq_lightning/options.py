@@ -38,6 +38,14 @@ def _number(obj: Any, name: str, label: str, positive: bool = False) -> None:
     _set(obj, name, float(value))
 
 
+def _whole(value: Any, label: str, low: int, null_ok: bool = False) -> None:
+    """An integer >= ``low`` (not a bool); with ``null_ok`` also None."""
+    if null_ok and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{label} must be an integer >= {low}{' or null' if null_ok else ''}, got {value!r}")
+
+
 def _flag(value: Any, label: str) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{label} must be true or false, got {value!r}")
@@ -194,15 +202,9 @@ class SearchOptions:
         estimate = self.resolved_task_estimate
         if estimate.startswith("paired") and self.reading != "progressive":
             raise ValueError(f"task_estimate={estimate!r} needs reading='progressive', got reading={self.reading!r}")
-        if isinstance(self.probes_per_step, bool) or not isinstance(self.probes_per_step, int) or \
-                self.probes_per_step < 1:
-            raise ValueError(f"probes_per_step must be an integer >= 1, got {self.probes_per_step!r}")
-        for key, low in (("lookahead_levels", 0), ("lookahead_repeats", 1)):
-            value = getattr(self, key)
-            if key == "lookahead_levels" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{key} must be an integer >= {low} (lookahead_levels: or null), got {value!r}")
+        _whole(self.probes_per_step, "probes_per_step", 1)
+        _whole(self.lookahead_levels, "lookahead_levels", 0, null_ok=True)
+        _whole(self.lookahead_repeats, "lookahead_repeats", 1)
         if self.lookahead_levels and not estimate.startswith("paired"):
             raise ValueError(f"lookahead_levels needs a paired task_estimate (paired, paired_train, paired_isolated), "
                              f"got {estimate!r}")
@@ -236,11 +238,15 @@ class SearchOptions:
 
     @property
     def resolved_lookahead_levels(self) -> int:
-        """``lookahead_levels``, or for None :data:`DEFAULT_LOOKAHEAD_LEVELS` with a paired estimate, 0 with
-        ``pathwise``."""
-        if self.lookahead_levels is not None:
-            return self.lookahead_levels
-        return DEFAULT_LOOKAHEAD_LEVELS if self.resolved_task_estimate.startswith("paired") else 0
+        """The lookahead of a search with :attr:`resolved_task_estimate` (see :meth:`lookahead_levels_for`)."""
+        return self.lookahead_levels_for(self.resolved_task_estimate)
+
+    def lookahead_levels_for(self, estimate: str) -> int:
+        """The lookahead a search with the task estimate ``estimate`` runs: 0 under ``pathwise`` (also a paired
+        search that fell back to it), else ``lookahead_levels`` or, for None, :data:`DEFAULT_LOOKAHEAD_LEVELS`."""
+        if not estimate.startswith("paired"):
+            return 0
+        return DEFAULT_LOOKAHEAD_LEVELS if self.lookahead_levels is None else self.lookahead_levels
 
 
 @dataclass(frozen=True)
@@ -268,8 +274,7 @@ class FreezeOptions:
 
         _one_of(self.projection_sensitivity, PROJECTION_SENSITIVITIES, "projection_sensitivity")
         _one_of(self.rounding, ROUNDINGS, "rounding")
-        if isinstance(self.bn_fold_steps, bool) or not isinstance(self.bn_fold_steps, int) or self.bn_fold_steps < 0:
-            raise ValueError(f"bn_fold_steps must be an integer >= 0, got {self.bn_fold_steps!r}")
+        _whole(self.bn_fold_steps, "bn_fold_steps", 0)
 
 
 @dataclass(frozen=True)

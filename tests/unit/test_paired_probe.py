@@ -316,6 +316,10 @@ def test_the_default_lookahead_is_three_levels_with_a_paired_estimate_and_none_w
     assert SearchOptions(task_estimate="paired_isolated").resolved_lookahead_levels == 3
     assert SearchOptions(task_estimate="pathwise").resolved_lookahead_levels == 0
     assert SearchOptions(reading="cascade").resolved_lookahead_levels == 0
+    # a paired search that fell back to pathwise (a resumed run, or batches the probe loss cannot read) runs none
+    assert SearchOptions(lookahead_levels=2).lookahead_levels_for("pathwise") == 0
+    assert SearchOptions(lookahead_levels=2).lookahead_levels_for("paired_train") == 2
+    assert SearchOptions().lookahead_levels_for("paired") == 3
     with pytest.raises(ValueError, match="lookahead_levels needs a paired task_estimate"):
         SearchOptions(task_estimate="pathwise", lookahead_levels=3)
     with pytest.raises(ValueError, match="lookahead_levels must be an integer >= 0"):

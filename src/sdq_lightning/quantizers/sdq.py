@@ -174,6 +174,8 @@ class SDQWeightQuantizer(nn.Module):
         self.register_buffer("lsq_table", torch.zeros(n, 4), persistent=False)
         # the weight scale the unused widths' steps follow (step_follow); NaN: not known (set at the next follow)
         self.register_buffer("_follow_scale", torch.full(shape[1:], float("nan")), persistent=False)
+        # each candidate's index, shaped to broadcast against ``steps`` (step_follow's mask of the widths not drawn)
+        self.register_buffer("_step_index", torch.arange(n).view(-1, *([1] * (len(shape) - 1))), persistent=False)
         self._table_numel = -1
         self._frozen_index = -1
         self.register_load_state_dict_post_hook(lambda module, keys: module._sync())
@@ -358,8 +360,7 @@ class SDQWeightQuantizer(nn.Module):
         now = self._scale_of(weight)
         ref = self._follow_scale
         ratio = torch.where(torch.isfinite(ref) & (ref > 0), now / ref, torch.ones_like(now))
-        unused = torch.arange(len(self.candidates), device=self.steps.device) < (self.level - 1)
-        unused = unused.view(-1, *([1] * (self.steps.dim() - 1)))
+        unused = self._step_index < (self.level - 1)
         self.steps.copy_(torch.where(unused, self.steps * ratio.to(self.steps.dtype), self.steps))
         ref.copy_(now)
 
