@@ -94,12 +94,21 @@ def _state_of(ckpt: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def plan_for_state(plan: BitPlan, state: Mapping[str, Any]) -> BitPlan:
+    """``plan``, marked ``integer_only`` when ``state`` holds the integer-only mode's terms (``...integer_only.*``)
+    and the plan does not say so: a plan given to a run in the mode before the callback marked given plans."""
+    if plan.metadata.get("integer_only") or not any(k == "integer_only.active" or k.endswith(".integer_only.active")
+                                                     for k in state):
+        return plan
+    return plan.with_metadata(integer_only=True)
+
+
 def load_quantized_state(model: nn.Module, state: Mapping[str, torch.Tensor], plan: BitPlan,
                          where: str = "checkpoint") -> nn.Module:
     """Quantize ``model`` (a float model, or one already holding quantized layers) with ``plan``, load ``state``
     (a state dict of the SDQ-trained model, searched or frozen) strictly, freeze every layer at the plan's bits and
     return the model in eval mode. Plain PyTorch: no Lightning needed."""
-    plan = plan.rebased(model)
+    plan = plan_for_state(plan, state).rebased(model)
     plan.apply(model)  # ValueError for a plan of another model
     state = migrate_state(model, state, plan.metadata.get("candidates") or ())
     try:

@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import sdq_lightning
 from export_helpers import APP_TINY, app_test_batch, compose_app
+from sdq_lightning import BitPlan
 from sdq_lightning.cli.export import main
 from sdq_lightning.cli.train import run
 from sdq_lightning.export import load_packed, load_run_model, run_onnx
@@ -135,3 +136,24 @@ def test_app_integer_only_run_exports_the_integer_graph(tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(torch.from_numpy(run_onnx(tmp_path / "out" / "model.onnx", x)), net(x))
     assert "QLinearConv" in (tmp_path / "out" / "capability.md").read_text()
+    # a given plan (sdq-plan, HAWQ, another run: no integer_only in its metadata) trained in the mode exports the
+    # same way: the callback marks the checkpoint's plan, so the reload rebuilds the integer graph
+    given = plan.with_metadata()
+    given.metadata.pop("integer_only")
+    given.save(tmp_path / "given.yaml")
+    assert "integer_only" not in BitPlan.load(tmp_path / "given.yaml").metadata
+    cfg2 = compose_app([*APP_TINY, *CASES["2-4-8"], "sdq.integer_only=true", "phase=train",
+                        f"phase.plan={tmp_path / 'given.yaml'}"])
+    run(cfg2, tmp_path / "run2")
+    summary2 = _check_export(tmp_path / "run2", tmp_path / "out2", cfg2, capsys)
+    assert summary2["onnx_form"] == "integer_only" and summary2["onnx_max_abs_diff"] == 0.0
+    assert "QLinearConv" in (tmp_path / "out2" / "capability.md").read_text()
+    # a run that stored the given plan unmarked (trained before the callback marked it): the reload reads the mode
+    # from the checkpoint's integer-only terms
+    ckpt_path = tmp_path / "run2" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    (key,) = [k for k in ckpt["callbacks"] if k.startswith("SDQ")]
+    assert ckpt["callbacks"][key]["plan"]["metadata"].pop("integer_only") is True
+    torch.save(ckpt, ckpt_path)
+    assert main([str(tmp_path / "run2"), "--out", str(tmp_path / "out3")]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["onnx_form"] == "integer_only"

@@ -116,6 +116,10 @@ class BitPlan(Mapping[str, int | None]):
         layers = {n: LayerBits(bits.get(n, lb.w_bits), lb.a_bits, lb.params, lb.macs) for n, lb in self.layers.items()}
         return BitPlan(layers, self.other_params, dict(self.metadata))
 
+    def with_metadata(self, **metadata: Any) -> BitPlan:
+        """A copy with these metadata entries set (e.g. ``integer_only=True``)."""
+        return BitPlan(dict(self.layers), self.other_params, {**self.metadata, **metadata})
+
     # ------------------------------------------------------------- files
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "metadata": _plain(self.metadata),

@@ -277,6 +277,9 @@ class SDQ(Callback):
         self.report, rebased = quantize(pl_module, self.spec, self.plan if self._given_plan else None)
         if rebased is not None:
             self.plan = rebased
+        if self.plan is not None and self.spec.integer_only and not self.plan.metadata.get("integer_only"):
+            # a given plan: the checkpoint's plan says the mode, so a reload (sdq-export) rebuilds the integer graph
+            self.plan = self.plan.with_metadata(integer_only=True)
         net = network_of(pl_module)
         if self.batched or isinstance(vars(net).get("forward"), BatchedWeights):
             # a network torch.compile will compile runs its per-layer quantizers (the compiler fuses them), also in
@@ -546,7 +549,7 @@ class SDQ(Callback):
                            min_steps_between_drops=opt.min_steps_between_drops,
                            projection_sensitivity=frz.projection_sensitivity, seed=self.spec.seed,
                            rounding=frz.rounding, settle=opt.settle, task_estimate=self.task_estimate,
-                           lookahead_levels=opt.resolved_lookahead_levels if self.task_estimate != "pathwise" else 0,
+                           lookahead_levels=opt.lookahead_levels_for(self.task_estimate),
                            lookahead_repeats=opt.lookahead_repeats)
         if self._graph_work:  # under CUDA graphs the DBP step is a graph of its own
             search.use_graphs(True, capture_fn=self._graph_capture)

@@ -13,7 +13,7 @@ from torch import nn
 
 from sdq_lightning.budget import BitPlan
 from sdq_lightning.checkpoint import load_checkpoint, load_quantized, load_quantized_state, network_of, \
-    plan_from_checkpoint
+    plan_for_state, plan_from_checkpoint
 from sdq_lightning.export.formats import DEFAULT_FORMATS, FORMATS, ExportContext, get_export_format
 from sdq_lightning.export.onnx_export import DEFAULT_OPSET, onnx_int_type
 from sdq_lightning.export.packed import check_exportable, check_plan_matches, plan_of
@@ -239,6 +239,7 @@ def load_run_model(run: str | Path) -> tuple[nn.Module, BitPlan, dict[str, Any]]
     else:
         raise ValueError(f"{ckpt_path} has no hyper_parameters and no run config was found next to it "
                          f"(config.yaml or .hydra/config.yaml)")
+    plan = plan_for_state(plan, ckpt.get("state_dict", ckpt))  # a run trained in the mode under a given plan
     module = load_quantized(cls, ckpt_path, plan=plan, **init)
     net = network_of(module)
     return net.eval(), plan.rebased(net), cfg

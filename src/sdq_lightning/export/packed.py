@@ -197,7 +197,7 @@ def save_packed(model: nn.Module, path: str | Path, plan: BitPlan | None = None,
     state = model.state_dict()
     folded = _integer_only_terms(model, state)
     if folded:  # rebuilt from the plan: the integer-only mode first, then this state
-        plan = BitPlan(plan.layers, plan.other_params, {**plan.metadata, "integer_only": True})
+        plan = plan.with_metadata(integer_only=True)
     table: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     skip = _quantizer_keys(qlayers)
