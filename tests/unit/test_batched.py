@@ -230,6 +230,7 @@ def test_graphed_network_captures_the_batched_weights(monkeypatch):
     assert vars(b)["forward"] is bw
 
 
+@pytest.mark.slow  # 12-16 s on 2 cores (torch.compile); with test_compile's graph-break cases in the slow tier
 def test_under_torch_compile_the_batching_steps_aside_with_no_graph_break():
     import torch._dynamo
 

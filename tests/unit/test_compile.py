@@ -39,7 +39,7 @@ def _model(name: str, frozen: bool, abits=4, size=32) -> tuple[torch.nn.Module, 
     return model, x
 
 
-@pytest.mark.slow  # 17 s a case on 2 cores; test_batched's compiled search forward keeps a graph-break check fast
+@pytest.mark.slow  # 17 s a case on 2 cores: torch.compile's graph-break checks are all in the slow tier
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2_100"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["search", "frozen"])
 def test_train_forward_has_no_graph_break(name, frozen):
@@ -49,7 +49,7 @@ def test_train_forward_has_no_graph_break(name, frozen):
     assert out.graph_count == 1
 
 
-@pytest.mark.slow  # about 20 s a case on a 2-core CPU; test_batched's compiled forward (no graph break) stays fast
+@pytest.mark.slow  # about 20 s a case on a 2-core CPU
 @pytest.mark.parametrize("frozen", [False, True], ids=["search", "frozen"])
 def test_fullgraph_compiled_training_step_equals_eager(frozen):
     """Same draws (the counter lives on the device), same values and gradients: whole-model compile through AOT

@@ -160,7 +160,7 @@ def test_progressive_frequencies_match_beta(estimator, beta):
     assert abs(freq - beta) <= _bound(beta), (freq, beta)
 
 
-@pytest.mark.parametrize("estimator", ["ste", "gumbel"])
+@pytest.mark.parametrize("estimator", ["ste", pytest.param("gumbel", marks=pytest.mark.slow)])  # 5 s a case
 def test_cascade_frequencies_match_probabilities(estimator):
     q, w = _quantizer(estimator, "cascade", cands=(1, 2, 4, 8), numel=4)
     with torch.no_grad():
