@@ -17,24 +17,32 @@ import math
 import re
 import statistics
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 CONTROLS = ("random", "size_greedy", "uniform")
 NAME = re.compile(r"fixedplan_b(?P<budget>[\d.]+)_(?P<plan>.+?)_s(?P<seed>\d+)_(?P<tag>.+)")
 
 
-def collect(paths: list[str], metric: str) -> dict[tuple[str, str, str], dict[int, tuple[float, float]]]:
-    """{(tag, budget, plan): {seed: (metric in %, plan average bits)}} from the finished runs under ``paths``."""
-    out: dict[tuple[str, str, str], dict[int, tuple[float, float]]] = defaultdict(dict)
+def finished_runs(paths: list[str], name: re.Pattern, metric: str) -> Iterator[tuple[re.Match, dict]]:
+    """(the match of ``name`` on the run name, the run's metrics) for every finished run (``<name>/<time>/metrics.json``)
+    under ``paths`` whose name matches; a run without ``metric`` is an error."""
     for top in paths:
-        m = NAME.fullmatch(Path(top).name)
+        m = name.fullmatch(Path(top).name)
         if not m:
             continue
         for run in sorted(Path(top).glob("*/metrics.json")):
             metrics = json.loads(run.read_text())
             if metric not in metrics:
                 raise SystemExit(f"error: {run} has no {metric} (metrics: {', '.join(sorted(metrics))})")
-            out[(m["tag"], m["budget"], m["plan"])][int(m["seed"])] = (100 * metrics[metric], metrics["avg_bits"])
+            yield m, metrics
+
+
+def collect(paths: list[str], metric: str) -> dict[tuple[str, str, str], dict[int, tuple[float, float]]]:
+    """{(tag, budget, plan): {seed: (metric in %, plan average bits)}} from the finished runs under ``paths``."""
+    out: dict[tuple[str, str, str], dict[int, tuple[float, float]]] = defaultdict(dict)
+    for m, metrics in finished_runs(paths, NAME, metric):
+        out[(m["tag"], m["budget"], m["plan"])][int(m["seed"])] = (100 * metrics[metric], metrics["avg_bits"])
     return out
 
 

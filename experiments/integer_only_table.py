@@ -12,13 +12,11 @@ seed): the seeds that have both runs, each model's mean, the mean paired differe
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 from collections import defaultdict
-from pathlib import Path
 
-from fixed_plan_table import t_interval
+from fixed_plan_table import finished_runs, t_interval
 
 NAME = re.compile(r"io24_(?P<plan>[^_]+)_(?P<mode>fakequant|integer_only)_(?P<setting>.+)_s(?P<seed>\d+)")
 MODES = ("fakequant", "integer_only")
@@ -27,15 +25,8 @@ MODES = ("fakequant", "integer_only")
 def collect(paths: list[str], metric: str) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
     """{(setting, plan): {seed: {mode: metric in %}}} from the finished runs under ``paths``."""
     out: dict[tuple[str, str], dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-    for top in paths:
-        m = NAME.fullmatch(Path(top).name)
-        if not m:
-            continue
-        for run in sorted(Path(top).glob("*/metrics.json")):
-            metrics = json.loads(run.read_text())
-            if metric not in metrics:
-                raise SystemExit(f"error: {run} has no {metric} (metrics: {', '.join(sorted(metrics))})")
-            out[(m["setting"], m["plan"])][int(m["seed"])][m["mode"]] = 100 * metrics[metric]
+    for m, metrics in finished_runs(paths, NAME, metric):
+        out[(m["setting"], m["plan"])][int(m["seed"])][m["mode"]] = 100 * metrics[metric]
     return out
 
 
