@@ -74,7 +74,7 @@ def main() -> None:
         sd = statistics.stdev(accs) if len(accs) > 1 else math.nan
         print(f"| {tag} | {budget} | {plan} | {len(accs)} | {bits_text} | {statistics.fmean(accs):.2f} | {sd:.2f} |")
     print()
-    print(f"| setting | budget | plan - control | seeds | mean diff (points) | 95 % interval | plan ahead |")
+    print("| setting | budget | plan - control | seeds | mean diff (points) | 95 % interval | plan ahead |")
     print("|---|---|---|---|---|---|---|")
     measured = sorted({plan for (_, _, plan) in rows if plan not in CONTROLS})
     for (tag, budget, plan), by_seed in sorted(rows.items()):
